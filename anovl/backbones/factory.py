@@ -1,0 +1,177 @@
+"""Build a frozen open_clip model by name, with weights by pretrained tag or local file."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from open_clip import factory as open_clip_factory
+from torch import nn
+
+from anovl.backbones.value_wise import ValueWiseViT
+from anovl.errors import AnovlError
+
+log = logging.getLogger(__name__)
+
+_BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+open_clip.add_model_config(_BUNDLED_CONFIGS)
+
+
+def register_model_config(config: dict[str, Any] | str | os.PathLike, name: str | None = None) -> str:
+    """Make an open_clip model config available by name (a dict, or a JSON file named after the model).
+
+    Returns the registered name, usable as ``AnoVL(backbone=name)``.
+    """
+    if isinstance(config, dict):
+        if not name:
+            raise ValueError("a name is needed to register a model config given as a dict")
+        cfg = deepcopy(config)
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise AnovlError(f"model config file not found: {path}")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise AnovlError(f"model config {path} is not valid JSON: {error}") from None
+        name = name or path.stem
+    if not all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise AnovlError(f"model config {name!r} needs the keys embed_dim, vision_cfg and text_cfg")
+    open_clip_factory._MODEL_CONFIGS[name] = cfg
+    return name
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _hash_parameters(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP with its V-V visual encoder, tokenizer and a fingerprint of its weights."""
+
+    clip: nn.Module
+    visual: ValueWiseViT
+    tokenizer: Callable
+    name: str
+    image_size: int
+    weights_fingerprint: str
+
+
+def _resolve_name(name: str) -> str:
+    if Path(name).suffix == ".json":
+        return register_model_config(name)
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
+        raise AnovlError(f"unknown backbone {name!r}{hint}")
+    return name
+
+
+def _native_image_size(name: str) -> int:
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def create_backbone(
+    name: str = "ViT-B-16-plus-240",
+    pretrained: str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Create a frozen, eval-mode CLIP.
+
+    ``pretrained``: an open_clip tag (downloaded by open_clip when online), a local weights file
+    (state_dict ``.pt/.bin``, ``.safetensors`` or a checkpoint with a ``state_dict`` key), or None
+    for random weights (only meaningful for tests). ``image_size`` may differ from the native size:
+    positional embeddings are interpolated and the patch grid follows.
+    """
+    name = _resolve_name(name)
+    patch_size = open_clip.get_model_config(name)["vision_cfg"]["patch_size"]
+    image_size = image_size or _native_image_size(name)
+    if image_size % patch_size:
+        raise AnovlError(
+            f"image_size {image_size} is not a multiple of the patch size {patch_size} of {name}; "
+            f"use e.g. {max(patch_size, round(image_size / patch_size) * patch_size)}"
+        )
+    kwargs = dict(force_image_size=image_size, device=device, weights_only=True)
+    if pretrained is None:
+        warnings.warn(f"{name} has random weights: its anomaly scores mean nothing", stacklevel=2)
+        clip = open_clip.create_model(name, **kwargs)
+        fingerprint = None
+    elif _looks_like_path(pretrained) or Path(pretrained).exists():
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise AnovlError(f"weights file not found: {path}; give an existing file or an open_clip tag")
+        clip = _load_local(name, path, kwargs)
+        fingerprint = f"file-{_hash_file(path)}"
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise AnovlError(
+                f"unknown pretrained tag {pretrained!r} for {name}; known tags: {', '.join(tags) or 'none'}, "
+                "or give a local weights file"
+            )
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as error:  # network / hub errors come in many types
+            raise AnovlError(
+                f"could not get {name} weights {pretrained!r} ({type(error).__name__}); when offline, "
+                "download them elsewhere and pass the local file as pretrained"
+            ) from error
+        fingerprint = f"tag-{pretrained}"
+    clip.eval().requires_grad_(False)
+    visual = ValueWiseViT(clip.visual)
+    if fingerprint is None:
+        fingerprint = f"random-{_hash_parameters(clip)}"
+    return Backbone(clip, visual, open_clip.get_tokenizer(name), name, image_size, fingerprint)
+
+
+def _load_local(name: str, path: Path, kwargs: dict) -> nn.Module:
+    # Read once on its own so a file that cannot be read and one that does not fit get different advice.
+    try:
+        open_clip_factory.load_state_dict(str(path), weights_only=True)
+    except Exception as error:  # corrupt pickles, code-running pickles and bad safetensors raise assorted types
+        raise AnovlError(
+            f"cannot read weights file {path} ({type(error).__name__}: {_first_line(error)}); "
+            "re-download it or save a plain state_dict with torch.save / safetensors"
+        ) from None
+    try:
+        return open_clip.create_model(name, pretrained=str(path), **kwargs)
+    except Exception as error:
+        raise AnovlError(
+            f"weights file {path} does not fit backbone {name} ({type(error).__name__}: {_first_line(error)}); "
+            "choose the backbone the weights were saved from"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else "no details"

@@ -1,0 +1,150 @@
+"""AnoVL as a plain PyTorch module: frozen CLIP + V-V path + state prompts (+ optional TTA)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from anovl.backbones import create_backbone
+from anovl.errors import AnovlError
+from anovl.models.anovl.maps import anomaly_map, image_score
+from anovl.models.anovl.prompts import PromptSet
+from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
+from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
+from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+
+
+@dataclass
+class AnoVLOutput:
+    anomaly_map: torch.Tensor  # (B, S, S) abnormal probability per pixel (after TTA when enabled)
+    pred_score: torch.Tensor  # (B,) image score: mean abnormal probability of the global token over views
+    patch_tokens: list[torch.Tensor]  # per requested layer, (B, N, D) V-V patch tokens (before TTA)
+    global_tokens: torch.Tensor  # (B, D) CLIP image embedding of the identity view
+    text_states: torch.Tensor  # (B, 2, D) normalised [normal, abnormal] text embeddings
+    tfa_map: torch.Tensor | None = None  # (B, S, S) training-free map, kept when TTA changed the map
+
+
+def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
+    """A seed per image from its content, so TTA randomness follows the image, not its batch slot."""
+    seeds = []
+    for image in images.detach().float().cpu():
+        digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8, key=str(base_seed).encode())
+        seeds.append(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
+    return seeds
+
+
+class AnoVL(nn.Module):
+    """Zero-shot anomaly localisation with a frozen CLIP (METHOD §2–5).
+
+    Args:
+        backbone: open_clip model name (``ViT-B-16-plus-240``, ``ViT-L-14-336``, a registered config
+            name, or a path to a model-config JSON).
+        pretrained: open_clip tag, local weights file, or None for random weights (tests only).
+        image_size: input side S (default: the model's native size); positional embeddings are interpolated.
+        num_views: views averaged into the image score (22 = reference, 1 = identity only).
+        layers: blocks whose V-V patch tokens make the map (averaged); the reference uses the last.
+        prompts: prompt set (default: the reference one).
+        cache_dir: where text embeddings are cached (default ``$ANOVL_CACHE_DIR`` or ``~/.cache/anovl``).
+        use_text_cache: read and write the on-disk text-embedding cache.
+        tta: test-time adaptation settings, or None for training-free AnoVL.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "ViT-B-16-plus-240",
+        pretrained: str | None = "laion400m_e32",
+        image_size: int | None = None,
+        num_views: int = NUM_REFERENCE_VIEWS,
+        layers: Sequence[int] = (-1,),
+        prompts: PromptSet | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_text_cache: bool = True,
+        tta: TTAConfig | None = None,
+    ):
+        super().__init__()
+        if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
+            raise AnovlError(f"num_views must be between 1 and {NUM_REFERENCE_VIEWS}, got {num_views}")
+        built = create_backbone(backbone, pretrained, image_size)
+        self.clip = built.clip
+        self.encoder = built.visual
+        self.backbone_name = built.name
+        self.image_size = built.image_size
+        self.num_views = num_views
+        self.layers = tuple(layers)
+        for layer in self.layers:
+            if not -self.encoder.num_layers <= layer < self.encoder.num_layers:
+                raise AnovlError(f"layer {layer} out of range for {built.name} with {self.encoder.num_layers} blocks")
+        self.prompts = prompts or PromptSet()
+        self.text_cache = TextEmbeddingCache(built, self.prompts, cache_dir, use_disk=use_text_cache)
+        self.tta_config = tta
+        self.tta = TestTimeAdaptation(tta) if tta is not None else None
+        self.eval()
+
+    def train(self, mode: bool = True) -> "AnoVL":
+        # CLIP stays frozen in eval mode whatever a wrapping trainer asks for.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.visual.proj.device
+
+    def text_embeddings(self, class_name: str) -> TextEmbeddings:
+        """State and per-sentence text embeddings of a category (CPU tensors, cached)."""
+        return self.text_cache.get(class_name)
+
+    def _check_inputs(self, images: torch.Tensor, class_names: Sequence[str]) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise AnovlError(f"images must be a B×3×S×S tensor, got shape {tuple(images.shape)}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise AnovlError(f"images are {images.shape[-2]}×{images.shape[-1]} but the model expects "
+                             f"{self.image_size}×{self.image_size}; resize them or set image_size")
+        if isinstance(class_names, str) or len(class_names) != images.shape[0]:
+            raise AnovlError(f"give one class name per image ({images.shape[0]}), got {class_names!r}")
+        for name in class_names:
+            if not isinstance(name, str) or not name.strip():
+                raise AnovlError(f"class names must be non-empty strings, got {name!r}")
+
+    def forward(self, images: torch.Tensor, class_names: Sequence[str],
+                corrupted_images: torch.Tensor | None = None,
+                seeds: Sequence[int] | None = None) -> AnoVLOutput:
+        """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories.
+
+        ``corrupted_images`` feed TTA's corrupted branch when ``tta.corruption == 'image'``;
+        ``seeds`` (one per image) fix TTA's randomness, by default derived from the image content.
+        """
+        self._check_inputs(images, class_names)
+        batch = images.shape[0]
+        embeddings = [self.text_embeddings(name) for name in class_names]
+        states = torch.stack([e.states for e in embeddings]).to(images.device)
+        with torch.no_grad():
+            encoded = self.encoder(make_views(images, self.num_views), num_local=batch, layers=self.layers)
+            states = states.to(encoded.global_tokens.dtype)
+            maps = torch.stack([anomaly_map(t, states, self.image_size) for t in encoded.patch_tokens]).mean(0)
+            scores = image_score(encoded.global_tokens, states)
+            corrupted = None
+            if self.tta is not None and self.tta.config.corruption == "image" and corrupted_images is not None:
+                corrupted = self.encoder(corrupted_images, layers=self.layers).patch_tokens
+        tfa_map = None
+        if self.tta is not None:
+            tfa_map = maps
+            sentences = torch.stack([e.sentences for e in embeddings]).to(images.device)
+            seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
+            adapted = [
+                self.tta(tokens, states, sentences, seeds, list(class_names),
+                         None if corrupted is None else corrupted[index])
+                for index, tokens in enumerate(encoded.patch_tokens)
+            ]
+            maps = torch.stack([anomaly_map(t, states.float(), self.image_size) for t in adapted]).mean(0)
+        return AnoVLOutput(
+            anomaly_map=maps,
+            pred_score=scores,
+            patch_tokens=encoded.patch_tokens,
+            global_tokens=encoded.global_tokens[:batch],
+            text_states=states,
+            tfa_map=tfa_map,
+        )

@@ -1,0 +1,185 @@
+"""Test-time adaptation of a small adapter on each image's patch tokens (METHOD §5).
+
+Default mode ``independent``: every image gets freshly initialised parameters from its own seed and
+a fresh AdamW state, so its result depends on nothing but the image. Mode ``reference`` reproduces
+the authors' code: images run one at a time, parameters drawn from the global RNG, and the AdamW
+state carried over between the images of a category (results then depend on data order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from anovl.errors import AnovlError
+from anovl.models.anovl.adapters import ADAPTERS, Adapter, create_adapter
+
+MODES = ("independent", "reference")
+CORRUPTIONS = ("token", "image")
+PSEUDO_LABELS = ("reference", "tfa_threshold")
+
+
+@dataclass
+class TTAConfig:
+    """Test-time adaptation settings; the defaults are the reference ones for MVTec.
+
+    corruption: ``token`` adds Gaussian noise (std ``noise_std``) to the tokens at every step;
+        ``image`` uses the tokens of a corrupted copy of the image (the datamodule's corruptions).
+    pseudo_labels: ``reference`` labels every clean token normal; ``tfa_threshold`` labels only the
+        clean tokens TFA is confident about: below the per-image quantile ``normal_quantile`` of the
+        TFA abnormal probability → normal, above ``abnormal_quantile`` → abnormal, the rest unlabelled.
+    """
+
+    adapter: str = "text"
+    adapter_args: dict[str, Any] = field(default_factory=dict)
+    steps: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    noise_std: float = 0.055
+    entropy_weight: float = 1.0
+    pseudo_label_weight: float = 0.5
+    corruption: str = "token"
+    pseudo_labels: str = "reference"
+    normal_quantile: float = 0.5
+    abnormal_quantile: float = 0.95
+    mode: str = "independent"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.adapter in ADAPTERS, f"tta.adapter must be one of {sorted(ADAPTERS)}, got {self.adapter!r}"),
+            (self.steps >= 1, f"tta.steps must be at least 1 (got {self.steps}); to turn TTA off set tta: null"),
+            (self.lr > 0, f"tta.lr must be positive, got {self.lr}"),
+            (self.noise_std >= 0, f"tta.noise_std must be >= 0, got {self.noise_std}"),
+            (self.mode in MODES, f"tta.mode must be one of {MODES}, got {self.mode!r}"),
+            (self.corruption in CORRUPTIONS, f"tta.corruption must be one of {CORRUPTIONS}, got {self.corruption!r}"),
+            (self.pseudo_labels in PSEUDO_LABELS,
+             f"tta.pseudo_labels must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}"),
+            (0 <= self.normal_quantile <= self.abnormal_quantile <= 1,
+             "tta quantiles need 0 <= normal_quantile <= abnormal_quantile <= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AnovlError(message)
+
+
+def state_log_probs(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """log softmax([x̂·t_n, x̂·t_a]) per token: tokens (B, N, D), states (B, 2, D) → (B, N, 2)."""
+    return torch.einsum("bnd,bkd->bnk", F.normalize(tokens, dim=-1), states.to(tokens.dtype)).log_softmax(-1)
+
+
+def tta_loss(clean: torch.Tensor, corrupted: torch.Tensor, labels: torch.Tensor,
+             entropy_weight: float, pseudo_label_weight: float) -> torch.Tensor:
+    """Per-image loss (B,) from clean / corrupted log-probabilities (B, N, 2).
+
+    entropy_weight · mean H(p^c) + pseudo_label_weight · (mean over labelled clean tokens of
+    −log p^c(label) + mean over corrupted tokens of −log p^z(abnormal)). With every clean token
+    labelled normal this is the reference loss H + 0.5·mean(−log p^c_n − log p^z_a).
+    """
+    entropy = -(clean.exp() * clean).sum(-1).mean(-1)
+    labelled = labels >= 0
+    clean_nll = -clean.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    clean_term = (clean_nll * labelled).sum(-1) / labelled.sum(-1).clamp_min(1)
+    corrupted_term = -corrupted[..., 1].mean(-1)
+    return entropy_weight * entropy + pseudo_label_weight * (clean_term + corrupted_term)
+
+
+def pseudo_labels(tokens: torch.Tensor, states: torch.Tensor, config: TTAConfig) -> torch.Tensor:
+    """Labels (B, N) for the clean tokens: 0 normal, 1 abnormal, -1 unlabelled."""
+    if config.pseudo_labels == "reference":
+        return torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    abnormal = state_log_probs(tokens, states)[..., 1].exp()
+    low = torch.quantile(abnormal, config.normal_quantile, dim=-1, keepdim=True)
+    high = torch.quantile(abnormal, config.abnormal_quantile, dim=-1, keepdim=True)
+    labels = torch.full_like(abnormal, -1, dtype=torch.long)
+    labels[abnormal <= low] = 0
+    labels[abnormal > high] = 1
+    return labels
+
+
+class TestTimeAdaptation:
+    """Runs TTA on the patch tokens of a batch; keeps the carried-over state of ``reference`` mode."""
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(self, config: TTAConfig):
+        self.config = config
+        self._carried: tuple[str, Adapter, torch.optim.Optimizer] | None = None
+        self.last_losses: torch.Tensor | None = None  # (steps, B) per-image losses of the last call, for logging
+
+    def reset(self) -> None:
+        """Forget the carried-over reference-mode optimiser state (e.g. at the start of a run)."""
+        self._carried = None
+
+    def __call__(self, tokens: torch.Tensor, states: torch.Tensor, sentences: torch.Tensor,
+                 seeds: Sequence[int], categories: Sequence[str],
+                 corrupted_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapted tokens (B, N, D) from clean tokens (B, N, D), states (B, 2, D), sentences (B, M, D)."""
+        if self.config.corruption == "image" and corrupted_tokens is None:
+            raise AnovlError("tta.corruption is 'image' but the data gives no corrupted images; "
+                             "turn on the datamodule's corruption or use tta.corruption: token")
+        # Lightning runs test steps under inference mode; adaptation needs autograd on fresh tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            tokens = tokens.detach().clone().float()
+            states = states.detach().clone().float()
+            sentences = sentences.detach().clone().float()
+            if corrupted_tokens is not None:
+                corrupted_tokens = corrupted_tokens.detach().clone().float()
+            if self.config.mode == "reference":
+                results = [
+                    self._adapt_reference(tokens[i:i + 1], states[i:i + 1], sentences[i:i + 1], categories[i],
+                                          None if corrupted_tokens is None else corrupted_tokens[i:i + 1])
+                    for i in range(tokens.shape[0])
+                ]
+            else:
+                results = [self._adapt_independent(tokens, states, sentences, seeds, corrupted_tokens)]
+        self.last_losses = torch.cat([losses for _, losses in results], dim=1)
+        return torch.cat([adapted for adapted, _ in results])
+
+    def _optimizer(self, adapter: Adapter) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(adapter.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def _adapt_independent(self, tokens, states, sentences, seeds, corrupted_tokens):
+        generators = [torch.Generator(device=tokens.device).manual_seed(int(seed)) for seed in seeds]
+        adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, generators,
+                                 **self.config.adapter_args)
+
+        def noise() -> torch.Tensor:
+            return torch.stack([
+                torch.randn(tokens.shape[1:], generator=generator, device=tokens.device) for generator in generators
+            ])
+
+        return self._train(adapter, self._optimizer(adapter), tokens, states, corrupted_tokens, noise)
+
+    def _adapt_reference(self, tokens, states, sentences, category, corrupted_tokens):
+        if self._carried is None or self._carried[0] != category:
+            adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, None,
+                                     **self.config.adapter_args)
+            self._carried = (category, adapter, self._optimizer(adapter))
+        else:
+            adapter = self._carried[1]
+            adapter.reset_parameters()
+        return self._train(adapter, self._carried[2], tokens, states, corrupted_tokens,
+                           lambda: torch.randn_like(tokens))
+
+    def _train(self, adapter, optimizer, tokens, states, corrupted_tokens, noise):
+        """Adapt for ``config.steps`` steps; returns adapted tokens (B, N, D) and losses (steps, B)."""
+        config = self.config
+        labels = pseudo_labels(tokens, states, config)
+        count = tokens.shape[1]
+        history = []
+        for _ in range(config.steps):
+            corrupted = corrupted_tokens if config.corruption == "image" else tokens + config.noise_std * noise()
+            log_probs = state_log_probs(adapter(torch.cat([tokens, corrupted], dim=1)), states)
+            # Summed over images so that each image's gradient is its own loss's gradient.
+            losses = tta_loss(log_probs[:, :count], log_probs[:, count:], labels,
+                              config.entropy_weight, config.pseudo_label_weight)
+            history.append(losses.detach())
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            return adapter(tokens), torch.stack(history)

@@ -1,0 +1,48 @@
+"""The test-time views averaged into the image score (METHOD §4), applied to normalised images."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ROTATIONS = (-math.pi / 4, -3 * math.pi / 16, -math.pi / 8, -math.pi / 16,
+             math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4)
+TRANSLATIONS = tuple((sign_a * step, sign_b * step) for step in (0.2, 0.1)
+                     for sign_a in (1, -1) for sign_b in (1, -1))
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+NUM_REFERENCE_VIEWS = 22
+
+
+def _affine_thetas() -> torch.Tensor:
+    rotations = [[[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]] for a in ROTATIONS]
+    translations = [[[1.0, 0.0, a], [0.0, 1.0, b]] for a, b in TRANSLATIONS]
+    return torch.tensor(rotations + translations, dtype=torch.float64)
+
+
+def make_views(images: torch.Tensor, num_views: int = NUM_REFERENCE_VIEWS) -> torch.Tensor:
+    """Stack the first ``num_views`` views of every image, view-major: (num_views·B, C, H, W).
+
+    Order: identity; 8 rotations; 8 translations; horizontal flip; grayscale; rot90 by 1, 2, 3.
+    """
+    if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
+        raise ValueError(f"num_views must be between 1 and {NUM_REFERENCE_VIEWS}, got {num_views}")
+    batch = images.shape[0]
+    views = [images]
+    thetas = _affine_thetas()[: num_views - 1].to(images)
+    if len(thetas):
+        # All affine views of all images as one grid_sample call.
+        grid = F.affine_grid(thetas.repeat_interleave(batch, 0), [len(thetas) * batch, *images.shape[1:]],
+                             align_corners=True)
+        views.append(F.grid_sample(images.repeat(len(thetas), 1, 1, 1), grid, mode="bilinear",
+                                   padding_mode="reflection", align_corners=True))
+    extra = [
+        lambda x: x.flip(-1),
+        lambda x: torch.einsum("bchw,c->bhw", x, x.new_tensor(GRAY_WEIGHTS)).unsqueeze(1).expand_as(x),
+        lambda x: torch.rot90(x, 1, (-2, -1)),
+        lambda x: torch.rot90(x, 2, (-2, -1)),
+        lambda x: torch.rot90(x, 3, (-2, -1)),
+    ]
+    views.extend(view(images) for view in extra[: max(0, num_views - 1 - len(_affine_thetas()))])
+    return torch.cat(views)

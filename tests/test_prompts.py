@@ -1,0 +1,121 @@
+"""Prompt sentences (METHOD §3) and their text embeddings, with the on-disk cache."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anovl.backbones import create_backbone
+from anovl.models.anovl import text_cache as text_cache_module
+from anovl.models.anovl.prompts import PromptSet
+from anovl.models.anovl.text_cache import TextEmbeddingCache
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_backbone(TINY)
+
+
+def test_reference_counts_and_exact_sentences():
+    prompts = PromptSet()
+    normal, abnormal = prompts.normal_sentences("bottle"), prompts.abnormal_sentences("bottle")
+    assert len(normal) == len(abnormal) == 462 == len(set(normal))
+    # Ordered domain phrase, then template, then state.
+    assert normal[0] == "a cropped industrial photo of the normal bottle"
+    assert normal[1] == "a cropped industrial photo of the flawless bottle"
+    assert normal[7] == "a cropped industrial photo of a normal bottle"
+    assert normal[12 * 7 + 4] == "an industrial photo of a bottle without flaw"
+    assert normal[22 * 7] == "a cropped industrial image of the normal bottle"
+    assert normal[44 * 7 + 8 * 7 + 2] == "a jpeg corrupted manufacturing image of a perfect bottle"
+    assert abnormal[-1] == "a manufacturing image of a bottle with damage for anomaly detection"
+    assert abnormal[19 * 7 + 3] == "an industrial photo of a blemished bottle for visual inspection"
+
+
+def test_textures_use_texture_domains_and_macaroni_is_renamed():
+    prompts = PromptSet()
+    carpet = prompts.normal_sentences("carpet")
+    assert carpet[22 * 7] == "a cropped textural photo of the normal carpet"
+    assert carpet[44 * 7 + 12 * 7] == "a surface picture of a normal carpet"
+    assert prompts.abnormal_sentences("macaroni2")[0] == "a cropped industrial photo of the damaged macaroni"
+    assert prompts.normal_sentences("metal_nut")[0] == "a cropped industrial photo of the normal metal_nut"
+
+
+def test_overrides():
+    prompts = PromptSet(
+        normal_states=("good {}",), abnormal_states=("bad {}", "broken {}"), templates=("{art} {domain} of {}",),
+        display_names={"pcb1": "printed circuit board"}, domains={"pcb1": ("infrared image",)},
+    )
+    assert prompts.normal_sentences("pcb1") == ["an infrared image of good printed circuit board"]
+    assert prompts.abnormal_sentences("pcb1") == ["an infrared image of bad printed circuit board",
+                                                  "an infrared image of broken printed circuit board"]
+    assert prompts.fingerprint("pcb1") != PromptSet().fingerprint("pcb1")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"normal_states": ("normal",)}, "exactly one"),
+    ({"templates": ("a photo of {} {}",)}, "exactly one"),
+    ({"abnormal_states": ()}, "non-empty"),
+])
+def test_bad_prompt_sets(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PromptSet(**kwargs)
+
+
+def test_empty_display_name():
+    with pytest.raises(ValueError, match="empty class name"):
+        PromptSet(display_names={"x": "  "}).normal_sentences("x")
+
+
+@torch.no_grad()
+def test_text_embedding_formula(backbone, tmp_path):
+    prompts = PromptSet()
+    cache = TextEmbeddingCache(backbone, prompts, tmp_path)
+    got = cache.get("bottle")
+    normal = backbone.clip.encode_text(backbone.tokenizer(prompts.normal_sentences("bottle")))
+    abnormal = backbone.clip.encode_text(backbone.tokenizer(prompts.abnormal_sentences("bottle")))
+    # Mean of the unnormalised embeddings, then normalised (not a mean of normalised ones).
+    expected = F.normalize(torch.stack([normal.mean(0), abnormal.mean(0)]), dim=-1)
+    torch.testing.assert_close(got.states, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got.states[0], F.normalize(F.normalize(normal, dim=-1).mean(0), dim=0), atol=1e-4)
+    torch.testing.assert_close(got.sentences, F.normalize(torch.cat([normal, abnormal]), dim=-1),
+                               rtol=1e-5, atol=1e-6)
+    assert got.sentences.shape == (924, 32)
+
+
+def test_cache_round_trip_skips_encoding(backbone, tmp_path, monkeypatch):
+    first = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded again despite the cache")
+
+    monkeypatch.setattr(text_cache_module, "encode_sentences", fail)
+    second = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
+    torch.testing.assert_close(second.states, first.states, rtol=0, atol=0)
+    torch.testing.assert_close(second.sentences, first.sentences, rtol=0, atol=0)
+
+
+def test_cache_key_follows_prompts_weights_and_class(backbone, tmp_path):
+    cache = TextEmbeddingCache(backbone, PromptSet(), tmp_path)
+    other_prompts = TextEmbeddingCache(backbone, PromptSet(normal_states=("ok {}",)), tmp_path)
+    assert cache.path("bottle") != cache.path("cable") != other_prompts.path("bottle")
+    assert cache.path("bottle") != other_prompts.path("bottle")
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other_weights = TextEmbeddingCache(create_backbone(TINY), PromptSet(), tmp_path)
+    assert other_weights.path("bottle") != cache.path("bottle")
+
+
+def test_corrupt_cache_file_is_re_encoded(backbone, tmp_path, caplog):
+    cache = TextEmbeddingCache(backbone, PromptSet(), tmp_path)
+    expected = cache.get("bottle").states
+    cache.path("bottle").write_bytes(b"garbage")
+    fresh = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
+    torch.testing.assert_close(fresh.states, expected)
+    assert "unreadable text-embedding cache" in caplog.text
