@@ -1,0 +1,81 @@
+"""MVTec AD layout (also MPDD, BTAD and any folder arranged the same way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anovl.data.base import AnomalyDataModule, OnBadImage, Sample, find_mask, index_by_stem, require_dir, category_selection
+from anovl.data.corruptions import CorruptionSpec
+from anovl.data.image_io import is_image_file
+from anovl.errors import AnovlError
+
+MVTEC_LAYOUT = "<root>/<category>/test/<good|defect>/*.png with masks in <root>/<category>/ground_truth/<defect>/<name>_mask.png"
+
+# Folder names of defect-free test images: MVTec and MPDD use "good", BTAD uses "ok".
+NORMAL_FOLDERS = frozenset({"good", "ok"})
+
+
+class MVTecDataModule(AnomalyDataModule):
+    """Test set of an MVTec-AD-like dataset.
+
+    Layout: ``<root>/<category>/test/<good|defect>/<name>.<ext>`` (png, jpg, jpeg, bmp, tif, tiff, any case;
+    ``ok`` counts as ``good``) with masks ``<root>/<category>/ground_truth/<defect>/<name>_mask.<ext>`` or
+    ``.../<name>.<ext>``. Normal images get all-zero masks. An anomalous image without a mask is an error, or
+    with ``on_bad_image='skip'`` a warning and the image kept for image metrics only (``has_mask`` False).
+
+    Args:
+        root: dataset root.
+        categories: category folders to use; None: every folder of ``root`` that has a ``test`` folder.
+        Others: see :class:`~anovl.data.base.AnomalyDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: list[str] | None = None,
+        image_size: int = 240,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        on_bad_image: OnBadImage = "error",
+        corruption: CorruptionSpec = None,
+        seed: int = 0,
+        class_names: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, class_names)
+        self.root = Path(root).expanduser()
+        self.requested_categories = category_selection(categories)
+
+    def _discover(self) -> list[Sample]:
+        root = require_dir(self.root, "Dataset root", MVTEC_LAYOUT)
+        found = sorted(path.name for path in root.iterdir() if (path / "test").is_dir())
+        if not found and (root / "test").is_dir():
+            raise AnovlError(f"{root} looks like a single category; pass root={root.parent} and categories=[{root.name!r}]")
+        if not found:
+            raise AnovlError(f"No category folders with a test/ folder in {root}; expected {MVTEC_LAYOUT}")
+        missing = [category for category in self.requested_categories or [] if category not in found]
+        if missing:
+            raise AnovlError(f"Categories {missing} not found in {root} (no <category>/test folder); found: {', '.join(found)}")
+        return [sample for category in self.requested_categories or found for sample in self._category_samples(root, category)]
+
+    def _category_samples(self, root: Path, category: str) -> list[Sample]:
+        test_dir = root / category / "test"
+        images = [path for path in test_dir.glob("*/*") if is_image_file(path) and not path.parent.name.startswith(".")]
+        if not images:
+            raise AnovlError(f"No test images in {test_dir}; expected {test_dir}/good/*.png and {test_dir}/<defect>/*.png")
+        class_name = self.class_name_for(category)
+        mask_indexes: dict[str, dict[str, list[Path]]] = {}
+        samples = []
+        for path in images:
+            folder = path.parent.name
+            key = path.relative_to(root).as_posix()
+            if folder.lower() in NORMAL_FOLDERS:
+                samples.append(Sample(path, key, category, class_name, label=0, has_mask=True))
+                continue
+            mask_dir = root / category / "ground_truth" / folder
+            if folder not in mask_indexes:
+                mask_indexes[folder] = index_by_stem(mask_dir)
+            mask_path = find_mask(mask_indexes[folder], path)
+            if mask_path is None:
+                self._report_missing_mask(path, f"{mask_dir}/{path.stem}_mask.png or {path.stem}.png")
+            samples.append(Sample(path, key, category, class_name, label=1, has_mask=mask_path is not None, mask_path=mask_path))
+        return samples

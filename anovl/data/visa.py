@@ -1,0 +1,104 @@
+"""VisA layout: the split file ``split_csv/1cls.csv`` lists images and masks relative to the root."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from anovl.data.base import AnomalyDataModule, OnBadImage, ResizeMode, Sample, require_dir, category_selection
+from anovl.data.corruptions import CorruptionSpec
+from anovl.errors import AnovlError
+
+VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
+VISA_LAYOUT = (
+    "<root>/split_csv/1cls.csv with columns object,split,label,image,mask and the listed files under "
+    "<root>/<object>/Data/Images and <root>/<object>/Data/Masks"
+)
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_LABELS = {"normal": 0, "anomaly": 1}
+# METHOD §3: the prompt class name is the folder name, except the two macaroni sets.
+VISA_CLASS_NAMES = {"macaroni1": "macaroni", "macaroni2": "macaroni"}
+
+
+class VisADataModule(AnomalyDataModule):
+    """Test split of VisA.
+
+    VisA masks store class indices (0 background, 1 defect) rather than 0/255, so any nonzero mask value is
+    anomalous here. ``mode="tile"`` (the reference run) resizes the shorter side to ``image_size`` and keeps
+    the aspect ratio: ``image`` is ``3×S×W`` and ``mask`` ``S×W``, to be cut with
+    :func:`~anovl.data.transforms.split_tiles` and put back with :func:`~anovl.data.transforms.stitch_tiles`.
+    Batches never mix categories and each VisA category has one image size, so they stack; mixed sizes within
+    a category raise a clear error at collation (use ``batch_size=1`` or ``mode="resize"``).
+    ``mode="resize"`` gives S×S like MVTec.
+
+    Args:
+        root: dataset root (holding ``split_csv/``).
+        categories: objects to use; None: every object of the test split.
+        mode: ``"tile"`` or ``"resize"``.
+        Others: see :class:`~anovl.data.base.AnomalyDataModule`.
+    """
+
+    mask_threshold = 0
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: list[str] | None = None,
+        image_size: int = 240,
+        mode: ResizeMode = "tile",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        on_bad_image: OnBadImage = "error",
+        corruption: CorruptionSpec = None,
+        seed: int = 0,
+        class_names: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, class_names, mode)
+        self.root = Path(root).expanduser()
+        self.requested_categories = category_selection(categories)
+
+    def default_class_name(self, category: str) -> str:
+        return VISA_CLASS_NAMES.get(category, category)
+
+    def _discover(self) -> list[Sample]:
+        root = require_dir(self.root, "Dataset root", VISA_LAYOUT)
+        split_file = root / VISA_SPLIT_FILE
+        if not split_file.is_file():
+            raise AnovlError(f"VisA split file {split_file} not found; expected {VISA_LAYOUT}")
+        with split_file.open(newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: tolerate a BOM
+            reader = csv.DictReader(handle)
+            missing_columns = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
+            if missing_columns:
+                raise AnovlError(f"{split_file} lacks the columns {missing_columns}; expected {', '.join(VISA_COLUMNS)}")
+            test_rows = [
+                (line, {column: (row[column] or "").strip() for column in VISA_COLUMNS})
+                for line, row in enumerate(reader, start=2)
+                if (row["split"] or "").strip() == "test"
+            ]
+        found = sorted({row["object"] for _, row in test_rows})
+        if not found:
+            raise AnovlError(f"{split_file} has no rows with split 'test'; expected {VISA_LAYOUT}")
+        missing = [category for category in self.requested_categories or [] if category not in found]
+        if missing:
+            raise AnovlError(f"Categories {missing} have no test rows in {split_file}; found: {', '.join(found)}")
+        selected = set(self.requested_categories or found)
+        return [self._sample(root, split_file, line, row) for line, row in test_rows if row["object"] in selected]
+
+    def _sample(self, root: Path, split_file: Path, line: int, row: dict[str, str]) -> Sample:
+        if row["label"] not in VISA_LABELS:
+            raise AnovlError(f"{split_file} line {line}: label {row['label']!r} must be one of {sorted(VISA_LABELS)}")
+        label = VISA_LABELS[row["label"]]
+        image_path = root / row["image"]
+        mask_path = root / row["mask"] if row["mask"] else None
+        if label == 1 and mask_path is None:
+            self._report_missing_mask(image_path, f"a path in the mask column of {split_file} line {line}")
+        category = row["object"]
+        return Sample(
+            image_path,
+            Path(row["image"]).as_posix(),
+            category,
+            self.class_name_for(category),
+            label,
+            has_mask=label == 0 or mask_path is not None,
+            mask_path=mask_path,
+        )
