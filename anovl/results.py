@@ -1,0 +1,194 @@
+"""The per-category results table of a test run: printed with rich, written as CSV / JSON / Markdown.
+
+Values are percentages (metric × 100, the papers' convention): full precision in CSV and JSON, one decimal
+in Markdown and on screen. The "mean" row averages each metric over the categories where it is defined
+(a metric is NaN where undefined, e.g. image AUROC of a category without anomalous images), and sums the
+image counts. The files are rewritten atomically after every category, so they are readable at any time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+METRIC_TITLES = {
+    "pixel_auroc": "pixel AUROC",
+    "pixel_ap": "pixel AP",
+    "pixel_f1max": "pixel F1-max",
+    "pixel_aupro": "AUPRO",
+    "image_auroc": "image AUROC",
+    "image_ap": "image AP",
+    "image_f1max": "image F1-max",
+}
+OPTIONAL_METRIC_TITLES = {"pixel_aupro_cflow": "AUPRO (cflow-style)"}
+MEAN_ROW = "mean"
+RESULT_FILES = ("results.csv", "results.json", "results.md")
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: the backbone has random weights (pretrained: null), so these scores mean nothing; "
+    "they only show that the pipeline runs. Set model.init_args.pretrained to real CLIP weights."
+)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, so readers never see a half-written file."""
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False, encoding="utf-8", newline="")
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [value for value in values if not math.isnan(value)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _one_decimal(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
+
+
+class ResultsTable:
+    """Per-category metrics of one run, and their mean.
+
+    Args:
+        directory: where results.csv / .json / .md are written (None: keep them in memory only).
+        title: a line naming the run (model and data), shown above the table.
+        random_weights: the backbone has random weights; the printed table and the Markdown say the scores
+            mean nothing.
+        expected_categories: how many categories the run will report, to mark partial files.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, title: str = "",
+                 random_weights: bool = False, expected_categories: int | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self.title = title
+        self.random_weights = random_weights
+        self.expected_categories = expected_categories
+        self.rows: dict[str, dict[str, float]] = {}
+        self.image_counts: dict[str, int] = {}
+
+    @property
+    def metric_names(self) -> list[str]:
+        present = {name for row in self.rows.values() for name in row}
+        return list(METRIC_TITLES) + [name for name in OPTIONAL_METRIC_TITLES if name in present]
+
+    @property
+    def complete(self) -> bool:
+        return self.expected_categories is None or len(self.rows) >= self.expected_categories
+
+    def add(self, category: str, metrics: Mapping[str, float], num_images: int) -> None:
+        """Record a finished category (metrics as fractions in [0, 1], as AnomalyMetrics gives them)
+        and rewrite the files."""
+        self.rows[category] = {name: 100.0 * float(value) for name, value in metrics.items()}
+        self.image_counts[category] = int(num_images)
+        if self.directory is not None:
+            self.write()
+
+    def mean(self) -> dict[str, float]:
+        return {name: _finite_mean([row.get(name, math.nan) for row in self.rows.values()])
+                for name in self.metric_names}
+
+    def records(self) -> list[dict[str, object]]:
+        """One dict per category, then the mean row: category, images, and the metrics in percent."""
+        rows = [(category, self.image_counts[category], row) for category, row in self.rows.items()]
+        rows.append((MEAN_ROW, sum(self.image_counts.values()), self.mean()))
+        return [{"category": category, "images": count, **{name: row.get(name, math.nan) for name in self.metric_names}}
+                for category, count, row in rows]
+
+    def _status(self) -> str:
+        if self.complete:
+            return ""
+        return f"in progress: {len(self.rows)} of {self.expected_categories} categories done"
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["category", "images", *self.metric_names], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in record.items()}
+                         for record in self.records())
+        return buffer.getvalue()
+
+    def to_json(self) -> str:
+        def clean(value: object) -> object:
+            return None if isinstance(value, float) and math.isnan(value) else value
+
+        document = {
+            "title": self.title,
+            "random_weights": self.random_weights,
+            "complete": self.complete,
+            "units": "percent (metric x 100); null where undefined",
+            "columns": {name: {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}[name] for name in self.metric_names},
+            "categories": [{key: clean(value) for key, value in record.items()} for record in self.records()[:-1]],
+            "mean": {key: clean(value) for key, value in self.records()[-1].items() if key != "category"},
+        }
+        return json.dumps(document, indent=2) + "\n"
+
+    def _headers(self) -> list[str]:
+        titles = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
+        return ["category", "images", *(titles[name] for name in self.metric_names)]
+
+    def _display_rows(self) -> list[list[str]]:
+        return [[str(record["category"]), str(record["images"]),
+                 *(_one_decimal(record[name]) for name in self.metric_names)]
+                for record in self.records()]
+
+    def to_markdown(self) -> str:
+        lines = [f"# Results{': ' + self.title if self.title else ''}", ""]
+        if self.random_weights:
+            lines += [f"**{RANDOM_WEIGHTS_WARNING}**", ""]
+        if self._status():
+            lines += [f"_{self._status()}_", ""]
+        headers = self._headers()
+        lines.append("| " + " | ".join(headers) + " |")
+        lines.append("|" + "|".join([":---", "---:"] + ["---:"] * (len(headers) - 2)) + "|")
+        rows = self._display_rows()
+        rows[-1] = [f"**{cell}**" for cell in rows[-1]]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", "Metrics × 100; the mean is over categories (n/a: undefined, left out of the mean)."]
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        """(Re)write results.csv, results.json and results.md in the directory."""
+        if self.directory is None:
+            raise ValueError("this results table has no directory to write to")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name, text in zip(RESULT_FILES, (self.to_csv(), self.to_json(), self.to_markdown())):
+            atomic_write_text(self.directory / name, text)
+
+    def to_rich(self) -> Table:
+        table = Table(title=self.title or None, caption="metrics × 100, mean over categories")
+        for index, header in enumerate(self._headers()):
+            table.add_column(header, justify="left" if index == 0 else "right")
+        rows = self._display_rows()
+        for index, row in enumerate(rows[:-1]):
+            table.add_row(*row, end_section=index == len(rows) - 2)
+        table.add_row(*rows[-1], style="bold")
+        return table
+
+    def print(self, console: Console | None = None) -> None:
+        table = self.to_rich()
+        if console is None:
+            console = Console()
+            if not console.is_terminal:
+                # Off a terminal (logs, CI) rich assumes 80 columns and would truncate the headers; nothing
+                # wraps the lines there, so print the table at its natural width.
+                natural = console.measure(table, options=console.options.update_width(1000)).maximum
+                console = Console(width=max(console.width, natural))
+        console.print(table)
+        if self.random_weights:
+            console.print(RANDOM_WEIGHTS_WARNING, style="bold red")
+        if self.directory is not None:
+            console.print(f"Results written to {self.directory}/{{{','.join(RESULT_FILES)}}}")

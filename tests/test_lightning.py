@@ -1,0 +1,165 @@
+"""AnoVLModule under a Lightning Trainer: metrics, order/batch independence, tiles, TTA resets, predict."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from anovl import AnovlError, TTAConfig
+from anovl.callbacks import AnomalyMapWriter
+from anovl.data import (MVTecDataModule, VisADataModule, collate_batch, generate_mvtec_like,
+                        generate_visa_like)
+from anovl.metrics import AnomalyMetrics
+from anovl.models.anovl.lightning_model import AnoVLModule
+from anovl.visualization import picture_name, png16_to_map
+
+TINY = "anovl-tiny-vit"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    return generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=2, n_defect=1,
+                               image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("text-cache")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def tiny_module(cache_dir, **kwargs) -> AnoVLModule:
+    kwargs = {"num_views": 2, **kwargs}
+    return AnoVLModule(backbone=TINY, pretrained=None, image_size=SIZE, cache_dir=str(cache_dir), **kwargs)
+
+
+def trainer(root_dir, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   inference_mode=False, default_root_dir=root_dir, **kwargs)
+
+
+class ResultsFileWatcher(Callback):
+    """Records which categories results.json lists after every test batch."""
+
+    def __init__(self, path):
+        self.path = path
+        self.seen = []
+
+    def on_test_batch_end(self, *args, **kwargs):
+        if self.path.is_file():
+            self.seen.append([row["category"] for row in json.loads(self.path.read_text())["categories"]])
+
+
+def test_metrics_equal_direct_computation(mvtec_root, shared_cache, tmp_path):
+    module = tiny_module(shared_cache, max_pictures=2)
+    data = MVTecDataModule(mvtec_root, image_size=SIZE, batch_size=4)
+    watcher = ResultsFileWatcher(tmp_path / "results.json")
+    trainer(tmp_path, callbacks=[watcher]).test(module, datamodule=data)
+    assert ["fabric"] in watcher.seen  # written as soon as fabric was finished, before the epoch ended
+
+    direct, counts = {}, {}
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            output = module.model(batch["image"], batch["class_name"])
+            category = batch["category"][0]  # batches never mix categories
+            direct.setdefault(category, AnomalyMetrics()).update(
+                output.anomaly_map, batch["mask"], output.pred_score, batch["label"], batch["has_mask"])
+            counts[category] = counts.get(category, 0) + len(batch["category"])
+    expected = {category: {name: 100 * value for name, value in metric.compute().items()}
+                for category, metric in direct.items()}
+    assert module.results.rows == expected  # the same computation, so exactly equal
+    assert module.results.image_counts == counts == {"fabric": 6, "widget": 6}
+    mean = module.results.mean()
+    assert mean["pixel_auroc"] == pytest.approx(sum(row["pixel_auroc"] for row in expected.values()) / 2)
+
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["mean"]["pixel_auroc"] == pytest.approx(mean["pixel_auroc"])
+    assert "scores mean nothing" in (tmp_path / "results.md").read_text()
+    assert sorted(path.name for path in (tmp_path / "pictures" / "widget").iterdir()) == ["blob_000.png",
+                                                                                           "colour_spot_000.png"]
+
+
+def test_results_do_not_depend_on_batch_size(mvtec_root, shared_cache, tmp_path):
+    tables = []
+    for batch_size in (1, 3):
+        module = tiny_module(shared_cache, num_views=1, tta=TTAConfig(steps=2))
+        data = MVTecDataModule(mvtec_root, image_size=SIZE, batch_size=batch_size)
+        trainer(tmp_path / str(batch_size)).test(module, datamodule=data)
+        tables.append(module.results)
+    assert tables[0].rows.keys() == tables[1].rows.keys()
+    for category, row in tables[0].rows.items():
+        assert row == pytest.approx(tables[1].rows[category], rel=1e-6)  # float sums may differ by batch shape
+    assert tables[0].image_counts == tables[1].image_counts
+
+
+def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
+    root = generate_visa_like(tmp_path / "visa", {"macaroni1": "widget"}, n_good=1, n_defect=1,
+                              image_size=(SIZE, SIZE + 32))
+    data = VisADataModule(root, image_size=SIZE, mode="tile", batch_size=2)
+    module = tiny_module(shared_cache)
+    batch = next(iter(data.test_dataloader()))
+    maps, scores = module.anomaly_maps(batch)
+    assert maps.shape == (2, SIZE, SIZE + 32)
+
+    images, names = batch["image"], batch["class_name"]
+    with torch.no_grad():
+        left = module.model(images[..., :SIZE], names)
+        right = module.model(images[..., 32:], names)
+    expected = torch.zeros_like(maps)
+    expected[..., :SIZE] += left.anomaly_map
+    expected[..., 32:] += right.anomaly_map
+    expected[..., 32:SIZE] /= 2
+    assert torch.allclose(maps, expected, atol=1e-6)
+    assert torch.allclose(scores, (left.pred_score + right.pred_score) / 2, atol=1e-6)
+
+    trainer(tmp_path / "run").test(module, datamodule=data)
+    assert module.results.image_counts == {"macaroni1": 5}
+
+
+class InterleavedMVTec(MVTecDataModule):
+    def test_dataloader(self):
+        return DataLoader(self.dataset, batch_size=1, sampler=[0, 6, 1], collate_fn=collate_batch)
+
+
+def test_categories_must_come_grouped(mvtec_root, shared_cache, tmp_path):
+    data = InterleavedMVTec(mvtec_root, image_size=SIZE)
+    with pytest.raises(AnovlError, match="grouped by category"):
+        trainer(tmp_path).test(tiny_module(shared_cache, num_views=1), datamodule=data)
+
+
+def test_reference_tta_is_reset_at_category_changes(shared_cache):
+    module = tiny_module(shared_cache, num_views=1, tta=TTAConfig(steps=1, mode="reference"))
+    resets = []
+    module.model.tta.reset = lambda: resets.append(True)
+    batch = {"image": torch.zeros(3, 3, SIZE, SIZE), "class_name": ["macaroni"] * 3,
+             "category": ["macaroni1", "macaroni1", "macaroni2"]}
+    module.anomaly_maps(batch)
+    assert len(resets) == 2  # at the first category and at the change; the class name stays the same
+
+
+def test_predict_writes_maps(mvtec_root, shared_cache, tmp_path):
+    module = tiny_module(shared_cache, num_views=1)
+    data = MVTecDataModule(mvtec_root, categories=["widget"], image_size=SIZE, batch_size=4)
+    writer = AnomalyMapWriter(str(tmp_path / "out"))
+    first = trainer(tmp_path, callbacks=[writer]).predict(module, datamodule=data)[0]
+    name = picture_name(first["image_path"][0], "widget")
+    folder = tmp_path / "out" / "widget"
+    raw = np.load(folder / f"{name}_map.npy")
+    assert raw.dtype == np.float32 and raw.shape == (SIZE, SIZE)
+    assert np.array_equal(raw, first["anomaly_map"][0].numpy())
+    assert np.abs(png16_to_map(Image.open(folder / f"{name}_map.png")) - raw).max() <= 1 / 65535
+    assert Image.open(folder / f"{name}_overlay.png").size == (SIZE, SIZE)
+    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and rows[0] == "image_path,category,pred_score"
