@@ -1,8 +1,9 @@
-"""The ``anovl`` console script: LightningCLI with the subcommands ``test`` and ``predict``.
+"""The ``anovl`` console script: LightningCLI with the subcommands ``test`` and ``predict``, plus ``compare``.
 
     anovl test --config configs/mvtec.yaml --data.init_args.root /data/mvtec
     anovl predict --config configs/folder.yaml --data.init_args.path my_images/
     anovl test --config configs/demo.yaml --print_config
+    anovl compare runs/mvtec/version_0 runs/mvtec/version_1
 
 The datamodule is chosen by ``class_path`` (MVTec, VisA, Folder, SyntheticMVTec), the model is
 :class:`~anovl.models.anovl.lightning_model.AnoVLModule`. Errors in the user's input (AnovlError) end with
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter
+from anovl.compare import main as compare_main
 from anovl.data import AnomalyDataModule
 from anovl.errors import AnovlError
 from anovl.models.anovl.lightning_model import AnoVLModule
+from anovl.models.anovl.tta import TTAConfig
 
 RUNS_DIR = "runs"
 TRAINER_DEFAULTS = {
@@ -65,6 +68,11 @@ class AnovlCLI(LightningCLI):
         # Always present; it only acts in `predict` (--predictions.output_dir, .overlays, .raw_maps).
         parser.add_lightning_class_args(AnomalyMapWriter, "predictions")
 
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name_wandb_run(config)
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         # Listing the data here turns a wrong root into a clear error before the trainer starts (and, under
@@ -78,6 +86,30 @@ class AnovlCLI(LightningCLI):
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
+
+
+def run_variant(model_args: Any) -> str:
+    """``tfa`` or the TTA variant (``tta-text``, ...) that a parsed model config describes."""
+    tta = getattr(model_args, "tta", None)
+    if tta is None:
+        return "tfa"
+    return TTAConfig(**(tta.as_dict() if hasattr(tta, "as_dict") else dict(tta))).variant
+
+
+def name_wandb_run(config: Any) -> None:
+    """Name and tag W&B runs by variant, so runs of one variant group together; the user's own name,
+    group and tags win."""
+    logger = config.trainer.get("logger")
+    if not logger or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+        return
+    model = config.model.init_args
+    variant = run_variant(model)
+    data = str(config.data.class_path).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+    init_args = logger.init_args
+    if init_args.get("name") is None:
+        init_args["name"] = f"{data}-{variant}"
+    init_args["group"] = init_args.get("group") or variant
+    init_args["tags"] = sorted({*(init_args.get("tags") or []), variant, data, str(model.backbone)})
 
 
 def _one_line(error: BaseException) -> str:
@@ -102,17 +134,28 @@ def _user_error(error: BaseException) -> AnovlError | None:
     return None
 
 
-def main(args: list[str] | None = None) -> None:
-    # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+def _run_user_command(command: Callable[[], Any]) -> int:
+    """Run ``command``; a user error (AnovlError, possibly wrapped) becomes one stderr line and exit code 2."""
     try:
-        AnovlCLI(args=args)
+        command()
     except Exception as error:
         user_error = _user_error(error)
         if user_error is None:
             raise
         print(f"anovl: error: {_one_line(user_error)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2
+    return 0
+
+
+def main(args: list[str] | None = None) -> None:
+    command_line = sys.argv[1:] if args is None else args
+    if command_line[:1] == ["compare"]:
+        raise SystemExit(_run_user_command(lambda: compare_main(command_line[1:])))
+    # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    status = _run_user_command(lambda: AnovlCLI(args=args))
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -69,12 +69,14 @@ class ResultsTable:
         random_weights: the backbone has random weights; the printed table and the Markdown say the scores
             mean nothing.
         expected_categories: how many categories the run will report, to mark partial files.
+        variant: the method variant (``tfa``, ``tta-text``, ...), which ``anovl compare`` uses as the run's label.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, title: str = "",
-                 random_weights: bool = False, expected_categories: int | None = None):
+                 random_weights: bool = False, expected_categories: int | None = None, variant: str = ""):
         self.directory = Path(directory) if directory is not None else None
         self.title = title
+        self.variant = variant
         self.random_weights = random_weights
         self.expected_categories = expected_categories
         self.rows: dict[str, dict[str, float]] = {}
@@ -127,6 +129,7 @@ class ResultsTable:
 
         document = {
             "title": self.title,
+            "variant": self.variant,
             "random_weights": self.random_weights,
             "complete": self.complete,
             "units": "percent (metric x 100); null where undefined",

@@ -202,12 +202,12 @@ class AnoVLModule(LightningModule):
         self._sampler = _distributed_sampler(self.trainer.test_dataloaders)
         run_dir = run_directory(self.trainer)
         self._picture_root = Path(self.picture_dir) if self.picture_dir else run_dir / "pictures"
-        title = (f"AnoVL {self.model.backbone_name} ({self.pretrained or 'random weights'}) on "
+        title = (f"AnoVL {self.model.variant}, {self.model.backbone_name} ({self.pretrained or 'random weights'}) on "
                  f"{type(datamodule).__name__}{self._data_location(datamodule)}")
         results_dir = Path(self.results_dir) if self.results_dir else run_dir
         # Every process computes the table (compute syncs), only rank 0 writes it.
         self.results = ResultsTable(results_dir if self.trainer.is_global_zero else None, title,
-                                    self.random_weights, len(categories))
+                                    self.random_weights, len(categories), self.model.variant)
 
     @staticmethod
     def _data_location(datamodule: Any) -> str:

@@ -90,6 +90,11 @@ class AnoVL(nn.Module):
         return super().train(False)
 
     @property
+    def variant(self) -> str:
+        """``tfa`` (training-free) or the TTA variant's name, e.g. ``tta-text``."""
+        return "tfa" if self.tta_config is None else self.tta_config.variant
+
+    @property
     def device(self) -> torch.device:
         return self.encoder.visual.proj.device
 
