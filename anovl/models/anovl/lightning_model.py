@@ -193,6 +193,10 @@ class AnoVLModule(LightningModule):
         categories = getattr(datamodule, "categories", None)
         if categories is None:
             raise AnovlError("AnoVLModule.test needs a datamodule with a 'categories' list (e.g. MVTecDataModule)")
+        tta = self.model.tta_config
+        if tta is not None and tta.mode == "reference" and self.trainer.world_size > 1:
+            raise AnovlError("tta.mode 'reference' carries optimiser state from image to image in data order, "
+                             "which several processes cannot follow; run it on one device or use mode 'independent'")
         self._metrics = {category: AnomalyMetrics(cflow_pro=self.cflow_pro).to(self.device) for category in categories}
         self._image_counts = dict.fromkeys(categories, 0)
         self._pictures_saved = dict.fromkeys(categories, 0)
