@@ -193,3 +193,28 @@ def test_unsupported_vision_tower_gets_a_clear_error():
     register_model_config(cfg, name="test-custom-block")
     with pytest.raises(AnovlError, match="not supported by the V-V path: block type CustomResidualAttentionBlock"):
         quiet_backbone("test-custom-block")
+
+
+@pytest.mark.parametrize("name, image_size, grid", [
+    ("ViT-B-16", 224, 14), ("ViT-B-16-plus-240", 240, 15), ("ViT-L-14-336", 518, 37),
+])
+@torch.no_grad()
+def test_builtin_families_at_two_blocks(name, image_size, grid):
+    # The built-in configs with their depth cut to two blocks: same block types, widths, heads and patch
+    # sizes as the full models, at a fraction of the build time.
+    cfg = open_clip.get_model_config(name)
+    cfg["vision_cfg"]["layers"], cfg["text_cfg"]["layers"] = 2, 1
+    backbone = quiet_backbone(register_model_config(cfg, name=f"test-{name}-2blocks"), image_size=image_size)
+    images = torch.randn(1, 3, image_size, image_size)
+    out = backbone.visual(images)
+    assert out.patch_tokens[0].shape == (1, grid * grid, cfg["embed_dim"])
+    torch.testing.assert_close(out.global_tokens, backbone.clip.encode_image(images), rtol=1e-4, atol=1e-4)
+
+
+def test_tag_download_failure_is_one_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(AnovlError, match=r"could not get ViT-B-16-plus-240 weights 'laion400m_e32' \(OSError\).*local file"):
+        create_backbone("ViT-B-16-plus-240", pretrained="laion400m_e32")
