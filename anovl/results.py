@@ -4,6 +4,9 @@ Values are percentages (metric × 100, the papers' convention): full precision i
 in Markdown and on screen. The "mean" row averages each metric over the categories where it is defined
 (a metric is NaN where undefined, e.g. image AUROC of a category without anomalous images), and sums the
 image counts. The files are rewritten atomically after every category, so they are readable at any time.
+
+results.json also records the run's configuration (what its metrics depend on) and the files that
+``on_bad_image: skip`` left out, so that ``anovl test --resume`` can check and continue an interrupted run.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from anovl.errors import AnovlError
 
 METRIC_TITLES = {
     "pixel_auroc": "pixel AUROC",
@@ -70,17 +76,50 @@ class ResultsTable:
             mean nothing.
         expected_categories: how many categories the run will report, to mark partial files.
         variant: the method variant (``tfa``, ``tta-text``, ...), which ``anovl compare`` uses as the run's label.
+        config: JSON-like settings that the metrics depend on, recorded for ``anovl test --resume``.
+        skipped_files: one message per file that ``on_bad_image: skip`` left out or used without its mask.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, title: str = "",
-                 random_weights: bool = False, expected_categories: int | None = None, variant: str = ""):
+                 random_weights: bool = False, expected_categories: int | None = None, variant: str = "",
+                 config: Mapping[str, Any] | None = None, skipped_files: Sequence[str] = ()):
         self.directory = Path(directory) if directory is not None else None
         self.title = title
         self.variant = variant
         self.random_weights = random_weights
         self.expected_categories = expected_categories
+        self.config = dict(config) if config is not None else None
+        self.skipped_files = list(skipped_files)
         self.rows: dict[str, dict[str, float]] = {}
         self.image_counts: dict[str, int] = {}
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> ResultsTable:
+        """The table that a run wrote to ``directory`` (its results.json), e.g. to continue the run; how many
+        categories the run has is not recorded there (``expected_categories`` is None)."""
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            raise AnovlError(f"{path} not found: give the folder of a run that finished at least one category "
+                             "(runs/<name>/version_N), or start a new run without --resume")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            table = cls(path.parent, document["title"], document["random_weights"], variant=document["variant"],
+                        config=document.get("config"), skipped_files=document.get("skipped_files", []))
+            for record in document["categories"]:
+                category = record["category"]
+                table.rows[category] = {name: math.nan if value is None else float(value)
+                                        for name, value in record.items() if name not in ("category", "images")}
+                table.image_counts[category] = int(record["images"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise AnovlError(f"cannot read {path} ({type(error).__name__}: {error}); it is not a results file "
+                             "that anovl test wrote") from None
+        return table
+
+    def include(self, earlier: ResultsTable) -> None:
+        """Take over the finished categories and skipped files of an earlier, interrupted part of this run."""
+        self.rows = {**earlier.rows, **self.rows}
+        self.image_counts = {**earlier.image_counts, **self.image_counts}
+        self.skipped_files = list(dict.fromkeys([*earlier.skipped_files, *self.skipped_files]))
 
     @property
     def metric_names(self) -> list[str]:
@@ -115,6 +154,10 @@ class ResultsTable:
             return ""
         return f"in progress: {len(self.rows)} of {self.expected_categories} categories done"
 
+    def _skipped_note(self) -> str:
+        return (f"on_bad_image skip: {len(self.skipped_files)} files left out or used without their mask; "
+                "results.json lists them")
+
     def to_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["category", "images", *self.metric_names], lineterminator="\n")
@@ -136,6 +179,8 @@ class ResultsTable:
             "columns": {name: {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}[name] for name in self.metric_names},
             "categories": [{key: clean(value) for key, value in record.items()} for record in self.records()[:-1]],
             "mean": {key: clean(value) for key, value in self.records()[-1].items() if key != "category"},
+            "skipped_files": self.skipped_files,
+            "config": self.config,
         }
         return json.dumps(document, indent=2) + "\n"
 
@@ -154,6 +199,8 @@ class ResultsTable:
             lines += [f"**{RANDOM_WEIGHTS_WARNING}**", ""]
         if self._status():
             lines += [f"_{self._status()}_", ""]
+        if self.skipped_files:
+            lines += [f"_{self._skipped_note()}_", ""]
         headers = self._headers()
         lines.append("| " + " | ".join(headers) + " |")
         lines.append("|" + "|".join([":---", "---:"] + ["---:"] * (len(headers) - 2)) + "|")
@@ -193,5 +240,7 @@ class ResultsTable:
         console.print(table)
         if self.random_weights:
             console.print(RANDOM_WEIGHTS_WARNING, style="bold red")
+        if self.skipped_files:
+            console.print(self._skipped_note(), style="yellow")
         if self.directory is not None:
             console.print(f"Results written to {self.directory}/{{{','.join(RESULT_FILES)}}}")

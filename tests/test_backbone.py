@@ -218,3 +218,16 @@ def test_tag_download_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", offline)
     with pytest.raises(AnovlError, match=r"could not get ViT-B-16-plus-240 weights 'laion400m_e32' \(OSError\).*local file"):
         create_backbone("ViT-B-16-plus-240", pretrained="laion400m_e32")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_local", [0, 2, 5, 7])
+def test_chunked_passes_equal_one_pass(tiny, num_local):
+    images = torch.randn(7, 3, 64, 64)
+    whole = tiny.visual(images, num_local=num_local, layers=(0, -1))
+    chunked = tiny.visual(images, num_local=num_local, layers=(0, -1), chunk_size=3)
+    torch.testing.assert_close(chunked.global_tokens, whole.global_tokens, rtol=1e-5, atol=1e-6)
+    assert len(chunked.patch_tokens) == len(whole.patch_tokens) == (2 if num_local else 0)
+    for got, expected in zip(chunked.patch_tokens, whole.patch_tokens):
+        assert got.shape[0] == num_local
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from anovl.backbones import create_backbone
+from anovl.errors import AnovlError
 from anovl.models.anovl import text_cache as text_cache_module
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.text_cache import TextEmbeddingCache
@@ -62,12 +63,12 @@ def test_overrides():
     ({"abnormal_states": ()}, "non-empty"),
 ])
 def test_bad_prompt_sets(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(AnovlError, match=message):
         PromptSet(**kwargs)
 
 
 def test_empty_display_name():
-    with pytest.raises(ValueError, match="empty class name"):
+    with pytest.raises(AnovlError, match="empty class name"):
         PromptSet(display_names={"x": "  "}).normal_sentences("x")
 
 

@@ -87,14 +87,24 @@ class ValueWiseViT(nn.Module):
         return mixed[:batch], mixed[batch:]
 
     def forward(
-        self, images: torch.Tensor, num_local: int | None = None, layers: Sequence[int] = (-1,)
+        self, images: torch.Tensor, num_local: int | None = None, layers: Sequence[int] = (-1,),
+        chunk_size: int | None = None,
     ) -> VisualTokens:
         """Encode ``images``; the first ``num_local`` (default: all) also get V-V patch tokens.
 
         ``layers`` are block indices (negative from the end) whose local stream is returned.
+        ``chunk_size`` caps the images per pass (None: all in one); results are the same either way.
         """
         num_local = images.shape[0] if num_local is None else num_local
         wanted = sorted({layer % self.num_layers for layer in layers})
+        if chunk_size and images.shape[0] > chunk_size:
+            parts = [self.forward(images[start:start + chunk_size], min(max(num_local - start, 0), chunk_size), layers)
+                     for start in range(0, images.shape[0], chunk_size)]
+            return VisualTokens(
+                global_tokens=torch.cat([part.global_tokens for part in parts]),
+                patch_tokens=[torch.cat([part.patch_tokens[i] for part in parts if part.patch_tokens])
+                              for i in range(len(wanted))] if num_local else [],
+            )
         visual = self.visual
         h = visual._embeds(images)
         if not visual.transformer.batch_first:

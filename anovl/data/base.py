@@ -10,7 +10,8 @@ Bad data policy (``on_bad_image``):
 * ``"skip"``: every image and mask is decoded once when the dataset is built (in threads; a plain header
   check would miss truncated JPEGs). An unusable image is left out; an unusable or missing mask (unreadable,
   wrong size) only removes the pixel ground truth: the image stays, with ``has_mask`` False, for the image
-  metrics. Each case gives one :class:`SkippedFileWarning` naming the file.
+  metrics. Each case gives one :class:`SkippedFileWarning` naming the file, and the datamodule's
+  :attr:`~AnomalyDataModule.skipped_files` keeps the messages (results.json lists them).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +80,10 @@ class AnomalyDataset(Dataset):
         self.mode = mode
         self.mask_threshold = mask_threshold
         self.corruptor = corruptor
-        self.samples = _usable_samples(samples, mask_threshold) if on_bad_image == "skip" else list(samples)
+        self.samples, self.skipped = (_usable_samples(samples, mask_threshold) if on_bad_image == "skip"
+                                      else (list(samples), []))
+        for problem in self.skipped:
+            warnings.warn(problem, SkippedFileWarning, stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -120,8 +124,8 @@ def _read_mask(sample: Sample, image_hw: tuple[int, int], threshold: int) -> np.
     return mask
 
 
-def _usable_samples(samples: Sequence[Sample], mask_threshold: int) -> list[Sample]:
-    """Decode every file once; drop unreadable images, strip unusable masks, warn once per file."""
+def _usable_samples(samples: Sequence[Sample], mask_threshold: int) -> tuple[list[Sample], list[str]]:
+    """Decode every file once; drop unreadable images, strip unusable masks; one problem message per file."""
 
     def check(sample: Sample) -> tuple[Sample | None, str | None]:
         try:
@@ -139,13 +143,8 @@ def _usable_samples(samples: Sequence[Sample], mask_threshold: int) -> list[Samp
     # Pillow releases the GIL while decoding, so threads give a real speed-up on large test sets.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(check, samples))
-    usable = []
-    for sample, problem in results:
-        if problem is not None:
-            warnings.warn(problem, SkippedFileWarning, stacklevel=2)
-        if sample is not None:
-            usable.append(sample)
-    return usable
+    usable = [sample for sample, _ in results if sample is not None]
+    return usable, [problem for _, problem in results if problem is not None]
 
 
 def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,9 +263,14 @@ class AnomalyDataModule(LightningDataModule):
         self.corruption = resolve_corruption(corruption)
         self.seed = seed
         self.class_names = dict(class_names or {})
+        for category, name in self.class_names.items():
+            if not isinstance(name, str) or not name.strip():
+                raise AnovlError(f"class_names[{category!r}] is {name!r}; give the object name for the prompts "
+                                 "(e.g. 'bottle'), or drop the entry to use the category name")
         self.mode = mode
         self._samples: list[Sample] | None = None
         self._dataset: AnomalyDataset | None = None
+        self._listing_problems: dict[Path, str] = {}  # image -> message, for missing masks found while listing
 
     def _discover(self) -> list[Sample]:
         """All samples of the dataset (any order); raise AnovlError for a missing or malformed layout."""
@@ -291,6 +295,38 @@ class AnomalyDataModule(LightningDataModule):
     @property
     def categories(self) -> list[str]:
         return list(dict.fromkeys(sample.category for sample in self.samples))
+
+    def exclude_categories(self, categories: Iterable[str]) -> None:
+        """Leave these categories out (those that a resumed run has finished); call before the dataset is built."""
+        excluded = set(categories)
+        self._samples = [sample for sample in self.samples if sample.category not in excluded]
+        self._dataset = None
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """One message per file of this datamodule's samples that ``on_bad_image='skip'`` left out or used
+        without its mask."""
+        listed = {sample.image_path for sample in self.samples}
+        return [message for path, message in self._listing_problems.items() if path in listed] + self.dataset.skipped
+
+    def locations(self) -> dict[str, Path | None]:
+        """Where the dataset's files are, by argument name (for :meth:`fingerprint`); each layout names its own."""
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide which images a run sees and how they look; not batch size or workers."""
+        return {
+            "class": type(self).__name__,
+            "locations": {name: str(path.resolve()) if path is not None else None
+                          for name, path in self.locations().items()},
+            "categories": self.categories,
+            "class_names": {category: self.class_name_for(category) for category in self.categories},
+            "image_size": self.image_size,
+            "mode": self.mode,
+            "on_bad_image": self.on_bad_image,
+            "corruption": asdict(self.corruption) if self.corruption is not None else None,
+            "seed": self.seed,
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self._dataset is not None:
@@ -324,4 +360,6 @@ class AnomalyDataModule(LightningDataModule):
         problem = f"No mask for anomalous image {image_path} (expected {expected})"
         if self.on_bad_image == "error":
             raise AnovlError(f"{problem}; add the mask, or set on_bad_image='skip' to {_MASK_FALLBACK}")
-        warnings.warn(f"{problem} (on_bad_image='skip': image used without its mask)", SkippedFileWarning, stacklevel=3)
+        message = f"{problem} (on_bad_image='skip': image used without its mask)"
+        self._listing_problems[image_path] = message
+        warnings.warn(message, SkippedFileWarning, stacklevel=3)

@@ -55,6 +55,9 @@ class FolderDataModule(AnomalyDataModule):
     def default_class_name(self, category: str) -> str:
         return self.class_name
 
+    def locations(self) -> dict[str, Path | None]:
+        return {"path": self.path, "mask_dir": self.mask_dir}
+
     def _discover(self) -> list[Sample]:
         if self.path.is_file():
             if not is_image_file(self.path):

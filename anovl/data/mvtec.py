@@ -45,6 +45,9 @@ class MVTecDataModule(AnomalyDataModule):
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
 
+    def locations(self) -> dict[str, Path | None]:
+        return {"root": self.root}
+
     def _discover(self) -> list[Sample]:
         root = require_dir(self.root, "Dataset root", MVTEC_LAYOUT)
         found = sorted(path.name for path in root.iterdir() if (path / "test").is_dir())

@@ -60,6 +60,9 @@ class VisADataModule(AnomalyDataModule):
     def default_class_name(self, category: str) -> str:
         return VISA_CLASS_NAMES.get(category, category)
 
+    def locations(self) -> dict[str, Path | None]:
+        return {"root": self.root}
+
     def _discover(self) -> list[Sample]:
         root = require_dir(self.root, "Dataset root", VISA_LAYOUT)
         split_file = root / VISA_SPLIT_FILE

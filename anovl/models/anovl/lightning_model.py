@@ -5,6 +5,10 @@ category is finished (computed, written to the results files, logged) as soon as
 under DDP every process holds a share of each category and the metrics' compute is a collective call, so
 all categories are computed together at the end of the epoch, in the same order on every process.
 
+A run can be continued after an interruption (``anovl test --resume``): :meth:`AnoVLModule.resume` takes the
+finished categories of the earlier part, which the datamodule then leaves out. :meth:`AnoVLModule.run_config`
+is what the two parts must agree on; results.json records it.
+
 DDP's ``DistributedSampler`` pads the test set with copies of its first images so that every process gets
 the same number; those copies are recognised by their position and left out of the metrics, so N processes
 give exactly the table of one.
@@ -35,6 +39,10 @@ from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
 from anovl.results import ResultsTable
 from anovl.visualization import panel, picture_name
+
+# The hyperparameters that the metrics depend on (not paths, caching or pictures): see AnoVLModule.run_config.
+CONFIG_HPARAMS = ("backbone", "pretrained", "image_size", "num_views", "layers", "prompts", "tta", "init_seed",
+                  "cflow_pro")
 
 # The padded copies that this warning is about are dropped by AnoVLModule (see the module docstring).
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
@@ -85,7 +93,8 @@ class AnoVLModule(LightningModule):
     """Zero-shot anomaly localisation (AnoVL) for ``Trainer.test`` and ``Trainer.predict``.
 
     Model args (see :class:`~anovl.models.anovl.torch_model.AnoVL`):
-        backbone, pretrained, image_size, num_views, layers, prompts, cache_dir, use_text_cache, tta.
+        backbone, pretrained, image_size, num_views, layers, prompts, cache_dir, use_text_cache, tta,
+        encoder_chunk_size.
         init_seed: seed of the weights when ``pretrained`` is None (random weights, for tests and demos),
             so that every process and every run builds the same model.
 
@@ -113,6 +122,7 @@ class AnoVLModule(LightningModule):
         cache_dir: str | None = None,
         use_text_cache: bool = True,
         tta: TTAConfig | None = None,
+        encoder_chunk_size: int | None = None,
         init_seed: int = 0,
         cflow_pro: bool = False,
         max_pictures: int = 0,
@@ -128,7 +138,7 @@ class AnoVLModule(LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self.model = AnoVL(backbone, pretrained, image_size, num_views, layers, prompts, cache_dir,
-                               use_text_cache, tta)
+                               use_text_cache, tta, encoder_chunk_size)
         self.pretrained = pretrained
         self.random_weights = pretrained is None
         self.cflow_pro = cflow_pro
@@ -136,6 +146,7 @@ class AnoVLModule(LightningModule):
         self.picture_dir = picture_dir
         self.results_dir = results_dir
         self.results: ResultsTable | None = None
+        self._resumed: ResultsTable | None = None
         self._metrics: dict[str, AnomalyMetrics] = {}
         self._image_counts: dict[str, int] = {}
         self._pictures_saved: dict[str, int] = {}
@@ -188,6 +199,21 @@ class AnoVLModule(LightningModule):
 
     # ----------------------------------------------------------------- test
 
+    def run_config(self, datamodule: Any) -> dict[str, Any]:
+        """The model and data settings that the metrics depend on, as JSON-like data (written to results.json)."""
+        model = {name: self.hparams[name] for name in CONFIG_HPARAMS}
+        model["image_size"] = self.model.image_size  # None stands for the backbone's native size
+        if self.pretrained is not None and Path(self.pretrained).expanduser().is_file():
+            model["pretrained"] = str(Path(self.pretrained).expanduser().resolve())  # same file, however named
+        fingerprint = getattr(datamodule, "fingerprint", None)
+        data = fingerprint() if fingerprint is not None else {"class": type(datamodule).__name__}
+        return _plain_data({"model": model, "data": data})
+
+    def resume(self, earlier: ResultsTable) -> None:
+        """Continue an interrupted run: the next ``test`` starts its table with ``earlier``'s finished categories
+        (the datamodule must leave them out) and keeps ``earlier``'s configuration record."""
+        self._resumed = earlier
+
     def on_test_start(self) -> None:
         datamodule = self.trainer.datamodule
         categories = getattr(datamodule, "categories", None)
@@ -209,9 +235,21 @@ class AnoVLModule(LightningModule):
         title = (f"AnoVL {self.model.variant}, {self.model.backbone_name} ({self.pretrained or 'random weights'}) on "
                  f"{type(datamodule).__name__}{self._data_location(datamodule)}")
         results_dir = Path(self.results_dir) if self.results_dir else run_dir
+        earlier = self._resumed
+        finished = len(earlier.rows) if earlier is not None else 0
         # Every process computes the table (compute syncs), only rank 0 writes it.
         self.results = ResultsTable(results_dir if self.trainer.is_global_zero else None, title,
-                                    self.random_weights, len(categories), self.model.variant)
+                                    self.random_weights, finished + len(categories), self.model.variant,
+                                    config=earlier.config if earlier is not None else self.run_config(datamodule),
+                                    skipped_files=getattr(datamodule, "skipped_files", ()))
+        if earlier is not None:
+            self.results.include(earlier)
+            # The loggers of this part get the whole table (a reused CSV logger folder starts a new metrics.csv).
+            for category in earlier.rows:
+                self._log_category(category)
+
+    def _log_category(self, category: str) -> None:
+        self._log_metrics({f"{category}/{name}": value for name, value in self.results.rows[category].items()})
 
     @staticmethod
     def _data_location(datamodule: Any) -> str:
@@ -282,7 +320,7 @@ class AnoVLModule(LightningModule):
         if self.trainer.world_size > 1:
             count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum"))
         self.results.add(category, values, count)
-        self._log_metrics({f"{category}/{name}": value for name, value in self.results.rows[category].items()})
+        self._log_category(category)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         # Straight to the loggers (rank 0 only): the values are already synced, and Lightning's own

@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from anovl.errors import AnovlError
+
 NORMAL_STATES = (
     "normal {}", "flawless {}", "perfect {}", "unblemished {}",
     "{} without flaw", "{} without defect", "{} without damage",
@@ -60,20 +62,20 @@ class PromptSet:
                      "texture_categories"):
             value = getattr(self, name)
             if isinstance(value, str) or not value:
-                raise ValueError(f"prompt set: {name} must be a non-empty list of strings")
+                raise AnovlError(f"prompt set: {name} must be a non-empty list of strings")
             object.__setattr__(self, name, tuple(value))
         for state in self.normal_states + self.abnormal_states:
             if state.count("{}") != 1:
-                raise ValueError(f"prompt state {state!r} must contain exactly one '{{}}' for the object name")
+                raise AnovlError(f"prompt state {state!r} must contain exactly one '{{}}' for the object name")
         for template in self.templates:
             if template.count("{}") != 1:
-                raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the state")
+                raise AnovlError(f"prompt template {template!r} must contain exactly one '{{}}' for the state")
         object.__setattr__(self, "domains", {key: tuple(value) for key, value in self.domains.items()})
 
     def display_name(self, category: str) -> str:
         name = self.display_names.get(category, category).strip()
         if not name:
-            raise ValueError(f"empty class name for category {category!r}; set a display name for it")
+            raise AnovlError(f"empty class name for category {category!r}; set a display name for it")
         return name
 
     def domain_phrases(self, category: str) -> tuple[str, ...]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+
+CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
 
 
 @dataclass
@@ -52,6 +55,8 @@ class AnoVL(nn.Module):
         cache_dir: where text embeddings are cached (default ``$ANOVL_CACHE_DIR`` or ``~/.cache/anovl``).
         use_text_cache: read and write the on-disk text-embedding cache.
         tta: test-time adaptation settings, or None for training-free AnoVL.
+        encoder_chunk_size: most images (views) per encoder pass; None picks by device: all views of the
+            batch in one pass on GPUs, chunks of 32 on CPUs (where large passes lose cache locality).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class AnoVL(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         use_text_cache: bool = True,
         tta: TTAConfig | None = None,
+        encoder_chunk_size: int | None = None,
     ):
         super().__init__()
         if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
@@ -83,6 +89,10 @@ class AnoVL(nn.Module):
         self.text_cache = TextEmbeddingCache(built, self.prompts, cache_dir, use_disk=use_text_cache)
         self.tta_config = tta
         self.tta = TestTimeAdaptation(tta) if tta is not None else None
+        if encoder_chunk_size is not None and encoder_chunk_size < 1:
+            raise AnovlError(f"encoder_chunk_size must be at least 1 (or None for automatic), got {encoder_chunk_size}")
+        self.encoder_chunk_size = encoder_chunk_size
+        self.stage_timer: Callable[[str], contextlib.AbstractContextManager] | None = None  # for benchmarks
         self.eval()
 
     def train(self, mode: bool = True) -> "AnoVL":
@@ -97,6 +107,10 @@ class AnoVL(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.encoder.visual.proj.device
+
+    def _stage(self, name: str) -> contextlib.AbstractContextManager:
+        """Context around one stage of ``forward``; ``stage_timer`` (name → context manager) times them."""
+        return self.stage_timer(name) if self.stage_timer is not None else contextlib.nullcontext()
 
     def text_embeddings(self, class_name: str) -> TextEmbeddings:
         """State and per-sentence text embeddings of a category (CPU tensors, cached)."""
@@ -124,27 +138,36 @@ class AnoVL(nn.Module):
         """
         self._check_inputs(images, class_names)
         batch = images.shape[0]
-        embeddings = [self.text_embeddings(name) for name in class_names]
-        states = torch.stack([e.states for e in embeddings]).to(images.device)
+        with self._stage("text"):
+            embeddings = [self.text_embeddings(name) for name in class_names]
+            states = torch.stack([e.states for e in embeddings]).to(images.device)
+        chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
         with torch.no_grad():
-            encoded = self.encoder(make_views(images, self.num_views), num_local=batch, layers=self.layers)
-            states = states.to(encoded.global_tokens.dtype)
-            maps = torch.stack([anomaly_map(t, states, self.image_size) for t in encoded.patch_tokens]).mean(0)
-            scores = image_score(encoded.global_tokens, states)
-            corrupted = None
-            if self.tta is not None and self.tta.config.corruption == "image" and corrupted_images is not None:
-                corrupted = self.encoder(corrupted_images, layers=self.layers).patch_tokens
+            with self._stage("views"):
+                views = make_views(images, self.num_views)
+            with self._stage("encoder"):
+                encoded = self.encoder(views, num_local=batch, layers=self.layers, chunk_size=chunk_size)
+            with self._stage("maps"):
+                states = states.to(encoded.global_tokens.dtype)
+                maps = torch.stack([anomaly_map(t, states, self.image_size) for t in encoded.patch_tokens]).mean(0)
+                scores = image_score(encoded.global_tokens, states)
         tfa_map = None
         if self.tta is not None:
-            tfa_map = maps
-            sentences = torch.stack([e.sentences for e in embeddings]).to(images.device)
-            seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
-            adapted = [
-                self.tta(tokens, states, sentences, seeds, list(class_names),
-                         None if corrupted is None else corrupted[index])
-                for index, tokens in enumerate(encoded.patch_tokens)
-            ]
-            maps = torch.stack([anomaly_map(t, states.float(), self.image_size) for t in adapted]).mean(0)
+            with self._stage("tta"):
+                corrupted = None
+                if self.tta.config.corruption == "image" and corrupted_images is not None:
+                    with torch.no_grad():
+                        corrupted = self.encoder(corrupted_images, layers=self.layers,
+                                                 chunk_size=chunk_size).patch_tokens
+                tfa_map = maps
+                sentences = torch.stack([e.sentences for e in embeddings]).to(images.device)
+                seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
+                adapted = [
+                    self.tta(tokens, states, sentences, seeds, list(class_names),
+                             None if corrupted is None else corrupted[index])
+                    for index, tokens in enumerate(encoded.patch_tokens)
+                ]
+                maps = torch.stack([anomaly_map(t, states.float(), self.image_size) for t in adapted]).mean(0)
         return AnoVLOutput(
             anomaly_map=maps,
             pred_score=scores,

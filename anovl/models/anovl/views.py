@@ -32,11 +32,12 @@ def make_views(images: torch.Tensor, num_views: int = NUM_REFERENCE_VIEWS) -> to
     views = [images]
     thetas = _affine_thetas()[: num_views - 1].to(images)
     if len(thetas):
-        # All affine views of all images as one grid_sample call.
-        grid = F.affine_grid(thetas.repeat_interleave(batch, 0), [len(thetas) * batch, *images.shape[1:]],
-                             align_corners=True)
-        views.append(F.grid_sample(images.repeat(len(thetas), 1, 1, 1), grid, mode="bilinear",
-                                   padding_mode="reflection", align_corners=True))
+        # One grid per view, the batch folded into channels: every image of the batch shares the view's grid.
+        channels = batch * images.shape[1]
+        grid = F.affine_grid(thetas, [len(thetas), channels, *images.shape[2:]], align_corners=True)
+        folded = images.reshape(1, channels, *images.shape[2:]).expand(len(thetas), -1, -1, -1)
+        warped = F.grid_sample(folded, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+        views.append(warped.reshape(len(thetas) * batch, *images.shape[1:]))
     extra = [
         lambda x: x.flip(-1),
         lambda x: torch.einsum("bchw,c->bhw", x, x.new_tensor(GRAY_WEIGHTS)).unsqueeze(1).expand_as(x),

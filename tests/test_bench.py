@@ -1,0 +1,116 @@
+"""The benchmark (anovl.bench): its unoptimised baselines give what the optimised code gives, and it runs.
+
+No timing is asserted: the figures depend on the machine.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from anovl import AnoVL, TTAConfig, bench
+from anovl.metrics import AnomalyMetrics, functional
+from tests.conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CPU waiting for a second one costs many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(num_views=22, tta=None):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AnoVL(TINY, pretrained=None, num_views=num_views, tta=tta)
+
+
+@pytest.mark.parametrize("tta", [None, TTAConfig()], ids=["tfa", "tta"])
+def test_reference_pipeline_gives_the_outputs_of_anovl(tta):
+    """The unoptimised path (one image at a time, one encoder call per view, TTA per image) stays within
+    float tolerance of the batched one."""
+    model = tiny(tta=tta)
+    images = torch.randn(3, 3, 64, 64)
+    names = ["bottle", "carpet", "bottle"]
+    reference_maps, reference_scores = bench.reference_pipeline(model, images, names)
+    output = model(images, names)
+    torch.testing.assert_close(reference_maps, output.anomaly_map, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference_scores, output.pred_score, rtol=1e-5, atol=1e-6)
+
+
+def test_staged_forward_is_the_forward():
+    model = tiny(num_views=4, tta=TTAConfig(steps=2))
+    images = torch.randn(2, 3, 64, 64)
+    names = ["bottle", "carpet"]
+    metrics = AnomalyMetrics()
+    targets = bench.metric_targets(2, 64, torch.device("cpu"))
+    timer = bench.StageTimer(torch.device("cpu"))
+    maps, scores = bench.staged_forward(model, images, names, timer, metrics, targets)
+    output = model(images, names)
+    torch.testing.assert_close(maps, output.anomaly_map)
+    torch.testing.assert_close(scores, output.pred_score)
+    assert set(timer.seconds) == set(bench.STAGES)
+    assert metrics.compute()["pixel_auroc"] == pytest.approx(
+        functional.auroc(functional.RankedScores.from_maps(maps.numpy(), targets[0].numpy())))
+
+
+def test_threshold_pro_baseline_agrees_with_the_metrics():
+    masks, _ = bench.synthetic_masks(24, 64, seed=1)
+    maps = bench.synthetic_maps(masks, seed=1).numpy()
+    masks = masks.numpy()
+    scores = functional.RankedScores.from_maps(maps, masks)
+    fprs, pros = bench.threshold_pro_curve(maps, masks)
+    assert fprs.shape == pros.shape == (200,)
+    # Same thresholds, same rule: the cflow-style figure is the same number.
+    assert bench.cflow_pro_from_curve(fprs, pros) == pytest.approx(functional.cflow_pro(scores), abs=1e-9)
+    # 200 evenly spaced thresholds sample the exact curve: close, not equal.
+    assert bench.aupro_from_curve(fprs, pros) == pytest.approx(functional.aupro(scores), abs=0.01)
+
+
+def test_synthetic_maps_look_like_a_test_set():
+    masks, labels = bench.synthetic_masks(60, 64)
+    maps = bench.synthetic_maps(masks)
+    assert masks[labels == 0].sum() == 0 and all(m.any() for m in masks[labels == 1])
+    assert 0.1 < labels.float().mean() < 0.6
+    assert ((maps >= 0) & (maps <= 1)).all()
+    assert functional.auroc(functional.RankedScores.from_maps(maps.numpy(), masks.numpy())) > 0.8
+
+
+def test_peak_memory_sees_a_numpy_allocation():
+    meter = bench.PeakMemory()
+    meter.start()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB, touched
+    result = meter.stop()
+    del block
+    if result["extra_rss"] is None:
+        pytest.skip("no /proc/self/clear_refs on this system")
+    assert result["extra_rss"] >= 60 * 2**20
+
+
+def test_benchmark_runs_end_to_end():
+    config = bench.quick_config(
+        backbone=TINY, encoder_backbone=TINY, batch_sizes=(1, 2), repeats=1, encoder_repeats=1, reference_images=1,
+        num_maps=12, map_size=32, baseline_maps=4, test_categories=1, test_good=1, test_defect=1,
+        precision_categories=1, precision_good=1, precision_defect=1, threads=None, isolate=False,
+    )
+    emitted = []
+    report = bench.run_benchmark(config, emitted.append)
+    assert len(emitted) == 1 + 6  # header and every section but 'precision' (fp32)
+    for title in ("TFA forward vs plain CLIP encode_image", "Throughput and stage split", "one-image-at-a-time",
+                  "Text-embedding start-up", "Pixel metrics over 12 maps", "Lightning test run"):
+        assert title in report
+    for pipeline, _, _ in bench.PIPELINES:
+        assert report.count(f"| {pipeline} |") == 2  # one row per batch size
+    assert "nan" not in report.lower()
+
+
+def test_precision_section_reports_the_change(tmp_path):
+    config = bench.quick_config(backbone=TINY, batch_sizes=(2,), repeats=1, precision="bf16", precision_categories=1,
+                                precision_good=1, precision_defect=1, threads=None)
+    text = bench.precision_section(config, torch.device("cpu"), tmp_path).markdown()
+    assert "max abs Δ, TFA map" in text and "pixel AUROC, TTA" in text and "forward time, batch 2" in text
