@@ -120,3 +120,11 @@ def test_corrupt_cache_file_is_re_encoded(backbone, tmp_path, caplog):
     fresh = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
     torch.testing.assert_close(fresh.states, expected)
     assert "unreadable text-embedding cache" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["we{ird} {}", "ünïcode naïve", "x" * 300])
+def test_odd_class_names_are_kept_verbatim(name, backbone, tmp_path):
+    prompts = PromptSet()
+    assert prompts.normal_sentences(name)[0] == f"a cropped industrial photo of the normal {name}"
+    # Over-long sentences are cut to CLIP's context length by the tokenizer, not rejected.
+    assert TextEmbeddingCache(backbone, PromptSet(templates=("{art} {domain} of {}",)), tmp_path).get(name).states.shape == (2, 32)
