@@ -92,6 +92,7 @@ class AnoVL(nn.Module):
         if encoder_chunk_size is not None and encoder_chunk_size < 1:
             raise AnovlError(f"encoder_chunk_size must be at least 1 (or None for automatic), got {encoder_chunk_size}")
         self.encoder_chunk_size = encoder_chunk_size
+        self._device_text: dict[tuple[str, str], TextEmbeddings] = {}
         self.stage_timer: Callable[[str], contextlib.AbstractContextManager] | None = None  # for benchmarks
         self.eval()
 
@@ -116,6 +117,14 @@ class AnoVL(nn.Module):
         """State and per-sentence text embeddings of a category (CPU tensors, cached)."""
         return self.text_cache.get(class_name)
 
+    def _text_on(self, device: torch.device, class_name: str) -> TextEmbeddings:
+        """The class's text embeddings on ``device``, moved there once rather than every batch."""
+        key = (class_name, str(device))
+        if key not in self._device_text:
+            embeddings = self.text_embeddings(class_name)
+            self._device_text[key] = TextEmbeddings(embeddings.states.to(device), embeddings.sentences.to(device))
+        return self._device_text[key]
+
     def _check_inputs(self, images: torch.Tensor, class_names: Sequence[str]) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise AnovlError(f"images must be a B×3×S×S tensor, got shape {tuple(images.shape)}")
@@ -139,8 +148,8 @@ class AnoVL(nn.Module):
         self._check_inputs(images, class_names)
         batch = images.shape[0]
         with self._stage("text"):
-            embeddings = [self.text_embeddings(name) for name in class_names]
-            states = torch.stack([e.states for e in embeddings]).to(images.device)
+            embeddings = [self._text_on(images.device, name) for name in class_names]
+            states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
         with torch.no_grad():
             with self._stage("views"):
@@ -160,7 +169,7 @@ class AnoVL(nn.Module):
                         corrupted = self.encoder(corrupted_images, layers=self.layers,
                                                  chunk_size=chunk_size).patch_tokens
                 tfa_map = maps
-                sentences = torch.stack([e.sentences for e in embeddings]).to(images.device)
+                sentences = torch.stack([e.sentences for e in embeddings])
                 seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
                 adapted = [
                     self.tta(tokens, states, sentences, seeds, list(class_names),
