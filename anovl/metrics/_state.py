@@ -40,12 +40,17 @@ def split_pixels(anomaly_maps: Tensor, masks: Tensor, dtype: torch.dtype) -> tup
         )
     anomaly_maps = anomaly_maps.detach().to(dtype)
     anomalous = masks > 0.5
-    sizes = region_sizes(anomalous.cpu().numpy())
-    return (
-        anomaly_maps[anomalous],
-        torch.from_numpy(sizes).to(device=anomaly_maps.device, dtype=dtype),
-        anomaly_maps[~anomalous],
-    )
+    anomalous_on_host = anomalous.cpu().numpy()
+    sizes = torch.from_numpy(region_sizes(anomalous_on_host)).to(device=anomaly_maps.device, dtype=dtype)
+    if anomaly_maps.device.type == "cpu":
+        # NumPy's boolean indexing is about 10× faster than torch's on the CPU (~2 s of an MVTec-sized run).
+        maps_on_host = anomaly_maps.numpy()
+        return (
+            torch.from_numpy(maps_on_host[anomalous_on_host]),
+            sizes,
+            torch.from_numpy(maps_on_host[~anomalous_on_host]),
+        )
+    return anomaly_maps[anomalous], sizes, anomaly_maps[~anomalous]
 
 
 def state_to_numpy(state: list[Tensor] | Tensor) -> np.ndarray:

@@ -23,7 +23,9 @@ _PER_IMAGE_8_CONNECTIVITY[1] = True
 def region_sizes(anomalous: np.ndarray) -> np.ndarray:
     """Size of the 8-connected ground-truth region of each anomalous pixel of a bool B×H×W stack (row-major order)."""
     labels, _ = ndimage.label(anomalous, structure=_PER_IMAGE_8_CONNECTIVITY)
-    return np.bincount(labels.ravel())[labels[anomalous]]
+    # Only anomalous pixels carry a label, so counting those alone gives every region's size.
+    anomalous_labels = labels[anomalous]
+    return np.bincount(anomalous_labels)[anomalous_labels]
 
 
 @dataclass(frozen=True)
