@@ -128,6 +128,9 @@ class AnoVL(nn.Module):
     def _check_inputs(self, images: torch.Tensor, class_names: Sequence[str]) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise AnovlError(f"images must be a B×3×S×S tensor, got shape {tuple(images.shape)}")
+        if images.device != self.device:
+            raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
+                             "move them with images.to(model.device)")
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise AnovlError(f"images are {images.shape[-2]}×{images.shape[-1]} but the model expects "
                              f"{self.image_size}×{self.image_size}; resize them or set image_size")
