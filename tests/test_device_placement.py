@@ -7,7 +7,7 @@ TTA is not covered: its backward pass needs a real CUDA context.
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from anovl.errors import AnovlError
 from anovl.models.anovl.views import make_views
@@ -50,7 +50,8 @@ def test_the_check_sees_a_tensor_left_on_the_cpu():
     with FakeTensorMode(allow_non_fake_inputs=True):
         images = torch.randn(2, 3, 16, 16, device="cuda")
         assert make_views(images, 3).device.type == "cuda"
-        with pytest.raises(FakeTensorDeviceMismatchError):
+        # The error's type and wording differ between torch releases (2.11: a plain RuntimeError).
+        with pytest.raises(RuntimeError, match=r"two (different )?devices|at least two devices"):
             torch.nn.functional.grid_sample(images, torch.zeros(2, 16, 16, 2), align_corners=True)
 
 
