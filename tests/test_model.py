@@ -102,6 +102,26 @@ def test_stays_frozen_in_eval_mode(tiny_model):
     assert not any(p.requires_grad for p in tiny_model.parameters())
 
 
+@torch.no_grad()
+def test_loading_other_weights_re_encodes_the_text(tiny_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        other = AnoVL(TINY, pretrained=None)
+    images = torch.randn(2, 3, 64, 64)
+    before = tiny_model(images, ["bottle", "bottle"])  # caches the old weights' text in memory and on disk
+    old_file = tiny_model.text_cache.path("bottle")
+
+    tiny_model.load_state_dict(other.state_dict())
+
+    assert tiny_model.text_cache.path("bottle") != old_file
+    torch.testing.assert_close(tiny_model.text_embeddings("bottle").sentences, other.text_embeddings("bottle").sentences)
+    after, expected = tiny_model(images, ["bottle", "bottle"]), other(images, ["bottle", "bottle"])
+    torch.testing.assert_close(after.text_states, expected.text_states)
+    torch.testing.assert_close(after.anomaly_map, expected.anomaly_map)
+    assert not torch.allclose(after.text_states, before.text_states)
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_full_size_reference_backbone():

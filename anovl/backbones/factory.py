@@ -83,6 +83,10 @@ class Backbone:
     image_size: int
     weights_fingerprint: str
 
+    def refresh_fingerprint(self) -> None:
+        """Fingerprint the weights the model holds now (after a ``load_state_dict``)."""
+        self.weights_fingerprint = f"state-{_hash_parameters(self.clip)}"
+
 
 def _resolve_name(name: str) -> str:
     if Path(name).suffix == ".json":

@@ -85,6 +85,10 @@ class TextEmbeddingCache:
         digest = hashlib.sha256(json.dumps(self.key(category), sort_keys=True).encode()).hexdigest()[:24]
         return self.cache_dir / f"{self.backbone.name}-{digest}.safetensors"
 
+    def clear(self) -> None:
+        """Forget the embeddings held in memory (the files stay: their names carry the weights' fingerprint)."""
+        self._memory.clear()
+
     def get(self, category: str) -> TextEmbeddings:
         if category not in self._memory:
             self._memory[category] = self._load(category) or self._encode(category)

@@ -41,6 +41,13 @@ def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
     return seeds
 
 
+def _forget_text_of_old_weights(model: "AnoVL", incompatible_keys: object) -> None:
+    # Text embeddings encoded (or cached on disk) with the previous weights no longer fit the loaded ones.
+    model.text_cache.backbone.refresh_fingerprint()
+    model.text_cache.clear()
+    model._device_text.clear()
+
+
 class AnoVL(nn.Module):
     """Zero-shot anomaly localisation with a frozen CLIP (METHOD §2–5).
 
@@ -94,6 +101,7 @@ class AnoVL(nn.Module):
         self.encoder_chunk_size = encoder_chunk_size
         self._device_text: dict[tuple[str, str], TextEmbeddings] = {}
         self.stage_timer: Callable[[str], contextlib.AbstractContextManager] | None = None  # for benchmarks
+        self.register_load_state_dict_post_hook(_forget_text_of_old_weights)
         self.eval()
 
     def train(self, mode: bool = True) -> "AnoVL":
