@@ -93,6 +93,7 @@ class TextAdapter(Adapter):
 
     def __init__(self, dim, sentences, generators):
         super().__init__(dim, sentences, generators)
+        # Its own copy: the input may be a view of cached embeddings or an inference-mode tensor.
         self.register_buffer("sentences", sentences.detach().clone(), persistent=False)
         self.linear = BatchedLinear(self.batch, dim, sentences.shape[1], device=sentences.device)
         self.reset_parameters(generators)

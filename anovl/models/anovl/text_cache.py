@@ -71,6 +71,7 @@ class TextEmbeddingCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.use_disk = use_disk
         self._memory: dict[str, TextEmbeddings] = {}
+        self._on_device: dict[tuple[str, str], TextEmbeddings] = {}  # copies moved once per device, not per batch
 
     def key(self, category: str) -> dict[str, str]:
         return {
@@ -85,14 +86,26 @@ class TextEmbeddingCache:
         digest = hashlib.sha256(json.dumps(self.key(category), sort_keys=True).encode()).hexdigest()[:24]
         return self.cache_dir / f"{self.backbone.name}-{digest}.safetensors"
 
-    def clear(self) -> None:
-        """Forget the embeddings held in memory (the files stay: their names carry the weights' fingerprint)."""
-        self._memory.clear()
+    def weights_changed(self) -> None:
+        """Key the cache to the backbone's current weights and forget what the old ones gave.
 
-    def get(self, category: str) -> TextEmbeddings:
+        Files of the old weights stay on disk: their names carry that weights' fingerprint.
+        """
+        self.backbone.refresh_fingerprint()
+        self._memory.clear()
+        self._on_device.clear()
+
+    def get(self, category: str, device: torch.device | str = "cpu") -> TextEmbeddings:
+        """The category's embeddings on ``device`` (encoded, or read from disk, once)."""
         if category not in self._memory:
             self._memory[category] = self._load(category) or self._encode(category)
-        return self._memory[category]
+        if torch.device(device).type == "cpu":
+            return self._memory[category]
+        key = (category, str(device))
+        if key not in self._on_device:
+            embeddings = self._memory[category]
+            self._on_device[key] = TextEmbeddings(embeddings.states.to(device), embeddings.sentences.to(device))
+        return self._on_device[key]
 
     def _load(self, category: str) -> TextEmbeddings | None:
         path = self.path(category)

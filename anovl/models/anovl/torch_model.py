@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -41,11 +42,8 @@ def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
     return seeds
 
 
-def _forget_text_of_old_weights(model: "AnoVL", incompatible_keys: object) -> None:
-    # Text embeddings encoded (or cached on disk) with the previous weights no longer fit the loaded ones.
-    model.text_cache.backbone.refresh_fingerprint()
-    model.text_cache.clear()
-    model._device_text.clear()
+def _text_for_new_weights(cache: TextEmbeddingCache, module: nn.Module, incompatible_keys: object) -> None:
+    cache.weights_changed()
 
 
 class AnoVL(nn.Module):
@@ -99,9 +97,9 @@ class AnoVL(nn.Module):
         if encoder_chunk_size is not None and encoder_chunk_size < 1:
             raise AnovlError(f"encoder_chunk_size must be at least 1 (or None for automatic), got {encoder_chunk_size}")
         self.encoder_chunk_size = encoder_chunk_size
-        self._device_text: dict[tuple[str, str], TextEmbeddings] = {}
         self.stage_timer: Callable[[str], contextlib.AbstractContextManager] | None = None  # for benchmarks
-        self.register_load_state_dict_post_hook(_forget_text_of_old_weights)
+        # Text embeddings of other weights no longer fit, whether AnoVL or its CLIP loads them.
+        self.clip.register_load_state_dict_post_hook(functools.partial(_text_for_new_weights, self.text_cache))
         self.eval()
 
     def train(self, mode: bool = True) -> "AnoVL":
@@ -124,14 +122,6 @@ class AnoVL(nn.Module):
     def text_embeddings(self, class_name: str) -> TextEmbeddings:
         """State and per-sentence text embeddings of a category (CPU tensors, cached)."""
         return self.text_cache.get(class_name)
-
-    def _text_on(self, device: torch.device, class_name: str) -> TextEmbeddings:
-        """The class's text embeddings on ``device``, moved there once rather than every batch."""
-        key = (class_name, str(device))
-        if key not in self._device_text:
-            embeddings = self.text_embeddings(class_name)
-            self._device_text[key] = TextEmbeddings(embeddings.states.to(device), embeddings.sentences.to(device))
-        return self._device_text[key]
 
     def _check_inputs(self, images: torch.Tensor, class_names: Sequence[str]) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -159,7 +149,7 @@ class AnoVL(nn.Module):
         self._check_inputs(images, class_names)
         batch = images.shape[0]
         with self._stage("text"):
-            embeddings = [self._text_on(images.device, name) for name in class_names]
+            embeddings = [self.text_cache.get(name, images.device) for name in class_names]
             states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
         with torch.no_grad():
@@ -180,7 +170,8 @@ class AnoVL(nn.Module):
                         corrupted = self.encoder(corrupted_images, layers=self.layers,
                                                  chunk_size=chunk_size).patch_tokens
                 tfa_map = maps
-                sentences = torch.stack([e.sentences for e in embeddings])
+                sentences = (embeddings[0].sentences.expand(batch, -1, -1) if len(set(class_names)) == 1
+                             else torch.stack([e.sentences for e in embeddings]))  # (B, M, D), a view if it can
                 seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
                 adapted = [
                     self.tta(tokens, states, sentences, seeds, list(class_names),

@@ -134,7 +134,6 @@ class TestTimeAdaptation:
         with torch.inference_mode(False), torch.enable_grad():
             tokens = tokens.detach().clone().float()
             states = states.detach().clone().float()
-            sentences = sentences.detach().clone().float()
             if corrupted_tokens is not None:
                 corrupted_tokens = corrupted_tokens.detach().clone().float()
             if self.config.mode == "reference":
