@@ -10,7 +10,6 @@ baseline: the other columns show their difference to it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anovl.errors import AnovlError
-from anovl.results import (MEAN_ROW, METRIC_TITLES, OPTIONAL_METRIC_TITLES, RANDOM_WEIGHTS_WARNING,
+from anovl.results import (MEAN_ROW, METRIC_TITLES, OPTIONAL_METRIC_TITLES, RANDOM_WEIGHTS_WARNING, ResultsTable,
                            atomic_write_text)
 
 DEFAULT_METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc")
@@ -29,23 +28,18 @@ ALL_TITLES = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
 @dataclass
 class Run:
     label: str
-    rows: dict[str, dict[str, float | None]]  # category (and "mean") -> metric -> percent
+    rows: dict[str, dict[str, float]]  # category (and "mean") -> metric -> percent (NaN: undefined)
     random_weights: bool = False
 
 
 def load_run(directory: str | Path) -> Run:
     path = Path(directory)
-    path = path if path.suffix == ".json" else path / "results.json"
-    try:
-        document = json.loads(path.read_text())
-        rows = {row["category"]: row for row in document["categories"]}
-        rows[MEAN_ROW] = document["mean"]
-    except FileNotFoundError:
-        raise AnovlError(f"no results.json in {path.parent}; give the run directories of finished `anovl test` runs") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise AnovlError(f"{path} is not an anovl results file ({type(error).__name__}: {error})") from None
-    label = document.get("variant") or path.parent.name
-    return Run(label=label, rows=rows, random_weights=bool(document.get("random_weights")))
+    folder = path.parent if path.suffix == ".json" else path
+    if not (folder / "results.json").is_file():
+        raise AnovlError(f"no results.json in {folder}; give the run directories of finished `anovl test` runs")
+    table = ResultsTable.read(folder)
+    return Run(label=table.variant or folder.name, rows={**table.rows, MEAN_ROW: table.mean()},
+               random_weights=table.random_weights)
 
 
 def _unique_labels(runs: list[Run], directories: list[str]) -> list[str]:
@@ -55,26 +49,29 @@ def _unique_labels(runs: list[Run], directories: list[str]) -> list[str]:
     return labels
 
 
-def comparison_rows(runs: list[Run], metric: str) -> list[list[float | None]]:
-    """Per category (sorted, mean last): each run's value; None where a run lacks it."""
-    categories = sorted({category for run in runs for category in run.rows if category != MEAN_ROW})
-    return [[run.rows.get(category, {}).get(metric) for run in runs] for category in categories + [MEAN_ROW]]
+def _categories(runs: list[Run]) -> list[str]:
+    """Every run's categories, sorted, then the mean row."""
+    return sorted({category for run in runs for category in run.rows if category != MEAN_ROW}) + [MEAN_ROW]
 
 
-def _cell(value: float | None, baseline: float | None, with_delta: bool) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def comparison_rows(runs: list[Run], metric: str) -> list[list[float]]:
+    """Per category (sorted, mean last): each run's value; NaN where a run lacks it or it is undefined."""
+    return [[run.rows.get(category, {}).get(metric, math.nan) for run in runs] for category in _categories(runs)]
+
+
+def _cell(value: float, baseline: float, with_delta: bool) -> str:
+    if math.isnan(value):
         return "n/a"
-    if not with_delta or baseline is None:
+    if not with_delta or math.isnan(baseline):
         return f"{value:.1f}"
     return f"{value:.1f} ({value - baseline:+.1f})"
 
 
 def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list[tuple[str, list[str], list[list[str]]]]:
-    categories = sorted({category for run in runs for category in run.rows if category != MEAN_ROW}) + [MEAN_ROW]
     tables = []
     for metric in metrics:
         rows = [[category] + [_cell(value, values[0], index > 0) for index, value in enumerate(values)]
-                for category, values in zip(categories, comparison_rows(runs, metric))]
+                for category, values in zip(_categories(runs), comparison_rows(runs, metric))]
         tables.append((ALL_TITLES.get(metric, metric), ["category", *labels], rows))
     return tables
 
