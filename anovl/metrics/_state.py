@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from anovl.metrics import functional
 from anovl.metrics.functional import RankedScores, region_sizes
 
 
@@ -40,16 +41,11 @@ def split_pixels(anomaly_maps: Tensor, masks: Tensor, dtype: torch.dtype) -> tup
         )
     anomaly_maps = anomaly_maps.detach().to(dtype)
     anomalous = masks > 0.5
-    anomalous_on_host = anomalous.cpu().numpy()
-    sizes = torch.from_numpy(region_sizes(anomalous_on_host)).to(device=anomaly_maps.device, dtype=dtype)
     if anomaly_maps.device.type == "cpu":
         # NumPy's boolean indexing is about 10× faster than torch's on the CPU (~2 s of an MVTec-sized run).
-        maps_on_host = anomaly_maps.numpy()
-        return (
-            torch.from_numpy(maps_on_host[anomalous_on_host]),
-            sizes,
-            torch.from_numpy(maps_on_host[~anomalous_on_host]),
-        )
+        positive, sizes, negative = functional.split_pixels(anomaly_maps.numpy(), anomalous.numpy())
+        return torch.from_numpy(positive), torch.from_numpy(sizes).to(dtype), torch.from_numpy(negative)
+    sizes = torch.from_numpy(region_sizes(anomalous.cpu().numpy())).to(device=anomaly_maps.device, dtype=dtype)
     return anomaly_maps[anomalous], sizes, anomaly_maps[~anomalous]
 
 

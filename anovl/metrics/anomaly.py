@@ -64,7 +64,9 @@ class AnomalyMetrics(Metric):
         if ((labels < -1) | (labels > 1)).any():
             raise ValueError(f"labels must be 0, 1 or -1 (unknown), got {labels.unique().tolist()}")
         has_mask = has_mask.bool()
-        positive, sizes, negative = split_pixels(anomaly_maps[has_mask], masks[has_mask], self.dtype)
+        if not has_mask.all():  # indexing copies the maps, which every image of a usual batch keeps
+            anomaly_maps, masks = anomaly_maps[has_mask], masks[has_mask]
+        positive, sizes, negative = split_pixels(anomaly_maps, masks, self.dtype)
         self.pixel_positive_scores.append(positive)
         self.pixel_positive_region_sizes.append(sizes)
         self.pixel_negative_scores.append(negative)

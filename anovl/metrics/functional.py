@@ -8,6 +8,7 @@ Undefined cases return NaN with a ``UserWarning`` naming the metric and the reas
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ def region_sizes(anomalous: np.ndarray) -> np.ndarray:
     # Only anomalous pixels carry a label, so counting those alone gives every region's size.
     anomalous_labels = labels[anomalous]
     return np.bincount(anomalous_labels)[anomalous_labels]
+
+
+def split_pixels(anomaly_maps: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anomalous pixel scores, their ground-truth region sizes, and normal pixel scores (bool ``anomalous``)."""
+    return anomaly_maps[anomalous], region_sizes(anomalous), anomaly_maps[~anomalous]
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,19 @@ class RankedScores:
         order = np.lexsort((positive_region_sizes, positive))
         return cls(positive[order], negative, positive_region_sizes[order])
 
+    @functools.cached_property
+    def counts_at_positive_scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positives equal to, positives at or above and negatives at or above each distinct positive score.
+
+        These are the thresholds at which recall changes (AP and F1-max share them, computed once).
+        """
+        positive = self.positive
+        starts = np.flatnonzero(np.concatenate(([True], positive[1:] != positive[:-1])))
+        new_positives = np.diff(np.append(starts, positive.size))
+        true_positives = positive.size - starts
+        false_positives = self.negative.size - np.searchsorted(self.negative, positive[starts], side="left")
+        return new_positives, true_positives, false_positives
+
     @classmethod
     def from_targets(cls, scores: np.ndarray, targets: np.ndarray) -> RankedScores:
         """Flat scores with targets 1 (positive) or 0 (negative); any other target (e.g. -1) is ignored."""
@@ -61,9 +80,8 @@ class RankedScores:
     @classmethod
     def from_maps(cls, anomaly_maps: np.ndarray, masks: np.ndarray) -> RankedScores:
         """Pixels of B×H×W anomaly maps against ground-truth masks (binarised at 0.5), with region sizes."""
-        anomaly_maps = np.asarray(anomaly_maps)
-        anomalous = np.asarray(masks) > 0.5
-        return cls.from_unsorted(anomaly_maps[anomalous], anomaly_maps[~anomalous], region_sizes(anomalous))
+        positive, sizes, negative = split_pixels(np.asarray(anomaly_maps), np.asarray(masks) > 0.5)
+        return cls.from_unsorted(positive, negative, sizes)
 
 
 def auroc(scores: RankedScores, name: str = "auroc") -> float:
@@ -80,7 +98,7 @@ def average_precision(scores: RankedScores, name: str = "average_precision") -> 
     """Step-wise average precision with tied scores grouped, as sklearn's ``average_precision_score``."""
     if (reason := _undefined_reason(scores)) is not None:
         return _undefined(name, reason)
-    new_positives, true_positives, false_positives = _counts_at_positive_scores(scores)
+    new_positives, true_positives, false_positives = scores.counts_at_positive_scores
     precision = true_positives / (true_positives + false_positives)
     return float(np.sum(new_positives * precision) / scores.positive.size)
 
@@ -90,7 +108,7 @@ def f1_max(scores: RankedScores, name: str = "f1_max") -> float:
     if (reason := _undefined_reason(scores)) is not None:
         return _undefined(name, reason)
     # For a fixed recall F1 falls with more false positives, so the maximum lies at a distinct positive score.
-    _, true_positives, false_positives = _counts_at_positive_scores(scores)
+    _, true_positives, false_positives = scores.counts_at_positive_scores
     return float(np.max(2 * true_positives / (true_positives + false_positives + scores.positive.size)))
 
 
@@ -164,19 +182,6 @@ def cflow_pro(
     rescaled = ((fpr - fpr.min()) / (fpr.max() - fpr.min()))[::-1]
     pro = pro[::-1]
     return float(np.sum(np.diff(rescaled) * (pro[1:] + pro[:-1]) / 2))
-
-
-def _counts_at_positive_scores(scores: RankedScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positives equal to, positives at or above and negatives at or above each distinct positive score.
-
-    These are the thresholds at which recall changes.
-    """
-    positive = scores.positive
-    starts = np.flatnonzero(np.concatenate(([True], positive[1:] != positive[:-1])))
-    new_positives = np.diff(np.append(starts, positive.size))
-    true_positives = positive.size - starts
-    false_positives = scores.negative.size - np.searchsorted(scores.negative, positive[starts], side="left")
-    return new_positives, true_positives, false_positives
 
 
 def _region_weights(scores: RankedScores) -> np.ndarray:
