@@ -1,13 +1,8 @@
 """Datamodules (MVTec, VisA, folder, synthetic) on generated data in the real layouts."""
 
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import csv
 import hashlib
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -31,8 +26,7 @@ from anovl.data import (
 from anovl.data.synthetic import DEFECT_TYPES
 from anovl.errors import AnovlError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_data_io import _fuzz_files  # noqa: E402
+from tests.test_data_io import _fuzz_files
 
 BATCH_KEYS = {"image", "mask", "has_mask", "label", "category", "class_name", "image_path"}
 SIZE = 32

@@ -1,9 +1,5 @@
 """Image/mask loading, METHOD §1 preprocessing, tiling and corruptions (anovl.data low-level parts)."""
 
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import io
 import warnings
 

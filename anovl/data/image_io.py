@@ -54,7 +54,9 @@ def load_rgb(path: str | Path) -> np.ndarray:
             if image.mode == "P":
                 # Going through RGBA keeps Pillow from warning about palette transparency; alpha is then dropped.
                 image = image.convert("RGBA")
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+            if image.mode != "RGB":  # convert() copies even an RGB image
+                image = image.convert("RGB")
+            return np.array(image, dtype=np.uint8)
         except Exception as error:
             raise _bad_file_error(path, "image", error) from error
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from anovl.data.base import AnomalyDataModule, OnBadImage, ResizeMode, Sample, require_dir, category_selection
 from anovl.data.corruptions import CorruptionSpec
 from anovl.errors import AnovlError
+from anovl.models.anovl.prompts import DISPLAY_NAMES
 
 VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
 VISA_LAYOUT = (
@@ -16,8 +17,6 @@ VISA_LAYOUT = (
 )
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 VISA_LABELS = {"normal": 0, "anomaly": 1}
-# METHOD §3: the prompt class name is the folder name, except the two macaroni sets.
-VISA_CLASS_NAMES = {"macaroni1": "macaroni", "macaroni2": "macaroni"}
 
 
 class VisADataModule(AnomalyDataModule):
@@ -58,7 +57,8 @@ class VisADataModule(AnomalyDataModule):
         self.requested_categories = category_selection(categories)
 
     def default_class_name(self, category: str) -> str:
-        return VISA_CLASS_NAMES.get(category, category)
+        # METHOD §3: the prompt class name is the folder name, except the two macaroni sets.
+        return DISPLAY_NAMES.get(category, category)
 
     def locations(self) -> dict[str, Path | None]:
         return {"root": self.root}
