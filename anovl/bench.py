@@ -7,8 +7,8 @@ Sections (``--sections`` picks some):
 
 * ``encoder``: TFA forward (dual path, 1 view) ÷ CLIP's plain ``encode_image``, same batch and resolution;
 * ``throughput``: images/s of TFA 1 view, TFA 22 views and TFA+TTA per batch size, split into the stages of
-  ``AnoVL.forward`` (timed by :func:`staged_forward`, which calls the same functions in the same order) and
-  checked against the end-to-end call;
+  ``AnoVL.forward`` (timed inside the real call through ``AnoVL.stage_timer``, see :func:`staged_forward`)
+  and checked against the end-to-end call;
 * ``reference``: AnoVL against :func:`reference_pipeline`, the authors' one-image-at-a-time loop (every view
   a separate dual-path call, TTA per image): speed-up and the largest difference of their outputs;
 * ``text``: text-embedding start-up, encoding a class's prompts (cold) against reading the on-disk cache;
@@ -536,8 +536,8 @@ def throughput_section(config: BenchConfig, device: torch.device, workdir: Path)
         ["pipeline", "batch", "images/s", "× batch 1", *[f"{stage} ms/img" for stage in STAGES],
          "Σ stages ÷ end-to-end"],
         notes=["images/s: end-to-end `model(images, names)` + `AnomalyMetrics.update`, minimum of "
-               f"{config.repeats} repetitions. Stages: `staged_forward`, the same calls in the order of "
-               "`AnoVL.forward` (text = embedding look-up; tta = seeds, adaptation and the adapted map), each "
+               f"{config.repeats} repetitions. Stages: `staged_forward`, timed inside the real `AnoVL.forward` "
+               "call (text = embedding look-up; tta = seeds, adaptation and the adapted map), each "
                "synchronised on CUDA. Σ stages ÷ end-to-end near 1 says the split accounts for the whole call."],
     )
     for name, num_views, with_tta in PIPELINES:
