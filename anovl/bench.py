@@ -53,6 +53,7 @@ from anovl.models.anovl.text_cache import TextEmbeddingCache, encode_sentences
 from anovl.models.anovl.torch_model import AnoVL, image_seeds
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+from anovl.results import markdown_table
 
 SECTIONS = ("encoder", "throughput", "reference", "text", "metrics", "testrun", "precision")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -124,9 +125,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = [f"## {self.title}", "", "| " + " | ".join(self.columns) + " |",
-                 "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines = [f"## {self.title}", "", *markdown_table(self.columns, self.rows)]
         if self.notes:
             lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"

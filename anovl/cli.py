@@ -32,7 +32,7 @@ from anovl.compare import main as compare_main
 from anovl.data import AnomalyDataModule
 from anovl.errors import AnovlError
 from anovl.models.anovl.lightning_model import AnoVLModule
-from anovl.models.anovl.tta import TTAConfig
+from anovl.models.anovl.tta import TTAConfig, variant_name
 from anovl.results import ResultsTable
 
 RUNS_DIR = "runs"
@@ -177,9 +177,7 @@ def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list
 def run_variant(model_args: Any) -> str:
     """``tfa`` or the TTA variant (``tta-text``, ...) that a parsed model config describes."""
     tta = getattr(model_args, "tta", None)
-    if tta is None:
-        return "tfa"
-    return TTAConfig(**(tta.as_dict() if hasattr(tta, "as_dict") else dict(tta))).variant
+    return variant_name(None if tta is None else TTAConfig(**(tta.as_dict() if hasattr(tta, "as_dict") else dict(tta))))
 
 
 def name_wandb_run(config: Any) -> None:

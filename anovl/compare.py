@@ -14,15 +14,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from anovl.errors import AnovlError
-from anovl.results import (MEAN_ROW, METRIC_TITLES, OPTIONAL_METRIC_TITLES, RANDOM_WEIGHTS_WARNING, ResultsTable,
-                           atomic_write_text)
+from anovl.results import (ALL_METRIC_TITLES, MEAN_ROW, RANDOM_WEIGHTS_WARNING, ResultsTable, atomic_write_text,
+                           console_for, markdown_table)
 
 DEFAULT_METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc")
-ALL_TITLES = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
 
 
 @dataclass
@@ -72,35 +70,35 @@ def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list
     for metric in metrics:
         rows = [[category] + [_cell(value, values[0], index > 0) for index, value in enumerate(values)]
                 for category, values in zip(_categories(runs), comparison_rows(runs, metric))]
-        tables.append((ALL_TITLES.get(metric, metric), ["category", *labels], rows))
+        tables.append((ALL_METRIC_TITLES.get(metric, metric), ["category", *labels], rows))
     return tables
 
 
 def to_markdown(tables) -> str:
     lines = ["# Comparison", "", "Metrics × 100; in brackets the difference to the first run.", ""]
     for title, headers, rows in tables:
-        lines += [f"## {title}", "", "| " + " | ".join(headers) + " |",
-                  "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines.append("")
+        lines += [f"## {title}", "", *markdown_table(headers, rows), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anovl compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (or results.json files); the first is the baseline")
-    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(ALL_TITLES))
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(ALL_METRIC_TITLES))
     parser.add_argument("--output", type=Path, help="also write the comparison as Markdown")
     args = parser.parse_args(argv)
     runs = [load_run(directory) for directory in args.runs]
     tables = build_tables(runs, _unique_labels(runs, args.runs), args.metrics)
-    console = Console(width=max(100, Console().width))
+    rich_tables = []
     for title, headers, rows in tables:
         table = Table(title=title)
         for index, header in enumerate(headers):
             table.add_column(header, justify="left" if index == 0 else "right")
         for index, row in enumerate(rows):
             table.add_row(*row, style="bold" if index == len(rows) - 1 else None)
+        rich_tables.append(table)
+    console = console_for(*rich_tables)
+    for table in rich_tables:
         console.print(table)
     if any(run.random_weights for run in runs):
         console.print(RANDOM_WEIGHTS_WARNING, style="bold red")

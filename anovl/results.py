@@ -36,6 +36,7 @@ METRIC_TITLES = {
     "image_f1max": "image F1-max",
 }
 OPTIONAL_METRIC_TITLES = {"pixel_aupro_cflow": "AUPRO (cflow-style)"}
+ALL_METRIC_TITLES = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
 MEAN_ROW = "mean"
 RESULT_FILES = ("results.csv", "results.json", "results.md")
 RANDOM_WEIGHTS_WARNING = (
@@ -60,6 +61,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 def _finite_mean(values: list[float]) -> float:
     finite = [value for value in values if not math.isnan(value)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a Markdown table: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def console_for(*tables: Table) -> Console:
+    """A console that prints ``tables`` whole.
+
+    Off a terminal (logs, CI) rich assumes 80 columns and would truncate the headers; nothing wraps the lines
+    there, so the tables are printed at their natural width.
+    """
+    console = Console()
+    if not console.is_terminal:
+        options = console.options.update_width(1000)
+        natural = max(console.measure(table, options=options).maximum for table in tables)
+        console = Console(width=max(console.width, natural))
+    return console
 
 
 def _one_decimal(value: float) -> str:
@@ -176,7 +197,7 @@ class ResultsTable:
             "random_weights": self.random_weights,
             "complete": self.complete,
             "units": "percent (metric x 100); null where undefined",
-            "columns": {name: {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}[name] for name in self.metric_names},
+            "columns": {name: ALL_METRIC_TITLES[name] for name in self.metric_names},
             "categories": [{key: clean(value) for key, value in record.items()} for record in self.records()[:-1]],
             "mean": {key: clean(value) for key, value in self.records()[-1].items() if key != "category"},
             "skipped_files": self.skipped_files,
@@ -185,8 +206,7 @@ class ResultsTable:
         return json.dumps(document, indent=2) + "\n"
 
     def _headers(self) -> list[str]:
-        titles = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
-        return ["category", "images", *(titles[name] for name in self.metric_names)]
+        return ["category", "images", *(ALL_METRIC_TITLES[name] for name in self.metric_names)]
 
     def _display_rows(self) -> list[list[str]]:
         return [[str(record["category"]), str(record["images"]),
@@ -201,12 +221,9 @@ class ResultsTable:
             lines += [f"_{self._status()}_", ""]
         if self.skipped_files:
             lines += [f"_{self._skipped_note()}_", ""]
-        headers = self._headers()
-        lines.append("| " + " | ".join(headers) + " |")
-        lines.append("|" + "|".join([":---", "---:"] + ["---:"] * (len(headers) - 2)) + "|")
         rows = self._display_rows()
         rows[-1] = [f"**{cell}**" for cell in rows[-1]]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += markdown_table(self._headers(), rows)
         lines += ["", "Metrics × 100; the mean is over categories (n/a: undefined, left out of the mean)."]
         return "\n".join(lines) + "\n"
 
@@ -230,13 +247,7 @@ class ResultsTable:
 
     def print(self, console: Console | None = None) -> None:
         table = self.to_rich()
-        if console is None:
-            console = Console()
-            if not console.is_terminal:
-                # Off a terminal (logs, CI) rich assumes 80 columns and would truncate the headers; nothing
-                # wraps the lines there, so print the table at its natural width.
-                natural = console.measure(table, options=console.options.update_width(1000)).maximum
-                console = Console(width=max(console.width, natural))
+        console = console or console_for(table)
         console.print(table)
         if self.random_weights:
             console.print(RANDOM_WEIGHTS_WARNING, style="bold red")

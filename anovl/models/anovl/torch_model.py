@@ -17,7 +17,7 @@ from anovl.errors import AnovlError
 from anovl.models.anovl.maps import anomaly_map, image_score
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
-from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
+from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig, variant_name
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
 
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
@@ -109,7 +109,7 @@ class AnoVL(nn.Module):
     @property
     def variant(self) -> str:
         """``tfa`` (training-free) or the TTA variant's name, e.g. ``tta-text``."""
-        return "tfa" if self.tta_config is None else self.tta_config.variant
+        return variant_name(self.tta_config)
 
     @property
     def device(self) -> torch.device:

@@ -75,6 +75,11 @@ class TTAConfig:
         return "-".join(parts)
 
 
+def variant_name(tta: TTAConfig | None) -> str:
+    """``tfa`` (training-free, no TTA) or the TTA variant's name, e.g. ``tta-text``."""
+    return "tfa" if tta is None else tta.variant
+
+
 def state_log_probs(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """log softmax([x̂·t_n, x̂·t_a]) per token: tokens (B, N, D), states (B, 2, D) → (B, N, 2)."""
     return torch.einsum("bnd,bkd->bnk", F.normalize(tokens, dim=-1), states.to(tokens.dtype)).log_softmax(-1)
