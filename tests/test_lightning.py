@@ -17,8 +17,8 @@ from anovl.data import (MVTecDataModule, VisADataModule, collate_batch, generate
 from anovl.metrics import AnomalyMetrics
 from anovl.models.anovl.lightning_model import AnoVLModule
 from anovl.visualization import picture_name, png16_to_map
+from tests.conftest import TINY
 
-TINY = "anovl-tiny-vit"
 SIZE = 64
 
 

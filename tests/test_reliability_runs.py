@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 from anovl import TTAConfig
 from anovl.cli import main
 from anovl.data import MVTecDataModule, collate_batch, generate_mvtec_like
-from anovl.models.anovl.lightning_model import AnoVLModule
 from anovl.results import METRIC_TITLES, ResultsTable
 from tests.test_cli import CONFIGS, cli_env, data_root, demo_test_args, run_dir  # noqa: F401 (fixtures)
 from tests.test_cli import anovl as run_console_script
+from tests.test_lightning import tiny_module, trainer
 from tests.test_reliability_input import (_cli_in_process, assert_one_error_line, cli_args,  # noqa: F401 (fixtures)
                                           prepare_in_process_cli, run_main, text_cache)
 
@@ -183,16 +183,13 @@ def test_the_same_seed_gives_the_same_table(data_root, text_cache, tmp_path):  #
 
 
 def test_tta_maps_do_not_depend_on_batch_size_or_order(data_root, text_cache, tmp_path):  # noqa: F811
-    module = AnoVLModule(backbone="anovl-tiny-vit", pretrained=None, image_size=64, num_views=2,
-                         cache_dir=str(text_cache), tta=TTAConfig())
+    module = tiny_module(text_cache, tta=TTAConfig())
     data = MVTecDataModule(data_root, image_size=64, batch_size=1)
     reversed_in_fours = DataLoader(data.dataset, batch_size=4, sampler=list(reversed(range(len(data.dataset)))),
                                    collate_fn=collate_batch)  # batches that also mix categories
 
     def per_image(**data_source):
-        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, inference_mode=False, default_root_dir=tmp_path)
-        outputs = trainer.predict(module, **data_source)
+        outputs = trainer(tmp_path).predict(module, **data_source)
         return {path: (output["anomaly_map"][index], output["pred_score"][index])
                 for output in outputs for index, path in enumerate(output["image_path"])}
 
