@@ -68,6 +68,26 @@ class ValueWiseViT(nn.Module):
     def _project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.visual.ln_post(tokens) @ self.visual.proj
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in :meth:`embed`'s output (the class token)."""
+        return 1
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Input tokens of the first block (B, prefix + N, width): patch, class and position embeddings.
+
+        Every step here acts on each token alone, so a subset of these tokens equals the embedding of that
+        subset (what window scoring such as WinCLIP's needs).
+        """
+        return self.visual._embeds(images)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's image embedding (B, D) of any token sequence from :meth:`embed` (prefix tokens first):
+        the plain forward of the blocks, then the tower's pooling and projection."""
+        for block in self.visual.transformer.resblocks:
+            tokens = block(tokens)
+        return self._project(tokens[:, 0])
+
     @staticmethod
     def _dual_attention(block: ResidualAttentionBlock, x: torch.Tensor, num_local: int):
         """Original attention for all of ``x`` and V-V attention for its first ``num_local`` rows.

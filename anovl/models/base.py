@@ -1,0 +1,165 @@
+"""The interface between a zero-shot anomaly-localisation method and the framework.
+
+Any method that implements :class:`AnomalyModel` runs under the generic Lightning module
+(:class:`~anovl.engine.AnomalyModule`) for ``anovl test`` and ``anovl predict``, with the same metrics,
+results files, pictures, ``--resume`` and loggers as every other method. A method is a plain
+``nn.Module`` that knows nothing of Lightning:
+
+* ``forward(images, categories, prompt_names, **extras) -> ModelOutput`` gives per-pixel maps and image
+  scores. ``categories`` are the dataset's category names (which the metrics group by), ``prompt_names``
+  the object names to put into text prompts (``anovl.categories`` maps one to the other). Batch entries
+  named in :attr:`AnomalyModel.batch_extras` (e.g. ``corrupted_image``) are passed as keyword arguments.
+* :attr:`AnomalyModel.image_size` and :meth:`AnomalyModel.preprocessing` say what input it expects; the
+  CLI links the data's image size to it, so the size is written once.
+* :attr:`AnomalyModel.label` names the run: the method plus what differs from its reference settings.
+* :meth:`AnomalyModel.settings` is everything its numbers depend on; results.json records it and
+  ``anovl test --resume`` refuses to continue a run whose settings differ.
+
+**Wide images** (VisA's tile mode, ``S×W`` with ``W > S``): unless :attr:`AnomalyModel.handles_wide_images`
+is set, the framework cuts them into square tiles, runs the tiles and stitches the maps back
+(:func:`~anovl.data.transforms.stitch_tiles`); the image score is the tiles' mean.
+
+**Methods that need a whole category at once** (transductive methods such as MuSc, which score each image
+against the other test images of its category) plug in through the same ``forward``: set
+:attr:`AnomalyModel.transductive` and the framework would hand the model all images of a category in one
+call. None is built yet; the generic module refuses such a model with a clear error until one is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from anovl.data.transforms import CLIP_MEAN, CLIP_STD
+from anovl.errors import AnovlError
+
+
+@dataclass
+class ModelOutput:
+    """What every method returns; methods subclass it to add their own extras (tokens, intermediate maps)."""
+
+    anomaly_map: torch.Tensor  # (B, H, W) per-pixel anomaly score at the input's resolution
+    pred_score: torch.Tensor  # (B,) image score
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a model: bilinear resize to ``image_size`` and normalisation."""
+
+    image_size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bilinear"
+
+
+class AnomalyModel(nn.Module):
+    """Base class of zero-shot anomaly-localisation methods (see the module docstring)."""
+
+    method: ClassVar[str] = ""  # display name of the method, e.g. "AnoVL"
+    batch_extras: ClassVar[tuple[str, ...]] = ()  # optional batch keys passed to forward as keyword arguments
+    handles_wide_images: ClassVar[bool] = False  # forward takes S×W images itself (else the framework tiles)
+    transductive: ClassVar[bool] = False  # needs every image of a category in one call
+
+    image_size: int
+
+    def forward(self, images: torch.Tensor, categories: Sequence[str],
+                prompt_names: Sequence[str] | None = None, **extras: Any) -> ModelOutput:
+        raise NotImplementedError
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size)
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-like settings that the model's maps and scores depend on (not caching, chunking or devices)."""
+        raise NotImplementedError
+
+    def reference_settings(self) -> dict[str, Any]:
+        """The method's reference settings, of the same shape as :meth:`settings`; the label names what differs."""
+        return {}
+
+    @property
+    def variant(self) -> str:
+        """A short name of the method's variant (e.g. ``tfa``, ``tta-text``); empty for a method without any."""
+        return ""
+
+    @property
+    def label(self) -> str:
+        """The method, its variant and every setting that differs from the reference, e.g.
+        ``AnoVL-tta-lowrank[lr=0.01,rank=4]``; two runs with different settings get different labels."""
+        return make_label(self.method or type(self).__name__, self.variant,
+                          setting_differences(self.settings(), self.reference_settings()))
+
+    @property
+    def order_dependent(self) -> bool:
+        """True where results depend on the images seen before (such runs refuse DDP and ``--resume``)."""
+        return False
+
+    def start_category(self, category: str) -> None:
+        """Called before the first images of each category (state carried within a category resets here)."""
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in [*self.parameters(), *self.buffers()]:
+            return tensor.device
+        return torch.device("cpu")
+
+
+def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, dict):
+        flat: dict[str, Any] = {}
+        for key, value in settings.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): settings}
+
+
+def short_value(value: Any) -> str:
+    """A setting's value as it appears in a label: lists joined by commas, long values as a short hash."""
+    if isinstance(value, (list, tuple)):
+        text = ",".join(short_value(item) for item in value)
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    if len(text) > 24 or any(char in text for char in "[]= "):
+        return "#" + hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return text
+
+
+def setting_differences(settings: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Flattened ``key: value`` of every setting that differs from the reference (keys as short as unique)."""
+    flat, flat_reference = _flatten(settings), _flatten(reference)
+    changed = {key: value for key, value in flat.items()
+               if key not in flat_reference or flat_reference[key] != value}
+    for key in flat_reference:
+        if key not in flat and not any(other.startswith(f"{key}.") or key.startswith(f"{other}.") for other in flat):
+            changed[key] = None
+    short: dict[str, Any] = {}
+    for key, value in changed.items():
+        parts = key.split(".")
+        # The last part of the key, or more of it where two changed keys end alike.
+        for size in range(1, len(parts) + 1):
+            name = ".".join(parts[-size:])
+            if sum(other.endswith(name) and (other == name or other.endswith("." + name)) for other in changed) == 1:
+                break
+        short[name] = value
+    return dict(sorted(short.items()))
+
+
+def make_label(method: str, variant: str, differences: dict[str, Any]) -> str:
+    label = f"{method}-{variant}" if variant else method
+    if differences:
+        label += "[" + ",".join(f"{key}={short_value(value)}" for key, value in differences.items()) + "]"
+    return label
+
+
+def check_label(label: str) -> str:
+    """A user-given run label: non-empty, one line, no path separators (it names W&B runs and columns)."""
+    if not isinstance(label, str) or not label.strip() or any(char in label for char in "/\\\n\r\t"):
+        raise AnovlError(f"label {label!r} must be a non-empty line without '/' or '\\'")
+    return label.strip()
