@@ -28,7 +28,7 @@ from anovl.errors import AnovlError
 
 from tests.test_data_io import _fuzz_files
 
-BATCH_KEYS = {"image", "mask", "has_mask", "label", "category", "class_name", "image_path"}
+BATCH_KEYS = {"image", "mask", "has_mask", "label", "category", "prompt_name", "image_path"}
 SIZE = 32
 
 
@@ -77,7 +77,7 @@ def test_mvtec_samples_labels_and_sort_order(mvtec_root):
         assert sample.label == (0 if sample.image_path.parent.name == "good" else 1)
         assert sample.has_mask
         assert (sample.mask_path is None) == (sample.label == 0)
-        assert sample.class_name == sample.category
+        assert sample.prompt_name == sample.category
 
 
 def test_mvtec_batches_follow_the_contract(mvtec_root):
@@ -111,13 +111,13 @@ def test_mvtec_masks_match_the_generated_defects(mvtec_root):
             assert torch.equal(mask, expected)
 
 
-def test_mvtec_category_selection_and_class_names(mvtec_root):
-    datamodule = MVTecDataModule(mvtec_root, categories=["widget"], image_size=SIZE, class_names={"widget": "metal part"})
+def test_mvtec_category_selection_and_prompt_names(mvtec_root):
+    datamodule = MVTecDataModule(mvtec_root, categories=["widget"], image_size=SIZE, prompt_names={"widget": "metal part"})
     assert datamodule.categories == ["widget"]
     batch = all_batches(datamodule)[0]
-    assert set(batch["class_name"]) == {"metal part"} and set(batch["category"]) == {"widget"}
+    assert set(batch["prompt_name"]) == {"metal part"} and set(batch["category"]) == {"widget"}
     with pytest.warns(UserWarning, match="bottle"):
-        MVTecDataModule(mvtec_root, class_names={"bottle": "x"}).samples
+        MVTecDataModule(mvtec_root, prompt_names={"bottle": "x"}).samples
 
 
 @pytest.mark.parametrize(
@@ -289,23 +289,23 @@ def test_datamodules_are_configurable_from_the_command_line(tmp_path):
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "data")
         first = "--data.path" if cls is FolderDataModule else "--data.root"
-        config = parser.parse_args([first, str(tmp_path), "--data.corruption", "default", "--data.class_names", '{"a": "b"}'])
+        config = parser.parse_args([first, str(tmp_path), "--data.corruption", "default", "--data.prompt_names", '{"a": "b"}'])
         datamodule = parser.instantiate(config).data
-        assert isinstance(datamodule, cls) and datamodule.corruption is not None and datamodule.class_names == {"a": "b"}
+        assert isinstance(datamodule, cls) and datamodule.corruption is not None and datamodule.prompt_names == {"a": "b"}
 
 
 # ---------------------------------------------------------------- VisA
 
 
-def test_visa_samples_and_class_names(visa_root):
+def test_visa_samples_and_prompt_names(visa_root):
     datamodule = VisADataModule(visa_root, image_size=SIZE)
     assert datamodule.categories == ["fabric", "macaroni1", "macaroni2"]
     per_category = 2 + len(DEFECT_TYPES)  # test rows only: the train rows are ignored
     assert len(datamodule.samples) == 3 * per_category
-    names = {s.category: s.class_name for s in datamodule.samples}
+    names = {s.category: s.prompt_name for s in datamodule.samples}
     assert names == {"fabric": "fabric", "macaroni1": "macaroni", "macaroni2": "macaroni"}
-    overridden = VisADataModule(visa_root, categories=["macaroni2"], class_names={"macaroni2": "pasta"})
-    assert {s.class_name for s in overridden.samples} == {"pasta"}
+    overridden = VisADataModule(visa_root, categories=["macaroni2"], prompt_names={"macaroni2": "pasta"})
+    assert {s.prompt_name for s in overridden.samples} == {"pasta"}
 
 
 @pytest.mark.parametrize("mode", ["tile", "resize"])
@@ -389,9 +389,9 @@ def test_flat_folder_for_prediction(tmp_path):
     batches = list(datamodule.predict_dataloader())
     assert concat(batches, "image_path") == [str(folder / name) for name in ("a.jpg", "b.png", "c.tiff")]
     assert concat(batches, "label").tolist() == [-1, -1, -1] and not concat(batches, "has_mask").any()
-    assert datamodule.categories == ["parts"] and set(concat(batches, "class_name")) == {"object"}
-    single = FolderDataModule(folder / "a.jpg", class_name="bracket")
-    assert [(s.image_path.name, s.class_name, s.category) for s in single.samples] == [("a.jpg", "bracket", "parts")]
+    assert datamodule.categories == ["parts"] and set(concat(batches, "prompt_name")) == {"object"}
+    single = FolderDataModule(folder / "a.jpg", prompt_name="bracket")
+    assert [(s.image_path.name, s.prompt_name, s.category) for s in single.samples] == [("a.jpg", "bracket", "parts")]
 
 
 def test_labelled_folder_with_masks(tmp_path):

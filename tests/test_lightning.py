@@ -72,7 +72,7 @@ def test_metrics_equal_direct_computation(mvtec_root, shared_cache, tmp_path):
     direct, counts = {}, {}
     with torch.no_grad():
         for batch in data.test_dataloader():
-            output = module.model(batch["image"], batch["class_name"])
+            output = module.model(batch["image"], batch["prompt_name"])
             category = batch["category"][0]  # batches never mix categories
             direct.setdefault(category, AnomalyMetrics()).update(
                 output.anomaly_map, batch["mask"], output.pred_score, batch["label"], batch["has_mask"])
@@ -113,7 +113,7 @@ def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
     maps, scores = module.anomaly_maps(batch)
     assert maps.shape == (2, SIZE, SIZE + 32)
 
-    images, names = batch["image"], batch["class_name"]
+    images, names = batch["image"], batch["prompt_name"]
     with torch.no_grad():
         left = module.model(images[..., :SIZE], names)
         right = module.model(images[..., 32:], names)
@@ -143,7 +143,7 @@ def test_reference_tta_is_reset_at_category_changes(shared_cache):
     module = tiny_module(shared_cache, num_views=1, tta=TTAConfig(steps=1, mode="reference"))
     resets = []
     module.model.tta.reset = lambda: resets.append(True)
-    batch = {"image": torch.zeros(3, 3, SIZE, SIZE), "class_name": ["macaroni"] * 3,
+    batch = {"image": torch.zeros(3, 3, SIZE, SIZE), "prompt_name": ["macaroni"] * 3,
              "category": ["macaroni1", "macaroni1", "macaroni2"]}
     module.anomaly_maps(batch)
     assert len(resets) == 2  # at the first category and at the change; the class name stays the same

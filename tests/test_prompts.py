@@ -123,7 +123,7 @@ def test_corrupt_cache_file_is_re_encoded(backbone, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("name", ["we{ird} {}", "ünïcode naïve", "x" * 300])
-def test_odd_class_names_are_kept_verbatim(name, backbone, tmp_path):
+def test_odd_prompt_names_are_kept_verbatim(name, backbone, tmp_path):
     prompts = PromptSet()
     assert prompts.normal_sentences(name)[0] == f"a cropped industrial photo of the normal {name}"
     # Over-long sentences are cut to CLIP's context length by the tokenizer, not rejected.

@@ -117,8 +117,8 @@ CONFIG_ERRORS = {
                                ["the data is resized to 32 px but the model expects 64 px", "set data.init_args"]),
     "tta-steps-0": (["--config", CONFIGS / "tta" / "text.yaml", "--model.init_args.tta.steps", "0"],
                     ["tta.steps must be at least 1", "set tta: null"]),
-    "empty-class-name": (["--data.init_args.class_names", '{{"widget": " "}}'],
-                         ["class_names['widget'] is ' '", "give the object name", "drop the entry"]),
+    "empty-class-name": (["--data.init_args.prompt_names", '{{"widget": " "}}'],
+                         ["prompt_names['widget'] is ' '", "give the object name", "drop the entry"]),
 }
 
 

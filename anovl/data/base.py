@@ -33,6 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 from anovl.data.corruptions import CorruptionSpec, Corruptor, resolve_corruption
 from anovl.data.image_io import BadImageError, check_mask_size, is_image_file, load_mask, load_rgb
 from anovl.data.transforms import normalize, resize_image, resize_mask, shorter_side_size
+from anovl.categories import category_info
 from anovl.errors import AnovlError
 
 OnBadImage = Literal["error", "skip"]
@@ -53,7 +54,7 @@ class Sample:
     image_path: Path
     key: str  # path relative to the dataset root: sort key and corruption seed, independent of where the root lives
     category: str
-    class_name: str
+    prompt_name: str
     label: int  # 0 normal, 1 anomalous, -1 unknown
     has_mask: bool  # pixel ground truth exists (all normal when mask_path is None)
     mask_path: Path | None = None
@@ -110,7 +111,7 @@ class AnomalyDataset(Dataset):
             "has_mask": torch.tensor(sample.has_mask),
             "label": torch.tensor(sample.label, dtype=torch.long),
             "category": sample.category,
-            "class_name": sample.class_name,
+            "prompt_name": sample.prompt_name,
             "image_path": str(sample.image_path),
         }
         if self.corruptor is not None:
@@ -231,7 +232,8 @@ class AnomalyDataModule(LightningDataModule):
         corruption: None (off), a preset name (``"default"``), a dict of
             :class:`~anovl.data.corruptions.CorruptionConfig` fields or a config; adds ``corrupted_image``.
         seed: seed of the corruptions.
-        class_names: category -> name used in the prompts, overriding the default (the category itself).
+        prompt_names: category -> object name for the prompts, overriding :mod:`anovl.categories` (by default the
+            category itself; VisA macaroni1 -> macaroni). The category's domain stays as it is.
         mode: ``"resize"`` (S×S) or ``"tile"`` (shorter side S, aspect kept); exposed by the VisA module.
     """
 
@@ -245,7 +247,7 @@ class AnomalyDataModule(LightningDataModule):
         on_bad_image: OnBadImage = "error",
         corruption: CorruptionSpec = None,
         seed: int = 0,
-        class_names: dict[str, str] | None = None,
+        prompt_names: dict[str, str] | None = None,
         mode: ResizeMode = "resize",
     ) -> None:
         super().__init__()
@@ -262,10 +264,10 @@ class AnomalyDataModule(LightningDataModule):
         self.on_bad_image = on_bad_image
         self.corruption = resolve_corruption(corruption)
         self.seed = seed
-        self.class_names = dict(class_names or {})
-        for category, name in self.class_names.items():
+        self.prompt_names = dict(prompt_names or {})
+        for category, name in self.prompt_names.items():
             if not isinstance(name, str) or not name.strip():
-                raise AnovlError(f"class_names[{category!r}] is {name!r}; give the object name for the prompts "
+                raise AnovlError(f"prompt_names[{category!r}] is {name!r}; give the object name for the prompts "
                                  "(e.g. 'bottle'), or drop the entry to use the category name")
         self.mode = mode
         self._samples: list[Sample] | None = None
@@ -276,20 +278,20 @@ class AnomalyDataModule(LightningDataModule):
         """All samples of the dataset (any order); raise AnovlError for a missing or malformed layout."""
         raise NotImplementedError
 
-    def default_class_name(self, category: str) -> str:
-        return category
+    def default_prompt_name(self, category: str) -> str:
+        return category_info(category).prompt_name
 
-    def class_name_for(self, category: str) -> str:
-        return self.class_names.get(category, self.default_class_name(category))
+    def prompt_name_for(self, category: str) -> str:
+        return self.prompt_names.get(category, self.default_prompt_name(category))
 
     @property
     def samples(self) -> list[Sample]:
         """Samples sorted by category, then path (listing only; files are not decoded)."""
         if self._samples is None:
             self._samples = sorted(self._discover(), key=lambda sample: (sample.category, sample.key))
-            unused = sorted(set(self.class_names) - {sample.category for sample in self._samples})
+            unused = sorted(set(self.prompt_names) - {sample.category for sample in self._samples})
             if unused:
-                warnings.warn(f"class_names entries {unused} match no category of this dataset and are ignored", stacklevel=2)
+                warnings.warn(f"prompt_names entries {unused} match no category of this dataset and are ignored", stacklevel=2)
         return self._samples
 
     @property
@@ -320,7 +322,7 @@ class AnomalyDataModule(LightningDataModule):
             "locations": {name: str(path.resolve()) if path is not None else None
                           for name, path in self.locations().items()},
             "categories": self.categories,
-            "class_names": {category: self.class_name_for(category) for category in self.categories},
+            "prompt_names": {category: self.prompt_name_for(category) for category in self.categories},
             "image_size": self.image_size,
             "mode": self.mode,
             "on_bad_image": self.on_bad_image,

@@ -29,7 +29,7 @@ class FolderDataModule(AnomalyDataModule):
     Args:
         path: folder (or image file).
         mask_dir: folder of masks, or None.
-        class_name: object name put into the prompts.
+        prompt_name: object name put into the prompts.
         Others: see :class:`~anovl.data.base.AnomalyDataModule`. The category of every image is the folder's
         name (for a single file: its parent folder's name).
     """
@@ -38,22 +38,22 @@ class FolderDataModule(AnomalyDataModule):
         self,
         path: str | Path,
         mask_dir: str | Path | None = None,
-        class_name: str = "object",
+        prompt_name: str = "object",
         image_size: int = 240,
         batch_size: int = 8,
         num_workers: int = 0,
         on_bad_image: OnBadImage = "error",
         corruption: CorruptionSpec = None,
         seed: int = 0,
-        class_names: dict[str, str] | None = None,
+        prompt_names: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, class_names)
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names)
         self.path = Path(path).expanduser()
         self.mask_dir = Path(mask_dir).expanduser() if mask_dir is not None else None
-        self.class_name = class_name
+        self.prompt_name = prompt_name
 
-    def default_class_name(self, category: str) -> str:
-        return self.class_name
+    def default_prompt_name(self, category: str) -> str:
+        return self.prompt_name
 
     def locations(self) -> dict[str, Path | None]:
         return {"path": self.path, "mask_dir": self.mask_dir}
@@ -68,7 +68,7 @@ class FolderDataModule(AnomalyDataModule):
             labelled_images = self._find_images(base)
         mask_index = index_by_stem(require_dir(self.mask_dir, "Mask folder", "a folder of masks")) if self.mask_dir else None
         category = base.resolve().name
-        class_name = self.class_name_for(category)
+        prompt_name = self.prompt_name_for(category)
         samples = []
         for image_path, label in labelled_images:
             mask_path = find_mask(mask_index, image_path) if mask_index is not None else None
@@ -76,7 +76,7 @@ class FolderDataModule(AnomalyDataModule):
                 self._report_missing_mask(image_path, f"{image_path.stem}_mask.png or {image_path.stem}.png below {self.mask_dir}")
             has_mask = mask_path is not None or (mask_index is not None and label == 0)
             key = image_path.relative_to(base).as_posix()
-            samples.append(Sample(image_path, key, category, class_name, label, has_mask, mask_path))
+            samples.append(Sample(image_path, key, category, prompt_name, label, has_mask, mask_path))
         return samples
 
     def _find_images(self, folder: Path) -> list[tuple[Path, int]]:

@@ -39,9 +39,9 @@ class MVTecDataModule(AnomalyDataModule):
         on_bad_image: OnBadImage = "error",
         corruption: CorruptionSpec = None,
         seed: int = 0,
-        class_names: dict[str, str] | None = None,
+        prompt_names: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, class_names)
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names)
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
 
@@ -65,14 +65,14 @@ class MVTecDataModule(AnomalyDataModule):
         images = [path for path in test_dir.glob("*/*") if is_image_file(path) and not path.parent.name.startswith(".")]
         if not images:
             raise AnovlError(f"No test images in {test_dir}; expected {test_dir}/good/*.png and {test_dir}/<defect>/*.png")
-        class_name = self.class_name_for(category)
+        prompt_name = self.prompt_name_for(category)
         mask_indexes: dict[str, dict[str, list[Path]]] = {}
         samples = []
         for path in images:
             folder = path.parent.name
             key = path.relative_to(root).as_posix()
             if folder.lower() in NORMAL_FOLDERS:
-                samples.append(Sample(path, key, category, class_name, label=0, has_mask=True))
+                samples.append(Sample(path, key, category, prompt_name, label=0, has_mask=True))
                 continue
             mask_dir = root / category / "ground_truth" / folder
             if folder not in mask_indexes:
@@ -80,5 +80,5 @@ class MVTecDataModule(AnomalyDataModule):
             mask_path = find_mask(mask_indexes[folder], path)
             if mask_path is None:
                 self._report_missing_mask(path, f"{mask_dir}/{path.stem}_mask.png or {path.stem}.png")
-            samples.append(Sample(path, key, category, class_name, label=1, has_mask=mask_path is not None, mask_path=mask_path))
+            samples.append(Sample(path, key, category, prompt_name, label=1, has_mask=mask_path is not None, mask_path=mask_path))
         return samples

@@ -146,10 +146,10 @@ class SyntheticMVTecDataModule(MVTecDataModule):
         on_bad_image: OnBadImage = "error",
         corruption: CorruptionSpec = None,
         seed: int = 0,
-        class_names: dict[str, str] | None = None,
+        prompt_names: dict[str, str] | None = None,
     ) -> None:
         categories = list(categories or SYNTHETIC_CATEGORIES)
-        super().__init__(root, categories, image_size, batch_size, num_workers, on_bad_image, corruption, seed, class_names)
+        super().__init__(root, categories, image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names)
         self.generate = generate
         self.generation = {"n_good": n_good, "n_defect": n_defect, "image_size": image_size_on_disk, "seed": data_seed}
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from anovl.data.base import AnomalyDataModule, OnBadImage, ResizeMode, Sample, require_dir, category_selection
 from anovl.data.corruptions import CorruptionSpec
 from anovl.errors import AnovlError
-from anovl.models.anovl.prompts import DISPLAY_NAMES
 
 VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
 VISA_LAYOUT = (
@@ -50,15 +49,11 @@ class VisADataModule(AnomalyDataModule):
         on_bad_image: OnBadImage = "error",
         corruption: CorruptionSpec = None,
         seed: int = 0,
-        class_names: dict[str, str] | None = None,
+        prompt_names: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, class_names, mode)
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names, mode)
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
-
-    def default_class_name(self, category: str) -> str:
-        # METHOD §3: the prompt class name is the folder name, except the two macaroni sets.
-        return DISPLAY_NAMES.get(category, category)
 
     def locations(self) -> dict[str, Path | None]:
         return {"root": self.root}
@@ -100,7 +95,7 @@ class VisADataModule(AnomalyDataModule):
             image_path,
             Path(row["image"]).as_posix(),
             category,
-            self.class_name_for(category),
+            self.prompt_name_for(category),
             label,
             has_mask=label == 0 or mask_path is not None,
             mask_path=mask_path,

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from anovl.categories import category_info
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD
 from anovl.errors import AnovlError
 
@@ -109,6 +110,18 @@ class AnomalyModel(nn.Module):
         return torch.device("cpu")
 
 
+def prompt_names_for(categories: Sequence[str], prompt_names: Sequence[str] | None) -> list[str]:
+    """The prompt names of a batch: as given, or :mod:`anovl.categories`' names for the categories."""
+    if isinstance(categories, str):
+        raise AnovlError(f"give a list of categories, one per image, not the string {categories!r}")
+    if prompt_names is None:
+        return [category_info(category).prompt_name if isinstance(category, str) else category
+                for category in categories]
+    if isinstance(prompt_names, str):
+        raise AnovlError(f"give a list of prompt names, one per image, not the string {prompt_names!r}")
+    return list(prompt_names)
+
+
 def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(settings, dict):
         flat: dict[str, Any] = {}
@@ -154,7 +167,7 @@ def setting_differences(settings: dict[str, Any], reference: dict[str, Any]) -> 
 def make_label(method: str, variant: str, differences: dict[str, Any]) -> str:
     label = f"{method}-{variant}" if variant else method
     if differences:
-        label += "[" + ",".join(f"{key}={short_value(value)}" for key, value in differences.items()) + "]"
+        label += "[" + ";".join(f"{key}={short_value(value)}" for key, value in differences.items()) + "]"
     return label
 
 

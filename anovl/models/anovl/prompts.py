@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 
+from anovl import categories
 from anovl.errors import AnovlError
 
 NORMAL_STATES = (
@@ -32,8 +31,6 @@ TEMPLATES = (
 )
 OBJECT_DOMAINS = ("industrial photo", "industrial image", "manufacturing image")
 TEXTURE_DOMAINS = ("industrial photo", "textural photo", "surface picture")
-TEXTURE_CATEGORIES = ("carpet", "leather", "grid", "tile", "wood")
-DISPLAY_NAMES = {"macaroni1": "macaroni", "macaroni2": "macaroni"}
 
 
 def _article(phrase: str) -> str:
@@ -44,22 +41,19 @@ def _article(phrase: str) -> str:
 class PromptSet:
     """Everything that decides the prompt sentences; the defaults are the reference set.
 
-    ``display_names`` maps a category to the object name put in the sentences, ``domains`` maps a
-    category to its own domain phrases (otherwise texture categories get the texture phrases).
+    ``domains`` maps a domain (``anovl.categories`` gives each category one: ``object`` or ``texture``) to
+    its phrases; add a domain here and give categories that domain with
+    :func:`anovl.categories.register_category`.
     """
 
     normal_states: tuple[str, ...] = NORMAL_STATES
     abnormal_states: tuple[str, ...] = ABNORMAL_STATES
     templates: tuple[str, ...] = TEMPLATES
-    object_domains: tuple[str, ...] = OBJECT_DOMAINS
-    texture_domains: tuple[str, ...] = TEXTURE_DOMAINS
-    texture_categories: tuple[str, ...] = TEXTURE_CATEGORIES
-    display_names: dict[str, str] = field(default_factory=lambda: dict(DISPLAY_NAMES))
-    domains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    domains: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {categories.OBJECT: OBJECT_DOMAINS, categories.TEXTURE: TEXTURE_DOMAINS})
 
     def __post_init__(self) -> None:
-        for name in ("normal_states", "abnormal_states", "templates", "object_domains", "texture_domains",
-                     "texture_categories"):
+        for name in ("normal_states", "abnormal_states", "templates"):
             value = getattr(self, name)
             if isinstance(value, str) or not value:
                 raise AnovlError(f"prompt set: {name} must be a non-empty list of strings")
@@ -70,38 +64,33 @@ class PromptSet:
         for template in self.templates:
             if template.count("{}") != 1:
                 raise AnovlError(f"prompt template {template!r} must contain exactly one '{{}}' for the state")
+        for domain, phrases in self.domains.items():
+            if isinstance(phrases, str) or not phrases:
+                raise AnovlError(f"prompt set: domains[{domain!r}] must be a non-empty list of phrases")
         object.__setattr__(self, "domains", {key: tuple(value) for key, value in self.domains.items()})
 
-    def display_name(self, category: str) -> str:
-        name = self.display_names.get(category, category).strip()
+    def domain_phrases(self, domain: str) -> tuple[str, ...]:
+        if domain not in self.domains:
+            raise AnovlError(f"no prompt phrases for the domain {domain!r}; the prompt set has "
+                             f"{', '.join(sorted(self.domains))} (add it to the prompt set's domains)")
+        return self.domains[domain]
+
+    def _sentences(self, prompt_name: str, domain: str, states: tuple[str, ...]) -> list[str]:
+        name = prompt_name.strip()
         if not name:
-            raise AnovlError(f"empty class name for category {category!r}; set a display name for it")
-        return name
-
-    def domain_phrases(self, category: str) -> tuple[str, ...]:
-        if category in self.domains:
-            return self.domains[category]
-        return self.texture_domains if category in self.texture_categories else self.object_domains
-
-    def _sentences(self, category: str, states: tuple[str, ...]) -> list[str]:
-        name = self.display_name(category)
+            raise AnovlError("empty prompt name; give the object name to put into the prompts")
         return [
-            template.format(state.format(name), domain=domain, art=_article(domain))
-            for domain in self.domain_phrases(category)
+            template.format(state.format(name), domain=phrase, art=_article(phrase))
+            for phrase in self.domain_phrases(domain)
             for template in self.templates
             for state in states
         ]
 
-    def normal_sentences(self, category: str) -> list[str]:
-        return self._sentences(category, self.normal_states)
+    def normal_sentences(self, prompt_name: str, domain: str = categories.OBJECT) -> list[str]:
+        return self._sentences(prompt_name, domain, self.normal_states)
 
-    def abnormal_sentences(self, category: str) -> list[str]:
-        return self._sentences(category, self.abnormal_states)
-
-    def fingerprint(self, category: str) -> str:
-        """Changes whenever the sentences for ``category`` change."""
-        payload = json.dumps([self.normal_sentences(category), self.abnormal_sentences(category)])
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    def abnormal_sentences(self, prompt_name: str, domain: str = categories.OBJECT) -> list[str]:
+        return self._sentences(prompt_name, domain, self.abnormal_states)
 
     def to_dict(self) -> dict:
         return asdict(self)

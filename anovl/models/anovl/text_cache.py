@@ -1,7 +1,8 @@
 """Text embeddings of the state prompts, cached on disk in safetensors (never pickle).
 
-The cache key covers the backbone, a fingerprint of its weights, the prompt sentences and the
-category, so a change in any of them re-encodes instead of reusing stale embeddings.
+The cache key covers the backbone, a fingerprint of its weights and the sentences, so a change in any of
+them re-encodes instead of reusing stale embeddings; an entry whose recorded key or shape does not match
+(another entry's file copied over it, say) is re-encoded too.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from anovl.backbones import Backbone
-from anovl.models.anovl.prompts import PromptSet
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -62,28 +63,31 @@ def encode_sentences(backbone: Backbone, sentences: list[str], batch_size: int =
 
 
 class TextEmbeddingCache:
-    """Encodes a category's prompts once and keeps the result in memory and on disk."""
+    """Encodes prompt sentences once and keeps the result in memory and on disk.
 
-    def __init__(self, backbone: Backbone, prompts: PromptSet, cache_dir: str | os.PathLike | None = None,
-                 use_disk: bool = True):
+    Entries are keyed by the backbone, its weights and the sentences themselves, so any method's prompts
+    share it. The disk holds the unnormalised sentence embeddings; :meth:`get` turns a normal and an
+    abnormal list into :class:`TextEmbeddings` the AnoVL way (METHOD §3).
+    """
+
+    def __init__(self, backbone: Backbone, cache_dir: str | os.PathLike | None = None, use_disk: bool = True):
         self.backbone = backbone
-        self.prompts = prompts
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.use_disk = use_disk
-        self._memory: dict[str, TextEmbeddings] = {}
-        self._on_device: dict[tuple[str, str], TextEmbeddings] = {}  # copies moved once per device, not per batch
+        self._memory: dict[tuple[tuple[str, ...], tuple[str, ...]], TextEmbeddings] = {}
+        self._on_device: dict[tuple, TextEmbeddings] = {}  # copies moved once per device, not per batch
 
-    def key(self, category: str) -> dict[str, str]:
+    def key(self, sentences: Sequence[str]) -> dict[str, str]:
         return {
             "format": str(CACHE_FORMAT),
             "backbone": self.backbone.name,
             "weights": self.backbone.weights_fingerprint,
-            "prompts": self.prompts.fingerprint(category),
-            "category": category,
+            "sentences": hashlib.sha256(json.dumps(list(sentences)).encode()).hexdigest(),
+            "count": str(len(sentences)),
         }
 
-    def path(self, category: str) -> Path:
-        digest = hashlib.sha256(json.dumps(self.key(category), sort_keys=True).encode()).hexdigest()[:24]
+    def path(self, sentences: Sequence[str]) -> Path:
+        digest = hashlib.sha256(json.dumps(self.key(sentences), sort_keys=True).encode()).hexdigest()[:24]
         return self.cache_dir / f"{self.backbone.name}-{digest}.safetensors"
 
     def weights_changed(self) -> None:
@@ -95,48 +99,59 @@ class TextEmbeddingCache:
         self._memory.clear()
         self._on_device.clear()
 
-    def get(self, category: str, device: torch.device | str = "cpu") -> TextEmbeddings:
-        """The category's embeddings on ``device`` (encoded, or read from disk, once)."""
-        if category not in self._memory:
-            self._memory[category] = self._load(category) or self._encode(category)
+    def sentence_embeddings(self, sentences: Sequence[str]) -> torch.Tensor:
+        """Unnormalised text embeddings (len(sentences), D), float32 on the CPU: from disk, or encoded and saved."""
+        sentences = list(sentences)
+        embeddings = self._load(sentences)
+        if embeddings is None:
+            embeddings = encode_sentences(self.backbone, sentences)
+            if self.use_disk:
+                self._save(sentences, embeddings)
+        return embeddings
+
+    def get(self, normal: Sequence[str], abnormal: Sequence[str],
+            device: torch.device | str = "cpu") -> TextEmbeddings:
+        """State and per-sentence embeddings of the normal and abnormal sentences on ``device`` (encoded once)."""
+        memory_key = (tuple(normal), tuple(abnormal))
+        if memory_key not in self._memory:
+            encoded = self.sentence_embeddings([*normal, *abnormal])
+            self._memory[memory_key] = TextEmbeddings.from_sentence_embeddings(encoded[:len(normal)],
+                                                                               encoded[len(normal):])
         if torch.device(device).type == "cpu":
-            return self._memory[category]
-        key = (category, str(device))
+            return self._memory[memory_key]
+        key = (memory_key, str(device))
         if key not in self._on_device:
-            embeddings = self._memory[category]
+            embeddings = self._memory[memory_key]
             self._on_device[key] = TextEmbeddings(embeddings.states.to(device), embeddings.sentences.to(device))
         return self._on_device[key]
 
-    def _load(self, category: str) -> TextEmbeddings | None:
-        path = self.path(category)
+    def _load(self, sentences: list[str]) -> torch.Tensor | None:
+        path = self.path(sentences)
         if not self.use_disk or not path.is_file():
             return None
         try:
-            tensors = load_file(str(path))
-            embeddings = TextEmbeddings(tensors["states"], tensors["sentences"])
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                embeddings = handle.get_tensor("embeddings")
         except (SafetensorError, KeyError, OSError) as error:
             log.warning("ignoring unreadable text-embedding cache %s (%s); re-encoding", path, error)
             return None
-        return embeddings
+        if metadata != self.key(sentences) or embeddings.ndim != 2 or embeddings.shape[0] != len(sentences):
+            log.warning("ignoring text-embedding cache %s: it holds other sentences or shapes; re-encoding", path)
+            return None
+        return embeddings.float()
 
-    def _encode(self, category: str) -> TextEmbeddings:
-        normal = self.prompts.normal_sentences(category)
-        abnormal = self.prompts.abnormal_sentences(category)
-        encoded = encode_sentences(self.backbone, normal + abnormal)
-        embeddings = TextEmbeddings.from_sentence_embeddings(encoded[: len(normal)], encoded[len(normal):])
-        if self.use_disk:
-            self._save(category, embeddings)
-        return embeddings
-
-    def _save(self, category: str, embeddings: TextEmbeddings) -> None:
-        path = self.path(category)
+    def _save(self, sentences: list[str], embeddings: torch.Tensor) -> None:
+        path = self.path(sentences)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename so a crash or a parallel process never leaves a half-written file.
             handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             os.close(handle)
-            save_file({"states": embeddings.states.contiguous(), "sentences": embeddings.sentences.contiguous()},
-                      tmp, metadata=self.key(category))
-            os.replace(tmp, path)
+            try:
+                save_file({"embeddings": embeddings.contiguous()}, tmp, metadata=self.key(sentences))
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         except OSError as error:
             log.warning("could not write text-embedding cache %s (%s); continuing without it", path, error)

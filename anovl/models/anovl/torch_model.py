@@ -6,27 +6,34 @@ import contextlib
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from anovl import categories as category_registry
 from anovl.backbones import create_backbone
 from anovl.errors import AnovlError
 from anovl.models.anovl.maps import anomaly_map, image_score
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
-from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig, variant_name
+from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+from anovl.models.base import AnomalyModel, ModelOutput, prompt_names_for
 
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
 
 
+REFERENCE_BACKBONE = ("ViT-B-16-plus-240", "laion400m_e32", 240)  # METHOD §1: the authors' default
+
+
 @dataclass
-class AnoVLOutput:
-    anomaly_map: torch.Tensor  # (B, S, S) abnormal probability per pixel (after TTA when enabled)
-    pred_score: torch.Tensor  # (B,) image score: mean abnormal probability of the global token over views
+class AnoVLOutput(ModelOutput):
+    """``anomaly_map`` (B, S, S): abnormal probability per pixel (after TTA when enabled); ``pred_score`` (B,):
+    mean abnormal probability of the global token over views; and AnoVL's intermediate results."""
+
     patch_tokens: list[torch.Tensor]  # per requested layer, (B, N, D) V-V patch tokens (before TTA)
     global_tokens: torch.Tensor  # (B, D) CLIP image embedding of the identity view
     text_states: torch.Tensor  # (B, 2, D) normalised [normal, abnormal] text embeddings
@@ -42,11 +49,20 @@ def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
     return seeds
 
 
-def _text_for_new_weights(cache: TextEmbeddingCache, module: nn.Module, incompatible_keys: object) -> None:
-    cache.weights_changed()
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that settings compare equal to their JSON round trip (results.json)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
-class AnoVL(nn.Module):
+def _text_for_new_weights(model: "AnoVL", module: nn.Module, incompatible_keys: object) -> None:
+    model.text_cache.weights_changed()
+
+
+class AnoVL(AnomalyModel):
     """Zero-shot anomaly localisation with a frozen CLIP (METHOD §2–5).
 
     Args:
@@ -62,7 +78,12 @@ class AnoVL(nn.Module):
         tta: test-time adaptation settings, or None for training-free AnoVL.
         encoder_chunk_size: most images (views) per encoder pass; None picks by device: all views of the
             batch in one pass on GPUs, chunks of 32 on CPUs (where large passes lose cache locality).
+        init_seed: seed of the weights when ``pretrained`` is None (random weights, for tests and demos), so that
+            every process and every run builds the same model.
     """
+
+    method = "AnoVL"
+    batch_extras = ("corrupted_image",)
 
     def __init__(
         self,
@@ -76,11 +97,18 @@ class AnoVL(nn.Module):
         use_text_cache: bool = True,
         tta: TTAConfig | None = None,
         encoder_chunk_size: int | None = None,
+        init_seed: int = 0,
     ):
         super().__init__()
         if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
             raise AnovlError(f"num_views must be between 1 and {NUM_REFERENCE_VIEWS}, got {num_views}")
-        built = create_backbone(backbone, pretrained, image_size)
+        if not layers:
+            raise AnovlError("layers must name at least one block, e.g. [-1] (the reference: the last block)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            built = create_backbone(backbone, pretrained, image_size)
+        self.pretrained = pretrained
+        self.init_seed = init_seed
         self.clip = built.clip
         self.encoder = built.visual
         self.backbone_name = built.name
@@ -91,7 +119,8 @@ class AnoVL(nn.Module):
             if not -self.encoder.num_layers <= layer < self.encoder.num_layers:
                 raise AnovlError(f"layer {layer} out of range for {built.name} with {self.encoder.num_layers} blocks")
         self.prompts = prompts or PromptSet()
-        self.text_cache = TextEmbeddingCache(built, self.prompts, cache_dir, use_disk=use_text_cache)
+        self.text_cache = TextEmbeddingCache(built, cache_dir, use_disk=use_text_cache)
+        self._sentences: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self.tta_config = tta
         self.tta = TestTimeAdaptation(tta) if tta is not None else None
         if encoder_chunk_size is not None and encoder_chunk_size < 1:
@@ -99,7 +128,7 @@ class AnoVL(nn.Module):
         self.encoder_chunk_size = encoder_chunk_size
         self.stage_timer: Callable[[str], contextlib.AbstractContextManager] | None = None  # for benchmarks
         # Text embeddings of other weights no longer fit, whether AnoVL or its CLIP loads them.
-        self.clip.register_load_state_dict_post_hook(functools.partial(_text_for_new_weights, self.text_cache))
+        self.clip.register_load_state_dict_post_hook(functools.partial(_text_for_new_weights, self))
         self.eval()
 
     def train(self, mode: bool = True) -> "AnoVL":
@@ -108,8 +137,38 @@ class AnoVL(nn.Module):
 
     @property
     def variant(self) -> str:
-        """``tfa`` (training-free) or the TTA variant's name, e.g. ``tta-text``."""
-        return variant_name(self.tta_config)
+        """``tfa`` (training-free) or ``tta-<adapter>``; the label adds the TTA settings that differ."""
+        return "tfa" if self.tta_config is None else f"tta-{self.tta_config.adapter}"
+
+    @property
+    def order_dependent(self) -> bool:
+        return self.tta_config is not None and self.tta_config.mode == "reference"
+
+    def start_category(self, category: str) -> None:
+        # Reference-mode TTA carries its optimiser over within a category only.
+        if self.tta is not None:
+            self.tta.reset()
+
+    def settings(self) -> dict[str, Any]:
+        pretrained = self.pretrained
+        if pretrained is not None and Path(pretrained).expanduser().is_file():
+            pretrained = str(Path(pretrained).expanduser().resolve())  # the same file, however it is named
+        return _plain({
+            "backbone": self.backbone_name, "pretrained": pretrained, "image_size": self.image_size,
+            "init_seed": self.init_seed if pretrained is None else None, "num_views": self.num_views,
+            "layers": list(self.layers), "prompts": self.prompts.to_dict(),
+            "tta": asdict(self.tta_config) if self.tta_config is not None else None,
+        })
+
+    def reference_settings(self) -> dict[str, Any]:
+        backbone, pretrained, image_size = REFERENCE_BACKBONE
+        # A TTA run is compared with the reference TTA of its own adapter, which the variant already names.
+        tta = TTAConfig(adapter=self.tta_config.adapter) if self.tta_config is not None else None
+        return _plain({
+            "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
+            "num_views": NUM_REFERENCE_VIEWS, "layers": [-1], "prompts": PromptSet().to_dict(),
+            "tta": asdict(tta) if tta is not None else None,
+        })
 
     @property
     def device(self) -> torch.device:
@@ -119,11 +178,17 @@ class AnoVL(nn.Module):
         """Context around one stage of ``forward``; ``stage_timer`` (name → context manager) times them."""
         return self.stage_timer(name) if self.stage_timer is not None else contextlib.nullcontext()
 
-    def text_embeddings(self, class_name: str) -> TextEmbeddings:
-        """State and per-sentence text embeddings of a category (CPU tensors, cached)."""
-        return self.text_cache.get(class_name)
+    def text_embeddings(self, category: str, prompt_name: str | None = None,
+                        device: torch.device | str = "cpu") -> TextEmbeddings:
+        """State and per-sentence text embeddings of a category (cached). The sentences name ``prompt_name``
+        (default: :mod:`anovl.categories`' name for the category) in the category's domain phrases."""
+        name = prompt_name if prompt_name is not None else category_registry.prompt_name(category)
+        key = (name, category_registry.domain(category))
+        if key not in self._sentences:
+            self._sentences[key] = (self.prompts.normal_sentences(*key), self.prompts.abnormal_sentences(*key))
+        return self.text_cache.get(*self._sentences[key], device=device)
 
-    def _check_inputs(self, images: torch.Tensor, class_names: Sequence[str]) -> None:
+    def _check_inputs(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str]) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise AnovlError(f"images must be a B×3×S×S tensor, got shape {tuple(images.shape)}")
         if images.device != self.device:
@@ -132,24 +197,28 @@ class AnoVL(nn.Module):
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise AnovlError(f"images are {images.shape[-2]}×{images.shape[-1]} but the model expects "
                              f"{self.image_size}×{self.image_size}; resize them or set image_size")
-        if isinstance(class_names, str) or len(class_names) != images.shape[0]:
-            raise AnovlError(f"give one class name per image ({images.shape[0]}), got {class_names!r}")
-        for name in class_names:
-            if not isinstance(name, str) or not name.strip():
-                raise AnovlError(f"class names must be non-empty strings, got {name!r}")
+        for what, names in (("category", categories), ("prompt name", prompt_names)):
+            if isinstance(names, str) or len(names) != images.shape[0]:
+                raise AnovlError(f"give one {what} per image ({images.shape[0]}), got {names!r}")
+            for name in names:
+                if not isinstance(name, str) or not name.strip():
+                    raise AnovlError(f"{what}s must be non-empty strings, got {name!r}")
 
-    def forward(self, images: torch.Tensor, class_names: Sequence[str],
-                corrupted_images: torch.Tensor | None = None,
-                seeds: Sequence[int] | None = None) -> AnoVLOutput:
+    def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
+                corrupted_image: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> AnoVLOutput:
         """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories.
 
-        ``corrupted_images`` feed TTA's corrupted branch when ``tta.corruption == 'image'``;
-        ``seeds`` (one per image) fix TTA's randomness, by default derived from the image content.
+        ``prompt_names`` (default: from :mod:`anovl.categories`) are the object names the prompts use;
+        the domain phrases follow the category. ``corrupted_image`` feeds TTA's corrupted branch when
+        ``tta.corruption == 'image'``; ``seeds`` (one per image) fix TTA's randomness, by default derived
+        from the image content.
         """
-        self._check_inputs(images, class_names)
+        prompt_names = prompt_names_for(categories, prompt_names)
+        self._check_inputs(images, categories, prompt_names)
         batch = images.shape[0]
         with self._stage("text"):
-            embeddings = [self.text_cache.get(name, images.device) for name in class_names]
+            embeddings = [self.text_embeddings(category, name, images.device)
+                          for category, name in zip(categories, prompt_names)]
             states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
         with torch.no_grad():
@@ -165,16 +234,17 @@ class AnoVL(nn.Module):
         if self.tta is not None:
             with self._stage("tta"):
                 corrupted = None
-                if self.tta.config.corruption == "image" and corrupted_images is not None:
+                if self.tta.config.corruption == "image" and corrupted_image is not None:
                     with torch.no_grad():
-                        corrupted = self.encoder(corrupted_images, layers=self.layers,
+                        corrupted = self.encoder(corrupted_image, layers=self.layers,
                                                  chunk_size=chunk_size).patch_tokens
                 tfa_map = maps
-                sentences = (embeddings[0].sentences.expand(batch, -1, -1) if len(set(class_names)) == 1
+                sentences = (embeddings[0].sentences.expand(batch, -1, -1)
+                             if all(e is embeddings[0] for e in embeddings)
                              else torch.stack([e.sentences for e in embeddings]))  # (B, M, D), a view if it can
                 seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
                 adapted = [
-                    self.tta(tokens, states, sentences, seeds, list(class_names),
+                    self.tta(tokens, states, sentences, seeds, list(categories),
                              None if corrupted is None else corrupted[index])
                     for index, tokens in enumerate(encoded.patch_tokens)
                 ]

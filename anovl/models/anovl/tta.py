@@ -65,20 +65,6 @@ class TTAConfig:
             if not ok:
                 raise AnovlError(message)
 
-    @property
-    def variant(self) -> str:
-        """A short name of what differs from the reference TTA, for naming and grouping runs."""
-        parts = [f"tta-{self.adapter}"]
-        parts += [f"{self.corruption}-corruption"] if self.corruption != "token" else []
-        parts += [self.pseudo_labels] if self.pseudo_labels != "reference" else []
-        parts += ["reference-mode"] if self.mode == "reference" else []
-        return "-".join(parts)
-
-
-def variant_name(tta: TTAConfig | None) -> str:
-    """``tfa`` (training-free, no TTA) or the TTA variant's name, e.g. ``tta-text``."""
-    return "tfa" if tta is None else tta.variant
-
 
 def state_log_probs(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """log softmax([x̂·t_n, x̂·t_a]) per token: tokens (B, N, D), states (B, 2, D) → (B, N, 2)."""
