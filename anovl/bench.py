@@ -14,7 +14,7 @@ Sections (``--sections`` picks some):
 * ``text``: text-embedding start-up, encoding a class's prompts (cold) against reading the on-disk cache;
 * ``metrics``: exact pixel AUROC + AUPRO (:class:`~anovl.metrics.AnomalyMetrics`) over an MVTec-sized set of
   maps against :func:`threshold_pro_curve`, the 200-threshold connected-component PRO of cflow-ad;
-* ``testrun``: peak memory and time of a Lightning test run (AnoVLModule + MVTecDataModule);
+* ``testrun``: peak memory and time of a Lightning test run (AnomalyModule(AnoVL) + MVTecDataModule);
 * ``precision``: with ``--precision bf16|fp16``, what autocast changes in the maps and what it gains.
 
 Memory is the kernel's resident-set high-water mark of a fresh process (see :class:`PeakMemory`), which sees
@@ -596,15 +596,15 @@ def text_section(config: BenchConfig, device: torch.device, workdir: Path) -> Se
     backbone, prompts = model.text_cache.backbone, model.prompts
     cache_dir = workdir / "text-cache-timed"
     encode_sentences(backbone, ["a warm-up sentence"])  # first-call costs (CUDA context, kernels) are not the cache's
-    cold, _ = time_call(lambda: TextEmbeddingCache(backbone, prompts, cache_dir).get(CLASS_NAME), device)
-    cached = min(time_call(lambda: TextEmbeddingCache(backbone, prompts, cache_dir).get(CLASS_NAME), device)[0]
+    normal, abnormal = prompts.normal_sentences(CLASS_NAME), prompts.abnormal_sentences(CLASS_NAME)
+    cold, _ = time_call(lambda: TextEmbeddingCache(backbone, cache_dir).get(normal, abnormal), device)
+    cached = min(time_call(lambda: TextEmbeddingCache(backbone, cache_dir).get(normal, abnormal), device)[0]
                  for _ in range(max(3, config.repeats)))
-    sentences = len(prompts.normal_sentences(CLASS_NAME)) + len(prompts.abnormal_sentences(CLASS_NAME))
     return Section(
         f"Text-embedding start-up ({config.backbone})",
         ["cold: encode the class's prompts", "cached: new TextEmbeddingCache reading safetensors", "ratio"],
         [[seconds(cold), seconds(cached), f"{ratio(cold / cached)} {target(cold / cached >= 20, '≥ 20×')}"]],
-        [f"{sentences} sentences for one class; cold includes writing the cache file; cached is the minimum "
+        [f"{len(normal) + len(abnormal)} sentences for one class; cold includes writing the cache file; cached is the minimum "
          f"of {max(3, config.repeats)} fresh caches (key, file read), as in a new process."],
     )
 
@@ -669,14 +669,14 @@ def metrics_section(config: BenchConfig, device: torch.device, workdir: Path) ->
 
 
 def _test_run_child(meter: PeakMemory, settings: dict[str, Any]) -> dict[str, Any]:
-    """``Trainer.test`` of AnoVLModule on an MVTecDataModule, as ``anovl test`` runs it."""
+    """``Trainer.test`` of AnomalyModule(AnoVL) on an MVTecDataModule, as ``anovl test`` runs it."""
     from lightning.pytorch import Trainer
 
     from anovl.data import MVTecDataModule
-    from anovl.models.anovl.lightning_model import AnoVLModule
+    from anovl.engine import AnomalyModule
 
-    module = AnoVLModule(settings["backbone"], settings["pretrained"], num_views=NUM_REFERENCE_VIEWS,
-                         cache_dir=settings["cache_dir"], results_dir=settings["workdir"])
+    module = AnomalyModule(AnoVL(settings["backbone"], settings["pretrained"], num_views=NUM_REFERENCE_VIEWS,
+                                 cache_dir=settings["cache_dir"]), results_dir=settings["workdir"])
     datamodule = MVTecDataModule(settings["root"], image_size=module.model.image_size,
                                  batch_size=settings["batch_size"])
     datamodule.setup("test")
@@ -725,7 +725,7 @@ def testrun_section(config: BenchConfig, device: torch.device, workdir: Path) ->
         [[str(result["images"]), str(config.test_categories), seconds(result["seconds"]),
           f"{result['images'] / result['seconds']:.3g}", megabytes(result["peak_rss"]), megabytes(result["extra_rss"]),
           megabytes(result["cuda_extra"])]],
-        [f"`Trainer.test(AnoVLModule({config.backbone}, {NUM_REFERENCE_VIEWS} views, TFA), MVTecDataModule)` on "
+        [f"`Trainer.test(AnomalyModule(AnoVL({config.backbone}, {NUM_REFERENCE_VIEWS} views, TFA)), MVTecDataModule)` on "
          f"generated 256 px images, batch {batch}, no data-loader workers, precision {config.precision}, in a "
          "fresh process; extra RSS = above the level after building the model (on the CPU) and listing the "
          "data; CUDA = all the run allocated there, weights included."],
@@ -749,7 +749,7 @@ def precision_section(config: BenchConfig, device: torch.device, workdir: Path) 
         truth["labels"].append(batch_data["label"])
         for precision, collected in outputs.items():
             with autocast(device, precision):
-                output = model(images, list(batch_data["class_name"]))
+                output = model(images, list(batch_data["category"]), list(batch_data["prompt_name"]))
             for key, value in (("tfa", output.tfa_map), ("tta", output.anomaly_map), ("score", output.pred_score)):
                 collected.setdefault(key, []).append(value.float().cpu())
     merged = {precision: {key: torch.cat(values) for key, values in collected.items()}

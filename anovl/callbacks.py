@@ -1,4 +1,4 @@
-"""Callbacks: the prediction writer of ``anovl predict``."""
+"""Callbacks, one concern each: the panels of ``anovl test`` and the prediction writer of ``anovl predict``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,74 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
 from rich.console import Console
 
-from anovl.models.anovl.lightning_model import run_directory
+from anovl.engine.module import category_runs, run_directory
+from anovl.errors import AnovlError
 from anovl.results import RANDOM_WEIGHTS_WARNING
-from anovl.visualization import map_to_png16, overlay_image, picture_name
+from anovl.visualization import map_to_png16, overlay_image, panel, picture_name
 
 SCORE_COLUMNS = ("image_path", "category", "pred_score")
+
+
+def log_picture(trainer: Trainer, key: str, picture: Image.Image, caption: str) -> None:
+    """Send a picture to every logger that takes images (W&B, TensorBoard); CSV loggers have none."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[picture], caption=[caption])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, np.asarray(picture), global_step=trainer.global_step, dataformats="HWC")
+
+
+class PanelWriter(Callback):
+    """Saves panels (input | ground truth | heatmap) of ``test`` images under ``<output_dir>/<category>/`` and
+    sends them to image loggers.
+
+    Args:
+        max_per_category: panels per category; 0 = none. Under DDP the processes share the quota.
+        output_dir: default ``<run dir>/pictures``.
+    """
+
+    def __init__(self, max_per_category: int = 0, output_dir: str | None = None):
+        if max_per_category < 0:
+            raise AnovlError(f"pictures.max_per_category must be >= 0, got {max_per_category}")
+        self.max_per_category = max_per_category
+        self.output_dir = output_dir
+        self.directory = Path(".")
+        self._saved: dict[str, int] = {}
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.directory = Path(self.output_dir) if self.output_dir else run_directory(trainer) / "pictures"
+        self._saved = {}
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.max_per_category or outputs is None:
+            return
+        # Rank r takes every world_size-th picture slot.
+        quota = len(range(trainer.global_rank, self.max_per_category, trainer.world_size))
+        categories = list(outputs["category"])
+        for run in category_runs(categories):
+            category = categories[run.start]
+            for index in range(run.start, run.stop):
+                if self._saved.get(category, 0) >= quota:
+                    break
+                self._save(trainer, outputs, index, category)
+                self._saved[category] = self._saved.get(category, 0) + 1
+
+    def _save(self, trainer: Trainer, outputs: dict[str, Any], index: int, category: str) -> None:
+        name = picture_name(outputs["image_path"][index], category)
+        label = {0: "normal", 1: "anomalous"}.get(int(outputs["label"][index]), "unlabelled")
+        picture = panel(outputs["image"][index], outputs["anomaly_map"][index],
+                        outputs["mask"][index] if bool(outputs["has_mask"][index]) else None,
+                        f"{category}/{name} ({label})")
+        folder = self.directory / category
+        folder.mkdir(parents=True, exist_ok=True)
+        picture.save(folder / f"{name}.png")
+        log_picture(trainer, f"pictures/{category}", picture, name)
 
 
 class AnomalyMapWriter(BasePredictionWriter):

@@ -6,9 +6,12 @@
     anovl test --config configs/demo.yaml --print_config
     anovl compare runs/mvtec/version_0 runs/mvtec/version_1
 
-The datamodule is chosen by ``class_path`` (MVTec, VisA, Folder, SyntheticMVTec), the model is
-:class:`~anovl.models.anovl.lightning_model.AnoVLModule`. Errors in the user's input (AnovlError) end with
-one line ``anovl: error: <message>`` on stderr and exit code 2, like argument errors.
+The model (``model.class_path``: any :class:`~anovl.models.base.AnomalyModel`, e.g. ``anovl.models.AnoVL`` or
+``anovl.models.WinCLIP``) and the datamodule (MVTec, VisA, Folder, SyntheticMVTec) are chosen by ``class_path``;
+:class:`~anovl.engine.AnomalyModule` runs the model, with its options under ``engine``. The data's image size
+is linked to the model's, so it is set once. ``--plugins`` (or ``plugins:`` in a config) imports a user's own
+modules first (:mod:`anovl.plugins`). Errors in the user's input (AnovlError) end with one line
+``anovl: error: <message>`` on stderr and exit code 2, like argument errors.
 
 ``anovl test --resume RUN_DIR`` continues an interrupted run: the categories finished in RUN_DIR/results.json
 are not run again, the others are, and everything (results, pictures, config, a CSV/TensorBoard logger's
@@ -17,6 +20,8 @@ files) goes into RUN_DIR. It refuses a configuration that differs from the run's
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import sys
@@ -24,15 +29,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from anovl.callbacks import AnomalyMapWriter
+from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.compare import main as compare_main
 from anovl.data import AnomalyDataModule
+from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
-from anovl.models.anovl.lightning_model import AnoVLModule
-from anovl.models.anovl.tta import TTAConfig, variant_name
+from anovl.models.base import AnomalyModel
+from anovl.plugins import load_plugins
 from anovl.results import ResultsTable
 
 RUNS_DIR = "runs"
@@ -49,14 +57,15 @@ TRAINER_DEFAULTS = {
 }
 STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI itself, not by the user
 RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
+DEFAULT_MODEL = "anovl.models.AnoVL"
 
 
 class AnovlCLI(LightningCLI):
-    """LightningCLI without ``fit``/``validate`` (AnoVL is training-free) and with anovl's defaults."""
+    """LightningCLI without ``fit``/``validate`` (the methods are zero-shot) and with anovl's defaults."""
 
     def __init__(self, args: Any = None, run: bool = True):
         super().__init__(
-            AnoVLModule,
+            AnomalyModel,
             AnomalyDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -64,10 +73,17 @@ class AnovlCLI(LightningCLI):
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with AnoVL."},
+            parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with vision-language models."},
             args=args,
             run=run,
         )
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # As LightningCLI's, but the model is a plain AnomalyModel (not a LightningModule): AnomalyModule wraps it.
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items()})
+        parser.add_subclass_arguments(AnomalyModel, "model", fail_untyped=False, required=True)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -82,28 +98,41 @@ class AnovlCLI(LightningCLI):
         return {"test": set(STAGE_ARGUMENTS), "predict": set(STAGE_ARGUMENTS)}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": f"{AnoVLModule.__module__}.{AnoVLModule.__name__}"}})
-        # Always present; it only acts in `predict` (--predictions.output_dir, .overlays, .raw_maps).
-        parser.add_lightning_class_args(AnomalyMapWriter, "predictions")
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+        parser.add_argument("--plugins", type=list[str], default=[],
+                            help="modules or .py files to import first (your own models, adapters, datasets)")
+        parser.add_class_arguments(AnomalyModule, "engine", instantiate=False, skip={"model"}, fail_untyped=False)
+        # The data is resized to what the model expects: the size is set once, on the model.
+        parser.link_arguments("model", "data.init_args.image_size", compute_fn=model_input_size,
+                              apply_on="instantiate")
+        parser.add_lightning_class_args(PanelWriter, "pictures")  # acts in `test`
+        parser.add_lightning_class_args(AnomalyMapWriter, "predictions")  # acts in `predict`
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
-        name_wandb_run(config)
         self.resume_dir = Path(config.resume).expanduser().resolve() if config.get("resume") else None
         self.finished_run: ResultsTable | None = None  # set when --resume finds nothing left to run
         if self.resume_dir is not None:
             write_into_run(config, self.resume_dir)
+        self.data_size_given = data_size_given(config.data)
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_size = model_input_size(self.model)
+        if self.data_size_given not in (None, model_size):
+            raise AnovlError(f"data.init_args.image_size is {self.data_size_given} but the model expects {model_size} "
+                             "px; the data is resized to the model's size, so set model.init_args.image_size only")
+        self.model = AnomalyModule(self.model, **config.engine.as_dict())
+        name_wandb_run(self.trainer, self.model, config)
         # Listing the data here turns a wrong root into a clear error before the trainer starts (and, under
         # DDP, launches its processes); synthetic data is generated here, once.
         categories = getattr(self.datamodule, "categories", None)
         if categories is not None:
             rank_zero_info(f"{len(categories)} categories: {', '.join(categories)}")
         if self.resume_dir is not None:
-            earlier = continue_run(self.model, self.datamodule, self.resume_dir)
+            earlier = continue_run(self.model, self.trainer, self.datamodule, self.resume_dir)
             if not self.datamodule.categories:
                 self.finished_run = earlier
 
@@ -125,11 +154,25 @@ class AnovlCLI(LightningCLI):
         self.trainer.predict(**kwargs)
 
 
+def model_input_size(model: AnomalyModel) -> int:
+    return model.preprocessing().image_size
+
+
+def data_size_given(data: Any) -> int | None:
+    """The data's image size if the configuration sets it to other than its default (the link overrides it)."""
+    given = data.init_args.get("image_size") if data.get("init_args") else None
+    try:
+        module, _, name = str(data.class_path).rpartition(".")
+        default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["image_size"].default
+    except (ImportError, KeyError, ValueError, AttributeError):
+        return given
+    return None if given == default else given
+
+
 def write_into_run(config: Any, run_dir: Path) -> None:
     """Point a resumed run's results, pictures and (CSV/TensorBoard) logger folder at the run it continues."""
-    model = config.model.init_args
-    model.results_dir = str(run_dir)
-    model.picture_dir = model.picture_dir or str(run_dir / "pictures")
+    config.engine.results_dir = str(run_dir)
+    config.pictures.output_dir = config.pictures.output_dir or str(run_dir / "pictures")
     logger = config.trainer.get("logger")
     if logger and str(getattr(logger, "class_path", "")).endswith(RUN_DIR_LOGGERS):
         logger.init_args.save_dir = str(run_dir.parent.parent)
@@ -137,25 +180,25 @@ def write_into_run(config: Any, run_dir: Path) -> None:
         logger.init_args.version = run_dir.name
 
 
-def continue_run(model: AnoVLModule, datamodule: AnomalyDataModule, run_dir: Path) -> ResultsTable:
-    """Check that ``run_dir`` was run with this configuration and set the model and data up to finish it:
+def continue_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataModule, run_dir: Path) -> ResultsTable:
+    """Check that ``run_dir`` was run with this configuration and set the module and data up to finish it:
     the categories already in its results are left out. Returns the earlier table."""
-    tta = model.model.tta_config
-    if tta is not None and tta.mode == "reference":
-        raise AnovlError("a run with tta.mode 'reference' cannot be resumed: its optimiser state and random draws "
-                         "carry over from image to image, so the rest of the run depends on what came before; "
-                         "run it again from the start without --resume")
+    if module.model.order_dependent:
+        raise AnovlError(f"a run of {module.label} cannot be resumed: its results depend on the images that came "
+                         "before (e.g. tta.mode 'reference' carries optimiser state and random draws from image to "
+                         "image); run it again from the start without --resume")
     earlier = ResultsTable.read(run_dir)
     if earlier.config is None:
         raise AnovlError(f"{run_dir}/results.json has no record of the run's configuration (an older anovl wrote "
                          "it), so it cannot be resumed safely; start a new run without --resume")
-    current = model.run_config(datamodule)
+    module.trainer = trainer  # run_config reads the trainer's precision
+    current = module.run_config(datamodule)
     differences = config_differences(earlier.config, current)
     if differences:
         raise AnovlError(f"cannot resume {run_dir}: its configuration differs in {'; '.join(differences)}; resume "
                          f"with the run's own settings (anovl test --config {run_dir}/config.yaml --resume "
                          f"{run_dir}) or start a new run without --resume")
-    model.resume(earlier)
+    module.resume(earlier)
     datamodule.exclude_categories(earlier.rows)
     rank_zero_info(f"Resuming {run_dir}: {len(earlier.rows)} categories finished, "
                    f"{len(datamodule.categories)} to run: {', '.join(datamodule.categories) or 'none'}")
@@ -174,26 +217,48 @@ def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list
     return differences
 
 
-def run_variant(model_args: Any) -> str:
-    """``tfa`` or the TTA variant (``tta-text``, ...) that a parsed model config describes."""
-    tta = getattr(model_args, "tta", None)
-    return variant_name(None if tta is None else TTAConfig(**(tta.as_dict() if hasattr(tta, "as_dict") else dict(tta))))
-
-
-def name_wandb_run(config: Any) -> None:
-    """Name and tag W&B runs by variant, so runs of one variant group together; the user's own name,
-    group and tags win."""
-    logger = config.trainer.get("logger")
-    if not logger or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
-        return
-    model = config.model.init_args
-    variant = run_variant(model)
+def name_wandb_run(trainer: Any, module: AnomalyModule, config: Any) -> None:
+    """Name, group and tag W&B runs by label, so runs of one variant group together and different settings
+    never share a name; the user's own name, group and tags win."""
     data = str(config.data.class_path).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
-    init_args = logger.init_args
-    if init_args.get("name") is None:
-        init_args["name"] = f"{data}-{variant}"
-    init_args["group"] = init_args.get("group") or variant
-    init_args["tags"] = sorted({*(init_args.get("tags") or []), variant, data, str(model.backbone)})
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        init = logger._wandb_init  # read when the W&B run starts, which is later (on first use)
+        init["name"] = init.get("name") or f"{data}-{module.label}"
+        init["group"] = init.get("group") or module.label
+        backbone = module.model.settings().get("backbone")
+        init["tags"] = sorted({*(init.get("tags") or []), module.model.method or module.label, data,
+                               *([str(backbone)] if backbone else [])})
+
+
+def plugin_specs(command_line: list[str]) -> list[str]:
+    """The plugins named on a command line: ``--plugins`` values and ``plugins:`` in its ``--config`` files.
+
+    They must be imported before the configuration is parsed, since it may name their classes."""
+    specs: list[str] = []
+
+    def add(value: Any) -> None:
+        if isinstance(value, str):
+            specs.append(value)
+        elif isinstance(value, list):
+            specs.extend(str(item) for item in value)
+
+    for index, argument in enumerate(command_line):
+        option, _, inline = argument.partition("=")
+        value = inline if inline else (command_line[index + 1] if index + 1 < len(command_line) else None)
+        if value is None:
+            continue
+        if option in ("--plugins", "--plugins+"):
+            add(yaml.safe_load(value))
+        elif option == "--config" and Path(value).is_file():
+            try:
+                document = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue  # the CLI's own parser reports a broken config with its own message
+            if isinstance(document, dict):
+                add(document.get("plugins"))
+    return list(dict.fromkeys(specs))
 
 
 def _one_line(error: BaseException) -> str:
@@ -237,7 +302,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(_run_user_command(lambda: compare_main(command_line[1:])))
     # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    status = _run_user_command(lambda: AnovlCLI(args=args))
+    status = _run_user_command(lambda: (load_plugins(plugin_specs(command_line)), AnovlCLI(args=args)))
     if status:
         raise SystemExit(status)
 

@@ -1,10 +1,11 @@
-"""Compare finished runs (e.g. TFA vs TFA+TTA variants) category by category.
+"""Compare finished runs (methods, TTA variants, settings) category by category.
 
     anovl compare runs/mvtec/version_0 runs/mvtec/version_1 --metrics pixel_auroc pixel_aupro
-    anovl compare runs/mvtec/version_* --output comparison.md
+    anovl compare runs/mvtec/version_* --output comparison.md --labels TFA TTA-text WinCLIP
 
 Each run directory holds the results.json that ``anovl test`` writes. The first run is the
-baseline: the other columns show their difference to it.
+baseline: the other columns show their difference to it. Columns are named by each run's label
+(the method plus what differs from its reference settings), or by ``--labels``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
@@ -36,14 +38,18 @@ def load_run(directory: str | Path) -> Run:
     if not (folder / "results.json").is_file():
         raise AnovlError(f"no results.json in {folder}; give the run directories of finished `anovl test` runs")
     table = ResultsTable.read(folder)
-    return Run(label=table.variant or folder.name, rows={**table.rows, MEAN_ROW: table.mean()},
+    return Run(label=table.label or folder.name, rows={**table.rows, MEAN_ROW: table.mean()},
                random_weights=table.random_weights)
 
 
-def _unique_labels(runs: list[Run], directories: list[str]) -> list[str]:
+def _unique_labels(runs: list[Run], directories: list[str], given: list[str] | None) -> list[str]:
+    if given is not None:
+        if len(given) != len(runs) or len(set(given)) < len(given):
+            raise AnovlError(f"--labels needs {len(runs)} different labels, one per run, got {len(given)}: {given}")
+        return given
     labels = [run.label for run in runs]
-    if len(set(labels)) < len(labels):  # same variant twice: fall back to the directories
-        labels = [str(Path(directory)) for directory in directories]
+    if len(set(labels)) < len(labels):  # the same settings run twice: the directories tell them apart
+        labels = [f"{run.label} ({Path(directory)})" for run, directory in zip(runs, directories)]
     return labels
 
 
@@ -86,14 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run directories (or results.json files); the first is the baseline")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(ALL_METRIC_TITLES))
     parser.add_argument("--output", type=Path, help="also write the comparison as Markdown")
+    parser.add_argument("--labels", nargs="+", help="column names, one per run (default: each run's own label)")
     args = parser.parse_args(argv)
     runs = [load_run(directory) for directory in args.runs]
-    tables = build_tables(runs, _unique_labels(runs, args.runs), args.metrics)
+    tables = build_tables(runs, _unique_labels(runs, args.runs, args.labels), args.metrics)
     rich_tables = []
     for title, headers, rows in tables:
         table = Table(title=title)
         for index, header in enumerate(headers):
-            table.add_column(header, justify="left" if index == 0 else "right")
+            table.add_column(escape(header), justify="left" if index == 0 else "right")
         for index, row in enumerate(rows):
             table.add_row(*row, style="bold" if index == len(rows) - 1 else None)
         rich_tables.append(table)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
@@ -96,17 +97,18 @@ class ResultsTable:
         random_weights: the backbone has random weights; the printed table and the Markdown say the scores
             mean nothing.
         expected_categories: how many categories the run will report, to mark partial files.
-        variant: the method variant (``tfa``, ``tta-text``, ...), which ``anovl compare`` uses as the run's label.
+        label: the run's label (the method plus what differs from its reference settings, or the user's own),
+            which ``anovl compare`` and the loggers use.
         config: JSON-like settings that the metrics depend on, recorded for ``anovl test --resume``.
         skipped_files: one message per file that ``on_bad_image: skip`` left out or used without its mask.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, title: str = "",
-                 random_weights: bool = False, expected_categories: int | None = None, variant: str = "",
+                 random_weights: bool = False, expected_categories: int | None = None, label: str = "",
                  config: Mapping[str, Any] | None = None, skipped_files: Sequence[str] = ()):
         self.directory = Path(directory) if directory is not None else None
         self.title = title
-        self.variant = variant
+        self.label = label
         self.random_weights = random_weights
         self.expected_categories = expected_categories
         self.config = dict(config) if config is not None else None
@@ -124,7 +126,7 @@ class ResultsTable:
                              "(runs/<name>/version_N), or start a new run without --resume")
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-            table = cls(path.parent, document["title"], document["random_weights"], variant=document["variant"],
+            table = cls(path.parent, document["title"], document["random_weights"], label=document["label"],
                         config=document.get("config"), skipped_files=document.get("skipped_files", []))
             for record in document["categories"]:
                 category = record["category"]
@@ -193,7 +195,7 @@ class ResultsTable:
 
         document = {
             "title": self.title,
-            "variant": self.variant,
+            "label": self.label,
             "random_weights": self.random_weights,
             "complete": self.complete,
             "units": "percent (metric x 100); null where undefined",
@@ -236,7 +238,7 @@ class ResultsTable:
             atomic_write_text(self.directory / name, text)
 
     def to_rich(self) -> Table:
-        table = Table(title=self.title or None, caption="metrics × 100, mean over categories")
+        table = Table(title=escape(self.title) if self.title else None, caption="metrics × 100, mean over categories")
         for index, header in enumerate(self._headers()):
             table.add_column(header, justify="left" if index == 0 else "right")
         rows = self._display_rows()

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 TINY_MODEL = ["--model.init_args.backbone", "anovl-tiny-vit", "--model.init_args.pretrained", "null",
               "--model.init_args.image_size", "64", "--model.init_args.num_views", "2",
-              "--data.init_args.image_size", "64", "--trainer.enable_progress_bar", "false"]
+              "--trainer.enable_progress_bar", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_cli_test_writes_results_and_panels(single_process_run):
     assert document["random_weights"] is True
     assert "scores mean nothing" in (directory / "results.md").read_text()
     assert "scores mean nothing" in result.stdout and "widget" in result.stdout
-    for category in ("fabric", "widget"):  # demo.yaml: max_pictures 3
+    for category in ("fabric", "widget"):  # demo.yaml: pictures.max_per_category 3
         assert len(list((directory / "pictures" / category).glob("*.png"))) == 3
     saved = yaml.safe_load((directory / "config.yaml").read_text())
     assert saved["trainer"]["inference_mode"] is False
@@ -156,7 +156,7 @@ def test_configs_print(configs, capsys, monkeypatch):
         main([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["class_path"] == "anovl.models.anovl.lightning_model.AnoVLModule"
+    assert config["model"]["class_path"] == "anovl.models.AnoVL"
     assert config["trainer"]["inference_mode"] is False
     assert config["trainer"]["enable_checkpointing"] is False
     if configs[-1] == "wandb":

@@ -1,4 +1,4 @@
-"""AnoVLModule under a Lightning Trainer: metrics, order/batch independence, tiles, TTA resets, predict."""
+"""AnomalyModule running AnoVL under a Lightning Trainer: metrics, order/batch independence, tiles, TTA resets, predict."""
 
 import json
 import warnings
@@ -11,11 +11,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from anovl import AnovlError, TTAConfig
-from anovl.callbacks import AnomalyMapWriter
+from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.data import (MVTecDataModule, VisADataModule, collate_batch, generate_mvtec_like,
                         generate_visa_like)
 from anovl.metrics import AnomalyMetrics
-from anovl.models.anovl.lightning_model import AnoVLModule
+from anovl.engine import AnomalyModule
+from anovl.models import AnoVL
 from anovl.visualization import picture_name, png16_to_map
 from tests.conftest import TINY
 
@@ -40,9 +41,9 @@ def _quiet():
         yield
 
 
-def tiny_module(cache_dir, **kwargs) -> AnoVLModule:
+def tiny_module(cache_dir, label=None, **kwargs) -> AnomalyModule:
     kwargs = {"num_views": 2, **kwargs}
-    return AnoVLModule(backbone=TINY, pretrained=None, image_size=SIZE, cache_dir=str(cache_dir), **kwargs)
+    return AnomalyModule(AnoVL(TINY, pretrained=None, image_size=SIZE, cache_dir=str(cache_dir), **kwargs), label)
 
 
 def trainer(root_dir, **kwargs) -> Trainer:
@@ -63,16 +64,16 @@ class ResultsFileWatcher(Callback):
 
 
 def test_metrics_equal_direct_computation(mvtec_root, shared_cache, tmp_path):
-    module = tiny_module(shared_cache, max_pictures=2)
+    module = tiny_module(shared_cache)
     data = MVTecDataModule(mvtec_root, image_size=SIZE, batch_size=4)
     watcher = ResultsFileWatcher(tmp_path / "results.json")
-    trainer(tmp_path, callbacks=[watcher]).test(module, datamodule=data)
+    trainer(tmp_path, callbacks=[watcher, PanelWriter(max_per_category=2)]).test(module, datamodule=data)
     assert ["fabric"] in watcher.seen  # written as soon as fabric was finished, before the epoch ended
 
     direct, counts = {}, {}
     with torch.no_grad():
         for batch in data.test_dataloader():
-            output = module.model(batch["image"], batch["prompt_name"])
+            output = module.model(batch["image"], batch["category"], batch["prompt_name"])
             category = batch["category"][0]  # batches never mix categories
             direct.setdefault(category, AnomalyMetrics()).update(
                 output.anomaly_map, batch["mask"], output.pred_score, batch["label"], batch["has_mask"])
@@ -113,10 +114,10 @@ def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
     maps, scores = module.anomaly_maps(batch)
     assert maps.shape == (2, SIZE, SIZE + 32)
 
-    images, names = batch["image"], batch["prompt_name"]
+    images, categories = batch["image"], batch["category"]
     with torch.no_grad():
-        left = module.model(images[..., :SIZE], names)
-        right = module.model(images[..., 32:], names)
+        left = module.model(images[..., :SIZE], categories)
+        right = module.model(images[..., 32:], categories)
     expected = torch.zeros_like(maps)
     expected[..., :SIZE] += left.anomaly_map
     expected[..., 32:] += right.anomaly_map
@@ -146,7 +147,7 @@ def test_reference_tta_is_reset_at_category_changes(shared_cache):
     batch = {"image": torch.zeros(3, 3, SIZE, SIZE), "prompt_name": ["macaroni"] * 3,
              "category": ["macaroni1", "macaroni1", "macaroni2"]}
     module.anomaly_maps(batch)
-    assert len(resets) == 2  # at the first category and at the change; the class name stays the same
+    assert len(resets) == 2  # at the first category and at the change; the prompt name stays the same
 
 
 def test_predict_writes_maps(mvtec_root, shared_cache, tmp_path):

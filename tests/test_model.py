@@ -72,8 +72,8 @@ def test_multi_layer_map_is_the_mean_of_layer_maps():
 @pytest.mark.parametrize("images, names, message", [
     (torch.randn(2, 3, 32, 32), ["a", "b"], "expects 64×64"),
     (torch.randn(2, 1, 64, 64), ["a", "b"], "B×3×S×S"),
-    (torch.randn(2, 3, 64, 64), ["a"], "one class name per image"),
-    (torch.randn(1, 3, 64, 64), "a", "one class name per image"),
+    (torch.randn(2, 3, 64, 64), ["a"], "one category per image"),
+    (torch.randn(1, 3, 64, 64), "a", "a list of categories"),
     (torch.randn(1, 3, 64, 64), [""], "non-empty strings"),
     (torch.randn(1, 3, 64, 64), [None], "non-empty strings"),
 ])
@@ -107,18 +107,18 @@ def test_stays_frozen_in_eval_mode(tiny_model):
 def test_loading_other_weights_re_encodes_the_text(tiny_model, loader):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        other = AnoVL(TINY, pretrained=None)
+        other = AnoVL(TINY, pretrained=None, init_seed=1)
     images = torch.randn(2, 3, 64, 64)
     before = tiny_model(images, ["bottle", "bottle"])  # caches the old weights' text in memory and on disk
-    old_file = tiny_model.text_cache.path("bottle")
+    sentences = [*tiny_model.prompts.normal_sentences("bottle"), *tiny_model.prompts.abnormal_sentences("bottle")]
+    old_file = tiny_model.text_cache.path(sentences)
 
     if loader == "model":
         tiny_model.load_state_dict(other.state_dict())
     else:
         tiny_model.clip.load_state_dict(other.clip.state_dict())
 
-    assert tiny_model.text_cache.path("bottle") != old_file
+    assert tiny_model.text_cache.path(sentences) != old_file
     torch.testing.assert_close(tiny_model.text_embeddings("bottle").sentences, other.text_embeddings("bottle").sentences)
     after, expected = tiny_model(images, ["bottle", "bottle"]), other(images, ["bottle", "bottle"])
     torch.testing.assert_close(after.text_states, expected.text_states)

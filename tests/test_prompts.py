@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anovl import categories
 from anovl.backbones import create_backbone
 from anovl.errors import AnovlError
 from anovl.models.anovl import text_cache as text_cache_module
@@ -37,46 +38,73 @@ def test_reference_counts_and_exact_sentences():
     assert abnormal[19 * 7 + 3] == "an industrial photo of a blemished bottle for visual inspection"
 
 
+def sentences(prompts: PromptSet, name: str, domain: str = "object") -> tuple[list[str], list[str]]:
+    return prompts.normal_sentences(name, domain), prompts.abnormal_sentences(name, domain)
+
+
 def test_textures_use_texture_domains_and_macaroni_is_renamed():
     prompts = PromptSet()
-    carpet = prompts.normal_sentences("carpet")
+    carpet = prompts.normal_sentences("carpet", categories.domain("carpet"))
     assert carpet[22 * 7] == "a cropped textural photo of the normal carpet"
     assert carpet[44 * 7 + 12 * 7] == "a surface picture of a normal carpet"
-    assert prompts.abnormal_sentences("macaroni2")[0] == "a cropped industrial photo of the damaged macaroni"
+    assert categories.category_info("macaroni2") == categories.CategoryInfo("macaroni", "object")
     assert prompts.normal_sentences("metal_nut")[0] == "a cropped industrial photo of the normal metal_nut"
+    assert categories.domain("metal_nut") == "object" and categories.prompt_name("metal_nut") == "metal_nut"
+
+
+def test_a_renamed_category_keeps_its_domain(tiny_model, monkeypatch):
+    asked = []
+    original = tiny_model.text_cache.get
+    monkeypatch.setattr(tiny_model.text_cache, "get", lambda normal, abnormal, **kw: asked.append(normal) or
+                        original(normal, abnormal, **kw))
+    tiny_model(torch.zeros(1, 3, 64, 64), ["carpet"], ["rug"])
+    assert asked[0][22 * 7] == "a cropped textural photo of the normal rug"
+
+
+def test_registered_categories(recwarn):
+    categories.register_category("my_felt", "felt", categories.TEXTURE)
+    assert categories.category_info("my_felt") == categories.CategoryInfo("felt", "texture")
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="replacing"):
+        categories.register_category("my_felt", "wool felt", categories.TEXTURE)
+    assert categories.prompt_name("my_felt") == "wool felt"
+    with pytest.raises(AnovlError, match="non-empty"):
+        categories.register_category("my_felt", " ")
 
 
 def test_overrides():
     prompts = PromptSet(
         normal_states=("good {}",), abnormal_states=("bad {}", "broken {}"), templates=("{art} {domain} of {}",),
-        display_names={"pcb1": "printed circuit board"}, domains={"pcb1": ("infrared image",)},
+        domains={"circuit": ("infrared image",)},
     )
-    assert prompts.normal_sentences("pcb1") == ["an infrared image of good printed circuit board"]
-    assert prompts.abnormal_sentences("pcb1") == ["an infrared image of bad printed circuit board",
-                                                  "an infrared image of broken printed circuit board"]
-    assert prompts.fingerprint("pcb1") != PromptSet().fingerprint("pcb1")
+    assert sentences(prompts, "printed circuit board", "circuit") == (
+        ["an infrared image of good printed circuit board"],
+        ["an infrared image of bad printed circuit board", "an infrared image of broken printed circuit board"])
+    with pytest.raises(AnovlError, match="no prompt phrases for the domain 'object'"):
+        prompts.normal_sentences("bottle")
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"normal_states": ("normal",)}, "exactly one"),
     ({"templates": ("a photo of {} {}",)}, "exactly one"),
     ({"abnormal_states": ()}, "non-empty"),
+    ({"domains": {"object": ()}}, "non-empty"),
 ])
 def test_bad_prompt_sets(kwargs, message):
     with pytest.raises(AnovlError, match=message):
         PromptSet(**kwargs)
 
 
-def test_empty_display_name():
-    with pytest.raises(AnovlError, match="empty class name"):
-        PromptSet(display_names={"x": "  "}).normal_sentences("x")
+def test_empty_prompt_name():
+    with pytest.raises(AnovlError, match="empty prompt name"):
+        PromptSet().normal_sentences("  ")
 
 
 @torch.no_grad()
 def test_text_embedding_formula(backbone, tmp_path):
     prompts = PromptSet()
-    cache = TextEmbeddingCache(backbone, prompts, tmp_path)
-    got = cache.get("bottle")
+    cache = TextEmbeddingCache(backbone, tmp_path)
+    got = cache.get(*sentences(prompts, "bottle"))
     normal = backbone.clip.encode_text(backbone.tokenizer(prompts.normal_sentences("bottle")))
     abnormal = backbone.clip.encode_text(backbone.tokenizer(prompts.abnormal_sentences("bottle")))
     # Mean of the unnormalised embeddings, then normalised (not a mean of normalised ones).
@@ -89,37 +117,45 @@ def test_text_embedding_formula(backbone, tmp_path):
 
 
 def test_cache_round_trip_skips_encoding(backbone, tmp_path, monkeypatch):
-    first = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
+    bottle = sentences(PromptSet(), "bottle")
+    first = TextEmbeddingCache(backbone, tmp_path).get(*bottle)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
     def fail(*args, **kwargs):
         raise AssertionError("encoded again despite the cache")
 
     monkeypatch.setattr(text_cache_module, "encode_sentences", fail)
-    second = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
+    second = TextEmbeddingCache(backbone, tmp_path).get(*bottle)
     torch.testing.assert_close(second.states, first.states, rtol=0, atol=0)
     torch.testing.assert_close(second.sentences, first.sentences, rtol=0, atol=0)
 
 
-def test_cache_key_follows_prompts_weights_and_class(backbone, tmp_path):
-    cache = TextEmbeddingCache(backbone, PromptSet(), tmp_path)
-    other_prompts = TextEmbeddingCache(backbone, PromptSet(normal_states=("ok {}",)), tmp_path)
-    assert cache.path("bottle") != cache.path("cable") != other_prompts.path("bottle")
-    assert cache.path("bottle") != other_prompts.path("bottle")
-    torch.manual_seed(1)
+def test_cache_key_follows_sentences_and_weights(backbone, tmp_path):
+    cache = TextEmbeddingCache(backbone, tmp_path)
+    bottle, cable = [sum(sentences(PromptSet(), name), []) for name in ("bottle", "cable")]
+    other_prompts = sum(sentences(PromptSet(normal_states=("ok {}",)), "bottle"), [])
+    assert len({cache.path(bottle), cache.path(cable), cache.path(other_prompts)}) == 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        other_weights = TextEmbeddingCache(create_backbone(TINY), PromptSet(), tmp_path)
-    assert other_weights.path("bottle") != cache.path("bottle")
+        torch.manual_seed(1)
+        other_weights = TextEmbeddingCache(create_backbone(TINY), tmp_path)
+    assert other_weights.path(bottle) != cache.path(bottle)
 
 
-def test_corrupt_cache_file_is_re_encoded(backbone, tmp_path, caplog):
-    cache = TextEmbeddingCache(backbone, PromptSet(), tmp_path)
-    expected = cache.get("bottle").states
-    cache.path("bottle").write_bytes(b"garbage")
-    fresh = TextEmbeddingCache(backbone, PromptSet(), tmp_path).get("bottle")
+def test_corrupt_or_swapped_cache_files_are_re_encoded(backbone, tmp_path, caplog):
+    bottle, cable = sentences(PromptSet(), "bottle"), sentences(PromptSet(), "cable")
+    cache = TextEmbeddingCache(backbone, tmp_path)
+    expected, cable_states = cache.get(*bottle).states, cache.get(*cable).states
+    bottle_file, cable_file = cache.path(sum(bottle, [])), cache.path(sum(cable, []))
+    bottle_file.write_bytes(cable_file.read_bytes())  # another entry's file in its place
+    fresh = TextEmbeddingCache(backbone, tmp_path).get(*bottle)
     torch.testing.assert_close(fresh.states, expected)
+    assert not torch.allclose(fresh.states, cable_states)
+    assert "holds other sentences" in caplog.text
+    bottle_file.write_bytes(b"garbage")
+    torch.testing.assert_close(TextEmbeddingCache(backbone, tmp_path).get(*bottle).states, expected)
     assert "unreadable text-embedding cache" in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([bottle_file.name, cable_file.name])
 
 
 @pytest.mark.parametrize("name", ["we{ird} {}", "ünïcode naïve", "x" * 300])
@@ -127,4 +163,5 @@ def test_odd_prompt_names_are_kept_verbatim(name, backbone, tmp_path):
     prompts = PromptSet()
     assert prompts.normal_sentences(name)[0] == f"a cropped industrial photo of the normal {name}"
     # Over-long sentences are cut to CLIP's context length by the tokenizer, not rejected.
-    assert TextEmbeddingCache(backbone, PromptSet(templates=("{art} {domain} of {}",)), tmp_path).get(name).states.shape == (2, 32)
+    short = PromptSet(templates=("{art} {domain} of {}",))
+    assert TextEmbeddingCache(backbone, tmp_path).get(*sentences(short, name)).states.shape == (2, 32)

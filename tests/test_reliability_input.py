@@ -30,7 +30,7 @@ HUGE = 200
 
 def cli_args(root, save_dir, *extra):
     """`anovl test` of the tiny random model on an MVTec-layout folder, without pictures."""
-    return ["test", "--data", "anovl.data.MVTecDataModule", *TINY_MODEL, "--model.init_args.max_pictures", "0",
+    return ["test", "--data", "anovl.data.MVTecDataModule", *TINY_MODEL, "--pictures.max_per_category", "0",
             "--data.init_args.root", root, "--trainer.logger.init_args.save_dir", save_dir, *extra]
 
 
@@ -111,10 +111,11 @@ CONFIG_ERRORS = {
     "weights-other-architecture": (["--model.init_args.pretrained", "{weights}/other.pt"],
                                    ["weights file {weights}/other.pt does not fit backbone anovl-tiny-vit",
                                     "choose the backbone the weights were saved from"]),
-    "image-size-not-multiple": (["--model.init_args.image_size", "70", "--data.init_args.image_size", "70"],
+    "image-size-not-multiple": (["--model.init_args.image_size", "70"],
                                 ["image_size 70 is not a multiple of the patch size 16", "use e.g. 64"]),
     "data-model-size-differ": (["--data.init_args.image_size", "32"],
-                               ["the data is resized to 32 px but the model expects 64 px", "set data.init_args"]),
+                               ["data.init_args.image_size is 32 but the model expects 64 px",
+                                "set model.init_args.image_size only"]),
     "tta-steps-0": (["--config", CONFIGS / "tta" / "text.yaml", "--model.init_args.tta.steps", "0"],
                     ["tta.steps must be at least 1", "set tta: null"]),
     "empty-class-name": (["--data.init_args.prompt_names", '{{"widget": " "}}'],

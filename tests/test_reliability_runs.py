@@ -145,7 +145,7 @@ RESUME_REFUSALS = {
     "tta-added": (["--config", TEXT_TTA], None, ["model.tta: null in the run, {{"]),
     "other-data-root": (["--data.init_args.root", "{tmp}/moved"], None,
                         ["data.locations:", '{{"root": "{tmp}/moved"}} now']),
-    "reference-mode-tta": (["--config", REFERENCE_TTA], None, ["tta.mode 'reference' cannot be resumed",
+    "reference-mode-tta": (["--config", REFERENCE_TTA], None, ["cannot be resumed", "tta.mode 'reference'",
                                                                "run it again from the start"]),
     "no-results": ([], lambda run: (run / "results.json").unlink(), ["results.json not found",
                                                                      "start a new run without --resume"]),
@@ -179,7 +179,7 @@ def test_the_same_seed_gives_the_same_table(data_root, text_cache, tmp_path):  #
         documents.append(json.loads((run_dir(tmp_path / attempt) / "results.json").read_text()))
     assert documents[0] == documents[1]
     assert documents[2]["categories"] != documents[0]["categories"]
-    assert documents[0]["variant"] == "tta-text-reference-mode"
+    assert documents[0]["label"].startswith("AnoVL-tta-text[") and "mode=reference" in documents[0]["label"]
 
 
 def test_tta_maps_do_not_depend_on_batch_size_or_order(data_root, text_cache, tmp_path):  # noqa: F811
@@ -216,6 +216,6 @@ def test_ddp_with_tta_gives_the_single_process_table(single_process_tta_run, dat
     assert result.returncode == 0, result.stderr
     single = json.loads((single_process_tta_run / "results.json").read_text())
     distributed = json.loads((run_dir(tmp_path) / "results.json").read_text())
-    assert distributed["variant"] == "tta-text"
+    assert distributed["label"] == single["label"] and distributed["label"].startswith("AnoVL-tta-text")
     assert distributed["categories"] == single["categories"]  # 13 images: one padding copy left out
     assert distributed["mean"] == single["mean"]

@@ -196,8 +196,14 @@ def test_register_a_new_adapter():
     try:
         tokens, states, sentences = token_set()
         assert run(TTAConfig(adapter="test-scale"), tokens, states, sentences).shape == tokens.shape
-        with pytest.raises(ValueError, match="already registered"):
-            register_adapter("test-scale")(ScaleAdapter)
+        register_adapter("test-scale")(ScaleAdapter)  # the same class again: nothing to warn about
+
+        class Replacement(ScaleAdapter):
+            pass
+
+        with pytest.warns(UserWarning, match="'test-scale' was registered before"):
+            register_adapter("test-scale")(Replacement)
+        assert ADAPTERS["test-scale"] is Replacement
     finally:
         ADAPTERS.pop("test-scale")
 
@@ -261,5 +267,5 @@ def test_image_corruption_branch(tta_models):
     with pytest.raises(AnovlError, match="no corrupted images"):
         image(images, ["bottle"] * 2)
     corrupted = images + 0.5 * torch.randn_like(images)
-    from_images = image(images, ["bottle"] * 2, corrupted_images=corrupted)
+    from_images = image(images, ["bottle"] * 2, corrupted_image=corrupted)
     assert not torch.allclose(from_images.anomaly_map, token(images, ["bottle"] * 2).anomaly_map, atol=1e-6)

@@ -1,4 +1,4 @@
-"""TTA variants from their configs under `anovl test`, W&B run naming by variant, `anovl compare`."""
+"""TTA variants from their configs under `anovl test`, labels and W&B run naming by label, `anovl compare`."""
 
 import json
 from pathlib import Path
@@ -9,14 +9,22 @@ from anovl.cli import AnovlCLI, main
 from anovl.data import generate_mvtec_like
 from tests.test_cli import CONFIGS, TINY_MODEL
 
+# The label's variant and the settings that differ from the reference TTA of that adapter.
 VARIANT_CONFIGS = {
-    "text.yaml": "tta-text",
-    "linear.yaml": "tta-linear",
-    "lowrank.yaml": "tta-lowrank",
-    "image_corruption.yaml": "tta-text-image-corruption",
-    "tfa_threshold.yaml": "tta-text-tfa_threshold",
-    "reference.yaml": "tta-text-reference-mode",
+    "text.yaml": ("AnoVL-tta-text", []),
+    "linear.yaml": ("AnoVL-tta-linear", []),
+    "lowrank.yaml": ("AnoVL-tta-lowrank", ["lr=0.01", "rank=16"]),
+    "image_corruption.yaml": ("AnoVL-tta-text", ["corruption=image"]),
+    "tfa_threshold.yaml": ("AnoVL-tta-text", ["pseudo_labels=tfa_threshold"]),
+    "reference.yaml": ("AnoVL-tta-text", ["mode=reference"]),
 }
+# What the tiny demo model differs in from the reference backbone, in every label of this module.
+TINY_DIFFERENCES = ["backbone=anovl-tiny-vit", "image_size=64", "num_views=2", "pretrained=None"]
+
+
+def label_parts(label: str) -> tuple[str, set[str]]:
+    variant, _, settings = label.partition("[")
+    return variant, set(settings.rstrip("]").split(";"))
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +51,43 @@ def test_configs_cover_every_adapter_and_option():
     assert sorted(p.name for p in (CONFIGS / "tta").glob("*.yaml")) == sorted(VARIANT_CONFIGS)
 
 
-@pytest.mark.parametrize("config, variant", VARIANT_CONFIGS.items())
-def test_each_variant_runs_from_its_config(config, variant, data_root, tfa_results, tmp_path):
+@pytest.mark.parametrize("config, expected", VARIANT_CONFIGS.items())
+def test_each_variant_runs_from_its_config(config, expected, data_root, tfa_results, tmp_path):
     results = run_test(data_root, tmp_path, "--config", str(CONFIGS / "tta" / config))
     tfa = tfa_results[1]
-    assert results["variant"] == variant and tfa["variant"] == "tfa"
+    variant, differences = expected
+    assert label_parts(results["label"]) == (variant, {*TINY_DIFFERENCES, "init_seed=0", *differences})
+    assert label_parts(tfa["label"]) == ("AnoVL-tfa", {*TINY_DIFFERENCES, "init_seed=0"})
     assert results["complete"] and [row["category"] for row in results["categories"]] == ["fabric", "widget"]
     # TTA changes the maps, never the image score (METHOD §5).
     assert results["mean"]["image_auroc"] == tfa["mean"]["image_auroc"]
     assert results["mean"]["pixel_auroc"] != tfa["mean"]["pixel_auroc"]
 
 
-def test_wandb_runs_are_named_grouped_and_tagged_by_variant(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cli = AnovlCLI(args=["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "wandb.yaml"),
-                         "--config", str(CONFIGS / "tta" / "lowrank.yaml"), *TINY_MODEL,
-                         "--data.init_args.root", str(tmp_path / "data"),
+def test_every_variant_gets_its_own_label():
+    settings = [(variant, frozenset(differences)) for variant, differences in VARIANT_CONFIGS.values()]
+    assert len(set(settings)) == len(settings)
+
+
+def wandb_init(tmp_path, *extra):
+    cli = AnovlCLI(args=["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "wandb.yaml"), *extra,
+                         *TINY_MODEL, "--data.init_args.root", str(tmp_path / "data"),
                          "--trainer.logger.init_args.offline", "true"], run=False)
-    logger = cli.config.trainer.logger.init_args
-    assert logger.name == "syntheticmvtec-tta-lowrank" and logger.group == "tta-lowrank"
-    assert {"tta-lowrank", "syntheticmvtec", "anovl-tiny-vit"} <= set(logger.tags)
-    assert cli.trainer.logger._wandb_init["group"] == "tta-lowrank"
+    return cli.model.label, cli.trainer.logger._wandb_init
+
+
+def test_wandb_runs_are_named_grouped_and_tagged_by_label(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    label, init = wandb_init(tmp_path, "--config", str(CONFIGS / "tta" / "lowrank.yaml"))
+    assert label.startswith("AnoVL-tta-lowrank[")
+    assert init["name"] == f"syntheticmvtec-{label}" and init["group"] == label
+    assert {"AnoVL", "syntheticmvtec", "anovl-tiny-vit"} <= set(init["tags"])
+    # Rank 4 and rank 16 are different settings, so different names and groups.
+    rank_4, init_4 = wandb_init(tmp_path, "--config", str(CONFIGS / "tta" / "lowrank.yaml"),
+                                "--model.init_args.tta.adapter_args", "{rank: 4}")
+    assert "rank=4" in rank_4 and init_4["name"] != init["name"] and init_4["group"] != init["group"]
+    user_label, user_init = wandb_init(tmp_path, "--engine.label", "my-run")
+    assert user_label == "my-run" and user_init["name"] == "syntheticmvtec-my-run"
 
 
 def test_compare_puts_variants_side_by_side(data_root, tfa_results, tmp_path, capsys):
@@ -75,7 +99,7 @@ def test_compare_puts_variants_side_by_side(data_root, tfa_results, tmp_path, ca
         main(["compare", str(tfa_dir), str(tta_dir), "--metrics", "pixel_auroc", "--output", str(output)])
     assert exit_info.value.code == 0
     table = output.read_text()
-    assert "| category | tfa | tta-text |" in table
+    assert f"| category | {tfa_results[1]['label']} | {tta_results['label']} |" in table
     tfa_mean, tta_mean = tfa_results[1]["mean"]["pixel_auroc"], tta_results["mean"]["pixel_auroc"]
     assert f"| mean | {tfa_mean:.1f} | {tta_mean:.1f} ({tta_mean - tfa_mean:+.1f}) |" in table
     assert "random weights" in capsys.readouterr().out

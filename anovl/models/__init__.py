@@ -1,1 +1,6 @@
-"""Anomaly models; each model is a folder with its pure-PyTorch core beside its Lightning wrapper."""
+"""Methods: each implements :class:`~anovl.models.base.AnomalyModel` and runs under the generic module."""
+
+from anovl.models.anovl import AnoVL
+from anovl.models.base import AnomalyModel, ModelOutput, Preprocessing
+
+__all__ = ["AnoVL", "AnomalyModel", "ModelOutput", "Preprocessing"]

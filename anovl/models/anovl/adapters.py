@@ -8,6 +8,7 @@ over stacked parameters equals one optimiser per image).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -23,8 +24,10 @@ def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
     """Class decorator: make an adapter selectable by ``name`` (e.g. ``tta.adapter: name`` in YAML)."""
 
     def decorator(cls: type[Adapter]) -> type[Adapter]:
-        if name in ADAPTERS:
-            raise ValueError(f"adapter {name!r} is already registered")
+        if name in ADAPTERS and ADAPTERS[name] is not cls:
+            # A notebook cell or a plugin imported twice registers again: the newer class wins.
+            warnings.warn(f"adapter {name!r} was registered before ({ADAPTERS[name].__qualname__}); replacing it",
+                          stacklevel=2)
         ADAPTERS[name] = cls
         cls.name = name
         return cls
