@@ -2,5 +2,6 @@
 
 from anovl.models.anovl import AnoVL
 from anovl.models.base import AnomalyModel, ModelOutput, Preprocessing
+from anovl.models.winclip import WinCLIP
 
-__all__ = ["AnoVL", "AnomalyModel", "ModelOutput", "Preprocessing"]
+__all__ = ["AnoVL", "AnomalyModel", "ModelOutput", "Preprocessing", "WinCLIP"]

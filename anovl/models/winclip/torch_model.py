@@ -1,0 +1,197 @@
+"""WinCLIP (Jeong et al., CVPR 2023), zero-shot, as anomalib 2.7.0's ``WinClipModel`` computes it.
+
+Every image is scored at three kinds of scale: the whole image (CLIP's image embedding) and every
+``s``×``s`` window of patches (stride 1) for each ``s`` in ``scales``. A window's embedding is CLIP's forward
+of the class token and the window's patch tokens alone (with their positions), so a window sees nothing
+outside it. Each embedding gets the abnormal probability ``softmax(cos(x, [t_normal, t_anomalous]) / T)[1]``
+with anomalib's fixed temperature ``T = 0.07`` (not the model's ``logit_scale``). A patch's score at one
+scale is the harmonic mean of the windows covering it; the map is the harmonic mean over the scales and the
+whole-image score, resized bilinearly to the input. The image score is the whole-image score.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anovl.backbones import create_backbone
+from anovl.errors import AnovlError
+from anovl.models.anovl.text_cache import TextEmbeddingCache
+from anovl.models.base import AnomalyModel, ModelOutput, prompt_names_for
+from anovl.models.winclip.prompts import WinCLIPPrompts
+from anovl.models.winclip.windows import check_scales, harmonic_aggregation, harmonic_mean, window_masks
+
+# anomalib 2.7.0's WinClipModel: BACKBONE, PRETRAINED, the backbone's native size, scales and TEMPERATURE.
+REFERENCE_SETTINGS = {
+    "backbone": "ViT-B-16-plus-240", "pretrained": "laion400m_e31", "image_size": 240, "init_seed": None,
+    "scales": [2, 3], "temperature": 0.07, "prompts": WinCLIPPrompts().to_dict(),
+}
+
+
+@dataclass
+class WinCLIPOutput(ModelOutput):
+    """``anomaly_map`` (B, S, S) and ``pred_score`` (B,) as anomalib returns them, plus the parts."""
+
+    image_embeddings: torch.Tensor  # (B, D) CLIP image embeddings (unnormalised)
+    window_embeddings: list[torch.Tensor]  # per scale, (B, num_windows, D) (unnormalised)
+    scale_maps: list[torch.Tensor]  # per scale, (B, grid, grid) harmonic aggregation of the window scores
+    text_states: torch.Tensor  # (B, 2, D) normalised [normal, anomalous] text embeddings
+
+
+def _forget_text(model: "WinCLIP", module: nn.Module, incompatible_keys: object) -> None:
+    # Text embeddings of other weights no longer fit, whether WinCLIP or its CLIP loads them.
+    model.text_cache.weights_changed()
+    model._text_states.clear()
+
+
+class WinCLIP(AnomalyModel):
+    """Zero-shot WinCLIP on a frozen CLIP (see the module docstring).
+
+    Args:
+        backbone: open_clip model name or model-config JSON (as for AnoVL); needs a ViT.
+        pretrained: open_clip tag, local weights file, or None for random weights (tests only).
+            The default is anomalib's tag.
+        image_size: input side S (default: the model's native size); a multiple of the patch size.
+        scales: window sizes in patches (anomalib: 2 and 3); each must fit the patch grid.
+        temperature: softmax temperature of the image–text cosine similarities (anomalib: 0.07).
+        prompts: the prompt ensemble (default: anomalib's).
+        cache_dir: where text embeddings are cached (default ``$ANOVL_CACHE_DIR`` or ``~/.cache/anovl``).
+        use_text_cache: read and write the on-disk text-embedding cache.
+        init_seed: seed of the weights when ``pretrained`` is None, so every process builds the same model.
+    """
+
+    method = "WinCLIP"
+
+    def __init__(
+        self,
+        backbone: str = "ViT-B-16-plus-240",
+        pretrained: str | None = "laion400m_e31",
+        image_size: int | None = None,
+        scales: Sequence[int] = (2, 3),
+        temperature: float = 0.07,
+        prompts: WinCLIPPrompts | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_text_cache: bool = True,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise AnovlError(f"temperature must be a positive number (anomalib: 0.07), got {temperature!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            built = create_backbone(backbone, pretrained, image_size)
+        self.pretrained = pretrained
+        self.init_seed = init_seed
+        self.clip = built.clip
+        self.encoder = built.visual
+        self.backbone_name = built.name
+        self.image_size = built.image_size
+        self.grid_size = self.encoder.grid_size(self.image_size)
+        self.scales = check_scales(scales, self.grid_size)
+        self.temperature = float(temperature)
+        self.prompts = prompts or WinCLIPPrompts()
+        self.text_cache = TextEmbeddingCache(built, cache_dir, use_disk=use_text_cache)
+        self._text_states: dict[tuple[str, str], torch.Tensor] = {}  # (prompt name, device) → (2, D)
+        self.masks = [window_masks(self.grid_size, scale) for scale in self.scales]
+        self.clip.register_load_state_dict_post_hook(functools.partial(_forget_text, self))
+        self.eval()
+
+    def train(self, mode: bool = True) -> "WinCLIP":
+        # CLIP stays frozen in eval mode whatever a wrapping trainer asks for.
+        return super().train(False)
+
+    def settings(self) -> dict[str, Any]:
+        pretrained = self.pretrained
+        if pretrained is not None and Path(pretrained).expanduser().is_file():
+            pretrained = str(Path(pretrained).expanduser().resolve())  # the same file, however it is named
+        return {
+            "backbone": self.backbone_name, "pretrained": pretrained, "image_size": self.image_size,
+            "init_seed": self.init_seed if pretrained is None else None, "scales": list(self.scales),
+            "temperature": self.temperature, "prompts": self.prompts.to_dict(),
+        }
+
+    def reference_settings(self) -> dict[str, Any]:
+        return REFERENCE_SETTINGS
+
+    def text_states(self, prompt_name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Normalised [normal, anomalous] embeddings (2, D) of ``prompt_name``: each the mean of its
+        sentences' unnormalised embeddings, as anomalib averages them."""
+        key = (prompt_name, str(device))
+        if key not in self._text_states:
+            normal = self.prompts.normal_sentences(prompt_name)
+            embeddings = self.text_cache.sentence_embeddings([*normal, *self.prompts.anomalous_sentences(prompt_name)])
+            states = torch.stack([embeddings[:len(normal)].mean(0), embeddings[len(normal):].mean(0)])
+            self._text_states[key] = F.normalize(states, dim=-1).to(device)
+        return self._text_states[key]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """CLIP image embeddings (B, D) and, per scale, window embeddings (B, num_windows, D).
+
+        A window's embedding is the encoder's forward of the prefix (class) token and that window's patch
+        tokens only, taken from one shared embedding of the whole image.
+        """
+        tokens = self.encoder.embed(images)
+        batch, _, width = tokens.shape
+        prefix = self.encoder.num_prefix_tokens
+        window_embeddings = []
+        for masks in self.masks:
+            num_windows = masks.shape[0]
+            index = torch.cat([torch.arange(prefix).expand(num_windows, prefix), masks + prefix], dim=1)
+            windows = tokens[:, index.to(tokens.device)]  # (B, num_windows, prefix + scale², width)
+            encoded = self.encoder.encode_tokens(windows.reshape(batch * num_windows, -1, width))
+            window_embeddings.append(encoded.view(batch, num_windows, -1))
+        return self.encoder.encode_tokens(tokens), window_embeddings
+
+    def anomalous_probability(self, embeddings: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """softmax(cos(x, states) / T)[..., 1] for embeddings (B, ..., D) and per-image states (B, 2, D)."""
+        similarity = torch.einsum("b...d,bkd->b...k", F.normalize(embeddings, dim=-1), states)
+        return (similarity / self.temperature).softmax(dim=-1)[..., 1]
+
+    def _check_inputs(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str]) -> None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise AnovlError(f"images must be a B×3×S×S tensor, got {getattr(images, 'shape', type(images))}")
+        if images.device != self.device:
+            raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
+                             "move them with images.to(model.device)")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise AnovlError(f"images are {images.shape[-2]}×{images.shape[-1]} but the model expects "
+                             f"{self.image_size}×{self.image_size}; resize them or set image_size")
+        for what, names in (("category", categories), ("prompt name", prompt_names)):
+            if len(names) != images.shape[0]:
+                raise AnovlError(f"give one {what} per image ({images.shape[0]}), got {list(names)!r}")
+            for name in names:
+                if not isinstance(name, str) or not name.strip():
+                    raise AnovlError(f"{what}s must be non-empty strings, got {name!r}")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, categories: Sequence[str],
+                prompt_names: Sequence[str] | None = None) -> WinCLIPOutput:
+        """Anomaly maps (B, S, S) and image scores (B,) of CLIP-normalised ``images`` (B, 3, S, S).
+
+        ``prompt_names`` (default: :mod:`anovl.categories`' names for the categories) go into the prompts.
+        """
+        prompt_names = prompt_names_for(categories, prompt_names)
+        self._check_inputs(images, categories, prompt_names)
+        image_embeddings, window_embeddings = self.encode(images)
+        states = torch.stack([self.text_states(name, images.device) for name in prompt_names])
+        states = states.to(image_embeddings.dtype)
+        image_scores = self.anomalous_probability(image_embeddings, states)
+        scale_maps = [
+            harmonic_aggregation(self.anomalous_probability(windows, states), masks, self.grid_size)
+            for windows, masks in zip(window_embeddings, self.masks)
+        ]
+        whole_image = image_scores.view(-1, 1, 1).expand(-1, self.grid_size, self.grid_size)
+        grid_map = harmonic_mean([whole_image, *scale_maps])
+        anomaly_map = F.interpolate(grid_map.unsqueeze(1), size=images.shape[-2:], mode="bilinear").squeeze(1)
+        return WinCLIPOutput(
+            anomaly_map=anomaly_map, pred_score=image_scores, image_embeddings=image_embeddings,
+            window_embeddings=window_embeddings, scale_maps=scale_maps, text_states=states,
+        )
