@@ -32,7 +32,7 @@ class FolderDataModule(AnomalyDataModule):
     Masks: ``mask_dir``, or else a ``ground_truth``/``mask``/``masks`` subfolder. The mask of an image in the
     top folder ``D`` is looked up below ``<mask_dir>/D`` when that folder exists (so file names may repeat across
     defects), else anywhere below ``mask_dir``, by stem: ``<stem>_mask.<ext>`` or ``<stem>.<ext>``. Normal
-    images without one get all-zero masks; an anomalous image without one is an error (skip mode: kept for image
+    images get all-zero masks; an anomalous image without one is an error (skip mode: kept for image
     metrics only). Without masks no image has pixel ground truth (``has_mask`` False).
 
     Images the layout does not use (subfolders of a flat folder) are named in a warning. Symlinks: see
@@ -100,7 +100,7 @@ class FolderDataModule(AnomalyDataModule):
         samples = []
         for image_path, label in labelled_images:
             mask_path = None
-            if mask_dir is not None:
+            if mask_dir is not None and label != 0:  # normal images have all-zero masks
                 top = image_path.relative_to(base).parts[0]
                 folder = mask_dir / top if (mask_dir / top).is_dir() else mask_dir
                 if folder not in mask_indexes:
