@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         for index, header in enumerate(headers):
             table.add_column(header, justify="left" if index == 0 else "right")
         for index, row in enumerate(rows):
-            table.add_row(*row, style="bold" if index == len(rows) - 1 else None)
+            table.add_row(escape(row[0]), *row[1:], style="bold" if index == len(rows) - 1 else None)
         rich_tables.append(table)
     console = console_for(*rich_tables)
     for table in rich_tables:

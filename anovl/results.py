@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
@@ -292,7 +293,7 @@ class ResultsTable:
         table = Table(title=self.title or None, caption="metrics × 100, mean over categories")
         for index, header in enumerate(self._headers()):
             table.add_column(header, justify="left" if index == 0 else "right")
-        rows = self._display_rows()
+        rows = self._display_rows(rich_escape)  # a category named "[bold]x" is shown as it is
         for index, row in enumerate(rows[:-1]):
             table.add_row(*row, end_section=index == len(rows) - 2)
         table.add_row(*rows[-1], style="bold")

@@ -10,6 +10,7 @@ import stat
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from anovl import compare, results
 from anovl.errors import AnovlError
@@ -80,7 +81,7 @@ def test_unwritable_folder_is_one_error(tmp_path):
 
 
 def test_a_category_named_mean_round_trips_and_compares(tmp_path, capsys):
-    names = ["mean", "mean (all categories)", "**mean (all categories)**", "a|b", "x_y_"]
+    names = ["mean", "mean (all categories)", "**mean (all categories)**", "a|b", "[bold red]x_y_"]
     table = written_table(tmp_path, names)
     read = ResultsTable.read(tmp_path)
     assert list(read.rows) == names and read.image_counts == table.image_counts
@@ -91,6 +92,10 @@ def test_a_category_named_mean_round_trips_and_compares(tmp_path, capsys):
     bold_rows = [line for line in markdown.splitlines() if line.startswith("| **")]
     assert bold_rows == ["| **mean (all categories)** | **15** | **30.0** | " + " | ".join(["**50.0**"] * 6) + " |"]
     assert "| a\\|b |" in markdown and "| \\*\\*mean (all categories)\\*\\* |" in markdown
+
+    printed = io.StringIO()
+    read.print(Console(file=printed, width=300))
+    assert "[bold red]x_y_" in printed.getvalue()
 
     other = tmp_path / "other"
     written_table(other, ["mean"])
