@@ -191,6 +191,7 @@ def continue_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataMod
     if earlier.config is None:
         raise AnovlError(f"{run_dir}/results.json has no record of the run's configuration (an older anovl wrote "
                          "it), so it cannot be resumed safely; start a new run without --resume")
+    earlier.check_categories(datamodule.categories)
     module.trainer = trainer  # run_config reads the trainer's precision
     current = module.run_config(datamodule)
     differences = config_differences(earlier.config, current)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from anovl.errors import AnovlError
 from anovl.results import (ALL_METRIC_TITLES, MEAN_ROW, RANDOM_WEIGHTS_WARNING, ResultsTable, atomic_write_text,
-                           console_for, markdown_table)
+                           console_for, markdown_escape, markdown_table)
 
 DEFAULT_METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc")
 
@@ -28,7 +28,8 @@ DEFAULT_METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc")
 @dataclass
 class Run:
     label: str
-    rows: dict[str, dict[str, float]]  # category (and "mean") -> metric -> percent (NaN: undefined)
+    rows: dict[str, dict[str, float]]  # category -> metric -> percent (NaN: undefined)
+    mean: dict[str, float]  # kept apart: a category may be called "mean"
     random_weights: bool = False
 
 
@@ -38,7 +39,7 @@ def load_run(directory: str | Path) -> Run:
     if not (folder / "results.json").is_file():
         raise AnovlError(f"no results.json in {folder}; give the run directories of finished `anovl test` runs")
     table = ResultsTable.read(folder)
-    return Run(label=table.label or folder.name, rows={**table.rows, MEAN_ROW: table.mean()},
+    return Run(label=table.label or folder.name, rows=table.rows, mean=table.mean(),
                random_weights=table.random_weights)
 
 
@@ -54,13 +55,14 @@ def _unique_labels(runs: list[Run], directories: list[str], given: list[str] | N
 
 
 def _categories(runs: list[Run]) -> list[str]:
-    """Every run's categories, sorted, then the mean row."""
-    return sorted({category for run in runs for category in run.rows if category != MEAN_ROW}) + [MEAN_ROW]
+    """Every run's categories, sorted."""
+    return sorted({category for run in runs for category in run.rows})
 
 
 def comparison_rows(runs: list[Run], metric: str) -> list[list[float]]:
-    """Per category (sorted, mean last): each run's value; NaN where a run lacks it or it is undefined."""
-    return [[run.rows.get(category, {}).get(metric, math.nan) for run in runs] for category in _categories(runs)]
+    """Per category (sorted), then the mean: each run's value; NaN where a run lacks it or it is undefined."""
+    rows = [[run.rows.get(category, {}).get(metric, math.nan) for run in runs] for category in _categories(runs)]
+    return rows + [[run.mean.get(metric, math.nan) for run in runs]]
 
 
 def _cell(value: float, baseline: float, with_delta: bool) -> str:
@@ -75,7 +77,7 @@ def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list
     tables = []
     for metric in metrics:
         rows = [[category] + [_cell(value, values[0], index > 0) for index, value in enumerate(values)]
-                for category, values in zip(_categories(runs), comparison_rows(runs, metric))]
+                for category, values in zip([*_categories(runs), MEAN_ROW], comparison_rows(runs, metric))]
         tables.append((ALL_METRIC_TITLES.get(metric, metric), ["category", *labels], rows))
     return tables
 
@@ -83,6 +85,8 @@ def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list
 def to_markdown(tables) -> str:
     lines = ["# Comparison", "", "Metrics × 100; in brackets the difference to the first run.", ""]
     for title, headers, rows in tables:
+        # Escaped category names cannot pose as the mean row, which is last and bold.
+        rows = [[markdown_escape(row[0]), *row[1:]] for row in rows[:-1]] + [[f"**{cell}**" for cell in rows[-1]]]
         lines += [f"## {title}", "", *markdown_table(headers, rows), ""]
     return "\n".join(lines)
 
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         for index, header in enumerate(headers):
             table.add_column(escape(header), justify="left" if index == 0 else "right")
         for index, row in enumerate(rows):
-            table.add_row(*row, style="bold" if index == len(rows) - 1 else None)
+            table.add_row(escape(row[0]), *row[1:], style="bold" if index == len(rows) - 1 else None)
         rich_tables.append(table)
     console = console_for(*rich_tables)
     for table in rich_tables:

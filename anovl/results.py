@@ -3,7 +3,10 @@
 Values are percentages (metric × 100, the papers' convention): full precision in CSV and JSON, one decimal
 in Markdown and on screen. The "mean" row averages each metric over the categories where it is defined
 (a metric is NaN where undefined, e.g. image AUROC of a category without anomalous images), and sums the
-image counts. The files are rewritten atomically after every category, so they are readable at any time.
+image counts. The files are rewritten atomically after every category, so they are readable at any time: a
+failed write (a full disk) is one clear error and leaves the previous files as they were. In CSV, Markdown and
+on screen the mean is the last row, labelled ``mean (all categories)`` (Markdown escapes category names, so
+only the real mean row is bold); in JSON it is a separate record, so a category may be called ``mean``.
 
 results.json also records the run's configuration (what its metrics depend on) and the files that
 ``on_bad_image: skip`` left out, so that ``anovl test --resume`` can check and continue an interrupted run.
@@ -16,13 +19,13 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
@@ -38,7 +41,7 @@ METRIC_TITLES = {
 }
 OPTIONAL_METRIC_TITLES = {"pixel_aupro_cflow": "AUPRO (cflow-style)"}
 ALL_METRIC_TITLES = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
-MEAN_ROW = "mean"
+MEAN_ROW = "mean (all categories)"
 RESULT_FILES = ("results.csv", "results.json", "results.md")
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: the backbone has random weights (pretrained: null), so these scores mean nothing; "
@@ -47,16 +50,37 @@ RANDOM_WEIGHTS_WARNING = (
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so readers never see a half-written file."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8", newline="")
+    """Write one file atomically (see :func:`atomic_write_texts`)."""
+    atomic_write_texts({Path(path): text})
+
+
+def atomic_write_texts(files: Mapping[Path, str]) -> None:
+    """Write files so that readers only ever see whole files, old or new, and a failure changes none of them.
+
+    Every file is first written and flushed to disk as a temporary file in its folder; only when all are
+    written are they renamed over the old ones. The temporary files are created with mode 0666 minus the umask,
+    as a plain ``open`` would, not 0600. Any OSError (a full disk, a read-only folder) becomes one AnovlError
+    and leaves no temporary file behind.
+    """
+    written: dict[Path, Path] = {}
     try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+        for path, text in files.items():
+            temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            written[path] = temporary
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with open(descriptor, "w", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path, temporary in written.items():
+            os.replace(temporary, path)
+    except OSError as error:
+        raise AnovlError(f"cannot write {error.filename or path} ({error.strerror or type(error).__name__}); "
+                         "the results files written before are unchanged; free disk space or fix the folder's "
+                         "permissions") from None
+    finally:
+        for temporary in written.values():
+            temporary.unlink(missing_ok=True)
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -86,6 +110,21 @@ def console_for(*tables: Table) -> Console:
 
 def _one_decimal(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.1f}"
+
+
+def markdown_escape(text: str) -> str:
+    """Text shown literally in a Markdown table cell (a category named ``**x**`` or ``a|b``)."""
+    escaped = "".join(f"\\{char}" if char in "\\`*_[]<>|~" else char for char in text)
+    return " ".join(escaped.split())  # a line break would end the table row
+
+
+def _read_error(path: Path, problem: str) -> AnovlError:
+    return AnovlError(f"{path} is not a results file that anovl test wrote: {problem}; "
+                      "start a new run, or give the folder of another run")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ResultsTable:
@@ -126,17 +165,26 @@ class ResultsTable:
                              "(runs/<name>/version_N), or start a new run without --resume")
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-            table = cls(path.parent, document["title"], document["random_weights"], label=document["label"],
-                        config=document.get("config"), skipped_files=document.get("skipped_files", []))
-            for record in document["categories"]:
-                category = record["category"]
-                table.rows[category] = {name: math.nan if value is None else float(value)
-                                        for name, value in record.items() if name not in ("category", "images")}
-                table.image_counts[category] = int(record["images"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise AnovlError(f"cannot read {path} ({type(error).__name__}: {error}); it is not a results file "
-                             "that anovl test wrote") from None
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise _read_error(path, f"{type(error).__name__}: {error}") from None
+        _check_document(path, document)
+        table = cls(path.parent, document["title"], document["random_weights"], label=document["label"],
+                    config=document.get("config"), skipped_files=document.get("skipped_files") or [])
+        for record in document["categories"]:
+            category = record["category"]
+            table.rows[category] = {name: math.nan if value is None else float(value)
+                                    for name, value in record.items() if name not in ("category", "images")}
+            table.image_counts[category] = record["images"]
         return table
+
+    def check_categories(self, known: Sequence[str]) -> None:
+        """Refuse rows of categories that the dataset does not have (an edited or foreign results.json), which
+        would otherwise enter the mean."""
+        unknown = [category for category in self.rows if category not in set(known)]
+        if unknown:
+            raise AnovlError(f"{self.directory}/results.json has rows for categories that the dataset does not have: "
+                             f"{', '.join(map(repr, unknown))}; it belongs to another dataset or was edited; "
+                             "start a new run")
 
     def include(self, earlier: ResultsTable) -> None:
         """Take over the finished categories and skipped files of an earlier, interrupted part of this run."""
@@ -210,10 +258,11 @@ class ResultsTable:
     def _headers(self) -> list[str]:
         return ["category", "images", *(ALL_METRIC_TITLES[name] for name in self.metric_names)]
 
-    def _display_rows(self) -> list[list[str]]:
-        return [[str(record["category"]), str(record["images"]),
+    def _display_rows(self, escape=lambda text: text) -> list[list[str]]:
+        records = self.records()
+        return [[escape(str(record["category"])) if index < len(records) - 1 else MEAN_ROW, str(record["images"]),
                  *(_one_decimal(record[name]) for name in self.metric_names)]
-                for record in self.records()]
+                for index, record in enumerate(records)]
 
     def to_markdown(self) -> str:
         lines = [f"# Results{': ' + self.title if self.title else ''}", ""]
@@ -223,7 +272,7 @@ class ResultsTable:
             lines += [f"_{self._status()}_", ""]
         if self.skipped_files:
             lines += [f"_{self._skipped_note()}_", ""]
-        rows = self._display_rows()
+        rows = self._display_rows(markdown_escape)
         rows[-1] = [f"**{cell}**" for cell in rows[-1]]
         lines += markdown_table(self._headers(), rows)
         lines += ["", "Metrics × 100; the mean is over categories (n/a: undefined, left out of the mean)."]
@@ -233,15 +282,19 @@ class ResultsTable:
         """(Re)write results.csv, results.json and results.md in the directory."""
         if self.directory is None:
             raise ValueError("this results table has no directory to write to")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for name, text in zip(RESULT_FILES, (self.to_csv(), self.to_json(), self.to_markdown())):
-            atomic_write_text(self.directory / name, text)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise AnovlError(f"cannot create the results folder {self.directory} ({error.strerror}); "
+                             "choose another output folder") from None
+        atomic_write_texts({self.directory / name: text
+                            for name, text in zip(RESULT_FILES, (self.to_csv(), self.to_json(), self.to_markdown()))})
 
     def to_rich(self) -> Table:
-        table = Table(title=escape(self.title) if self.title else None, caption="metrics × 100, mean over categories")
+        table = Table(title=rich_escape(self.title) if self.title else None, caption="metrics × 100, mean over categories")
         for index, header in enumerate(self._headers()):
             table.add_column(header, justify="left" if index == 0 else "right")
-        rows = self._display_rows()
+        rows = self._display_rows(rich_escape)  # a category named "[bold]x" is shown as it is
         for index, row in enumerate(rows[:-1]):
             table.add_row(*row, end_section=index == len(rows) - 2)
         table.add_row(*rows[-1], style="bold")
@@ -257,3 +310,40 @@ class ResultsTable:
             console.print(self._skipped_note(), style="yellow")
         if self.directory is not None:
             console.print(f"Results written to {self.directory}/{{{','.join(RESULT_FILES)}}}")
+
+
+def _check_document(path: Path, document: object) -> None:
+    """Raise a clear AnovlError naming the first field of a results.json that anovl test would not write."""
+    if not isinstance(document, dict):
+        raise _read_error(path, f"the top level is a {type(document).__name__}, not an object")
+    for field, kind in (("title", str), ("label", str), ("random_weights", bool), ("categories", list)):
+        if field not in document:
+            raise _read_error(path, f"the field {field!r} is missing")
+        if not isinstance(document[field], kind):
+            raise _read_error(path, f"{field!r} is a {type(document[field]).__name__}, not a {kind.__name__}")
+    for field, kind in (("config", dict), ("skipped_files", list)):
+        if document.get(field) is not None and not isinstance(document[field], kind):
+            raise _read_error(path, f"{field!r} is a {type(document[field]).__name__}, not a {kind.__name__}")
+    if not all(isinstance(message, str) for message in document.get("skipped_files") or []):
+        raise _read_error(path, "'skipped_files' holds something other than text")
+    seen = set()
+    for index, record in enumerate(document["categories"]):
+        where = f"categories[{index}]"
+        if not isinstance(record, dict):
+            raise _read_error(path, f"{where} is a {type(record).__name__}, not an object")
+        category = record.get("category")
+        if not isinstance(category, str) or not category:
+            raise _read_error(path, f"{where} has no category name")
+        if category in seen:
+            raise _read_error(path, f"the category {category!r} appears twice")
+        seen.add(category)
+        images = record.get("images")
+        if not isinstance(images, int) or isinstance(images, bool) or images < 0:
+            raise _read_error(path, f"{where} ({category!r}): 'images' is {images!r}, not a count")
+        for name, value in record.items():
+            if name in ("category", "images"):
+                continue
+            if name not in ALL_METRIC_TITLES:
+                raise _read_error(path, f"{where} ({category!r}) has an unknown metric {name!r}")
+            if value is not None and not (_is_number(value) and 0 <= value <= 100):
+                raise _read_error(path, f"{where} ({category!r}): {name} is {value!r}, not a percentage or null")

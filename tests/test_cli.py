@@ -65,7 +65,7 @@ def single_process_run(data_root, cli_env, tmp_path_factory):
 def test_cli_test_writes_results_and_panels(single_process_run):
     result, directory = single_process_run
     rows = list(csv.DictReader((directory / "results.csv").open()))
-    assert [(row["category"], row["images"]) for row in rows] == [("fabric", "6"), ("widget", "7"), ("mean", "13")]
+    assert [(row["category"], row["images"]) for row in rows] == [("fabric", "6"), ("widget", "7"), ("mean (all categories)", "13")]
     document = json.loads((directory / "results.json").read_text())
     assert document["mean"]["pixel_auroc"] == pytest.approx(float(rows[-1]["pixel_auroc"]))
     assert document["random_weights"] is True

@@ -386,7 +386,8 @@ def test_flat_folder_for_prediction(tmp_path):
     _write_images(folder / "ignored", ["d.png"])
     (folder / "readme.txt").write_text("hi")
     datamodule = FolderDataModule(folder, image_size=SIZE, batch_size=2)
-    batches = list(datamodule.predict_dataloader())
+    with pytest.warns(UserWarning, match="ignored/d.png"):  # named, not dropped silently
+        batches = list(datamodule.predict_dataloader())
     assert concat(batches, "image_path") == [str(folder / name) for name in ("a.jpg", "b.png", "c.tiff")]
     assert concat(batches, "label").tolist() == [-1, -1, -1] and not concat(batches, "has_mask").any()
     assert datamodule.categories == ["parts"] and set(concat(batches, "prompt_name")) == {"object"}

@@ -162,17 +162,22 @@ def test_decompression_bomb_limit_is_explained(tmp_path, monkeypatch):
 
 
 def test_mask_binarises_soft_values_at_half_range(tmp_path):
-    values = np.array([[0, 1, 100, 127, 128, 200, 255]], dtype=np.uint8)
-    expected = np.array([[0, 0, 0, 0, 1, 1, 1]], dtype=bool)
+    values = np.zeros((4, 7), dtype=np.uint8)  # mostly background, like a soft mask's anti-aliased edge
+    values[0] = [0, 1, 100, 127, 128, 200, 255]
+    expected = values > 127
     mask = load_mask(save(values, tmp_path / "m.png"))
     assert mask.dtype == bool
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_mask_threshold_zero_reads_class_index_masks(tmp_path):
-    values = np.array([[0, 1, 0, 1]], dtype=np.uint8)  # VisA stores 0/1
+def test_class_index_masks(tmp_path):
+    values = np.array([[0, 1, 0, 1]], dtype=np.uint8)  # VisA stores 0/1: binary, so nonzero at any depth
     path = save(values, tmp_path / "v.png")
-    np.testing.assert_array_equal(load_mask(path, threshold=0), values.astype(bool))
+    np.testing.assert_array_equal(load_mask(path), values.astype(bool))
+    classes = np.zeros((4, 4), dtype=np.uint8)
+    classes[0, :3] = [1, 2, 3]  # several classes: soft under the default rule, anomalous with nonzero=True
+    path = save(classes, tmp_path / "c.png")
+    np.testing.assert_array_equal(load_mask(path, nonzero=True), classes > 0)
     assert not load_mask(path).any()
 
 
@@ -183,8 +188,9 @@ def test_mask_modes(tmp_path):
     red = np.zeros((1, 3, 3), dtype=np.uint8)
     red[0, 1:] = (255, 0, 0)  # luminance 76: a grey conversion would lose it
     np.testing.assert_array_equal(load_mask(save(red, tmp_path / "r.png")), expected)
-    sixteen = np.array([[0, 40000, 65535]], dtype=np.uint16)
-    np.testing.assert_array_equal(load_mask(save(sixteen, tmp_path / "s.png")), expected)
+    sixteen = np.zeros((4, 3), dtype=np.uint16)  # a soft edge: few mid-range pixels
+    sixteen[0] = [0, 40000, 65535]
+    np.testing.assert_array_equal(load_mask(save(sixteen, tmp_path / "s.png")), sixteen > 32767)
     palette = Image.fromarray(expected.astype(np.uint8) * 255).convert("P")
     np.testing.assert_array_equal(load_mask(save(palette, tmp_path / "p.png")), expected)
 

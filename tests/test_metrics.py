@@ -237,7 +237,6 @@ def single_batch(amap: torch.Tensor, mask: torch.Tensor, has_mask: bool = True) 
         ([single_batch(torch.rand(6, 6), torch.zeros(6, 6))], "no positive"),
         ([single_batch(torch.rand(6, 6), torch.ones(6, 6))], "no negative"),
         ([single_batch(torch.rand(6, 6), torch.ones(6, 6), has_mask=False)], "no samples"),
-        ([single_batch(torch.full((6, 6), 0.4), torch.eye(6))], "all scores are equal"),
         ([single_batch(torch.full((6, 6), math.nan), torch.eye(6))], "NaN"),
     ],
 )
@@ -248,6 +247,39 @@ def test_undefined_pixel_metrics_are_nan_with_warning(batches, reason):
     for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_cflow"):
         assert math.isnan(results[key]), key
         assert any(message.startswith(f"{key} is undefined (") and reason in message for message in messages), key
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equal_scores_follow_sklearn_and_the_standard_aupro(seed):
+    # One tie group: ROC and PRO curves jump from (0, 0) to (1, 1); AUROC 0.5, AUPRO 0.3²/2 / 0.3 = 0.15.
+    rng = np.random.default_rng(seed)
+    count, height, width = int(rng.integers(1, 4)), int(rng.integers(3, 9)), int(rng.integers(3, 9))
+    masks = (rng.random((count, height, width)) < rng.uniform(0.05, 0.6)).astype(np.float32)
+    masks[0, 0, 0], masks[0, -1, -1] = 1, 0  # both classes present
+    value = np.float32(rng.uniform(-5, 5))
+    maps = np.full(masks.shape, value, dtype=np.float32)
+    labels = torch.tensor([1] + [int(label) for label in rng.integers(0, 2, count - 1)])
+    batch = {"anomaly_maps": torch.from_numpy(maps), "masks": torch.from_numpy(masks),
+             "pred_scores": torch.full((count,), float(value)), "labels": labels, "has_mask": torch.ones(count, dtype=torch.bool)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = anomaly_metrics([batch], cflow_pro=True)
+    targets, scores = masks.ravel(), maps.ravel()
+    assert results["pixel_auroc"] == roc_auc_score(targets, scores) == 0.5
+    assert results["pixel_ap"] == pytest.approx(average_precision_score(targets, scores), abs=1e-12)
+    assert results["pixel_f1max"] == pytest.approx(reference_f1_max(targets, scores), abs=1e-12)
+    assert results["pixel_aupro"] == pytest.approx(reference_aupro(list(maps), list(masks), 0.3), abs=1e-12)
+    assert results["pixel_aupro"] == pytest.approx(0.15, abs=1e-12)
+    if (labels == 0).any():
+        assert results["image_auroc"] == 0.5
+        assert results["image_ap"] == pytest.approx(average_precision_score(labels.numpy(), np.full(count, value)))
+    # cflow-ad's loop divides by the FPR range, zero here: it stays undefined, as in the reference code.
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(reference_cflow_pro(list(maps), list(masks)))
+    assert math.isnan(results["pixel_aupro_cflow"])
+    undefined = [str(warning.message).split(" ")[0] for warning in caught if "is undefined" in str(warning.message)]
+    assert set(undefined) <= {"pixel_aupro_cflow", "image_auroc", "image_ap", "image_f1max"}
 
 
 def test_unknown_image_labels_give_nan_image_metrics():

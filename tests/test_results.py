@@ -44,14 +44,14 @@ def test_files_are_written_after_every_category(tmp_path):
     assert document["mean"]["images"] == 5
 
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
-    assert [row["category"] for row in rows] == ["bottle", "cable", "mean"]
+    assert [row["category"] for row in rows] == ["bottle", "cable", "mean (all categories)"]
     assert float(rows[0]["pixel_auroc"]) == 100 * 0.123456789
     assert list(rows[0]) == ["category", "images", *NAMES]
 
     markdown = (tmp_path / "results.md").read_text()
     assert RANDOM_WEIGHTS_WARNING in markdown
     assert "| bottle | 3 | 12.3 |" in markdown and "n/a" in markdown
-    assert "| **mean** | **5** |" in markdown
+    assert "| **mean (all categories)** | **5** |" in markdown
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results.csv", "results.json", "results.md"]
 
 

@@ -6,12 +6,14 @@ from anovl.data.base import (
     CategoryBatchSampler,
     Sample,
     SkippedFileWarning,
+    UnusedFilesWarning,
     collate_batch,
 )
 from anovl.data.corruptions import CORRUPTION_PRESETS, CorruptionConfig, Corruptor, image_seed, resolve_corruption
 from anovl.data.folder import FolderDataModule
 from anovl.data.image_io import IMAGE_EXTENSIONS, BadImageError, check_mask_size, is_image_file, load_mask, load_rgb
 from anovl.data.mvtec import MVTecDataModule
+from anovl.data.safe_names import safe_component
 from anovl.data.synthetic import SyntheticMVTecDataModule, generate_mvtec_like, generate_visa_like
 from anovl.data.transforms import (
     CLIP_MEAN,
@@ -42,6 +44,7 @@ __all__ = [
     "Sample",
     "SkippedFileWarning",
     "SyntheticMVTecDataModule",
+    "UnusedFilesWarning",
     "VisADataModule",
     "check_mask_size",
     "collate_batch",
@@ -55,6 +58,7 @@ __all__ = [
     "resize_image",
     "resize_mask",
     "resolve_corruption",
+    "safe_component",
     "shorter_side_size",
     "split_tiles",
     "stitch_tiles",

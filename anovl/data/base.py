@@ -31,7 +31,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
 from anovl.data.corruptions import CorruptionSpec, Corruptor, resolve_corruption
-from anovl.data.image_io import BadImageError, check_mask_size, is_image_file, load_mask, load_rgb
+from anovl.data.image_io import BadImageError, check_mask_size, check_pixel_budget, has_image_extension, load_mask, load_rgb
+from anovl.data.paths import walk_files
 from anovl.data.transforms import normalize, resize_image, resize_mask, shorter_side_size
 from anovl.categories import category_info
 from anovl.errors import AnovlError
@@ -42,9 +43,17 @@ ResizeMode = Literal["resize", "tile"]
 _IMAGE_FALLBACK = "leave unreadable images out"
 _MASK_FALLBACK = "use such images without pixel ground truth"
 
+# Tile mode keeps the aspect ratio, so the input grows with it (a 20000×1 image would be 4.8 M pixels wide at
+# S = 240); beyond this ratio an image is refused. VisA's are below 2:1.
+MAX_TILE_ASPECT = 8
+
 
 class SkippedFileWarning(UserWarning):
     """A file left out (or used without its mask) because ``on_bad_image='skip'``."""
+
+
+class UnusedFilesWarning(UserWarning):
+    """Image files in a dataset folder that its layout does not use (they are named, never dropped silently)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,8 @@ class AnomalyDataset(Dataset):
     """Turns samples into batch items with the keys of docs/ARCHITECTURE.md.
 
     ``mode="resize"`` gives S×S images; ``"tile"`` resizes the shorter side to S and keeps the aspect ratio
-    (to be cut with :func:`~anovl.data.transforms.split_tiles`). VisA-style masks storing class indices use
-    ``mask_threshold=0``.
+    (to be cut with :func:`~anovl.data.transforms.split_tiles`), up to :data:`MAX_TILE_ASPECT`. VisA-style masks
+    storing class indices use ``nonzero_masks=True`` (see :func:`~anovl.data.image_io.load_mask`).
     """
 
     def __init__(
@@ -73,16 +82,15 @@ class AnomalyDataset(Dataset):
         samples: Sequence[Sample],
         image_size: int,
         mode: ResizeMode = "resize",
-        mask_threshold: int = 127,
+        nonzero_masks: bool = False,
         on_bad_image: OnBadImage = "error",
         corruptor: Corruptor | None = None,
     ) -> None:
         self.image_size = image_size
         self.mode = mode
-        self.mask_threshold = mask_threshold
+        self.nonzero_masks = nonzero_masks
         self.corruptor = corruptor
-        self.samples, self.skipped = (_usable_samples(samples, mask_threshold) if on_bad_image == "skip"
-                                      else (list(samples), []))
+        self.samples, self.skipped = self._usable_samples(samples) if on_bad_image == "skip" else (list(samples), [])
         for problem in self.skipped:
             warnings.warn(problem, SkippedFileWarning, stacklevel=2)
 
@@ -93,15 +101,13 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         try:
             rgb = load_rgb(sample.image_path)
+            out_hw = self.output_size(sample, *rgb.shape[:2])
         except BadImageError as error:
             raise BadImageError(f"{error}, or set on_bad_image='skip' to {_IMAGE_FALLBACK}") from error
-        height, width = rgb.shape[:2]
-        size = self.image_size
-        out_hw = (size, size) if self.mode == "resize" else shorter_side_size(height, width, size)
         mask = np.zeros(out_hw, dtype=bool)
         if sample.mask_path is not None:
             try:
-                mask = resize_mask(_read_mask(sample, (height, width), self.mask_threshold), out_hw)
+                mask = resize_mask(self.read_mask(sample, rgb.shape[:2]), out_hw)
             except BadImageError as error:
                 raise BadImageError(f"{error}, or set on_bad_image='skip' to {_MASK_FALLBACK}") from error
         resized = resize_image(rgb, out_hw)
@@ -119,33 +125,54 @@ class AnomalyDataset(Dataset):
         return item
 
 
-def _read_mask(sample: Sample, image_hw: tuple[int, int], threshold: int) -> np.ndarray:
-    mask = load_mask(sample.mask_path, threshold)
-    check_mask_size(sample.image_path, image_hw, sample.mask_path, mask.shape)
-    return mask
+    def output_size(self, sample: Sample, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the model input made from a ``height×width`` image; BadImageError if too large."""
+        size = self.image_size
+        if self.mode == "resize":
+            out_hw = (size, size)
+        else:
+            aspect = max(height, width) / min(height, width)
+            if aspect > MAX_TILE_ASPECT:
+                raise BadImageError(
+                    f"Image {sample.image_path} is {width}×{height}, an aspect ratio of {aspect:.3g}:1; tile mode keeps "
+                    f"the aspect ratio and accepts at most {MAX_TILE_ASPECT}:1; crop the image or use mode='resize'"
+                )
+            out_hw = shorter_side_size(height, width, size)
+        check_pixel_budget(sample.image_path, "image", *out_hw, "resized")
+        return out_hw
 
+    def read_mask(self, sample: Sample, image_hw: tuple[int, int]) -> np.ndarray:
+        """The mask of a sample at its image's size; BadImageError if unusable or, for an anomalous image, empty."""
+        mask = load_mask(sample.mask_path, self.nonzero_masks)
+        check_mask_size(sample.image_path, image_hw, sample.mask_path, mask.shape)
+        if sample.label == 1 and not mask.any():
+            raise BadImageError(f"Mask {sample.mask_path} of anomalous image {sample.image_path} marks no pixel as "
+                                "anomalous (see the mask rule in anovl.data.image_io); fix the mask")
+        return mask
 
-def _usable_samples(samples: Sequence[Sample], mask_threshold: int) -> tuple[list[Sample], list[str]]:
-    """Decode every file once; drop unreadable images, strip unusable masks; one problem message per file."""
+    def _usable_samples(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+        """Decode every file once; drop unusable images, strip unusable masks; one problem message per file."""
 
-    def check(sample: Sample) -> tuple[Sample | None, str | None]:
-        try:
-            image_hw = load_rgb(sample.image_path).shape[:2]
-        except BadImageError as error:
-            return None, f"{error} (on_bad_image='skip': image left out)"
-        if sample.mask_path is None:
+        def check(sample: Sample) -> tuple[Sample | None, str | None]:
+            try:
+                image_hw = load_rgb(sample.image_path).shape[:2]
+                self.output_size(sample, *image_hw)
+            except BadImageError as error:
+                return None, f"{error} (on_bad_image='skip': image left out)"
+            if sample.mask_path is None:
+                return sample, None
+            try:
+                self.read_mask(sample, image_hw)
+            except BadImageError as error:
+                return (replace(sample, mask_path=None, has_mask=False),
+                        f"{error} (on_bad_image='skip': image used without its mask)")
             return sample, None
-        try:
-            _read_mask(sample, image_hw, mask_threshold)
-        except BadImageError as error:
-            return replace(sample, mask_path=None, has_mask=False), f"{error} (on_bad_image='skip': image used without its mask)"
-        return sample, None
 
-    # Pillow releases the GIL while decoding, so threads give a real speed-up on large test sets.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(check, samples))
-    usable = [sample for sample, _ in results if sample is not None]
-    return usable, [problem for _, problem in results if problem is not None]
+        # Pillow releases the GIL while decoding, so threads give a real speed-up on large test sets.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(check, samples))
+        usable = [sample for sample, _ in results if sample is not None]
+        return usable, [problem for _, problem in results if problem is not None]
 
 
 def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -187,14 +214,35 @@ class CategoryBatchSampler(BatchSampler):
         return sum(1 for _ in self)
 
 
-def index_by_stem(directory: Path) -> dict[str, list[Path]]:
-    """Image files below ``directory`` (recursively), grouped by file stem; empty if it does not exist."""
+def index_by_stem(directory: Path, root: Path, allow_outside_root: bool = False) -> dict[str, list[Path]]:
+    """Image files below ``directory`` (recursively, inside ``root``: see :mod:`anovl.data.paths`), grouped by
+    file stem; empty if it does not exist."""
     index: dict[str, list[Path]] = defaultdict(list)
     if directory.is_dir():
-        for path in sorted(directory.rglob("*")):
-            if is_image_file(path):
+        for path in sorted(walk_files(directory, root, allow_outside_root)):
+            if has_image_extension(path):
                 index[path.stem].append(path)
     return index
+
+
+def warn_unused_images(paths: Sequence[Path], layout: str) -> None:
+    """Image files that a layout does not use are named in a warning: data is never dropped silently."""
+    if paths:
+        shown = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+        warnings.warn(f"{len(paths)} image files are not part of the layout ({layout}) and are not used: {shown}",
+                      UnusedFilesWarning, stacklevel=3)
+
+
+def _refuse_repeated_files(samples: Sequence[Sample]) -> None:
+    """One image file listed twice (through a symlink, or two names of one file) would count twice."""
+    entries: dict[Path, list[str]] = defaultdict(list)
+    for sample in samples:
+        entries[Path(os.path.realpath(sample.image_path))].append(sample.key)  # realpath: no error on a loop
+    repeated = {path: keys for path, keys in entries.items() if len(keys) > 1}
+    if repeated:
+        path, keys = next(iter(repeated.items()))
+        raise AnovlError(f"{len(repeated)} image files are listed more than once, e.g. {path} as {', '.join(keys)}; "
+                         "remove the duplicate links or entries so that no image counts twice")
 
 
 def find_mask(index: dict[str, list[Path]], image_path: Path) -> Path | None:
@@ -235,9 +283,11 @@ class AnomalyDataModule(LightningDataModule):
         prompt_names: category -> object name for the prompts, overriding :mod:`anovl.categories` (by default the
             category itself; VisA macaroni1 -> macaroni). The category's domain stays as it is.
         mode: ``"resize"`` (S×S) or ``"tile"`` (shorter side S, aspect kept); exposed by the VisA module.
+        allow_outside_root: follow symlinks and split-file paths that lead outside the dataset root (refused by
+            default; see :mod:`anovl.data.paths`).
     """
 
-    mask_threshold = 127  # 8-bit mask value above which a pixel is anomalous; VisA stores 0/1 and uses 0
+    nonzero_masks = False  # masks storing class indices (VisA: 0 background, 1 defect) set it: nonzero is anomalous
 
     def __init__(
         self,
@@ -249,6 +299,7 @@ class AnomalyDataModule(LightningDataModule):
         seed: int = 0,
         prompt_names: dict[str, str] | None = None,
         mode: ResizeMode = "resize",
+        allow_outside_root: bool = False,
     ) -> None:
         super().__init__()
         for name, value, minimum in (("image_size", image_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
@@ -270,6 +321,7 @@ class AnomalyDataModule(LightningDataModule):
                 raise AnovlError(f"prompt_names[{category!r}] is {name!r}; give the object name for the prompts "
                                  "(e.g. 'bottle'), or drop the entry to use the category name")
         self.mode = mode
+        self.allow_outside_root = allow_outside_root
         self._samples: list[Sample] | None = None
         self._dataset: AnomalyDataset | None = None
         self._listing_problems: dict[Path, str] = {}  # image -> message, for missing masks found while listing
@@ -289,6 +341,7 @@ class AnomalyDataModule(LightningDataModule):
         """Samples sorted by category, then path (listing only; files are not decoded)."""
         if self._samples is None:
             self._samples = sorted(self._discover(), key=lambda sample: (sample.category, sample.key))
+            _refuse_repeated_files(self._samples)
             unused = sorted(set(self.prompt_names) - {sample.category for sample in self._samples})
             if unused:
                 warnings.warn(f"prompt_names entries {unused} match no category of this dataset and are ignored", stacklevel=2)
@@ -334,7 +387,7 @@ class AnomalyDataModule(LightningDataModule):
         if self._dataset is not None:
             return
         corruptor = Corruptor(self.corruption, self.seed) if self.corruption is not None else None
-        dataset = AnomalyDataset(self.samples, self.image_size, self.mode, self.mask_threshold, self.on_bad_image, corruptor)
+        dataset = AnomalyDataset(self.samples, self.image_size, self.mode, self.nonzero_masks, self.on_bad_image, corruptor)
         if len(dataset) == 0:
             raise AnovlError(f"None of the {len(self.samples)} images could be read (see the warnings above); check the data")
         self._dataset = dataset

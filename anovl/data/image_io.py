@@ -14,12 +14,17 @@ Conversion rules (documented because they change pixel values):
 * CMYK (e.g. print JPEGs) uses Pillow's conversion, which ignores embedded ICC profiles.
 * 16-bit-per-channel colour PNGs are reduced to 8 bits by Pillow itself on load.
 * Multi-frame files (GIF, TIFF stacks) use their first frame.
+* Masks are read by the rule of :func:`load_mask`: binary masks (zero and one other value) at any bit depth
+  and mode (1-bit, 8-bit, 16-bit ``I;16``/``I``, 32-bit ``I`` and ``F`` float, palette, RGB); colour uses the
+  brightest channel; with alpha (``LA``, ``RGBA``, palette transparency), transparent pixels are background,
+  and a layer of black marks on transparency uses its alpha as the mask. Soft masks are cut at half range.
 * Very large images: Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, about 179 M pixels
   before it refuses) is kept; the error message tells how to raise it for trusted files.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +39,25 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 _FIX = "re-save or replace the file"
 
+# Full ranges a mask's values may use (1-bit or float 0..1, 8-bit, 16-bit, 32-bit), smallest first.
+_MASK_RANGES = (1.0, 255.0, 65535.0, 2.0**32 - 1, math.inf)
+# A soft mask has few values between its extremes (anti-aliased edges); a photo has many.
+MAX_MID_RANGE_FRACTION = 0.25
+
 
 class BadImageError(AnovlError):
     """An image or mask file that cannot be used (missing, not an image, truncated, wrong size)."""
 
 
+def has_image_extension(path: Path) -> bool:
+    """True for a visible name whose extension (any case) is a supported image format (the file may not exist:
+    a dangling link is then reported when it is read, not silently dropped)."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def is_image_file(path: Path) -> bool:
     """True for a visible file whose extension (any case) is a supported image format."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return has_image_extension(path) and path.is_file()
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -61,25 +77,24 @@ def load_rgb(path: str | Path) -> np.ndarray:
             raise _bad_file_error(path, "image", error) from error
 
 
-def load_mask(path: str | Path, threshold: int = 127) -> np.ndarray:
-    """Read a ground-truth mask as a ``bool H×W`` array: anomalous where the 8-bit value is > ``threshold``.
+def load_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
+    """Read a ground-truth mask as a ``bool H×W`` array, whatever its bit depth and mode.
 
-    The default 127 binarises 0/255 and soft masks at half range. Grey modes are taken as they are; colour
-    masks use the brightest channel per pixel (so a pure red mark counts, which a luminance conversion would
-    put at 76 and lose). Datasets that store class indices (VisA: 0/1) pass ``threshold=0``.
+    The rule (module docstring, "Masks"): a mask holding only zero and one other value is anomalous where
+    it is nonzero, at any depth (a 16-bit 0/255 mask, an 8-bit 0/1 mask); a soft mask (more values) is
+    anomalous above half of its range, the range being the smallest of 1, 255, 65535 and 2³²−1 that holds
+    its largest value; ``nonzero=True`` (masks storing class indices, VisA) makes every nonzero value
+    anomalous. A file that does not look like a mask (negative or NaN values, or more than
+    :data:`MAX_MID_RANGE_FRACTION` of its pixels in the middle half of the range, as in a photo) raises
+    :class:`BadImageError`.
     """
     with _open_upright(path, "mask") as mask:
         try:
-            if mask.mode in _SIXTEEN_BIT_MODES or mask.mode == "F":
-                values = _high_depth_to_uint8(mask)
-            elif mask.mode in ("1", "L"):
-                values = np.asarray(mask.convert("L"))
-            else:
-                colour = mask.convert("RGBA") if mask.mode == "P" else mask
-                values = np.asarray(colour.convert("RGB")).max(axis=2)
-            return values > threshold
+            values = _mask_values(mask)
         except Exception as error:
             raise _bad_file_error(path, "mask", error) from error
+        mode = mask.mode
+    return _binarise(values, nonzero, f"Mask {path} (mode {mode})")
 
 
 def check_mask_size(image_path: str | Path, image_hw: tuple[int, int], mask_path: str | Path, mask_hw: tuple[int, int]) -> None:
@@ -108,10 +123,28 @@ def _open_upright(path: str | Path, kind: str) -> Image.Image:
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
+        check_pixel_budget(path, kind, image.height, image.width, "decoded")
+    except BadImageError:
+        image.close()
+        raise
     except Exception as error:
         image.close()
         raise _bad_file_error(path, kind, error) from error
     return image
+
+
+def check_pixel_budget(path: str | Path, kind: str, height: int, width: int, stage: str) -> None:
+    """Pillow's decompression-bomb limit, applied to a decoded or resized size too, not only the file header.
+
+    Pillow refuses files above twice ``PIL.Image.MAX_IMAGE_PIXELS``; the same bound holds here for what a file
+    becomes, so a small file cannot grow into a huge array (``None`` switches the check off, as in Pillow).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise BadImageError(
+            f"Cannot read {kind} {path}: {stage} it would be {width}×{height} pixels, more than Pillow's safety "
+            f"limit ({2 * limit}); if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS before loading"
+        )
 
 
 def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
@@ -121,6 +154,44 @@ def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
         return np.rint(np.nan_to_num(scaled)).astype(np.uint8)
     return np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+
+
+def _mask_values(mask: Image.Image) -> np.ndarray:
+    """The values of a mask as float64 ``H×W``: grey as stored, colour as the brightest channel, alpha applied."""
+    if mask.mode == "1":
+        return np.asarray(mask, dtype=np.float64)
+    if mask.mode in _SIXTEEN_BIT_MODES or mask.mode in ("F", "L"):
+        return np.asarray(mask).astype(np.float64)
+    if mask.mode == "P":
+        mask = mask.convert("RGBA")
+    has_alpha = "A" in mask.getbands() or mask.mode in ("RGBa", "La")
+    if not has_alpha:
+        return np.asarray(mask.convert("RGB")).max(axis=2).astype(np.float64)
+    rgba = np.asarray(mask.convert("RGBA")).astype(np.float64)
+    alpha = rgba[..., 3]
+    colour = np.where(alpha > 0, rgba[..., :3].max(axis=2), 0.0)
+    if not colour.any() and alpha.min() < alpha.max():
+        return alpha  # marks drawn in black on a transparent layer: the alpha channel is the mask
+    return colour
+
+
+def _binarise(values: np.ndarray, nonzero: bool, what: str) -> np.ndarray:
+    if np.isnan(values).any() or values.min() < 0:
+        raise BadImageError(f"{what} holds negative or NaN values, which no mask rule reads; {_FIX}")
+    high = values.max()
+    if high == 0:
+        return np.zeros(values.shape, dtype=bool)
+    soft = (values > 0) & (values < high)
+    if not soft.any():  # zero and one other value: binary at any depth
+        return values > 0
+    scale = next(full for full in _MASK_RANGES if high <= full)
+    mid_range = np.count_nonzero((values > 0.25 * scale) & (values < 0.75 * scale)) / values.size
+    if mid_range > MAX_MID_RANGE_FRACTION:
+        raise BadImageError(
+            f"{what} does not look like a mask: {100 * mid_range:.0f}% of its pixels are mid-range values "
+            f"(0..{scale:g}); is it an image saved as a mask? {_FIX}"
+        )
+    return values > 0 if nonzero else values > scale / 2
 
 
 def _bad_file_error(path: str | Path, kind: str, error: BaseException) -> BadImageError:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from anovl.data.base import AnomalyDataModule, OnBadImage, Sample, find_mask, index_by_stem, require_dir, category_selection
+from anovl.data.base import (AnomalyDataModule, OnBadImage, Sample, category_selection, find_mask, index_by_stem,
+                              require_dir, warn_unused_images)
 from anovl.data.corruptions import CorruptionSpec
-from anovl.data.image_io import is_image_file
+from anovl.data.image_io import has_image_extension
+from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
 
 MVTEC_LAYOUT = "<root>/<category>/test/<good|defect>/*.png with masks in <root>/<category>/ground_truth/<defect>/<name>_mask.png"
@@ -22,6 +24,8 @@ class MVTecDataModule(AnomalyDataModule):
     ``ok`` counts as ``good``) with masks ``<root>/<category>/ground_truth/<defect>/<name>_mask.<ext>`` or
     ``.../<name>.<ext>``. Normal images get all-zero masks. An anomalous image without a mask is an error, or
     with ``on_bad_image='skip'`` a warning and the image kept for image metrics only (``has_mask`` False).
+    Images elsewhere below ``test/`` (directly in it, or in deeper folders) are named in an
+    :class:`~anovl.data.base.UnusedFilesWarning`. Symlinks: see :mod:`anovl.data.paths`.
 
     Args:
         root: dataset root.
@@ -40,8 +44,10 @@ class MVTecDataModule(AnomalyDataModule):
         corruption: CorruptionSpec = None,
         seed: int = 0,
         prompt_names: dict[str, str] | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names)
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names,
+                         allow_outside_root=allow_outside_root)
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
 
@@ -50,7 +56,7 @@ class MVTecDataModule(AnomalyDataModule):
 
     def _discover(self) -> list[Sample]:
         root = require_dir(self.root, "Dataset root", MVTEC_LAYOUT)
-        found = sorted(path.name for path in root.iterdir() if (path / "test").is_dir())
+        found = sorted(path.name for path in root.iterdir() if not path.name.startswith(".") and (path / "test").is_dir())
         if not found and (root / "test").is_dir():
             raise AnovlError(f"{root} looks like a single category; pass root={root.parent} and categories=[{root.name!r}]")
         if not found:
@@ -62,7 +68,10 @@ class MVTecDataModule(AnomalyDataModule):
 
     def _category_samples(self, root: Path, category: str) -> list[Sample]:
         test_dir = root / category / "test"
-        images = [path for path in test_dir.glob("*/*") if is_image_file(path) and not path.parent.name.startswith(".")]
+        found = [path for path in walk_files(test_dir, root, self.allow_outside_root) if has_image_extension(path)]
+        images = [path for path in found if path.parent.parent == test_dir]
+        warn_unused_images([path for path in found if path.parent.parent != test_dir],
+                           f"images in {test_dir}/<good|defect>/, one folder deep")
         if not images:
             raise AnovlError(f"No test images in {test_dir}; expected {test_dir}/good/*.png and {test_dir}/<defect>/*.png")
         prompt_name = self.prompt_name_for(category)
@@ -76,7 +85,7 @@ class MVTecDataModule(AnomalyDataModule):
                 continue
             mask_dir = root / category / "ground_truth" / folder
             if folder not in mask_indexes:
-                mask_indexes[folder] = index_by_stem(mask_dir)
+                mask_indexes[folder] = index_by_stem(mask_dir, root, self.allow_outside_root)
             mask_path = find_mask(mask_indexes[folder], path)
             if mask_path is None:
                 self._report_missing_mask(path, f"{mask_dir}/{path.stem}_mask.png or {path.stem}.png")

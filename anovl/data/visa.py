@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 from anovl.data.base import AnomalyDataModule, OnBadImage, ResizeMode, Sample, require_dir, category_selection
 from anovl.data.corruptions import CorruptionSpec
+from anovl.data.paths import relative_entry
 from anovl.errors import AnovlError
 
 VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
@@ -29,6 +31,10 @@ class VisADataModule(AnomalyDataModule):
     a category raise a clear error at collation (use ``batch_size=1`` or ``mode="resize"``).
     ``mode="resize"`` gives S×S like MVTec.
 
+    The split file must be UTF-8 (a BOM is fine). Its paths must stay inside the root (no absolute paths, no
+    ``..``, no symlink leading out) unless ``allow_outside_root=True``. A row repeated verbatim is dropped with a
+    warning naming the lines; two different rows for one image are an error.
+
     Args:
         root: dataset root (holding ``split_csv/``).
         categories: objects to use; None: every object of the test split.
@@ -36,7 +42,7 @@ class VisADataModule(AnomalyDataModule):
         Others: see :class:`~anovl.data.base.AnomalyDataModule`.
     """
 
-    mask_threshold = 0
+    nonzero_masks = True
 
     def __init__(
         self,
@@ -50,8 +56,10 @@ class VisADataModule(AnomalyDataModule):
         corruption: CorruptionSpec = None,
         seed: int = 0,
         prompt_names: dict[str, str] | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names, mode)
+        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names, mode,
+                         allow_outside_root)
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
 
@@ -63,16 +71,7 @@ class VisADataModule(AnomalyDataModule):
         split_file = root / VISA_SPLIT_FILE
         if not split_file.is_file():
             raise AnovlError(f"VisA split file {split_file} not found; expected {VISA_LAYOUT}")
-        with split_file.open(newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: tolerate a BOM
-            reader = csv.DictReader(handle)
-            missing_columns = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
-            if missing_columns:
-                raise AnovlError(f"{split_file} lacks the columns {missing_columns}; expected {', '.join(VISA_COLUMNS)}")
-            test_rows = [
-                (line, {column: (row[column] or "").strip() for column in VISA_COLUMNS})
-                for line, row in enumerate(reader, start=2)
-                if (row["split"] or "").strip() == "test"
-            ]
+        test_rows = _unique_rows(split_file, _read_test_rows(split_file))
         found = sorted({row["object"] for _, row in test_rows})
         if not found:
             raise AnovlError(f"{split_file} has no rows with split 'test'; expected {VISA_LAYOUT}")
@@ -86,8 +85,11 @@ class VisADataModule(AnomalyDataModule):
         if row["label"] not in VISA_LABELS:
             raise AnovlError(f"{split_file} line {line}: label {row['label']!r} must be one of {sorted(VISA_LABELS)}")
         label = VISA_LABELS[row["label"]]
-        image_path = root / row["image"]
-        mask_path = root / row["mask"] if row["mask"] else None
+        where = f"{split_file} line {line}"
+        if not row["object"] or not row["image"]:
+            raise AnovlError(f"{where}: the object and image columns must not be empty")
+        image_path = relative_entry(root, row["image"], self.allow_outside_root, where)
+        mask_path = relative_entry(root, row["mask"], self.allow_outside_root, where) if row["mask"] else None
         if label == 1 and mask_path is None:
             self._report_missing_mask(image_path, f"a path in the mask column of {split_file} line {line}")
         category = row["object"]
@@ -100,3 +102,46 @@ class VisADataModule(AnomalyDataModule):
             has_mask=label == 0 or mask_path is not None,
             mask_path=mask_path,
         )
+
+
+def _read_test_rows(split_file: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of every test row, stripped; one clear error for a file that is not a UTF-8 CSV."""
+    try:
+        with split_file.open(newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: tolerate a BOM
+            reader = csv.DictReader(handle)
+            missing_columns = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
+            if missing_columns:
+                raise AnovlError(f"{split_file} lacks the columns {missing_columns}; expected {', '.join(VISA_COLUMNS)}")
+            rows = []
+            for row in reader:
+                if (row["split"] or "").strip() == "test":
+                    rows.append((reader.line_num, {column: (row[column] or "").strip() for column in VISA_COLUMNS}))
+            return rows
+    except UnicodeDecodeError as error:
+        raise AnovlError(f"{split_file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}; Latin-1 or another encoding?); re-save it as UTF-8") from None
+    except csv.Error as error:
+        raise AnovlError(f"{split_file} is not a readable CSV file near line {reader.line_num} ({error}); "
+                         "fix or replace the split file") from None
+    except OSError as error:
+        raise AnovlError(f"Cannot read {split_file} ({error.strerror or type(error).__name__})") from None
+
+
+def _unique_rows(split_file: Path, rows: list[tuple[int, dict[str, str]]]) -> list[tuple[int, dict[str, str]]]:
+    """Rows with each image once: verbatim repeats dropped with a warning, conflicting ones refused."""
+    first_line: dict[str, tuple[int, dict[str, str]]] = {}
+    repeated_lines = []
+    for line, row in rows:
+        if row["image"] not in first_line:
+            first_line[row["image"]] = (line, row)
+            continue
+        earlier_line, earlier = first_line[row["image"]]
+        if earlier != row:
+            raise AnovlError(f"{split_file} lines {earlier_line} and {line} list the image {row['image']!r} with "
+                             "different objects, labels or masks; keep one of them")
+        repeated_lines.append(line)
+    if repeated_lines:
+        shown = ", ".join(map(str, repeated_lines[:10])) + (", ..." if len(repeated_lines) > 10 else "")
+        warnings.warn(f"{split_file}: {len(repeated_lines)} test rows repeat an earlier row and are dropped "
+                      f"(lines {shown}), so no image counts twice", UserWarning, stacklevel=3)
+    return list(first_line.values())

@@ -3,7 +3,8 @@
 Every metric reads a :class:`RankedScores`: the scores split by class and sorted ascending. The normal
 (negative) set is large and sorted once; the anomalous (positive) set is small and binary-searched into it,
 which yields every tie-grouped curve point without materialising per-pixel curves or threshold loops.
-Undefined cases return NaN with a ``UserWarning`` naming the metric and the reason.
+Undefined cases (one class missing, NaN scores) return NaN with a ``UserWarning`` naming the metric and the
+reason; equal scores are not undefined (a single tie group: the curve joins (0, 0) and (1, 1)).
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def _undefined_reason(scores: RankedScores) -> str | None:
     # NaN sorts last.
     if np.isnan(positive[-1]) or np.isnan(negative[-1]):
         return "scores contain NaN"
-    if min(positive[0], negative[0]) == max(positive[-1], negative[-1]):
-        return "all scores are equal"
+    # Equal scores are defined: one threshold takes every sample at once (AUROC 0.5, AUPRO 0.15 at FPR 0.3),
+    # as sklearn and the MVTec evaluation code give.
     return None
 
 

@@ -1,8 +1,10 @@
 """Text embeddings of the state prompts, cached on disk in safetensors (never pickle).
 
 The cache key covers the backbone, a fingerprint of its weights and the sentences, so a change in any of
-them re-encodes instead of reusing stale embeddings; an entry whose recorded key or shape does not match
-(another entry's file copied over it, say) is re-encoded too.
+them re-encodes instead of reusing stale embeddings; an entry whose recorded key, shape or dtype does not
+match (another entry's file copied over it, say) is re-encoded too. The cache is an optimisation: any error
+writing it (a full disk, a read-only folder) is a warning and the run goes on; a write goes through a
+temporary file that is removed whatever happens.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anovl.backbones import Backbone
+from anovl.data.safe_names import safe_component
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
@@ -88,7 +91,7 @@ class TextEmbeddingCache:
 
     def path(self, sentences: Sequence[str]) -> Path:
         digest = hashlib.sha256(json.dumps(self.key(sentences), sort_keys=True).encode()).hexdigest()[:24]
-        return self.cache_dir / f"{self.backbone.name}-{digest}.safetensors"
+        return self.cache_dir / f"{safe_component(self.backbone.name)[:64]}-{digest}.safetensors"
 
     def weights_changed(self) -> None:
         """Key the cache to the backbone's current weights and forget what the old ones gave.
@@ -133,25 +136,28 @@ class TextEmbeddingCache:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 embeddings = handle.get_tensor("embeddings")
-        except (SafetensorError, KeyError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - any unreadable entry (hostile or damaged) is just re-encoded
             log.warning("ignoring unreadable text-embedding cache %s (%s); re-encoding", path, error)
             return None
-        if metadata != self.key(sentences) or embeddings.ndim != 2 or embeddings.shape[0] != len(sentences):
+        if (metadata != self.key(sentences) or embeddings.ndim != 2 or embeddings.shape[0] != len(sentences)
+                or not embeddings.is_floating_point()):
             log.warning("ignoring text-embedding cache %s: it holds other sentences or shapes; re-encoding", path)
             return None
         return embeddings.float()
 
     def _save(self, sentences: list[str], embeddings: torch.Tensor) -> None:
         path = self.path(sentences)
+        temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename so a crash or a parallel process never leaves a half-written file.
-            handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
             os.close(handle)
-            try:
-                save_file({"embeddings": embeddings.contiguous()}, tmp, metadata=self.key(sentences))
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        except OSError as error:
-            log.warning("could not write text-embedding cache %s (%s); continuing without it", path, error)
+            save_file({"embeddings": embeddings.contiguous()}, temporary, metadata=self.key(sentences))
+            os.replace(temporary, path)
+        except Exception as error:  # noqa: BLE001 - the cache is optional: no write error may stop a run
+            log.warning("could not write text-embedding cache %s (%s: %s); continuing without it",
+                        path, type(error).__name__, error)
+        finally:
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)

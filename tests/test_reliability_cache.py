@@ -1,0 +1,131 @@
+"""The text-embedding cache trusts no file: swapped entries are re-encoded, write errors only warn, no temp files."""
+
+import errno
+import logging
+import shutil
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from anovl.backbones import create_backbone
+from anovl.models.anovl import text_cache as text_cache_module
+from anovl.models.anovl.text_cache import TextEmbeddingCache
+from tests.conftest import TINY
+
+NORMAL = ["a photo of a flawless bottle", "a photo of a perfect bottle"]
+ABNORMAL = ["a photo of a damaged bottle"]
+OTHER = ["a photo of a flawless cable", "a photo of a broken cable"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_backbone(TINY)
+
+
+@pytest.fixture
+def encodings(monkeypatch):
+    """Counts the sentences really encoded (cache misses)."""
+    calls = []
+    real = text_cache_module.encode_sentences
+
+    def counting(backbone, sentences, *args, **kwargs):
+        calls.append(list(sentences))
+        return real(backbone, sentences, *args, **kwargs)
+
+    monkeypatch.setattr(text_cache_module, "encode_sentences", counting)
+    return calls
+
+
+def files_in(folder):
+    return sorted(path.name for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("damage", ["another entry's file", "swapped files", "truncated", "not safetensors",
+                                    "integer tensor under the right key"])
+def test_a_wrong_entry_is_detected_and_re_encoded(backbone, tmp_path, encodings, caplog, damage):
+    cache = TextEmbeddingCache(backbone, tmp_path)
+    first = cache.sentence_embeddings(NORMAL + ABNORMAL)
+    cache.sentence_embeddings(OTHER)
+    mine, other = cache.path(NORMAL + ABNORMAL), cache.path(OTHER)
+    if damage == "another entry's file":
+        shutil.copyfile(other, mine)
+    elif damage == "swapped files":
+        mine.rename(tmp_path / "swap")
+        other.rename(mine)
+        (tmp_path / "swap").rename(other)
+    elif damage == "truncated":
+        mine.write_bytes(mine.read_bytes()[:50])
+    elif damage == "not safetensors":
+        mine.write_bytes(b"\x80\x04garbage pickle-like bytes")
+    else:
+        from safetensors.torch import save_file
+        save_file({"embeddings": torch.zeros(3, first.shape[1], dtype=torch.int32)}, str(mine), metadata=cache.key(NORMAL + ABNORMAL))
+    encodings.clear()
+    with caplog.at_level(logging.WARNING):
+        again = TextEmbeddingCache(backbone, tmp_path).sentence_embeddings(NORMAL + ABNORMAL)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert encodings == [NORMAL + ABNORMAL] and "re-encoding" in caplog.text
+    if damage == "swapped files":  # the other entry is caught as well
+        encodings.clear()
+        TextEmbeddingCache(backbone, tmp_path).sentence_embeddings(OTHER)
+        assert encodings == [OTHER]
+    encodings.clear()
+    TextEmbeddingCache(backbone, tmp_path).sentence_embeddings(NORMAL + ABNORMAL)
+    assert encodings == []  # rewritten correctly
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def half_written(tensors, filename, metadata=None):
+    with open(filename, "wb") as handle:
+        handle.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def hostile_error(*args, **kwargs):
+    raise RuntimeError("the safetensors writer failed in an unexpected way")
+
+
+@pytest.mark.parametrize("failure", [no_space, half_written, hostile_error])
+def test_write_errors_warn_and_leave_no_temporary_file(backbone, tmp_path, monkeypatch, caplog, failure):
+    monkeypatch.setattr(text_cache_module, "save_file", failure)
+    with caplog.at_level(logging.WARNING):
+        embeddings = TextEmbeddingCache(backbone, tmp_path).sentence_embeddings(NORMAL)
+    assert embeddings.shape[0] == len(NORMAL)
+    assert "could not write text-embedding cache" in caplog.text
+    assert files_in(tmp_path) == []
+
+
+def test_an_unusable_cache_folder_only_warns(backbone, tmp_path, caplog):
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    with caplog.at_level(logging.WARNING):
+        TextEmbeddingCache(backbone, blocker / "cache").sentence_embeddings(NORMAL)
+    assert "could not write text-embedding cache" in caplog.text
+
+
+def test_a_successful_write_leaves_only_the_entry(backbone, tmp_path):
+    cache = TextEmbeddingCache(backbone, tmp_path)
+    cache.sentence_embeddings(NORMAL)
+    cache.sentence_embeddings(OTHER)
+    assert files_in(tmp_path) == sorted([cache.path(NORMAL).name, cache.path(OTHER).name])
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/olute", "a\x00b", "x" * 400, ".."])
+def test_odd_backbone_names_stay_inside_the_cache_folder(backbone, tmp_path, name, encodings):
+    oddly_named = replace(backbone, name=name)
+    cache = TextEmbeddingCache(oddly_named, tmp_path / "cache")
+    cache.sentence_embeddings(NORMAL)
+    path = cache.path(NORMAL)
+    assert path.parent == tmp_path / "cache" and path.is_file() and len(path.name.encode()) < 255
+    assert files_in(tmp_path) == [path.name]
+    encodings.clear()
+    TextEmbeddingCache(oddly_named, tmp_path / "cache").sentence_embeddings(NORMAL)
+    assert encodings == []

@@ -1,0 +1,174 @@
+"""Results files that survive failures, keep normal permissions, read back strictly, and allow any category name."""
+
+import csv
+import errno
+import io
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from anovl import compare, results
+from anovl.errors import AnovlError
+from anovl.results import METRIC_TITLES, RESULT_FILES, ResultsTable
+
+METRICS = dict.fromkeys(METRIC_TITLES, 0.5)
+
+
+def written_table(directory, categories=("bottle", "cable")) -> ResultsTable:
+    table = ResultsTable(directory, "run", False, len(categories) + 1, "tfa", config={"a": 1})
+    for index, category in enumerate(categories):
+        table.add(category, {**METRICS, "pixel_auroc": 0.1 * (index + 1)}, index + 1)
+    return table
+
+
+def file_contents(directory):
+    return {name: (directory / name).read_bytes() for name in RESULT_FILES}
+
+
+@pytest.mark.parametrize("failing_call", ["write", "fsync", "replace"])
+def test_full_disk_is_one_error_and_keeps_the_previous_files(tmp_path, monkeypatch, failing_call):
+    table = written_table(tmp_path)
+    before = file_contents(tmp_path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if failing_call == "write":
+        class FullDisk(io.StringIO):  # what a file on a full disk does: opens, then fails to write
+            def __init__(self, descriptor, *args, **kwargs):
+                super().__init__()
+                os.close(descriptor)
+
+            write = no_space
+
+        monkeypatch.setattr(results, "open", FullDisk, raising=False)
+    else:
+        monkeypatch.setattr(os, failing_call, no_space)
+    with pytest.raises(AnovlError) as error:
+        table.add("carpet", METRICS, 3)
+    message = str(error.value)
+    assert "No space left on device" in message and "\n" not in message
+    monkeypatch.undo()
+    assert file_contents(tmp_path) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(RESULT_FILES)  # no temporary files left
+    assert list(ResultsTable.read(tmp_path).rows) == ["bottle", "cable"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_results_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        written_table(tmp_path)
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    assert {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in RESULT_FILES} == {expected}
+
+
+def test_unwritable_folder_is_one_error(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(AnovlError, match="cannot create the results folder"):
+        ResultsTable(target / "run").add("bottle", METRICS, 1)
+
+
+def test_a_category_named_mean_round_trips_and_compares(tmp_path, capsys):
+    names = ["mean", "mean (all categories)", "**mean (all categories)**", "a|b", "[bold red]x_y_"]
+    table = written_table(tmp_path, names)
+    read = ResultsTable.read(tmp_path)
+    assert list(read.rows) == names and read.image_counts == table.image_counts
+    assert read.mean()["pixel_auroc"] == pytest.approx(np.mean([10, 20, 30, 40, 50]))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    assert [row["category"] for row in rows] == [*names, "mean (all categories)"]  # the mean is the last row
+    markdown = (tmp_path / "results.md").read_text()
+    bold_rows = [line for line in markdown.splitlines() if line.startswith("| **")]
+    assert bold_rows == ["| **mean (all categories)** | **15** | **30.0** | " + " | ".join(["**50.0**"] * 6) + " |"]
+    assert "| a\\|b |" in markdown and "| \\*\\*mean (all categories)\\*\\* |" in markdown
+
+    printed = io.StringIO()
+    read.print(Console(file=printed, width=300))
+    assert "[bold red]x_y_" in printed.getvalue()
+
+    other = tmp_path / "other"
+    written_table(other, ["mean"])
+    output = tmp_path / "comparison.md"
+    compare.main([str(tmp_path), str(other), "--metrics", "pixel_auroc", "--output", str(output)])
+    lines = output.read_text().splitlines()
+    assert "| mean | 10.0 | 10.0 (+0.0) |" in lines  # the category, not the mean of either run
+    assert "| **mean (all categories)** | **30.0** | **10.0 (-20.0)** |" in lines
+
+
+def record(category="bottle", **fields):
+    return {"category": category, "images": 3, **dict.fromkeys(METRIC_TITLES, 50.0), **fields}
+
+
+def document(**fields):
+    return {"title": "t", "variant": "tfa", "random_weights": False, "categories": [record()], "config": {},
+            "skipped_files": [], **fields}
+
+
+@pytest.mark.parametrize("broken, fragment", [
+    ([1, 2], "top level is a list"),
+    (document(title=None), "'title' is a NoneType"),
+    (document(random_weights="no"), "'random_weights' is a str"),
+    (document(categories={"bottle": {}}), "'categories' is a dict"),
+    (document(config=[1]), "'config' is a list"),
+    (document(skipped_files=[1]), "skipped_files"),
+    (document(categories=["bottle"]), "categories[0] is a str"),
+    (document(categories=[record(category=None)]), "no category name"),
+    (document(categories=[record(), record()]), "'bottle' appears twice"),
+    (document(categories=[record(images=-1)]), "'images' is -1"),
+    (document(categories=[record(images=2.5)]), "'images' is 2.5"),
+    (document(categories=[record(images=True)]), "'images' is True"),
+    (document(categories=[record(pixel_auroc="90")]), "pixel_auroc is '90'"),
+    (document(categories=[record(pixel_auroc=1e9)]), "not a percentage"),
+    (document(categories=[record(pixel_auroc=True)]), "pixel_auroc is True"),
+    (document(categories=[record(invented_metric=1.0)]), "unknown metric 'invented_metric'"),
+])
+def test_structurally_wrong_results_json_is_one_clear_error(tmp_path, broken, fragment):
+    (tmp_path / "results.json").write_text(json.dumps(broken))
+    with pytest.raises(AnovlError) as error:
+        ResultsTable.read(tmp_path)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["{", "\xff\xfe", "NaN", '{"title": NaN}'])
+def test_unparsable_results_json_is_one_clear_error(tmp_path, text):
+    (tmp_path / "results.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(AnovlError, match="not a results file"):
+        ResultsTable.read(tmp_path)
+
+
+def test_fuzzed_results_json_reads_or_fails_cleanly(tmp_path):
+    # Random type swaps in a valid document: read() either accepts it with sane rows or raises AnovlError.
+    rng = np.random.default_rng(0)
+    replacements = [None, True, -1, 2.5, "x", [], {}, [1], {"a": 1}, math.inf, 1e300]
+    for trial in range(300):
+        broken = document(categories=[record("a"), record("b", pixel_auroc=None)])
+        target = broken if rng.random() < 0.4 else broken["categories"][int(rng.integers(2))]
+        key = list(target)[int(rng.integers(len(target)))]
+        target[key] = replacements[int(rng.integers(len(replacements)))]
+        (tmp_path / "results.json").write_text(json.dumps(broken))
+        try:
+            table = ResultsTable.read(tmp_path)
+        except AnovlError:
+            continue
+        assert all(isinstance(count, int) and count >= 0 for count in table.image_counts.values())
+        assert all(math.isnan(value) or 0 <= value <= 100 for row in table.rows.values() for value in row.values())
+
+
+def test_rows_of_unknown_categories_are_refused(tmp_path):
+    table = written_table(tmp_path, ["bottle", "invented"])
+    read = ResultsTable.read(tmp_path)
+    read.check_categories(["bottle", "invented", "cable"])
+    with pytest.raises(AnovlError, match="'invented'"):
+        read.check_categories(["bottle", "cable"])
+    assert table.rows  # the check reads, never drops rows
