@@ -24,12 +24,15 @@ import importlib
 import inspect
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -274,11 +277,17 @@ def _one_line(error: BaseException) -> str:
 
 
 def _user_error(error: BaseException) -> AnovlError | None:
-    """The AnovlError behind an exception: jsonargparse wraps errors raised while instantiating classes."""
+    """The user error behind an exception (jsonargparse wraps errors raised while instantiating classes):
+    an AnovlError; Lightning's refusal of a setting (an accelerator the machine lacks, say); or a file-system
+    error on a path the user gave (an output folder that is a file, a read-only folder, a full disk)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, AnovlError):
             return error
+        if isinstance(error, MisconfigurationException):
+            return AnovlError(f"{_one_line(error)} (a trainer setting; see anovl test --help)")
+        if isinstance(error, OSError) and error.filename is not None and error.strerror:
+            return AnovlError(f"cannot use {error.filename}: {error.strerror}; give another path or free the disk")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -297,13 +306,47 @@ def _run_user_command(command: Callable[[], Any]) -> int:
     return 0
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT stop a run at once, as an interrupt: Lightning tears the run down, the results files
+    keep every category finished before (they are written as each one ends), and the exit status is
+    128 + the signal, so that a scheduler never takes a pre-empted run for a finished one."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self.received is not None and kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit)):
+            print(f"anovl: error: stopped by {signal.Signals(self.received).name}; the results of finished "
+                  "categories are kept; continue with anovl test --config RUN/config.yaml --resume RUN",
+                  file=sys.stderr)
+            raise SystemExit(128 + self.received) from None
+        return False
+
+
 def main(args: list[str] | None = None) -> None:
     command_line = sys.argv[1:] if args is None else args
     if command_line[:1] == ["compare"]:
         raise SystemExit(_run_user_command(lambda: compare_main(command_line[1:])))
     # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    status = _run_user_command(lambda: (load_plugins(plugin_specs(command_line)), AnovlCLI(args=args)))
+    with _StopSignals():
+        status = _run_user_command(lambda: (load_plugins(plugin_specs(command_line)), AnovlCLI(args=args)))
     if status:
         raise SystemExit(status)
 

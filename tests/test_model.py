@@ -33,6 +33,16 @@ def test_output_matches_a_direct_computation(tiny_model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_give_the_float32_result(tiny_model, dtype):
+    images = torch.randn(2, 3, 64, 64).to(dtype)
+    expected = tiny_model(images.float(), ["bottle", "carpet"])
+    got = tiny_model(images, ["bottle", "carpet"])
+    torch.testing.assert_close(got.anomaly_map, expected.anomaly_map)
+    torch.testing.assert_close(got.pred_score, expected.pred_score)
+
+
+@torch.no_grad()
 def test_batch_equals_single_images_with_mixed_categories(tiny_model):
     images = torch.randn(4, 3, 64, 64)
     names = ["bottle", "carpet", "macaroni1", "bottle"]

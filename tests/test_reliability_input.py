@@ -116,6 +116,10 @@ CONFIG_ERRORS = {
     "data-model-size-differ": (["--data.init_args.image_size", "32"],
                                ["data.init_args.image_size is 32 but the model expects 64 px",
                                 "set model.init_args.image_size only"]),
+    "layers-empty": (["--model.init_args.layers", "[]"], ["layers must name at least one block"]),
+    "accelerator-missing": (["--trainer.accelerator", "gpu"], ["gpu", "a trainer setting"]),
+    "output-path-is-a-file": (["--trainer.logger.init_args.save_dir", "{tmp}/a_file"],
+                              ["cannot use {tmp}/a_file", "give another path"]),
     "tta-steps-0": (["--config", CONFIGS / "tta" / "text.yaml", "--model.init_args.tta.steps", "0"],
                     ["tta.steps must be at least 1", "set tta: null"]),
     "empty-class-name": (["--data.init_args.prompt_names", '{{"widget": " "}}'],
@@ -126,6 +130,7 @@ CONFIG_ERRORS = {
 @pytest.mark.parametrize("case", CONFIG_ERRORS)
 def test_configuration_errors_are_one_line(case, clean_root, weights_files, tmp_path, capsys):
     (tmp_path / "with_empty" / "empty" / "test" / "good").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("not a folder")
     shutil.copytree(clean_root / "widget", tmp_path / "with_empty" / "widget")
 
     def fill(text):

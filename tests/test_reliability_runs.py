@@ -4,6 +4,7 @@ run; the same seed gives the same table; TTA's results do not depend on batch si
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,17 +69,26 @@ def wait_for_file(folder: Path, pattern: str, process: subprocess.Popen, timeout
     raise AssertionError(f"no {pattern} after {timeout} s")
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_table(three_categories, reference_run, tmp_path, capsys,
-                                                            cli_env):  # noqa: F811
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_resume_after_a_stop_signal_gives_the_uninterrupted_table(stop_signal, three_categories, reference_run,
+                                                                  tmp_path, capsys, cli_env):  # noqa: F811
     save_dir = tmp_path / "runs"
     args = slow_args(three_categories, save_dir)
     process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *map(str, args)], env=cli_env, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         results = wait_for_file(save_dir, "anovl/*/results.json", process)  # written when a category finishes
+        sent = time.monotonic()
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
         process.wait()
+    if stop_signal != signal.SIGKILL:
+        # Stopped promptly, and never an exit status that a scheduler would take for success.
+        assert time.monotonic() - sent < 30
+        assert process.returncode == 128 + stop_signal, stderr
+        assert f"stopped by {stop_signal.name}" in stderr and "--resume" in stderr
     run = results.parent
     partial = json.loads(results.read_text())
     assert partial["complete"] is False, "the run finished before it was killed; give it more work"
@@ -150,7 +160,7 @@ RESUME_REFUSALS = {
     "no-results": ([], lambda run: (run / "results.json").unlink(), ["results.json not found",
                                                                      "start a new run without --resume"]),
     "no-config-record": ([], drop_config_record, ["has no record of the run's configuration"]),
-    "not-a-results-file": ([], lambda run: (run / "results.json").write_text("{"), ["cannot read", "results.json",
+    "not-a-results-file": ([], lambda run: (run / "results.json").write_text("{"), ["results.json",
                                                                                    "not a results file"]),
 }
 
@@ -219,3 +229,35 @@ def test_ddp_with_tta_gives_the_single_process_table(single_process_tta_run, dat
     assert distributed["label"] == single["label"] and distributed["label"].startswith("AnoVL-tta-text")
     assert distributed["categories"] == single["categories"]  # 13 images: one padding copy left out
     assert distributed["mean"] == single["mean"]
+
+
+def test_a_failure_in_the_next_category_keeps_the_finished_rows(three_categories, tmp_path, capsys):
+    root = Path(shutil.copytree(three_categories, tmp_path / "data"))
+    (root / "washer" / "test" / "good" / "001.png").write_bytes(b"damaged")  # fails while washer is read
+    status, _, stderr = run_main(cli_args(root, tmp_path / "runs", "--data.init_args.batch_size", "3"), capsys)
+    assert_one_error_line(status, stderr, "Cannot read image", "washer")
+    (results,) = (tmp_path / "runs").glob("anovl/*/results.json")
+    document = json.loads(results.read_text())  # still valid JSON, written before the failure
+    assert [row["category"] for row in document["categories"]] == ["fabric"] and document["complete"] is False
+
+
+def test_predict_stops_on_sigterm_with_a_failure_status(three_categories, tmp_path, cli_env):  # noqa: F811
+    output = tmp_path / "out"
+    args = ["predict", "--config", CONFIGS / "demo.yaml", "--data", "anovl.data.MVTecDataModule",
+            "--data.init_args.root", three_categories, "--data.init_args.batch_size", "1",
+            "--model.init_args.backbone", "anovl-tiny-vit", "--model.init_args.image_size", "64",
+            "--model.init_args.num_views", "22", "--trainer.enable_progress_bar", "false",
+            "--predictions.output_dir", output, "--trainer.logger.init_args.save_dir", tmp_path / "runs"]
+    process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *map(str, args)], env=cli_env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(output, "*/*_map.npy", process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr
+    written = len(list(output.glob("*/*_map.npy")))
+    assert 0 < written < 36  # stopped before the end; what was written stays

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,12 @@ def _distributed_sampler(dataloader: Any) -> DistributedSampler | None:
     return None
 
 
+def _images_per_category(datamodule: Any) -> dict[str, int]:
+    """How many test images each category has, where the datamodule says (anovl's datamodules do)."""
+    samples = getattr(getattr(datamodule, "dataset", None), "samples", None)
+    return dict(Counter(sample.category for sample in samples)) if samples is not None else {}
+
+
 def class_path(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -111,6 +118,7 @@ class AnomalyModule(LightningModule):
         self._resumed: ResultsTable | None = None
         self._metrics: dict[str, AnomalyMetrics] = {}
         self._image_counts: dict[str, int] = {}
+        self._expected_counts: dict[str, int] = {}
         self._current_category: str | None = None  # of the last images run (state carried within a category)
         self._open_category: str | None = None  # of the last images added to the metrics
         self._samples_seen = 0
@@ -176,6 +184,7 @@ class AnomalyModule(LightningModule):
                              "on one device or use an order-free setting (tta.mode 'independent')")
         self._metrics = {category: AnomalyMetrics(cflow_pro=self.cflow_pro).to(self.device) for category in categories}
         self._image_counts = dict.fromkeys(categories, 0)
+        self._expected_counts = _images_per_category(datamodule)
         self._current_category = None
         self._open_category = None
         self._samples_seen = 0
@@ -241,6 +250,9 @@ class AnomalyModule(LightningModule):
             self._metrics[category].update(maps[run], batch["mask"][run], scores[run], batch["label"][run],
                                            batch["has_mask"][run])
             self._image_counts[category] += run.stop - run.start
+            if self.trainer.world_size == 1 and self._image_counts[category] == self._expected_counts.get(category):
+                # Written now, so that a failure in the next category cannot lose it.
+                self._finish_category(category)
         return {**batch, "anomaly_map": maps, "pred_score": scores}
 
     def _finish_category(self, category: str) -> None:

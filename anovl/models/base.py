@@ -100,6 +100,35 @@ class AnomalyModel(nn.Module):
         """True where results depend on the images seen before (such runs refuse DDP and ``--resume``)."""
         return False
 
+    def check_inputs(self, images: torch.Tensor, categories: Sequence[str],
+                     prompt_names: Sequence[str] | None) -> tuple[torch.Tensor, list[str]]:
+        """Validate a forward's inputs, with one clear error for each kind of mistake. Returns the images as
+        float32 (half, bfloat16 and double images are accepted) and the prompt names (see :func:`prompt_names_for`)."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise AnovlError(f"images must be a B×3×S×S tensor, got {tuple(getattr(images, 'shape', ())) or type(images)}")
+        if images.shape[0] == 0:
+            raise AnovlError("the batch is empty; give at least one image")
+        if not images.is_floating_point():
+            raise AnovlError(f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
+                             "anovl.data.transforms (resize_image, then normalize)")
+        if images.device != self.device:
+            raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
+                             "move them with images.to(model.device)")
+        height, width = images.shape[-2:]
+        size = self.image_size
+        if height != size or not (width == size or (self.handles_wide_images and width > size)):
+            expected = f"{size}×{size}" + (f" or {size}×W with W > {size}" if self.handles_wide_images else "")
+            raise AnovlError(f"images are {height}×{width} but the model expects {expected}; resize them "
+                             "(anovl.data.transforms) or set image_size")
+        prompt_names = prompt_names_for(categories, prompt_names)
+        for what, names in (("category", categories), ("prompt name", prompt_names)):
+            if len(names) != images.shape[0]:
+                raise AnovlError(f"give one {what} per image ({images.shape[0]}), got {list(names)!r}")
+            for name in names:
+                if not isinstance(name, str) or not name.strip():
+                    raise AnovlError(f"{what}s must be non-empty strings, got {name!r}")
+        return images.float(), prompt_names
+
     def start_category(self, category: str) -> None:
         """Called before the first images of each category (state carried within a category resets here)."""
 

@@ -21,7 +21,7 @@ from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
-from anovl.models.base import AnomalyModel, ModelOutput, prompt_names_for
+from anovl.models.base import AnomalyModel, ModelOutput
 
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
 
@@ -188,22 +188,6 @@ class AnoVL(AnomalyModel):
             self._sentences[key] = (self.prompts.normal_sentences(*key), self.prompts.abnormal_sentences(*key))
         return self.text_cache.get(*self._sentences[key], device=device)
 
-    def _check_inputs(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str]) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise AnovlError(f"images must be a B×3×S×S tensor, got shape {tuple(images.shape)}")
-        if images.device != self.device:
-            raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
-                             "move them with images.to(model.device)")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise AnovlError(f"images are {images.shape[-2]}×{images.shape[-1]} but the model expects "
-                             f"{self.image_size}×{self.image_size}; resize them or set image_size")
-        for what, names in (("category", categories), ("prompt name", prompt_names)):
-            if isinstance(names, str) or len(names) != images.shape[0]:
-                raise AnovlError(f"give one {what} per image ({images.shape[0]}), got {names!r}")
-            for name in names:
-                if not isinstance(name, str) or not name.strip():
-                    raise AnovlError(f"{what}s must be non-empty strings, got {name!r}")
-
     def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
                 corrupted_image: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> AnoVLOutput:
         """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories.
@@ -213,8 +197,7 @@ class AnoVL(AnomalyModel):
         ``tta.corruption == 'image'``; ``seeds`` (one per image) fix TTA's randomness, by default derived
         from the image content.
         """
-        prompt_names = prompt_names_for(categories, prompt_names)
-        self._check_inputs(images, categories, prompt_names)
+        images, prompt_names = self.check_inputs(images, categories, prompt_names)
         batch = images.shape[0]
         with self._stage("text"):
             embeddings = [self.text_embeddings(category, name, images.device)

@@ -24,7 +24,7 @@ from torch import nn
 from anovl.backbones import create_backbone
 from anovl.errors import AnovlError
 from anovl.models.anovl.text_cache import TextEmbeddingCache
-from anovl.models.base import AnomalyModel, ModelOutput, prompt_names_for
+from anovl.models.base import AnomalyModel, ModelOutput
 from anovl.models.winclip.prompts import WinCLIPPrompts
 from anovl.models.winclip.windows import check_scales, harmonic_aggregation, harmonic_mean, window_masks
 
@@ -155,22 +155,6 @@ class WinCLIP(AnomalyModel):
         similarity = torch.einsum("b...d,bkd->b...k", F.normalize(embeddings, dim=-1), states)
         return (similarity / self.temperature).softmax(dim=-1)[..., 1]
 
-    def _check_inputs(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str]) -> None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            raise AnovlError(f"images must be a B×3×S×S tensor, got {getattr(images, 'shape', type(images))}")
-        if images.device != self.device:
-            raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
-                             "move them with images.to(model.device)")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise AnovlError(f"images are {images.shape[-2]}×{images.shape[-1]} but the model expects "
-                             f"{self.image_size}×{self.image_size}; resize them or set image_size")
-        for what, names in (("category", categories), ("prompt name", prompt_names)):
-            if len(names) != images.shape[0]:
-                raise AnovlError(f"give one {what} per image ({images.shape[0]}), got {list(names)!r}")
-            for name in names:
-                if not isinstance(name, str) or not name.strip():
-                    raise AnovlError(f"{what}s must be non-empty strings, got {name!r}")
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor, categories: Sequence[str],
                 prompt_names: Sequence[str] | None = None) -> WinCLIPOutput:
@@ -178,8 +162,7 @@ class WinCLIP(AnomalyModel):
 
         ``prompt_names`` (default: :mod:`anovl.categories`' names for the categories) go into the prompts.
         """
-        prompt_names = prompt_names_for(categories, prompt_names)
-        self._check_inputs(images, categories, prompt_names)
+        images, prompt_names = self.check_inputs(images, categories, prompt_names)
         image_embeddings, window_embeddings = self.encode(images)
         states = torch.stack([self.text_states(name, images.device) for name in prompt_names])
         states = states.to(image_embeddings.dtype)
