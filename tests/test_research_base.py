@@ -15,9 +15,11 @@ from anovl.models.base import AnomalyModel, ModelOutput, make_label, setting_dif
 from tests.test_cli import CONFIGS, TINY_MODEL
 
 METHODS = {
-    "tfa": [],
-    "tta": ["--config", str(CONFIGS / "tta" / "text.yaml")],
-    "winclip": ["--model", "anovl.models.WinCLIP"],
+    "tfa": [*TINY_MODEL],
+    "tta": ["--config", str(CONFIGS / "tta" / "text.yaml"), *TINY_MODEL],
+    # WinCLIP takes over the demo's backbone settings; it has no views.
+    "winclip": ["--model", "anovl.models.WinCLIP", "--model.init_args.backbone", "anovl-tiny-vit",
+                "--model.init_args.image_size", "64", "--trainer.enable_progress_bar", "false"],
 }
 
 
@@ -28,7 +30,7 @@ def runs(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs")
     folders = {}
     for name, extra in METHODS.items():
-        main(["test", "--config", str(CONFIGS / "demo.yaml"), *extra, *TINY_MODEL,
+        main(["test", "--config", str(CONFIGS / "demo.yaml"), *extra,
               "--data.init_args.root", str(data), "--data.init_args.generate", "false",
               "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name])
         (folders[name],) = (save_dir / name).iterdir()

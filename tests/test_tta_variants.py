@@ -101,7 +101,7 @@ def test_compare_puts_variants_side_by_side(data_root, tfa_results, tmp_path, ca
     table = output.read_text()
     assert f"| category | {tfa_results[1]['label']} | {tta_results['label']} |" in table
     tfa_mean, tta_mean = tfa_results[1]["mean"]["pixel_auroc"], tta_results["mean"]["pixel_auroc"]
-    assert f"| mean | {tfa_mean:.1f} | {tta_mean:.1f} ({tta_mean - tfa_mean:+.1f}) |" in table
+    assert f"| **mean (all categories)** | **{tfa_mean:.1f}** | **{tta_mean:.1f} ({tta_mean - tfa_mean:+.1f})** |" in table
     assert "random weights" in capsys.readouterr().out
 
 
