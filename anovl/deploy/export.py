@@ -50,6 +50,8 @@ class ExportClass:
 
     category: str
     prompt_name: str
+    image_threshold: float | None = None  # image score above which an image of this class is called anomalous
+    pixel_threshold: float | None = None  # map value above which a pixel is called anomalous
 
     @classmethod
     def parse(cls, text: str) -> "ExportClass":
@@ -74,8 +76,6 @@ class Sidecar:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     interpolation: str = "bilinear"
-    image_threshold: float | None = None  # image score above which an image is called anomalous
-    pixel_threshold: float | None = None  # map value above which a pixel is called anomalous
 
     def to_json(self) -> str:
         return json.dumps({
@@ -91,8 +91,7 @@ class Sidecar:
             "num_views": self.num_views,
             "label": self.label,
             "settings": self.settings,
-            "thresholds": {"image": self.image_threshold, "pixel": self.pixel_threshold},
-        }, indent=2)
+        }, indent=2, ensure_ascii=False)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Sidecar":
@@ -101,17 +100,16 @@ class Sidecar:
             raise AnovlError(f"the sidecar {path} of the exported model is missing; `anovl export` writes the "
                              "model and its .json side by side: keep them together or export again")
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
             if record.get("version") != SIDECAR_VERSION:
                 raise AnovlError(f"sidecar {path} has version {record.get('version')!r} but this anovl reads "
                                  f"version {SIDECAR_VERSION}; export the model again")
-            preprocessing, thresholds = record["preprocessing"], record["thresholds"]
+            preprocessing = record["preprocessing"]
             return cls(
                 format=record["format"], classes=[ExportClass(**entry) for entry in record["classes"]],
                 num_views=int(record["num_views"]), label=record["label"], settings=record["settings"],
                 image_size=int(preprocessing["image_size"]), mean=tuple(preprocessing["mean"]),
                 std=tuple(preprocessing["std"]), interpolation=preprocessing["interpolation"],
-                image_threshold=thresholds["image"], pixel_threshold=thresholds["pixel"],
             )
         except AnovlError:
             raise
@@ -148,6 +146,28 @@ class ExportableAnoVL(nn.Module):
 def state_embeddings(model: AnoVL, entry: ExportClass) -> torch.Tensor:
     """Normalised (2, D) state embeddings of a class, as the model's forward uses them."""
     return model.text_embeddings(entry.prompt_name).states
+
+
+@contextlib.contextmanager
+def thresholds_from_results(path: str | os.PathLike) -> dict[str, dict[str, float | None]]:
+    """Per-category ``{"image": .., "pixel": ..}`` thresholds from a test run's results.json (the
+    ``image_threshold`` / ``pixel_threshold`` of its category rows)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        rows = json.loads(path.read_text())["categories"]
+        found = {row["category"]: {"image": row.get("image_threshold"), "pixel": row.get("pixel_threshold")}
+                 for row in rows}
+    except FileNotFoundError:
+        raise AnovlError(f"results file not found: {path}; give a test run's results.json or its folder") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise AnovlError(f"{path} is not a test run's results.json ({type(error).__name__}: {error})") from None
+    found = {category: values for category, values in found.items() if any(v is not None for v in values.values())}
+    if not found:
+        raise AnovlError(f"{path} records no thresholds (image_threshold / pixel_threshold per category); "
+                         "give them with --image-threshold / --pixel-threshold instead")
+    return found
 
 
 @contextlib.contextmanager
@@ -235,19 +255,24 @@ def _write_torchscript(module: ExportableAnoVL, path: Path) -> None:
 WRITERS = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}
 
 
+def check_threshold(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise AnovlError(f"the {name} threshold must be a probability in [0, 1], got {value!r}")
+
+
 def export_model(model: AnoVL, classes: Sequence[ExportClass | str], output: str | os.PathLike,
-                 format: str = "onnx", num_views: int | None = None, image_threshold: float | None = None,
-                 pixel_threshold: float | None = None) -> Path:
+                 format: str = "onnx", num_views: int | None = None) -> Path:
     """Write ``model`` for ``classes`` as ``format`` to ``output`` plus its sidecar; returns the model file.
 
-    ``output`` gets the format's suffix (``.onnx``, ``.xml`` with its ``.bin``, ``.pt``) when it has none.
+    ``classes`` are :class:`ExportClass` entries (with their thresholds, if known) or ``category[=prompt name]``
+    strings. ``output`` gets the format's suffix (``.onnx``, ``.xml`` with its ``.bin``, ``.pt``) when it has none.
     """
     if format not in FORMATS:
         raise AnovlError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     classes = [ExportClass.parse(entry) if isinstance(entry, str) else entry for entry in classes]
-    for name, value in (("image", image_threshold), ("pixel", pixel_threshold)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise AnovlError(f"the {name} threshold must lie in [0, 1] (it is a probability), got {value}")
+    for entry in classes:
+        check_threshold("image", entry.image_threshold)
+        check_threshold("pixel", entry.pixel_threshold)
     module = build_exportable(model, classes, num_views)
     path = Path(output).expanduser()
     if not path.suffix:
@@ -262,6 +287,121 @@ def export_model(model: AnoVL, classes: Sequence[ExportClass | str], output: str
     with _views_set_to(model, module.num_views):
         label, settings = describe(model)
     sidecar = Sidecar(format=format, image_size=model.image_size, classes=list(classes), num_views=module.num_views,
-                      label=label, settings=settings, image_threshold=image_threshold, pixel_threshold=pixel_threshold)
-    sidecar_path(path).write_text(sidecar.to_json())
+                      label=label, settings=settings)
+    sidecar_path(path).write_text(sidecar.to_json(), encoding="utf-8")
     return path
+
+
+# ----------------------------------------------------------------------------- building the model from a config
+
+LEGACY_MODULE = "anovl.models.anovl.lightning_model.AnoVLModule"  # configs naming the Lightning wrapper
+MODEL_OVERRIDE_PREFIX = "--model.init_args."
+
+
+def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any] | None = None) -> AnoVL:
+    """The AnoVL of an anovl config's ``model:`` section (``class_path`` AnoVL, or the Lightning module
+    ``AnoVLModule`` whose framework-only options are left out), with ``overrides`` of its init_args.
+
+    Random weights (``pretrained: null``) are seeded with ``init_seed`` (default 0) as ``anovl test`` does,
+    so the exported demo model is the one that ``anovl test --config`` runs.
+    """
+    import inspect
+
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    if isinstance(config, dict):
+        document, source = config, "the config"
+    else:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise AnovlError(f"config file not found: {path}")
+        try:
+            document = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise AnovlError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        source = str(path)
+    section = (document or {}).get("model") if isinstance(document, dict) else None
+    if not isinstance(section, dict):
+        raise AnovlError(f"{source} has no model: section with class_path and init_args")
+    class_path = section.get("class_path", f"{AnoVL.__module__}.{AnoVL.__name__}")
+    init_args = dict(section.get("init_args") or {})
+    init_args.update(overrides or {})
+    accepted = set(inspect.signature(AnoVL.__init__).parameters) - {"self"}
+    if class_path == LEGACY_MODULE:
+        init_args = {key: value for key, value in init_args.items() if key in accepted or key == "init_seed"}
+    elif class_path not in (f"{AnoVL.__module__}.{AnoVL.__name__}", "anovl.AnoVL"):
+        raise AnovlError(f"{source}: only AnoVL models can be exported, not {class_path}")
+    init_seed = init_args.pop("init_seed", 0)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(AnoVL, "model")
+    try:
+        parsed = parser.parse_object({"model": init_args})
+    except Exception as error:  # jsonargparse reports unknown keys and wrong types with its own error types
+        raise AnovlError(f"{source}: bad model settings: {str(error).splitlines()[0]}") from None
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(init_seed)
+        if init_args.get("pretrained", "x") is None:
+            warnings.simplefilter("ignore")  # random weights are the point of the demo model
+        return parser.instantiate_classes(parsed).model
+
+
+def _parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
+    """``--model.init_args.KEY VALUE`` / ``--model.init_args.KEY=VALUE`` pairs, values read as YAML."""
+    import yaml
+
+    overrides, items = {}, list(extra)
+    while items:
+        token = items.pop(0)
+        if not token.startswith(MODEL_OVERRIDE_PREFIX):
+            raise AnovlError(f"unknown argument {token!r}; see anovl export --help")
+        key, has_value, value = token[len(MODEL_OVERRIDE_PREFIX):].partition("=")
+        if not has_value:
+            if not items:
+                raise AnovlError(f"{token} needs a value")
+            value = items.pop(0)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def export_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="anovl export", description="Export training-free AnoVL with the classes' text embeddings baked in.",
+        epilog="Model settings of the config can be overridden, e.g. --model.init_args.pretrained weights.pt",
+    )
+    parser.add_argument("--config", required=True, help="an anovl config whose model: section is AnoVL")
+    parser.add_argument("--classes", nargs="+", required=True, metavar="CLASS",
+                        help="categories to bake in (index order); 'category=prompt name' sets the prompt name")
+    parser.add_argument("--format", choices=list(FORMATS), default="onnx")
+    parser.add_argument("--num-views", type=int, default=None,
+                        help="views averaged into the image score: 1 (fast) to 22 (reference); default: the config's")
+    parser.add_argument("--output", required=True, help="model file (.onnx, .xml or .pt); the sidecar is FILE.json")
+    parser.add_argument("--image-threshold", type=float, default=None, help="image-score threshold of every class")
+    parser.add_argument("--pixel-threshold", type=float, default=None, help="pixel threshold of every class")
+    parser.add_argument("--thresholds", default=None, metavar="RESULTS_JSON",
+                        help="per-category thresholds from a test run's results.json (or its folder)")
+    return parser
+
+
+def main(argv: Sequence[str]) -> None:
+    """``anovl export``: see :func:`export_parser`."""
+    import time
+
+    args, extra = export_parser().parse_known_args(list(argv))
+    model = model_from_config(args.config, _parse_overrides(extra))
+    recorded = thresholds_from_results(args.thresholds) if args.thresholds else {}
+    classes = []
+    for text in args.classes:
+        entry = ExportClass.parse(text)
+        found = recorded.get(entry.category, {})
+        classes.append(ExportClass(entry.category, entry.prompt_name,
+                                   args.image_threshold if args.image_threshold is not None else found.get("image"),
+                                   args.pixel_threshold if args.pixel_threshold is not None else found.get("pixel")))
+    start = time.perf_counter()
+    path = export_model(model, classes, args.output, args.format, args.num_views)
+    files = [path, path.with_suffix(".bin")] if args.format == "openvino" else [path]
+    size = sum(file.stat().st_size for file in files)
+    print(f"Exported {len(classes)} classes ({args.format}, {Sidecar.read(sidecar_path(path)).num_views} views) to "
+          f"{path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; sidecar {sidecar_path(path)}")
