@@ -148,7 +148,6 @@ def state_embeddings(model: AnoVL, entry: ExportClass) -> torch.Tensor:
     return model.text_embeddings(entry.prompt_name).states
 
 
-@contextlib.contextmanager
 def thresholds_from_results(path: str | os.PathLike) -> dict[str, dict[str, float | None]]:
     """Per-category ``{"image": .., "pixel": ..}`` thresholds from a test run's results.json (the
     ``image_threshold`` / ``pixel_threshold`` of its category rows)."""
@@ -295,6 +294,7 @@ def export_model(model: AnoVL, classes: Sequence[ExportClass | str], output: str
 # ----------------------------------------------------------------------------- building the model from a config
 
 LEGACY_MODULE = "anovl.models.anovl.lightning_model.AnoVLModule"  # configs naming the Lightning wrapper
+LEGACY_FRAMEWORK_OPTIONS = ("cflow_pro", "max_pictures", "picture_dir", "results_dir")  # its options beyond AnoVL's
 MODEL_OVERRIDE_PREFIX = "--model.init_args."
 
 
@@ -305,8 +305,6 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
     Random weights (``pretrained: null``) are seeded with ``init_seed`` (default 0) as ``anovl test`` does,
     so the exported demo model is the one that ``anovl test --config`` runs.
     """
-    import inspect
-
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -327,9 +325,8 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
     class_path = section.get("class_path", f"{AnoVL.__module__}.{AnoVL.__name__}")
     init_args = dict(section.get("init_args") or {})
     init_args.update(overrides or {})
-    accepted = set(inspect.signature(AnoVL.__init__).parameters) - {"self"}
     if class_path == LEGACY_MODULE:
-        init_args = {key: value for key, value in init_args.items() if key in accepted or key == "init_seed"}
+        init_args = {key: value for key, value in init_args.items() if key not in LEGACY_FRAMEWORK_OPTIONS}
     elif class_path not in (f"{AnoVL.__module__}.{AnoVL.__name__}", "anovl.AnoVL"):
         raise AnovlError(f"{source}: only AnoVL models can be exported, not {class_path}")
     init_seed = init_args.pop("init_seed", 0)
@@ -346,7 +343,7 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
         return parser.instantiate_classes(parsed).model
 
 
-def _parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
+def parse_model_overrides(extra: Sequence[str]) -> dict[str, Any]:
     """``--model.init_args.KEY VALUE`` / ``--model.init_args.KEY=VALUE`` pairs, values read as YAML."""
     import yaml
 
@@ -390,7 +387,7 @@ def main(argv: Sequence[str]) -> None:
     import time
 
     args, extra = export_parser().parse_known_args(list(argv))
-    model = model_from_config(args.config, _parse_overrides(extra))
+    model = model_from_config(args.config, parse_model_overrides(extra))
     recorded = thresholds_from_results(args.thresholds) if args.thresholds else {}
     classes = []
     for text in args.classes:

@@ -13,6 +13,7 @@ categories of a batch are mapped to the exported class indices.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -152,7 +153,9 @@ class ExportedModel(AnomalyModel):
         self._runner: Runner | None = None
         try:
             if self.backend == "torch":
-                self.scripted = torch.jit.load(str(self.path), map_location="cpu")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the format is asked for
+                    self.scripted = torch.jit.load(str(self.path), map_location="cpu")
             else:
                 self._runner = (_onnxruntime_runner if self.backend == "onnxruntime" else _openvino_runner)(self.path)
         except ImportError as error:
