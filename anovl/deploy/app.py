@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anovl.data.image_io import load_rgb
+from anovl.data.image_io import BadImageError, load_rgb
 from anovl.deploy.export import MODEL_OVERRIDE_PREFIX, parse_model_overrides, check_threshold, model_from_config
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
@@ -47,8 +47,8 @@ class Analyzer:
         self.model = model
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
-        self.max_upload_bytes = int(max_upload_mb * 2**20)
-        self.max_pixels = int(max_megapixels * 1e6)
+        self.max_upload_mb = max_upload_mb
+        self.max_megapixels = max_megapixels
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="anovl-app-"))
 
     @property
@@ -67,13 +67,17 @@ class Analyzer:
         size = os.path.getsize(path)
         if size == 0:
             raise AnovlError(f"{Path(path).name} is empty; upload an image file (PNG, JPEG, BMP, TIFF)")
-        if size > self.max_upload_bytes:
-            raise AnovlError(f"{Path(path).name} is {size / 2**20:.1f} MB; the demo takes images up to "
-                             f"{self.max_upload_bytes / 2**20:g} MB")
-        rgb = load_rgb(path)
-        if rgb.shape[0] * rgb.shape[1] > self.max_pixels:
+        if size > self.max_upload_mb * 2**20:
+            raise AnovlError(f"{Path(path).name} is {size / 2**20:.3g} MB; the demo takes images up to "
+                             f"{self.max_upload_mb:g} MB")
+        try:
+            rgb = load_rgb(path)
+        except BadImageError:  # its message names the server's temporary copy, not the user's file
+            raise AnovlError(f"{Path(path).name} is not a readable image; upload a PNG, JPEG, BMP or TIFF "
+                             "file") from None
+        if rgb.shape[0] * rgb.shape[1] > self.max_megapixels * 1e6:
             raise AnovlError(f"{Path(path).name} has {rgb.shape[1]}×{rgb.shape[0]} pixels; the demo takes images "
-                             f"up to {self.max_pixels / 1e6:g} megapixels")
+                             f"up to {self.max_megapixels:g} megapixels")
         return rgb
 
     def __call__(self, path: str | None, category: str | None) -> dict[str, Any]:
@@ -114,7 +118,7 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = ()):
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Image (PNG, JPEG, BMP, TIFF)", type="filepath", elem_id="upload")
-                category = gr.Dropdown(choices=choices, value=choices[0] if choices else None, label="Class",
+                category = gr.Dropdown(choices=choices, value=None, label="Class (pick or type)",
                                        allow_custom_value=fixed is None, elem_id="category")
                 run = gr.Button("Detect anomalies", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
