@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

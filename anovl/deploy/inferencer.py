@@ -36,10 +36,13 @@ OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 Runner = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _onnxruntime_runner(path: Path) -> Runner:
+def _onnxruntime_runner(path: Path, threads: int | None) -> Runner:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = session.run(None, dict(zip(INPUT_NAMES, (images, class_index))))
@@ -48,10 +51,11 @@ def _onnxruntime_runner(path: Path) -> Runner:
     return run
 
 
-def _openvino_runner(path: Path) -> Runner:
+def _openvino_runner(path: Path, threads: int | None) -> Runner:
     import openvino
 
-    compiled = openvino.Core().compile_model(str(path), "CPU", OPENVINO_CONFIG)
+    config = {**OPENVINO_CONFIG, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = openvino.Core().compile_model(str(path), "CPU", config)
 
     def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         results = compiled(dict(zip(INPUT_NAMES, (images, class_index))))
@@ -128,11 +132,12 @@ class ExportedModel(AnomalyModel):
     Args:
         path: the exported file (``.onnx``, ``.xml`` or ``.pt``); its sidecar ``<path>.json`` must be beside it.
         backend: ``onnxruntime``, ``openvino`` (runs ``.xml`` and ``.onnx``) or ``torch`` (``.pt``); default by suffix.
+        threads: CPU threads of ONNX Runtime / OpenVINO (default: theirs, all cores); torch uses its global setting.
     """
 
     method = "AnoVL"
 
-    def __init__(self, path: str | os.PathLike, backend: str | None = None):
+    def __init__(self, path: str | os.PathLike, backend: str | None = None, threads: int | None = None):
         super().__init__()
         self.path = Path(path).expanduser()
         if not self.path.is_file():
@@ -157,7 +162,7 @@ class ExportedModel(AnomalyModel):
                     warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the format is asked for
                     self.scripted = torch.jit.load(str(self.path), map_location="cpu")
             else:
-                self._runner = (_onnxruntime_runner if self.backend == "onnxruntime" else _openvino_runner)(self.path)
+                self._runner = (_onnxruntime_runner if self.backend == "onnxruntime" else _openvino_runner)(self.path, threads)
         except ImportError as error:
             raise AnovlError(f"the {self.backend} backend is not installed ({error}); pip install 'anovl[deploy]'") from None
         except Exception as error:  # each runtime has its own error types for unreadable files
@@ -228,6 +233,6 @@ class ExportedModel(AnomalyModel):
         return predict(self, image, category, image_threshold, pixel_threshold)
 
 
-def load_exported(path: str | os.PathLike, backend: str | None = None) -> ExportedModel:
+def load_exported(path: str | os.PathLike, backend: str | None = None, threads: int | None = None) -> ExportedModel:
     """Load an exported model and its sidecar (see :class:`ExportedModel`)."""
-    return ExportedModel(path, backend)
+    return ExportedModel(path, backend, threads)
