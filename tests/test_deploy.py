@@ -20,7 +20,8 @@ from tests.conftest import TINY
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-CLASSES = ["bottle", "metal_nut", "macaroni1=macaroni"]
+CLASSES = ["bottle", "macaroni1", "part_a=screw"]  # the registry's prompt name, and one given
+PROMPT_NAMES = {"bottle": "bottle", "macaroni1": "macaroni", "part_a": "screw"}
 FORMATS = ["onnx", "openvino", "torchscript"]
 TOLERANCE = 1e-4
 
@@ -51,15 +52,14 @@ def test_exported_model_equals_anovl(exported, fmt):
     runner = load_exported(paths[fmt])
     assert isinstance(runner, AnomalyModel)
     # Mixed classes in one batch, a batch size the export never saw, and a single image.
-    for batch, categories in ((images(3), ["metal_nut", "bottle", "macaroni1"]), (images(1, seed=1), ["bottle"])):
-        prompts = [dict(entry.split("=") if "=" in entry else (entry, entry) for entry in CLASSES)[c] for c in categories]
-        reference = model(batch, prompts)
+    for batch, categories in ((images(3), ["part_a", "bottle", "macaroni1"]), (images(1, seed=1), ["bottle"])):
+        reference = model(batch, categories, [PROMPT_NAMES[category] for category in categories])
         output = runner(batch, categories)
         assert output.anomaly_map.shape == reference.anomaly_map.shape
         assert torch.allclose(output.anomaly_map, reference.anomaly_map, atol=TOLERANCE, rtol=0)
         assert torch.allclose(output.pred_score, reference.pred_score, atol=TOLERANCE, rtol=0)
     # The baked-in classes really differ: the same image under two classes gives two different maps.
-    two = runner(images(1).expand(2, -1, -1, -1), ["bottle", "metal_nut"]).anomaly_map
+    two = runner(images(1).expand(2, -1, -1, -1), ["bottle", "part_a"]).anomaly_map
     assert (two[0] - two[1]).abs().max() > 1e-3
 
 
@@ -77,11 +77,11 @@ def test_sidecar_records_preprocessing_classes_and_views(exported):
     assert record["preprocessing"] == {"image_size": 64, "mean": [0.48145466, 0.4578275, 0.40821073],
                                        "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bilinear"}
     assert [(c["category"], c["prompt_name"]) for c in record["classes"]] == [
-        ("bottle", "bottle"), ("metal_nut", "metal_nut"), ("macaroni1", "macaroni")]
+        ("bottle", "bottle"), ("macaroni1", "macaroni"), ("part_a", "screw")]
     assert record["num_views"] == model.num_views and record["settings"]["num_views"] == model.num_views
     assert record["format"] == "onnx" and record["label"].startswith("AnoVL")
     runner = load_exported(paths["onnx"])
-    assert runner.preprocessing().image_size == 64 and runner.classes == ["bottle", "metal_nut", "macaroni1"]
+    assert runner.preprocessing().image_size == 64 and runner.classes == ["bottle", "macaroni1", "part_a"]
     assert runner.settings() == record["settings"] and runner.label == record["label"]
 
 
@@ -101,8 +101,8 @@ def test_predict_applies_the_preprocessing(exported, tmp_path):
     rgb = (np.random.default_rng(0).random((50, 90, 3)) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "photo.png")
     runner = load_exported(paths["openvino"])
-    result = runner.predict(tmp_path / "photo.png", "metal_nut")
-    expected = model(normalize(resize_image(rgb, (64, 64))).unsqueeze(0), ["metal_nut"])
+    result = runner.predict(tmp_path / "photo.png", "macaroni1")
+    expected = model(normalize(resize_image(rgb, (64, 64))).unsqueeze(0), ["macaroni1"])
     assert result.anomaly_map.shape == (64, 64) and result.image.shape == (64, 64, 3)
     assert np.abs(result.anomaly_map - expected.anomaly_map[0].numpy()).max() < TOLERANCE
     assert abs(result.pred_score - float(expected.pred_score[0])) < TOLERANCE
@@ -112,10 +112,10 @@ def test_predict_applies_the_preprocessing(exported, tmp_path):
 def test_unknown_class_and_other_prompt_name_are_refused(exported):
     _, paths = exported
     runner = load_exported(paths["onnx"])
-    with pytest.raises(AnovlError, match="'carpet' was not exported.*bottle, metal_nut, macaroni1"):
+    with pytest.raises(AnovlError, match="'carpet' was not exported.*bottle, macaroni1, part_a"):
         runner(images(2), ["bottle", "carpet"])
-    with pytest.raises(AnovlError, match="exported with the prompt name 'macaroni'"):
-        runner(images(1), ["macaroni1"], ["macaroni1"])
+    with pytest.raises(AnovlError, match="exported with the prompt name 'screw'"):
+        runner(images(1), ["part_a"], ["part_a"])
     with pytest.raises(AnovlError, match="B×3×64×64"):
         runner(torch.zeros(1, 3, 32, 32), ["bottle"])
 
@@ -161,10 +161,10 @@ def test_bad_exported_files(tmp_path, exported):
 
 
 def write_config(tmp_path, **init_args):
-    """A config in today's demo layout: the Lightning module with framework-only options."""
-    config = {"model": {"class_path": "anovl.models.anovl.lightning_model.AnoVLModule",
-                        "init_args": {"backbone": TINY, "pretrained": None, "num_views": 22, "max_pictures": 3,
-                                      "init_seed": 3, **init_args}},
+    """A config in the layout of configs/demo.yaml."""
+    config = {"model": {"class_path": "anovl.models.AnoVL",
+                        "init_args": {"backbone": TINY, "pretrained": None, "num_views": 22, "init_seed": 3,
+                                      **init_args}},
               "data": {"class_path": "anovl.data.SyntheticMVTecDataModule", "init_args": {"root": "x"}}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -185,11 +185,10 @@ def test_export_command(tmp_path):
     assert exit_info.value.code == 0
     runner = load_exported(tmp_path / "out" / "m.onnx")
     assert runner.thresholds("bottle") == (0.42, 0.61) and runner.thresholds("screw") == (None, None)
-    # The model is the config's: its random weights are seeded with init_seed, as `anovl test` does.
-    torch.manual_seed(3)
+    # The model is the config's: its random weights come from its init_seed, as in `anovl test`.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = AnoVL(TINY, pretrained=None, num_views=1)
+        reference = AnoVL(TINY, pretrained=None, num_views=1, init_seed=3)
     batch = images(2)
     assert torch.allclose(runner(batch, ["bottle", "screw"]).anomaly_map,
                           reference(batch, ["bottle", "screw"]).anomaly_map, atol=TOLERANCE, rtol=0)
@@ -219,13 +218,17 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, arguments, message
 
 
 def test_model_from_config_takes_the_plain_model_class_path():
-    model = model_from_config({"model": {"class_path": "anovl.models.anovl.torch_model.AnoVL",
+    model = model_from_config({"model": {"class_path": "anovl.models.AnoVL",
                                          "init_args": {"backbone": TINY, "pretrained": None, "num_views": 5}}})
     assert isinstance(model, AnoVL) and model.num_views == 5
+    # Configs saved by earlier anovl versions name the Lightning module, with its framework-only options.
+    legacy = model_from_config({"model": {"class_path": "anovl.models.anovl.lightning_model.AnoVLModule",
+                                          "init_args": {"backbone": TINY, "pretrained": None, "max_pictures": 3}}})
+    assert isinstance(legacy, AnoVL)
     with pytest.raises(AnovlError, match="only AnoVL models can be exported"):
         model_from_config({"model": {"class_path": "torch.nn.Linear", "init_args": {}}})
     with pytest.raises(AnovlError, match="bad model settings"):
-        model_from_config({"model": {"class_path": "anovl.AnoVL", "init_args": {"max_pictures": 3}}})
+        model_from_config({"model": {"class_path": "anovl.models.AnoVL", "init_args": {"max_pictures": 3}}})
 
 
 @pytest.mark.slow

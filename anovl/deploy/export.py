@@ -17,13 +17,14 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from anovl import categories as category_registry
 from anovl.backbones.value_wise import ValueWiseViT
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD
 from anovl.errors import AnovlError
@@ -49,18 +50,22 @@ class ExportClass:
     """One class of an exported model: the dataset category and the object name put into the prompts."""
 
     category: str
-    prompt_name: str
+    prompt_name: str | None = None  # None: anovl.categories' name for the category (e.g. macaroni1 -> macaroni)
     image_threshold: float | None = None  # image score above which an image of this class is called anomalous
     pixel_threshold: float | None = None  # map value above which a pixel is called anomalous
 
     @classmethod
     def parse(cls, text: str) -> "ExportClass":
-        """``category`` or ``category=prompt name`` (e.g. ``macaroni1=macaroni``)."""
+        """``category`` or ``category=prompt name`` (e.g. ``my_part=screw``)."""
         category, _, prompt_name = text.partition("=")
         category, prompt_name = category.strip(), prompt_name.strip()
         if not category:
             raise AnovlError(f"class {text!r} has no name; give 'category' or 'category=prompt name'")
-        return cls(category, prompt_name or category)
+        return cls(category, prompt_name or None)
+
+    def resolved(self) -> "ExportClass":
+        """This class with its prompt name filled in from :mod:`anovl.categories` where none was given."""
+        return replace(self, prompt_name=self.prompt_name or category_registry.prompt_name(self.category))
 
 
 @dataclass
@@ -145,7 +150,7 @@ class ExportableAnoVL(nn.Module):
 
 def state_embeddings(model: AnoVL, entry: ExportClass) -> torch.Tensor:
     """Normalised (2, D) state embeddings of a class, as the model's forward uses them."""
-    return model.text_embeddings(entry.prompt_name).states
+    return model.text_embeddings(entry.category, entry.prompt_name).states
 
 
 def thresholds_from_results(path: str | os.PathLike) -> dict[str, dict[str, float | None]]:
@@ -179,27 +184,6 @@ def _views_set_to(model: AnoVL, num_views: int) -> Iterator[None]:
         model.num_views = before
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses and tuples as JSON-like values."""
-    return json.loads(json.dumps(asdict(value) if is_dataclass(value) else value, default=str))
-
-
-def describe(model: AnoVL) -> tuple[str, dict[str, Any]]:
-    """The model's label and settings (from the AnomalyModel interface where the model implements it)."""
-    settings_method = getattr(model, "settings", None)
-    if callable(settings_method):
-        try:
-            return model.label, _plain(settings_method())
-        except NotImplementedError:
-            pass
-    settings = {
-        "backbone": model.backbone_name, "weights": model.text_cache.backbone.weights_fingerprint,
-        "image_size": model.image_size, "num_views": model.num_views, "layers": list(model.layers),
-        "prompts": _plain(model.prompts),
-    }
-    return f"AnoVL-{model.variant}", settings
-
-
 def build_exportable(model: AnoVL, classes: Sequence[ExportClass], num_views: int | None = None) -> ExportableAnoVL:
     """The exportable module of ``model`` for ``classes`` (in this index order)."""
     if getattr(model, "tta", None) is not None:
@@ -211,7 +195,7 @@ def build_exportable(model: AnoVL, classes: Sequence[ExportClass], num_views: in
     repeated = sorted({name for name in categories if categories.count(name) > 1})
     if repeated:
         raise AnovlError(f"classes repeated: {', '.join(repeated)}; give each category once")
-    states = torch.stack([state_embeddings(model, entry).float().cpu() for entry in classes])
+    states = torch.stack([state_embeddings(model, entry.resolved()).float().cpu() for entry in classes])
     return ExportableAnoVL(model.encoder, states, model.image_size, num_views or model.num_views, model.layers).eval()
 
 
@@ -268,7 +252,7 @@ def export_model(model: AnoVL, classes: Sequence[ExportClass | str], output: str
     """
     if format not in FORMATS:
         raise AnovlError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    classes = [ExportClass.parse(entry) if isinstance(entry, str) else entry for entry in classes]
+    classes = [(ExportClass.parse(entry) if isinstance(entry, str) else entry).resolved() for entry in classes]
     for entry in classes:
         check_threshold("image", entry.image_threshold)
         check_threshold("pixel", entry.pixel_threshold)
@@ -284,7 +268,7 @@ def export_model(model: AnoVL, classes: Sequence[ExportClass | str], output: str
     with torch.no_grad():
         WRITERS[format](module, path)
     with _views_set_to(model, module.num_views):
-        label, settings = describe(model)
+        label, settings = model.label, model.settings()
     sidecar = Sidecar(format=format, image_size=model.image_size, classes=list(classes), num_views=module.num_views,
                       label=label, settings=settings)
     sidecar_path(path).write_text(sidecar.to_json(), encoding="utf-8")
@@ -302,8 +286,8 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
     """The AnoVL of an anovl config's ``model:`` section (``class_path`` AnoVL, or the Lightning module
     ``AnoVLModule`` whose framework-only options are left out), with ``overrides`` of its init_args.
 
-    Random weights (``pretrained: null``) are seeded with ``init_seed`` (default 0) as ``anovl test`` does,
-    so the exported demo model is the one that ``anovl test --config`` runs.
+    Random weights (``pretrained: null``) come from AnoVL's ``init_seed``, so the exported demo model is the
+    one that ``anovl test --config`` runs.
     """
     import yaml
     from jsonargparse import ArgumentParser
@@ -322,22 +306,20 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
     section = (document or {}).get("model") if isinstance(document, dict) else None
     if not isinstance(section, dict):
         raise AnovlError(f"{source} has no model: section with class_path and init_args")
-    class_path = section.get("class_path", f"{AnoVL.__module__}.{AnoVL.__name__}")
+    class_path = section.get("class_path", "anovl.models.AnoVL")
     init_args = dict(section.get("init_args") or {})
     init_args.update(overrides or {})
     if class_path == LEGACY_MODULE:
         init_args = {key: value for key, value in init_args.items() if key not in LEGACY_FRAMEWORK_OPTIONS}
-    elif class_path not in (f"{AnoVL.__module__}.{AnoVL.__name__}", "anovl.AnoVL"):
+    elif class_path.rsplit(".", 1)[-1] != "AnoVL" or not class_path.startswith("anovl."):
         raise AnovlError(f"{source}: only AnoVL models can be exported, not {class_path}")
-    init_seed = init_args.pop("init_seed", 0)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(AnoVL, "model")
     try:
         parsed = parser.parse_object({"model": init_args})
     except Exception as error:  # jsonargparse reports unknown keys and wrong types with its own error types
         raise AnovlError(f"{source}: bad model settings: {str(error).splitlines()[0]}") from None
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        torch.manual_seed(init_seed)
+    with warnings.catch_warnings():
         if init_args.get("pretrained", "x") is None:
             warnings.simplefilter("ignore")  # random weights are the point of the demo model
         return parser.instantiate_classes(parsed).model
