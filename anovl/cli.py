@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.compare import main as compare_main
 from anovl.data import AnomalyDataModule
+from anovl.deploy import main as deploy_main
 from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
@@ -343,6 +344,8 @@ def main(args: list[str] | None = None) -> None:
     command_line = sys.argv[1:] if args is None else args
     if command_line[:1] == ["compare"]:
         raise SystemExit(_run_user_command(lambda: compare_main(command_line[1:])))
+    if command_line[:1] in (["export"], ["app"]):
+        raise SystemExit(_run_user_command(lambda: deploy_main(command_line[0], command_line[1:])))
     # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     with _StopSignals():

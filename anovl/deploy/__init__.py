@@ -1,0 +1,19 @@
+"""Deployment: export (ONNX, OpenVINO IR, TorchScript), inference on the exported models, a browser demo."""
+
+from anovl.deploy.export import ExportableAnoVL, ExportClass, Sidecar, build_exportable, export_model, sidecar_path
+from anovl.deploy.inferencer import ExportedModel, Prediction, load_exported, predict
+
+__all__ = ["main", "ExportClass", "ExportableAnoVL", "ExportedModel", "Prediction", "Sidecar", "build_exportable",
+           "export_model", "load_exported", "predict", "sidecar_path"]
+
+
+def main(command: str, argv: list[str]) -> None:
+    """``anovl export ...`` and ``anovl app ...`` (dispatched by :func:`anovl.cli.main`)."""
+    if command == "export":
+        from anovl.deploy.export import main as export_main
+
+        export_main(argv)
+    else:
+        from anovl.deploy.app import main as app_main
+
+        app_main(argv)

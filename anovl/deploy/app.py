@@ -1,0 +1,185 @@
+"""``anovl app``: a browser demo (Gradio). Upload an image, pick or type a class, see the heatmap overlay, the
+image score and the predicted mask (downloadable as a PNG).
+
+    anovl app                                   # the demo model: small CLIP, random weights, no download
+    anovl app --config configs/mvtec.yaml --weights ViT-B-16-plus-240.pt
+    anovl app --exported exports/mvtec.onnx     # an `anovl export` file (its classes only)
+
+The server listens on 127.0.0.1 unless --host says otherwise. Bad uploads (not an image, too large, no
+class) get a message in the page; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anovl.data.image_io import BadImageError, load_rgb
+from anovl.deploy.export import MODEL_OVERRIDE_PREFIX, parse_model_overrides, check_threshold, model_from_config
+from anovl.deploy.inferencer import ExportedModel, predict
+from anovl.errors import AnovlError
+from anovl.visualization import overlay
+
+# The demo model of configs/demo.yaml, embedded so that the app runs from an installed package too.
+DEMO_MODEL = {"model": {"init_args": {"backbone": "anovl-small-vit", "pretrained": None, "image_size": 224,
+                                      "num_views": 22}}}
+DEMO_CLASSES = ("fabric", "widget")
+DEFAULT_PIXEL_THRESHOLD = 0.5  # without a recorded threshold: the abnormal state is the more probable one
+MAX_UPLOAD_MB = 20
+MAX_MEGAPIXELS = 40
+
+
+class Analyzer:
+    """The app's work, independent of Gradio: checks an upload, runs the model, makes the pictures."""
+
+    def __init__(self, model: torch.nn.Module, image_threshold: float | None = None,
+                 pixel_threshold: float | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
+                 max_megapixels: float = MAX_MEGAPIXELS, output_dir: str | os.PathLike | None = None):
+        check_threshold("image", image_threshold)
+        check_threshold("pixel", pixel_threshold)
+        self.model = model
+        self.image_threshold = image_threshold
+        self.pixel_threshold = pixel_threshold
+        self.max_upload_mb = max_upload_mb
+        self.max_megapixels = max_megapixels
+        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="anovl-app-"))
+
+    @property
+    def fixed_classes(self) -> list[str] | None:
+        """The only classes the model knows (an exported model), or None when any class name works."""
+        return self.model.classes if isinstance(self.model, ExportedModel) else None
+
+    def thresholds(self, category: str) -> tuple[float | None, float | None]:
+        image, pixel = self.model.thresholds(category) if isinstance(self.model, ExportedModel) else (None, None)
+        return (self.image_threshold if self.image_threshold is not None else image,
+                self.pixel_threshold if self.pixel_threshold is not None else pixel)
+
+    def load(self, path: str | None) -> np.ndarray:
+        if not path:
+            raise AnovlError("upload an image first")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise AnovlError(f"{Path(path).name} is empty; upload an image file (PNG, JPEG, BMP, TIFF)")
+        if size > self.max_upload_mb * 2**20:
+            raise AnovlError(f"{Path(path).name} is {size / 2**20:.3g} MB; the demo takes images up to "
+                             f"{self.max_upload_mb:g} MB")
+        try:
+            rgb = load_rgb(path)
+        except BadImageError:  # its message names the server's temporary copy, not the user's file
+            raise AnovlError(f"{Path(path).name} is not a readable image; upload a PNG, JPEG, BMP or TIFF "
+                             "file") from None
+        if rgb.shape[0] * rgb.shape[1] > self.max_megapixels * 1e6:
+            raise AnovlError(f"{Path(path).name} has {rgb.shape[1]}×{rgb.shape[0]} pixels; the demo takes images "
+                             f"up to {self.max_megapixels:g} megapixels")
+        return rgb
+
+    def __call__(self, path: str | None, category: str | None) -> dict[str, Any]:
+        """``status`` (Markdown), ``score`` (text), ``overlay`` and ``mask`` (uint8 arrays), ``mask_file`` (a PNG)."""
+        category = (category or "").strip()
+        if not category:
+            raise AnovlError("pick or type the class of the object in the image, e.g. 'bottle'")
+        if self.fixed_classes is not None and category not in self.fixed_classes:
+            raise AnovlError(f"this exported model knows the classes {', '.join(self.fixed_classes)}, "
+                             f"not {category!r}")
+        rgb = self.load(path)
+        image_threshold, pixel_threshold = self.thresholds(category)
+        notes = []
+        if pixel_threshold is None:
+            pixel_threshold = DEFAULT_PIXEL_THRESHOLD
+            notes.append(f"no pixel threshold was given: the mask marks map values above {pixel_threshold:g}")
+        result = predict(self.model, rgb, category, image_threshold, pixel_threshold)
+        verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
+        mask = (result.pred_mask.astype(np.uint8) * 255)
+        mask_path = self.output_dir / f"{Path(path).stem}_{category}_mask.png"
+        Image.fromarray(mask).save(mask_path)
+        status = f"**{category}**: image score {result.pred_score:.4f}{verdict}, " \
+                 f"{int(result.pred_mask.sum())} of {mask.size} pixels above {pixel_threshold:g}."
+        return {"status": "  \n".join([status, *notes]), "score": f"{result.pred_score:.4f}{verdict}",
+                "overlay": overlay(result.image, result.anomaly_map), "mask": mask, "mask_file": str(mask_path)}
+
+
+def build_app(analyzer: Analyzer, classes: Sequence[str] = ()):
+    """The Gradio page around ``analyzer`` (``classes`` are offered in the class box; any may be typed
+    unless the model is an export)."""
+    import gradio as gr
+
+    fixed = analyzer.fixed_classes
+    choices = list(fixed if fixed is not None else classes)
+    with gr.Blocks(title="anovl: zero-shot anomaly localisation", analytics_enabled=False) as demo:
+        gr.Markdown("## anovl: zero-shot anomaly localisation\nUpload an image, pick or type its class, press "
+                    "**Detect anomalies**.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Image (PNG, JPEG, BMP, TIFF)", type="filepath", elem_id="upload")
+                category = gr.Dropdown(choices=choices, value=None, label="Class (pick or type)",
+                                       allow_custom_value=fixed is None, elem_id="category")
+                run = gr.Button("Detect anomalies", variant="primary", elem_id="run")
+                status = gr.Markdown(elem_id="status")
+                score = gr.Textbox(label="Image score", interactive=False, elem_id="score")
+            with gr.Column():
+                overlay_view = gr.Image(label="Heatmap overlay", format="png", interactive=False, height=320, elem_id="overlay")
+                mask_view = gr.Image(label="Predicted mask", format="png", interactive=False, height=320, elem_id="mask")
+                mask_file = gr.File(label="Mask (PNG)", interactive=False, elem_id="mask-file")
+
+        def analyze(path: str | None, name: str | None):
+            try:
+                result = analyzer(path, name)
+            except AnovlError as error:
+                return f"**Error:** {error}", "", None, None, None
+            return result["status"], result["score"], result["overlay"], result["mask"], result["mask_file"]
+
+        run.click(analyze, [upload, category], [status, score, overlay_view, mask_view, mask_file])
+    return demo
+
+
+def load_app_model(args: argparse.Namespace, overrides: dict[str, Any]) -> torch.nn.Module:
+    if args.exported:
+        if args.config or args.weights or overrides:
+            raise AnovlError("--exported runs the exported file as it is; leave out --config, --weights and "
+                             f"{MODEL_OVERRIDE_PREFIX}*")
+        return ExportedModel(args.exported, args.backend)
+    if args.weights:
+        overrides = {**overrides, "pretrained": args.weights}
+    return model_from_config(args.config or ({"model": {}} if args.weights else DEMO_MODEL), overrides)
+
+
+def app_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anovl app", description="Browser demo: upload an image, see its anomaly map, score and mask.",
+        epilog="Without --config, --weights or --exported it runs the demo model (random weights, no download).",
+    )
+    parser.add_argument("--config", help="an anovl config whose model: section is AnoVL")
+    parser.add_argument("--weights", help="a local CLIP weights file (model.init_args.pretrained); without "
+                                          "--config the backbone is AnoVL's default, ViT-B-16-plus-240")
+    parser.add_argument("--exported", help="an `anovl export` file (.onnx, .xml, .pt) with its sidecar")
+    parser.add_argument("--backend", choices=["onnxruntime", "openvino", "torch"], help="for --exported")
+    parser.add_argument("--classes", nargs="+", default=None, help="classes offered in the class box")
+    parser.add_argument("--image-threshold", type=float, help="image-score threshold (else the export's)")
+    parser.add_argument("--pixel-threshold", type=float,
+                        help=f"pixel threshold of the mask (else the export's, else {DEFAULT_PIXEL_THRESHOLD})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
+    parser.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS)
+    return parser
+
+
+def main(argv: Sequence[str]) -> None:
+    """``anovl app``: see :func:`app_parser`."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise AnovlError("the app needs Gradio: pip install 'anovl[app]'") from None
+    args, extra = app_parser().parse_known_args(list(argv))
+    model = load_app_model(args, parse_model_overrides(extra))
+    classes = args.classes or ([] if args.config or args.weights else list(DEMO_CLASSES))
+    analyzer = Analyzer(model, args.image_threshold, args.pixel_threshold, args.max_upload_mb, args.max_megapixels)
+    build_app(analyzer, classes).launch(server_name=args.host, server_port=args.port,
+                                        max_file_size=f"{4 * args.max_upload_mb:g}mb")
