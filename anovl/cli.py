@@ -237,6 +237,22 @@ def name_wandb_run(trainer: Any, module: AnomalyModule, config: Any) -> None:
                                *([str(backbone)] if backbone else [])})
 
 
+def exported_model_arguments(command_line: list[str]) -> list[str]:
+    """``--exported FILE`` is short for running an exported model (anovl.deploy.ExportedModel) as the model, with
+    the same data, preprocessing and outputs as any other ``predict`` (or ``test``)."""
+    arguments = list(command_line)
+    for index, argument in enumerate(arguments):
+        option, equals, value = argument.partition("=")
+        if option == "--exported":
+            if not equals:
+                if index + 1 >= len(arguments):
+                    raise AnovlError("--exported needs the path of a file written by anovl export")
+                value = arguments.pop(index + 1)
+            del arguments[index]
+            return [*arguments, "--model", "anovl.deploy.ExportedModel", "--model.init_args.path", value]
+    return arguments
+
+
 def plugin_specs(command_line: list[str]) -> list[str]:
     """The plugins named on a command line: ``--plugins`` values and ``plugins:`` in its ``--config`` files.
 
@@ -348,8 +364,14 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(_run_user_command(lambda: deploy_main(command_line[0], command_line[1:])))
     # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+
+    def run() -> None:
+        arguments = exported_model_arguments(command_line)
+        load_plugins(plugin_specs(arguments))
+        AnovlCLI(args=arguments)
+
     with _StopSignals():
-        status = _run_user_command(lambda: (load_plugins(plugin_specs(command_line)), AnovlCLI(args=args)))
+        status = _run_user_command(run)
     if status:
         raise SystemExit(status)
 

@@ -244,3 +244,29 @@ def test_reference_backbone_parity(tmp_path, fmt):
     reference, output = model(batch, ["screw", "bottle"]), runner(batch, ["screw", "bottle"])
     assert torch.allclose(output.anomaly_map, reference.anomaly_map, atol=TOLERANCE, rtol=0)
     assert torch.allclose(output.pred_score, reference.pred_score, atol=TOLERANCE, rtol=0)
+
+
+def test_predict_with_an_exported_model_writes_what_predict_writes(tmp_path, capsys, monkeypatch):
+    from anovl.data import generate_mvtec_like
+    from tests.test_cli import CONFIGS, TINY_MODEL
+
+    monkeypatch.setenv("ANOVL_CACHE_DIR", str(tmp_path / "cache"))
+    data = generate_mvtec_like(tmp_path / "data", ("fabric", "widget"), n_good=1, n_defect=1, image_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AnoVL(TINY, pretrained=None, image_size=64, num_views=2)  # the demo config with TINY_MODEL
+    exported_file = export_model(model, ["fabric", "widget"], tmp_path / "export" / "tiny", "onnx")
+    scores = {}
+    for name, extra in (("eager", []), ("exported", ["--exported", str(exported_file)])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main(["predict", "--config", str(CONFIGS / "demo.yaml"), *TINY_MODEL, *extra,
+                  "--data.init_args.root", str(data), "--data.init_args.generate", "false",
+                  "--predictions.output_dir", str(tmp_path / name), "--trainer.logger.init_args.save_dir",
+                  str(tmp_path / "runs")])
+        rows = (tmp_path / name / "scores.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        scores[name] = {row.split(",")[0]: float(row.split(",")[header.index("pred_score")]) for row in rows[1:]}
+    assert scores["eager"].keys() == scores["exported"].keys() and len(scores["eager"]) == 10
+    for path, score in scores["eager"].items():
+        assert abs(scores["exported"][path] - score) <= TOLERANCE
