@@ -1,8 +1,8 @@
 """open_clip's own ``VisionTransformer``: its two block types and its pooling heads.
 
 - ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (the reference block of METHOD §2);
-- ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (``qk_norm``, scaled cosine attention,
-  head scales, inner and post-attention norms), chosen by open_clip when a config asks for those options.
+- ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (``qk_norm``, head scales, inner and
+  post-attention norms, a normed MLP), chosen by open_clip when a config asks for those options.
 
 Pooling heads: the class token (``ln_post · proj``), CLIPA's average pool with ``final_ln_after_pool``
 (the same per-token map) and CoCa's attentional pooler, whose single-key output is
@@ -10,8 +10,6 @@ Pooling heads: the class token (``ln_post · proj``), CLIPA's average pool with 
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +58,13 @@ class CustomAttentionOps(MultiheadAttentionOps):
     per-head output scales, an inner norm and a norm after the attention (all from the block's weights)."""
 
     def unsupported(self, block: CustomResidualAttentionBlock) -> str | None:
+        if block.attn.logit_scale is not None:
+            return "scaled cosine attention (open_clip's own forward of it fails on batched heads)"
         return None if block.attn.in_proj_bias is not None else "attention without an in-projection bias"
 
     def qkv(self, block, y, rope, num_prefix):
         attn = block.attn
         q, k, v = _split_heads(F.linear(y, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads)
-        if attn.logit_scale is not None:
-            # cosine logits times a learned per-head scale; SDPA divides by √d, so q carries √d back
-            scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp() * math.sqrt(attn.head_dim)
-            return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), v
         return attn.ln_q(q), attn.ln_k(k), v
 
     def out(self, block, attended):
