@@ -121,7 +121,7 @@ class TimmViT(ValueWiseViT):
         if attn_pool is not None and getattr(attn_pool, "pos_embed", None) is not None:
             reasons.append("an attention pool with its own position embedding")
         grid = trunk.patch_embed.grid_size
-        if grid[0] != grid[1] or tower.image_size[0] != tower.image_size[1] or tower.image_size[0] % grid[0]:
+        if grid[0] != grid[1] or tower.image_size[0] != tower.image_size[1]:
             reasons.append("a non-square patch grid")
         return reasons
 
