@@ -187,12 +187,12 @@ def test_registered_config_by_dict_and_json(tmp_path):
     assert quiet_backbone(str(path)).name == "test-json-vit"
 
 
-def test_unsupported_vision_tower_gets_a_clear_error():
+def test_unsupported_block_option_gets_a_clear_error():
     cfg = open_clip.get_model_config(TINY)
-    cfg["vision_cfg"]["qk_norm"] = True  # switches open_clip to its custom attention block
-    register_model_config(cfg, name="test-custom-block")
-    with pytest.raises(AnovlError, match="not supported by the V-V path: block type CustomResidualAttentionBlock"):
-        quiet_backbone("test-custom-block")
+    cfg["vision_cfg"]["scaled_cosine_attn"] = True
+    register_model_config(cfg, name="test-cosine-block")
+    with pytest.raises(AnovlError, match="test-cosine-block is not supported by the V-V path: scaled cosine attention"):
+        quiet_backbone("test-cosine-block")
 
 
 @pytest.mark.parametrize("name, image_size, grid", [

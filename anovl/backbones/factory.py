@@ -11,13 +11,15 @@ import warnings
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
 from open_clip import factory as open_clip_factory
 from torch import nn
 
+from anovl.backbones.registry import check_supported, describe_error, inspect_config
+from anovl.backbones.tokenizers import Tokenizer, check_text_tower, resolve_tokenizer
 from anovl.backbones.value_wise import ValueWiseViT
 from anovl.errors import AnovlError
 
@@ -78,7 +80,7 @@ class Backbone:
 
     clip: nn.Module
     visual: ValueWiseViT
-    tokenizer: Callable
+    tokenizer: Tokenizer
     name: str
     image_size: int
     weights_fingerprint: str
@@ -109,26 +111,35 @@ def create_backbone(
     pretrained: str | None = None,
     image_size: int | None = None,
     device: str | torch.device = "cpu",
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
 ) -> Backbone:
-    """Create a frozen, eval-mode CLIP.
+    """Create a frozen, eval-mode CLIP with the V-V encoder of its vision tower (docs/backbones.md).
 
     ``pretrained``: an open_clip tag (downloaded by open_clip when online), a local weights file
     (state_dict ``.pt/.bin``, ``.safetensors`` or a checkpoint with a ``state_dict`` key), or None
     for random weights (only meaningful for tests). ``image_size`` may differ from the native size:
-    positional embeddings are interpolated and the patch grid follows.
+    positional embeddings are interpolated and the patch grid follows. ``tokenizer``: None for the
+    model's own, or a local tokenizer directory / ``tokenizer.json`` (for towers whose tokenizer lives on
+    the Hugging Face hub), or a callable texts → token ids.
+
+    Unsupported towers, missing packages and missing tokenizers stop here, before weights are built.
     """
     name = _resolve_name(name)
-    patch_size = open_clip.get_model_config(name)["vision_cfg"]["patch_size"]
+    config = open_clip.get_model_config(name)
+    patch_size = inspect_config(name, config)
+    check_text_tower(name, config)
     image_size = image_size or _native_image_size(name)
     if image_size % patch_size:
         raise AnovlError(
             f"image_size {image_size} is not a multiple of the patch size {patch_size} of {name}; "
             f"use e.g. {max(patch_size, round(image_size / patch_size) * patch_size)}"
         )
-    kwargs = dict(force_image_size=image_size, device=device, weights_only=True)
+    text_tokenizer = resolve_tokenizer(name, config, tokenizer)
+    # pretrained_text=False: never fetch a Hugging Face text tower's own weights, the CLIP weights hold them
+    kwargs = dict(force_image_size=image_size, device=device, weights_only=True, pretrained_text=False)
     if pretrained is None:
         warnings.warn(f"{name} has random weights: its anomaly scores mean nothing", stacklevel=2)
-        clip = open_clip.create_model(name, **kwargs)
+        clip = _build(name, kwargs)
         fingerprint = None
     elif _looks_like_path(pretrained) or Path(pretrained).exists():
         path = Path(pretrained).expanduser()
@@ -152,10 +163,25 @@ def create_backbone(
             ) from error
         fingerprint = f"tag-{pretrained}"
     clip.eval().requires_grad_(False)
-    visual = ValueWiseViT(clip.visual)
+    visual = check_supported(clip.visual, name)(clip.visual)
     if fingerprint is None:
         fingerprint = f"random-{_hash_parameters(clip)}"
-    return Backbone(clip, visual, open_clip.get_tokenizer(name), name, image_size, fingerprint)
+    return Backbone(clip, visual, text_tokenizer, name, image_size, fingerprint)
+
+
+def _build(name: str, kwargs: dict, pretrained: str | None = None) -> nn.Module:
+    """open_clip's model; a Hugging Face text tower whose config cannot be fetched gets one clear error."""
+    hf_text = open_clip.get_model_config(name)["text_cfg"].get("hf_model_name")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as error:
+        if not hf_text:
+            raise
+        raise AnovlError(
+            f"the text tower of {name} is the Hugging Face model {hf_text!r}, whose config could not be loaded "
+            f"({describe_error(error)}); when offline, save it to a directory and register a copy of the "
+            "config whose text_cfg.hf_model_name is that directory (anovl.register_model_config)"
+        ) from None
 
 
 def _load_local(name: str, path: Path, kwargs: dict) -> nn.Module:
@@ -164,18 +190,15 @@ def _load_local(name: str, path: Path, kwargs: dict) -> nn.Module:
         open_clip_factory.load_state_dict(str(path), weights_only=True)
     except Exception as error:  # corrupt pickles, code-running pickles and bad safetensors raise assorted types
         raise AnovlError(
-            f"cannot read weights file {path} ({type(error).__name__}: {_first_line(error)}); "
+            f"cannot read weights file {path} ({describe_error(error)}); "
             "re-download it or save a plain state_dict with torch.save / safetensors"
         ) from None
     try:
-        return open_clip.create_model(name, pretrained=str(path), **kwargs)
+        return _build(name, kwargs, str(path))
+    except AnovlError:
+        raise
     except Exception as error:
         raise AnovlError(
-            f"weights file {path} does not fit backbone {name} ({type(error).__name__}: {_first_line(error)}); "
+            f"weights file {path} does not fit backbone {name} ({describe_error(error)}); "
             "choose the backbone the weights were saved from"
         ) from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else "no details"

@@ -1,9 +1,23 @@
-"""CLIP's vision transformer with AnoVL's training-free value-wise (V-V) attention path (METHOD §2).
+"""The training-free value-wise (V-V) path of AnoVL (METHOD §2), for any vision transformer.
 
-One pass runs CLIP's original stream for every image and, for the first ``num_local`` images, the
-local stream ``s_l = s_{l-1} + out_proj(softmax(v vᵀ/√d) v)``, whose attention is fed CLIP's own
-(original) stream. The original stream is computed from each block's own weights and is CLIP's
-forward unchanged, so the global token equals ``encode_image``.
+One pass runs the tower's original stream for every image and, for the first ``num_local`` images, the
+local stream ``s_l = s_{l-1} + branch(out(softmax(v vᵀ/√d) v))``, whose attention is fed the tower's own
+(original) stream. The original stream is the tower's forward unchanged, so the global token equals
+``encode_image``.
+
+Two things vary between towers and are kept apart here:
+
+- **how a block computes attention** (:class:`BlockOps`, registered per block and attention type in
+  :data:`BLOCK_OPS`): where its value projection is, what follows the attention (head scales, inner
+  norms, out-projection, layer scale), and its MLP;
+- **how a tower embeds images and pools tokens** (subclasses of :class:`ValueWiseViT`): patch and
+  position embedding (or rotary positions), and the pooling head that maps tokens into the text space.
+
+Local tokens enter the text space through the tower's pooling head applied to each token **as if the
+sequence held that token alone** (docs/backbones.md): for a class-token tower that is ``ln_post · proj``
+per token (METHOD §2); for average pooling the same; for an attention pool the softmax over a single
+key is 1, so the pooled output is the pool's value path, its out-projection and whatever follows (MLP,
+norm, projection) applied to the token. The image score keeps using the tower's own global embedding.
 """
 
 from __future__ import annotations
@@ -13,7 +27,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from anovl.errors import AnovlError
@@ -21,90 +34,162 @@ from anovl.errors import AnovlError
 
 @dataclass
 class VisualTokens:
-    """Encoder outputs, all after CLIP's ``ln_post`` and projection (not normalised)."""
+    """Encoder outputs, both in the text space (not normalised)."""
 
-    global_tokens: torch.Tensor  # (B, D): CLIP's image embedding of every input image
+    global_tokens: torch.Tensor  # (B, D): the tower's image embedding of every input image
     patch_tokens: list[torch.Tensor]  # per requested layer, (num_local, N, D): V-V local patch tokens
 
 
-def check_supported(visual: nn.Module) -> None:
-    """Raise a clear error for vision towers whose blocks the V-V path does not know."""
-    if not isinstance(visual, VisionTransformer):
-        raise AnovlError(
-            f"the V-V path needs an open_clip VisionTransformer, got {type(visual).__name__}; "
-            "choose a ViT backbone such as ViT-B-16-plus-240"
-        )
-    unsupported = []
-    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        unsupported.append("pooling other than the class token")
-    if visual.proj is None:
-        unsupported.append("no output projection")
-    if not isinstance(visual.patch_dropout, nn.Identity):
-        unsupported.append("patch dropout")
-    for block in visual.transformer.resblocks:
-        if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
-            unsupported.append(f"block type {type(block).__name__}")
-            break
-        if not block.attn._qkv_same_embed_dim or block.attn.in_proj_bias is None:
-            unsupported.append("attention without a fused, biased in-projection")
-            break
-    if unsupported:
-        raise AnovlError(f"backbone not supported by the V-V path: {', '.join(unsupported)}")
+class BlockOps:
+    """How one block type computes attention, split so the V-V attention can reuse the block's weights.
 
+    A block's forward is ``x + branch(out(attn(q, k, v)))`` with ``q, k, v = qkv(attention_input(x))``,
+    then ``mlp_residual``. Subclasses describe one (block, attention) pair; register them in BLOCK_OPS.
+    """
 
-class ValueWiseViT(nn.Module):
-    """Frozen open_clip ``VisionTransformer`` with the dual (original + value-wise) path."""
+    def unsupported(self, block: nn.Module) -> str | None:
+        """Why this block cannot run the V-V path (None: it can)."""
+        return None
 
-    def __init__(self, visual: VisionTransformer):
-        super().__init__()
-        check_supported(visual)
-        self.visual = visual
-        self.patch_size = visual.patch_size[0]
-        self.num_layers = len(visual.transformer.resblocks)
+    def attention_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def grid_size(self, image_size: int) -> int:
-        return image_size // self.patch_size
+    def qkv(self, block: nn.Module, y: torch.Tensor, rope: torch.Tensor | None, num_prefix: int):
+        """(q, k, v), each (B, heads, L, head_dim); q scaled so that SDPA's default 1/√d gives the block's logits."""
+        raise NotImplementedError
 
-    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.visual.ln_post(tokens) @ self.visual.proj
+    def out(self, block: nn.Module, attended: torch.Tensor) -> torch.Tensor:
+        """(B, heads, L, head_dim) attention result → (B, L, width) through the block's output path."""
+        raise NotImplementedError
 
-    @property
-    def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens in :meth:`embed`'s output (the class token)."""
-        return 1
+    def branch(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """The attention residual branch after ``out`` (layer scale, post-norm)."""
+        raise NotImplementedError
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Input tokens of the first block (B, prefix + N, width): patch, class and position embeddings.
+    def mlp_residual(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-        Every step here acts on each token alone, so a subset of these tokens equals the embedding of that
-        subset (what window scoring such as WinCLIP's needs).
-        """
-        return self.visual._embeds(images)
+    def forward(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        """The block's own forward (the original stream)."""
+        return block(x) if rope is None else block(x, rope=rope)
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """CLIP's image embedding (B, D) of any token sequence from :meth:`embed` (prefix tokens first):
-        the plain forward of the blocks, then the tower's pooling and projection."""
-        for block in self.visual.transformer.resblocks:
-            tokens = block(tokens)
-        return self._project(tokens[:, 0])
-
-    @staticmethod
-    def _dual_attention(block: ResidualAttentionBlock, x: torch.Tensor, num_local: int):
+    def dual_attention(self, block: nn.Module, x: torch.Tensor, num_local: int, rope: torch.Tensor | None,
+                       num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Original attention for all of ``x`` and V-V attention for its first ``num_local`` rows.
 
         Both come from one in-projection and one fused attention call over the stacked queries.
         """
-        attn = block.attn
-        batch, length, width = x.shape
-        heads = attn.num_heads
-        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        batch = x.shape[0]
+        q, k, v = self.qkv(block, self.attention_input(block, x), rope, num_prefix)
         v_local = v[:num_local]
         mixed = F.scaled_dot_product_attention(
             torch.cat([q, v_local]), torch.cat([k, v_local]), torch.cat([v, v_local])
         )
-        mixed = attn.out_proj(mixed.transpose(1, 2).reshape(-1, length, width))
+        mixed = self.out(block, mixed)
         return mixed[:batch], mixed[batch:]
+
+
+# (block type, attention module type) → how to run it; filled by the tower modules.
+BLOCK_OPS: dict[tuple[type, type], BlockOps] = {}
+
+
+def register_block_ops(block_type: type, attention_type: type, ops: BlockOps) -> None:
+    """Teach the V-V path a new block type: one :class:`BlockOps` per (block, attention) pair."""
+    BLOCK_OPS[(block_type, attention_type)] = ops
+
+
+def block_ops_for(blocks: Sequence[nn.Module]) -> tuple[list[BlockOps], list[str]]:
+    """The ops of every block, and the reasons (if any) why some block cannot run the V-V path."""
+    ops, reasons = [], []
+    for block in blocks:
+        found = BLOCK_OPS.get((type(block), type(getattr(block, "attn", None))))
+        if found is None:
+            reasons.append(f"blocks of type {type(block).__name__} with attention "
+                           f"{type(getattr(block, 'attn', None)).__name__}")
+            break
+        reason = found.unsupported(block)
+        if reason:
+            reasons.append(reason)
+            break
+        ops.append(found)
+    return ops, reasons
+
+
+class ValueWiseViT(nn.Module):
+    """A frozen vision tower with the dual (original + value-wise) path; one subclass per tower type.
+
+    Subclasses give the blocks, the embedding, the pooling head and the per-token projection.
+    """
+
+    def __init__(self, tower: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.visual = tower
+        self.blocks = tuple(blocks)  # a tuple: the blocks are registered once, under ``visual``
+        self.block_ops, block_reasons = block_ops_for(blocks)
+        reasons = [*(self.unsupported(tower) or []), *block_reasons]
+        if reasons:
+            raise AnovlError(f"backbone not supported by the V-V path: {', '.join(reasons)}")
+        self.num_layers = len(blocks)
+        self.patch_size = self.patch_size_of(tower)
+
+    @classmethod
+    def unsupported(cls, tower: nn.Module) -> list[str] | None:
+        """None if this class does not handle ``tower``; else the reasons it cannot (empty: it can)."""
+        raise NotImplementedError
+
+    @classmethod
+    def patch_size_of(cls, tower: nn.Module) -> int:
+        """Pixels per token side (works on a ``meta``-device tower)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.visual.parameters()).device
+
+    def grid_size(self, image_size: int) -> int:
+        return image_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in :meth:`embed`'s output (class and register tokens)."""
+        raise NotImplementedError
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input tokens of the first block and the rotary position table of the patches (None without)."""
+        raise NotImplementedError
+
+    def _rope(self, patch_positions: torch.Tensor | None, num_patches: int) -> torch.Tensor | None:
+        """Rotary table rows of the given patches (None for towers whose positions are in the tokens)."""
+        return None
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's image embedding (B, D) from the last block's tokens: its own pooling head."""
+        raise NotImplementedError
+
+    def project_local(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, width) → (B, N, D): the pooling head applied to each token as a one-token sequence."""
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Input tokens of the first block (B, prefix + N, width): patch, prefix and position embeddings.
+
+        For towers with learned or fixed position embeddings, a subset of these tokens equals the
+        embedding of that subset (what window scoring such as WinCLIP's needs); towers with rotary
+        positions need the patches' positions in :meth:`encode_tokens`.
+        """
+        return self._embed(images)[0]
+
+    def encode_tokens(self, tokens: torch.Tensor, patch_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The tower's image embedding (B, D) of any token sequence from :meth:`embed` (prefix tokens
+        first): the plain forward of the blocks, then the tower's pooling and projection.
+
+        ``patch_positions`` (K,): grid indices (row-major) of the K patch tokens after the prefix; needed
+        only by towers with rotary positions when ``tokens`` is a subset.
+        """
+        rope = self._rope(patch_positions, tokens.shape[1] - self.num_prefix_tokens)
+        for ops, block in zip(self.block_ops, self.blocks):
+            tokens = ops.forward(block, tokens, rope)
+        return self.pool(tokens)
 
     def forward(
         self, images: torch.Tensor, num_local: int | None = None, layers: Sequence[int] = (-1,),
@@ -125,20 +210,17 @@ class ValueWiseViT(nn.Module):
                 patch_tokens=[torch.cat([part.patch_tokens[i] for part in parts if part.patch_tokens])
                               for i in range(len(wanted))] if num_local else [],
             )
-        visual = self.visual
-        h = visual._embeds(images)
-        if not visual.transformer.batch_first:
-            raise AnovlError("the V-V path needs a batch-first open_clip transformer (open_clip >= 2.24)")
+        h, rope = self._embed(images)
+        prefix = self.num_prefix_tokens
         s = h[:num_local]
         patch_tokens = []
-        for index, block in enumerate(visual.transformer.resblocks):
+        for index, (ops, block) in enumerate(zip(self.block_ops, self.blocks)):
             if num_local and index <= wanted[-1]:
-                a_ori, a_vv = self._dual_attention(block, h, num_local)
-                s = s + block.ls_1(a_vv)
+                a_ori, a_vv = ops.dual_attention(block, h, num_local, rope, prefix)
+                s = s + ops.branch(block, a_vv)
+                h = ops.mlp_residual(block, h + ops.branch(block, a_ori))
             else:
-                a_ori = block.attention(block.ln_1(h))
-            h = h + block.ls_1(a_ori)
-            h = h + block.ls_2(block.mlp(block.ln_2(h)))
+                h = ops.forward(block, h, rope)
             if num_local and index in wanted:
-                patch_tokens.append(self._project(s[:, 1:]))
-        return VisualTokens(global_tokens=self._project(h[:, 0]), patch_tokens=patch_tokens)
+                patch_tokens.append(self.project_local(s[:, prefix:]))
+        return VisualTokens(global_tokens=self.pool(h), patch_tokens=patch_tokens)

@@ -172,7 +172,7 @@ class AnoVL(AnomalyModel):
 
     @property
     def device(self) -> torch.device:
-        return self.encoder.visual.proj.device
+        return self.encoder.device
 
     def _stage(self, name: str) -> contextlib.AbstractContextManager:
         """Context around one stage of ``forward``; ``stage_timer`` (name → context manager) times them."""

@@ -1,0 +1,168 @@
+"""timm vision transformers inside open_clip's ``TimmModel``: ``VisionTransformer`` and ``Eva`` trunks.
+
+Blocks: timm ``Block`` with ``Attention`` (fused qkv, optional q/k norm and attention-output norm), and
+EVA blocks (``EvaBlock``, ``EvaBlockPostNorm``) with ``EvaAttention`` or ``AttentionRope`` (rotary
+positions on q and k, separate or fused q/k/v, SwiGLU MLPs). Rotary positions act on q and k only, so
+the V-V attention ``softmax(v vᵀ/√d) v`` does not see them.
+
+Pooling heads: the trunk's final norm, its pool (class token, average or the SigLIP/PE attention pool
+``AttentionPoolLatent``), ``fc_norm``, its classifier-as-projection and open_clip's projection head.
+Local tokens take the same head per token; an attention pool runs on each token as a one-token sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.timm_model import TimmModel
+from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import Attention, AttentionRope
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from anovl.backbones.value_wise import BlockOps, ValueWiseViT, register_block_ops
+from anovl.errors import AnovlError
+
+
+class TimmBlockOps(BlockOps):
+    """timm ``Block``: norm1 → attention → layer scale; norm2 → MLP → layer scale."""
+
+    def unsupported(self, block) -> str | None:
+        if getattr(block.attn, "gate", None) is not None:
+            return "gated attention"
+        return None
+
+    def attention_input(self, block, x):
+        return block.norm1(x)
+
+    def qkv(self, block, y, rope, num_prefix):
+        attn = block.attn
+        batch, length, _ = y.shape
+        if attn.qkv is not None:
+            q_bias = getattr(attn, "q_bias", None)
+            if q_bias is None:
+                qkv = attn.qkv(y)
+            else:  # EVA keeps a zero k bias outside the fused projection
+                qkv = nn.functional.linear(y, attn.qkv.weight, torch.cat((q_bias, attn.k_bias, attn.v_bias)))
+            q, k, v = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+            q = attn.q_proj(y).reshape(batch, length, attn.num_heads, -1).transpose(1, 2)
+            k = attn.k_proj(y).reshape(batch, length, kv_heads, -1).transpose(1, 2)
+            v = attn.v_proj(y).reshape(batch, length, kv_heads, -1).transpose(1, 2)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            half = getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :, :num_prefix], apply_rot_embed_cat(q[:, :, num_prefix:], rope, half=half)], 2).type_as(v)
+            k = torch.cat([k[:, :, :num_prefix], apply_rot_embed_cat(k[:, :, num_prefix:], rope, half=half)], 2).type_as(v)
+        groups = getattr(attn, "num_kv_groups", 1)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return q, k, v
+
+    def out(self, block, attended):
+        batch, heads, length, head_dim = attended.shape
+        return block.attn.proj(block.attn.norm(attended.transpose(1, 2).reshape(batch, length, heads * head_dim)))
+
+    def branch(self, block, a):
+        return block.ls1(a)
+
+    def mlp_residual(self, block, x):
+        return x + block.ls2(block.mlp(block.norm2(x)))
+
+
+class EvaBlockOps(TimmBlockOps):
+    """``EvaBlock``: as timm's, with optional ``gamma_1/gamma_2`` layer scales."""
+
+    def branch(self, block, a):
+        return a if block.gamma_1 is None else block.gamma_1 * a
+
+    def mlp_residual(self, block, x):
+        mlp = block.mlp(block.norm2(x))
+        return x + (mlp if block.gamma_2 is None else block.gamma_2 * mlp)
+
+
+class EvaPostNormOps(TimmBlockOps):
+    """``EvaBlockPostNorm``: attention on the raw stream, its output normalised (norm1) before the residual."""
+
+    def attention_input(self, block, x):
+        return x
+
+    def branch(self, block, a):
+        return block.norm1(a)
+
+    def mlp_residual(self, block, x):
+        return x + block.norm2(block.mlp(x))
+
+
+register_block_ops(Block, Attention, TimmBlockOps())
+for _attention in (EvaAttention, AttentionRope):
+    register_block_ops(EvaBlock, _attention, EvaBlockOps())
+    register_block_ops(EvaBlockPostNorm, _attention, EvaPostNormOps())
+
+
+class TimmViT(ValueWiseViT):
+    """open_clip ``TimmModel`` around a timm ``VisionTransformer`` or ``Eva`` trunk."""
+
+    def __init__(self, tower: TimmModel):
+        super().__init__(tower, tower.trunk.blocks)
+        self.grid = tuple(tower.trunk.patch_embed.grid_size)
+
+    @classmethod
+    def unsupported(cls, tower: nn.Module) -> list[str] | None:
+        if not isinstance(tower, TimmModel) or not isinstance(tower.trunk, (VisionTransformer, Eva)):
+            return None
+        trunk, reasons = tower.trunk, []
+        if getattr(trunk, "rope_mixed", False):
+            reasons.append("depth-dependent (mixed) rotary embeddings")
+        if getattr(trunk, "dynamic_img_size", False):
+            reasons.append("dynamic image size")
+        attn_pool = getattr(trunk, "attn_pool", None)
+        if attn_pool is not None and getattr(attn_pool, "pos_embed", None) is not None:
+            reasons.append("an attention pool with its own position embedding")
+        grid = trunk.patch_embed.grid_size
+        if grid[0] != grid[1] or tower.image_size[0] != tower.image_size[1]:
+            reasons.append("a non-square patch grid")
+        return reasons
+
+    @classmethod
+    def patch_size_of(cls, tower):
+        # Hybrid stems (ViTamin, MobileCLIP-B) have no single patch kernel: the stride from pixels to tokens.
+        return tower.image_size[0] // tower.trunk.patch_embed.grid_size[0]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.visual.trunk.num_prefix_tokens
+
+    def _embed(self, images):
+        trunk = self.visual.trunk
+        tokens = trunk.patch_embed(images)
+        if isinstance(trunk, Eva):
+            tokens, rope = trunk._pos_embed(tokens)
+        else:
+            tokens, rope = trunk.patch_drop(trunk._pos_embed(tokens)), None
+        return trunk.norm_pre(tokens), rope
+
+    def _rope(self, patch_positions, num_patches):
+        rope_module = getattr(self.visual.trunk, "rope", None)
+        if rope_module is None:
+            return None
+        rope = rope_module.get_embed() if hasattr(rope_module, "feat_shape") else rope_module.get_embed(shape=self.grid)
+        if patch_positions is None:
+            if num_patches != rope.shape[0]:
+                raise AnovlError(f"this tower has rotary positions: give the patch_positions of the {num_patches} "
+                                 f"patch tokens (of {rope.shape[0]})")
+            return rope
+        return rope[patch_positions.to(rope.device)]
+
+    def pool(self, tokens):
+        trunk = self.visual.trunk
+        return self.visual.head(trunk.forward_head(trunk.norm(tokens)))
+
+    def project_local(self, patch_tokens):
+        trunk = self.visual.trunk
+        tokens = trunk.norm(patch_tokens)
+        if getattr(trunk, "attn_pool", None) is not None:
+            batch, count, width = tokens.shape
+            tokens = trunk.attn_pool(tokens.reshape(batch * count, 1, width)).reshape(batch, count, -1)
+        return self.visual.head(trunk.head(trunk.fc_norm(tokens)))

@@ -1,0 +1,191 @@
+"""Every ViT family open_clip ships, on tiny random-weight variants: the V-V path against a naive loop
+written here from each block's own weights, layer selection, the token-subset forward and TTA.
+
+The default run covers one sample per block/attention type; ``pytest -m slow tests/test_backbones_families.py``
+runs the remaining families (ViTamin, MobileCLIP-B, EVA01/EVA02-E, SigLIP2-gopt, the custom-block options).
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
+
+from anovl import AnoVL
+from anovl.backbones import create_backbone, register_model_config
+from anovl.backbones.tiny import register_tiny, tiny_config
+from anovl.errors import AnovlError
+from anovl.models.anovl.tta import TTAConfig
+
+FAST = ["ViT-L-14-CLIPA", "coca_ViT-B-32", "ViT-B-16-SigLIP", "PE-Core-T-16-384", "EVA02-B-16", "custom-qk-norm"]
+SLOW = ["ViTamin-S", "MobileCLIP-B", "EVA01-g-14", "EVA02-E-14", "ViT-gopt-16-SigLIP2-256",
+        "vit_medium_patch16_gap_256"]
+FAMILIES = [*FAST, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW)]
+CUSTOM_BLOCKS = {  # open_clip's custom block, switched on by these vision options
+    "custom-qk-norm": dict(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True,
+                           scale_fc=True, ls_init_value=0.5),
+}
+
+
+def tiny_name(family: str, simple_tokenizer: bool = True) -> str:
+    if family in CUSTOM_BLOCKS:
+        config = tiny_config("ViT-B-16")
+        config["vision_cfg"].update(CUSTOM_BLOCKS[family])
+        return register_model_config(config, name=f"anovl-tiny:{family}")
+    return register_tiny(family, simple_tokenizer=simple_tokenizer)
+
+
+def build(family: str, **kwargs):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name = tiny_name(family)
+        patch = create_backbone(name).visual.patch_size
+        return create_backbone(name, image_size=4 * patch, **kwargs)
+
+
+# --- the naive reference: METHOD §2 per block, from the block's own weights -----------------------------
+
+def naive_value_attention(v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(v vᵀ/√d) v per head, written out; v (B, L, heads·d) → (B, L, heads·d)."""
+    batch, length, width = v.shape
+    d = width // heads
+    per_head = v.reshape(batch, length, heads, d).transpose(1, 2)
+    weights = torch.softmax(per_head @ per_head.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return (weights @ per_head).transpose(1, 2).reshape(batch, length, width)
+
+
+def naive_vv_branch(block, x: torch.Tensor) -> torch.Tensor:
+    """The block's V-V residual branch: its value projection, V-V attention, its output path."""
+    kind = type(block).__name__
+    attn = block.attn
+    if kind == "ResidualAttentionBlock":
+        width = x.shape[-1]
+        v = block.ln_1(x) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
+        return block.ls_1(attn.out_proj(naive_value_attention(v, attn.num_heads)))
+    if kind == "CustomResidualAttentionBlock":
+        width = x.shape[-1]
+        v = block.ln_1(x) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
+        out = naive_value_attention(v, attn.num_heads)
+        if attn.head_scale is not None:
+            batch, length, _ = out.shape
+            out = (out.reshape(batch, length, attn.num_heads, -1) * attn.head_scale.reshape(1, 1, -1, 1)).reshape(out.shape)
+        return block.ls_1(block.ln_attn(attn.out_proj(attn.ln_inner(out))))
+    y = x if kind == "EvaBlockPostNorm" else block.norm1(x)
+    if attn.qkv is not None:
+        v_bias = getattr(attn, "v_bias", None)
+        width = attn.qkv.weight.shape[0] // 3
+        v = y @ attn.qkv.weight[2 * width:].T
+        bias = v_bias if v_bias is not None else (attn.qkv.bias[2 * width:] if attn.qkv.bias is not None else None)
+        v = v + bias if bias is not None else v
+    else:
+        v = attn.v_proj(y)
+    out = attn.proj(attn.norm(naive_value_attention(v, attn.num_heads)))
+    if kind == "Block":
+        return block.ls1(out)
+    if kind == "EvaBlockPostNorm":
+        return block.norm1(out)
+    return out if block.gamma_1 is None else block.gamma_1 * out
+
+
+def tower_parts(visual):
+    """(embed → (tokens, rope), blocks, number of prefix tokens, pooling head on a token sequence)."""
+    if isinstance(visual, TimmModel):
+        trunk = visual.trunk
+
+        def embed(images):
+            x = trunk.patch_embed(images)
+            out = trunk._pos_embed(x)
+            x, rope = out if isinstance(out, tuple) else (out, None)
+            return trunk.norm_pre(x), rope
+
+        return embed, list(trunk.blocks), trunk.num_prefix_tokens, lambda x: visual.head(trunk.forward_head(trunk.norm(x)))
+
+    def pool(x):
+        return visual._pool(x)[0] @ visual.proj
+
+    return (lambda images: (visual._embeds(images), None)), list(visual.transformer.resblocks), 1, pool
+
+
+def naive_local_tokens(visual, images):
+    """Local tokens after every block, each projected as the tower's head sees one token alone."""
+    embed, blocks, prefix, pool = tower_parts(visual)
+    h, rope = embed(images)
+    s = h.clone()
+    projected = []
+    for block in blocks:
+        s = s + naive_vv_branch(block, h)
+        h = block(h) if rope is None else block(h, rope=rope)
+        patches = s[:, prefix:]
+        batch, count, width = patches.shape
+        alone = patches.reshape(batch * count, 1, width)
+        # the sequence holds the token alone: in every slot (class token, prefix, patch)
+        if getattr(visual, "attn_pool", None) is None:
+            alone = alone.expand(-1, prefix + 1, -1)
+        projected.append(pool(alone).reshape(batch, count, -1))
+    return projected
+
+
+# --- tests ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dual_path_matches_naive_reference_at_every_layer(family):
+    backbone = build(family)
+    encoder = backbone.visual
+    size = backbone.image_size
+    images = torch.randn(2, 3, size, size)
+    expected = naive_local_tokens(encoder.visual, images)
+    out = encoder(images, layers=tuple(range(encoder.num_layers)))
+    assert len(out.patch_tokens) == encoder.num_layers == len(expected)
+    grid = encoder.grid_size(size)
+    for got, want in zip(out.patch_tokens, expected):
+        assert got.shape == (2, grid * grid, want.shape[-1])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the global token is the tower's own image embedding (CoCa's encode_image normalises)
+    torch.testing.assert_close(F.normalize(out.global_tokens, dim=-1),
+                               F.normalize(backbone.clip.encode_image(images), dim=-1), rtol=1e-4, atol=1e-5)
+    # layer selection: only the chosen blocks, in block order, equal to the all-layer pass
+    chosen = encoder(images, num_local=1, layers=(-1, 0))
+    assert [t.shape[0] for t in chosen.patch_tokens] == [1, 1]
+    torch.testing.assert_close(chosen.patch_tokens[0], out.patch_tokens[0][:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chosen.patch_tokens[1], out.patch_tokens[-1][:1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAST)
+def test_token_subset_forward(family):
+    backbone = build(family)
+    encoder = backbone.visual
+    images = torch.randn(2, 3, backbone.image_size, backbone.image_size)
+    tokens = encoder.embed(images)
+    torch.testing.assert_close(F.normalize(encoder.encode_tokens(tokens), dim=-1),
+                               F.normalize(backbone.clip.encode_image(images), dim=-1), rtol=1e-4, atol=1e-5)
+    prefix = encoder.num_prefix_tokens
+    keep = torch.tensor([0, 5, 6, 9])
+    subset = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, keep]], 1)
+    if family in ("PE-Core-T-16-384", "EVA02-B-16"):  # rotary positions are not in the tokens
+        with pytest.raises(AnovlError, match="rotary positions: give the patch_positions of the 4 patch tokens"):
+            encoder.encode_tokens(subset)
+        embedding = encoder.encode_tokens(subset, patch_positions=keep)
+    else:
+        embedding = encoder.encode_tokens(subset)
+    assert embedding.shape == (2, backbone.clip.encode_image(images).shape[-1])
+    assert not torch.allclose(F.normalize(embedding, dim=-1), F.normalize(encoder.encode_tokens(tokens), dim=-1), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tta_runs_on_the_family(family):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name = tiny_name(family)
+        size = 4 * create_backbone(name).visual.patch_size
+        model = AnoVL(name, pretrained=None, image_size=size, num_views=2,
+                      tta=TTAConfig(adapter="linear", steps=1), use_text_cache=False)
+    out = model(torch.randn(2, 3, size, size), ["widget", "widget"])
+    assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
+    assert out.tfa_map is not None and not torch.allclose(out.anomaly_map, out.tfa_map)
+    assert out.pred_score.shape == (2,) and torch.isfinite(out.pred_score).all()
