@@ -49,7 +49,7 @@ from scipy import ndimage
 
 from anovl.metrics import AnomalyMetrics, functional
 from anovl.models.anovl.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, PromptSet
-from anovl.models.anovl.text_cache import TextEmbeddingCache, encode_sentences
+from anovl.models.text_cache import TextEmbeddingCache, encode_sentences
 from anovl.models.anovl.torch_model import AnoVL, image_seeds
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views

@@ -17,6 +17,7 @@ from anovl import AnoVL
 from anovl.backbones import create_backbone, register_model_config
 from anovl.backbones.tiny import register_tiny, tiny_config
 from anovl.errors import AnovlError
+from anovl.models import WinCLIP
 from anovl.models.anovl.tta import TTAConfig
 
 FAST = ["ViT-L-14-CLIPA", "coca_ViT-B-32", "ViT-B-16-SigLIP", "PE-Core-T-16-384", "EVA02-B-16", "custom-qk-norm"]
@@ -189,3 +190,26 @@ def test_tta_runs_on_the_family(family):
     assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
     assert out.tfa_map is not None and not torch.allclose(out.anomaly_map, out.tfa_map)
     assert out.pred_score.shape == (2,) and torch.isfinite(out.pred_score).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAST)
+def test_winclip_runs_on_the_family(family):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name = tiny_name(family)
+        size = 4 * create_backbone(name).visual.patch_size
+        model = WinCLIP(name, pretrained=None, image_size=size, use_text_cache=False)
+    images = torch.randn(2, 3, size, size)
+    out = model(images, ["widget", "widget"])
+    assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
+    encoder = model.encoder
+    assert encoder.has_rotary_positions == (family in ("PE-Core-T-16-384", "EVA02-B-16"))
+    # The first 2×2 window, by hand: its prefix and patch tokens alone, with their positions where rotary.
+    tokens, mask, prefix = encoder.embed(images), model.masks[0][0], encoder.num_prefix_tokens
+    window = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, mask]], 1)
+    expected = encoder.encode_tokens(window, patch_positions=mask if encoder.has_rotary_positions else None)
+    torch.testing.assert_close(out.window_embeddings[0][:, 0], expected, rtol=1e-4, atol=1e-5)
+    first, last = F.normalize(out.window_embeddings[0][:, 0], dim=-1), F.normalize(out.window_embeddings[0][:, -1], dim=-1)
+    assert not torch.allclose(first, last, atol=1e-3)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from anovl import categories
 from anovl.backbones import create_backbone
 from anovl.errors import AnovlError
-from anovl.models.anovl import text_cache as text_cache_module
+from anovl.models import text_cache as text_cache_module
 from anovl.models.anovl.prompts import PromptSet
-from anovl.models.anovl.text_cache import TextEmbeddingCache
+from anovl.models.text_cache import TextEmbeddingCache
 from tests.conftest import TINY
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from anovl.backbones import create_backbone
-from anovl.models.anovl import text_cache as text_cache_module
-from anovl.models.anovl.text_cache import TextEmbeddingCache
+from anovl.models import text_cache as text_cache_module
+from anovl.models.text_cache import TextEmbeddingCache
 from tests.conftest import TINY
 
 NORMAL = ["a photo of a flawless bottle", "a photo of a perfect bottle"]

@@ -143,6 +143,10 @@ class TimmViT(ValueWiseViT):
             tokens, rope = trunk.patch_drop(trunk._pos_embed(tokens)), None
         return trunk.norm_pre(tokens), rope
 
+    @property
+    def has_rotary_positions(self):
+        return getattr(self.visual.trunk, "rope", None) is not None
+
     def _rope(self, patch_positions, num_patches):
         rope_module = getattr(self.visual.trunk, "rope", None)
         if rope_module is None:

@@ -162,6 +162,11 @@ class ValueWiseViT(nn.Module):
         """Rotary table rows of the given patches (None for towers whose positions are in the tokens)."""
         return None
 
+    @property
+    def has_rotary_positions(self) -> bool:
+        """Positions are applied inside the blocks: :meth:`encode_tokens` of a token subset needs them."""
+        return False
+
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """The tower's image embedding (B, D) from the last block's tokens: its own pooling head."""
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """A toy third method for anovl, as a plugin outside the package: a patch is as anomalous as its patch token
-is long (no text at all). It shows the whole recipe for a method: build a backbone, implement ``forward``,
-say what the numbers depend on. Run it with
+is long (no text at all). It shows the whole recipe for a method: take a frozen CLIP, implement ``forward``, say
+what the numbers depend on. Run it with
 
     anovl test --config examples/plugins/patch_norm.yaml
 """
@@ -11,28 +11,22 @@ from typing import Any, Sequence
 
 import torch
 
-from anovl.backbones import create_backbone
 from anovl.models.anovl.maps import patch_map
-from anovl.models.base import AnomalyModel, ModelOutput
+from anovl.models.base import ModelOutput
+from anovl.models.clip_model import CLIPAnomalyModel
 
 
-class PatchNorm(AnomalyModel):
+class PatchNorm(CLIPAnomalyModel):
     """Anomaly map: the sigmoid of each patch token's norm, standardised over the image; score: its maximum."""
 
     method = "PatchNorm"
 
     def __init__(self, backbone: str = "ViT-B-16-plus-240", pretrained: str | None = "laion400m_e32",
                  image_size: int | None = None, init_seed: int = 0):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            built = create_backbone(backbone, pretrained, image_size)
-        self.clip, self.encoder, self.image_size = built.clip, built.visual, built.image_size
-        self._settings = {"backbone": built.name, "pretrained": pretrained, "image_size": built.image_size,
-                          "init_seed": init_seed if pretrained is None else None}
+        super().__init__(backbone, pretrained, image_size, init_seed)  # frozen CLIP, seeded random weights
 
     def settings(self) -> dict[str, Any]:
-        return dict(self._settings)
+        return self.backbone_settings()
 
     def reference_settings(self) -> dict[str, Any]:
         return {"backbone": "ViT-B-16-plus-240", "pretrained": "laion400m_e32", "image_size": 240, "init_seed": None}
@@ -40,6 +34,7 @@ class PatchNorm(AnomalyModel):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, categories: Sequence[str],
                 prompt_names: Sequence[str] | None = None) -> ModelOutput:
+        images, _ = self.check_inputs(images, categories, prompt_names)
         norms = self.encoder(images).patch_tokens[0].norm(dim=-1)  # (B, N)
         standardised = (norms - norms.mean(1, keepdim=True)) / norms.std(1, keepdim=True).clamp_min(1e-6)
         probabilities = standardised.sigmoid()

@@ -2,7 +2,7 @@
 
 from anovl.models.anovl.adapters import ADAPTERS, Adapter, create_adapter, register_adapter
 from anovl.models.anovl.prompts import PromptSet
-from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
+from anovl.models.text_cache import TextEmbeddingCache, TextEmbeddings
 from anovl.models.anovl.torch_model import AnoVL, AnoVLOutput
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 

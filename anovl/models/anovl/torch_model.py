@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 
 from anovl import categories as category_registry
-from anovl.backbones import create_backbone
 from anovl.errors import AnovlError
 from anovl.models.anovl.maps import anomaly_map, image_score
 from anovl.models.anovl.prompts import PromptSet
-from anovl.models.anovl.text_cache import TextEmbeddingCache, TextEmbeddings
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
-from anovl.models.base import AnomalyModel, ModelOutput
+from anovl.models.base import ModelOutput
+from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.text_cache import TextEmbeddings
 
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
 
@@ -58,28 +55,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _text_for_new_weights(model: "AnoVL", module: nn.Module, incompatible_keys: object) -> None:
-    model.text_cache.weights_changed()
-
-
-class AnoVL(AnomalyModel):
+class AnoVL(CLIPAnomalyModel):
     """Zero-shot anomaly localisation with a frozen CLIP (METHOD §2–5).
 
     Args:
-        backbone: open_clip model name (``ViT-B-16-plus-240``, ``ViT-L-14-336``, a registered config
-            name, or a path to a model-config JSON).
-        pretrained: open_clip tag, local weights file, or None for random weights (tests only).
-        image_size: input side S (default: the model's native size); positional embeddings are interpolated.
+        backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP
+            (see :class:`~anovl.models.clip_model.CLIPAnomalyModel`).
         num_views: views averaged into the image score (22 = reference, 1 = identity only).
         layers: blocks whose V-V patch tokens make the map (averaged); the reference uses the last.
         prompts: prompt set (default: the reference one).
-        cache_dir: where text embeddings are cached (default ``$ANOVL_CACHE_DIR`` or ``~/.cache/anovl``).
-        use_text_cache: read and write the on-disk text-embedding cache.
         tta: test-time adaptation settings, or None for training-free AnoVL.
         encoder_chunk_size: most images (views) per encoder pass; None picks by device: all views of the
             batch in one pass on GPUs, chunks of 32 on CPUs (where large passes lose cache locality).
-        init_seed: seed of the weights when ``pretrained`` is None (random weights, for tests and demos), so that
-            every process and every run builds the same model.
     """
 
     method = "AnoVL"
@@ -98,28 +85,20 @@ class AnoVL(AnomalyModel):
         tta: TTAConfig | None = None,
         encoder_chunk_size: int | None = None,
         init_seed: int = 0,
+        tokenizer: str | os.PathLike | None = None,
     ):
-        super().__init__()
         if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
             raise AnovlError(f"num_views must be between 1 and {NUM_REFERENCE_VIEWS}, got {num_views}")
         if not layers:
             raise AnovlError("layers must name at least one block, e.g. [-1] (the reference: the last block)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            built = create_backbone(backbone, pretrained, image_size)
-        self.pretrained = pretrained
-        self.init_seed = init_seed
-        self.clip = built.clip
-        self.encoder = built.visual
-        self.backbone_name = built.name
-        self.image_size = built.image_size
+        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
         self.num_views = num_views
         self.layers = tuple(layers)
         for layer in self.layers:
             if not -self.encoder.num_layers <= layer < self.encoder.num_layers:
-                raise AnovlError(f"layer {layer} out of range for {built.name} with {self.encoder.num_layers} blocks")
+                raise AnovlError(f"layer {layer} out of range for {self.backbone_name} with "
+                                 f"{self.encoder.num_layers} blocks")
         self.prompts = prompts or PromptSet()
-        self.text_cache = TextEmbeddingCache(built, cache_dir, use_disk=use_text_cache)
         self._sentences: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self.tta_config = tta
         self.tta = TestTimeAdaptation(tta) if tta is not None else None
@@ -127,13 +106,6 @@ class AnoVL(AnomalyModel):
             raise AnovlError(f"encoder_chunk_size must be at least 1 (or None for automatic), got {encoder_chunk_size}")
         self.encoder_chunk_size = encoder_chunk_size
         self.stage_timer: Callable[[str], contextlib.AbstractContextManager] | None = None  # for benchmarks
-        # Text embeddings of other weights no longer fit, whether AnoVL or its CLIP loads them.
-        self.clip.register_load_state_dict_post_hook(functools.partial(_text_for_new_weights, self))
-        self.eval()
-
-    def train(self, mode: bool = True) -> "AnoVL":
-        # CLIP stays frozen in eval mode whatever a wrapping trainer asks for.
-        return super().train(False)
 
     @property
     def variant(self) -> str:
@@ -150,12 +122,8 @@ class AnoVL(AnomalyModel):
             self.tta.reset()
 
     def settings(self) -> dict[str, Any]:
-        pretrained = self.pretrained
-        if pretrained is not None and Path(pretrained).expanduser().is_file():
-            pretrained = str(Path(pretrained).expanduser().resolve())  # the same file, however it is named
         return _plain({
-            "backbone": self.backbone_name, "pretrained": pretrained, "image_size": self.image_size,
-            "init_seed": self.init_seed if pretrained is None else None, "num_views": self.num_views,
+            **self.backbone_settings(), "num_views": self.num_views,
             "layers": list(self.layers), "prompts": self.prompts.to_dict(),
             "tta": asdict(self.tta_config) if self.tta_config is not None else None,
         })
@@ -169,10 +137,6 @@ class AnoVL(AnomalyModel):
             "num_views": NUM_REFERENCE_VIEWS, "layers": [-1], "prompts": PromptSet().to_dict(),
             "tta": asdict(tta) if tta is not None else None,
         })
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
 
     def _stage(self, name: str) -> contextlib.AbstractContextManager:
         """Context around one stage of ``forward``; ``stage_timer`` (name → context manager) times them."""

@@ -11,20 +11,16 @@ whole-image score, resized bilinearly to the input. The image score is the whole
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from anovl.backbones import create_backbone
 from anovl.errors import AnovlError
-from anovl.models.anovl.text_cache import TextEmbeddingCache
-from anovl.models.base import AnomalyModel, ModelOutput
+from anovl.models.base import ModelOutput
+from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.winclip.prompts import WinCLIPPrompts
 from anovl.models.winclip.windows import check_scales, harmonic_aggregation, harmonic_mean, window_masks
 
@@ -45,26 +41,15 @@ class WinCLIPOutput(ModelOutput):
     text_states: torch.Tensor  # (B, 2, D) normalised [normal, anomalous] text embeddings
 
 
-def _forget_text(model: "WinCLIP", module: nn.Module, incompatible_keys: object) -> None:
-    # Text embeddings of other weights no longer fit, whether WinCLIP or its CLIP loads them.
-    model.text_cache.weights_changed()
-    model._text_states.clear()
-
-
-class WinCLIP(AnomalyModel):
+class WinCLIP(CLIPAnomalyModel):
     """Zero-shot WinCLIP on a frozen CLIP (see the module docstring).
 
     Args:
-        backbone: open_clip model name or model-config JSON (as for AnoVL); needs a ViT.
-        pretrained: open_clip tag, local weights file, or None for random weights (tests only).
-            The default is anomalib's tag.
-        image_size: input side S (default: the model's native size); a multiple of the patch size.
+        backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP
+            (see :class:`~anovl.models.clip_model.CLIPAnomalyModel`); the default weights are anomalib's tag.
         scales: window sizes in patches (anomalib: 2 and 3); each must fit the patch grid.
         temperature: softmax temperature of the image–text cosine similarities (anomalib: 0.07).
         prompts: the prompt ensemble (default: anomalib's).
-        cache_dir: where text embeddings are cached (default ``$ANOVL_CACHE_DIR`` or ``~/.cache/anovl``).
-        use_text_cache: read and write the on-disk text-embedding cache.
-        init_seed: seed of the weights when ``pretrained`` is None, so every process builds the same model.
     """
 
     method = "WinCLIP"
@@ -80,40 +65,25 @@ class WinCLIP(AnomalyModel):
         cache_dir: str | os.PathLike | None = None,
         use_text_cache: bool = True,
         init_seed: int = 0,
+        tokenizer: str | os.PathLike | None = None,
     ):
-        super().__init__()
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise AnovlError(f"temperature must be a positive number (anomalib: 0.07), got {temperature!r}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            built = create_backbone(backbone, pretrained, image_size)
-        self.pretrained = pretrained
-        self.init_seed = init_seed
-        self.clip = built.clip
-        self.encoder = built.visual
-        self.backbone_name = built.name
-        self.image_size = built.image_size
+        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
         self.grid_size = self.encoder.grid_size(self.image_size)
         self.scales = check_scales(scales, self.grid_size)
         self.temperature = float(temperature)
         self.prompts = prompts or WinCLIPPrompts()
-        self.text_cache = TextEmbeddingCache(built, cache_dir, use_disk=use_text_cache)
         self._text_states: dict[tuple[str, str], torch.Tensor] = {}  # (prompt name, device) → (2, D)
         self.masks = [window_masks(self.grid_size, scale) for scale in self.scales]
-        self.clip.register_load_state_dict_post_hook(functools.partial(_forget_text, self))
-        self.eval()
 
-    def train(self, mode: bool = True) -> "WinCLIP":
-        # CLIP stays frozen in eval mode whatever a wrapping trainer asks for.
-        return super().train(False)
+    def weights_loaded(self) -> None:
+        super().weights_loaded()
+        self._text_states.clear()
 
     def settings(self) -> dict[str, Any]:
-        pretrained = self.pretrained
-        if pretrained is not None and Path(pretrained).expanduser().is_file():
-            pretrained = str(Path(pretrained).expanduser().resolve())  # the same file, however it is named
         return {
-            "backbone": self.backbone_name, "pretrained": pretrained, "image_size": self.image_size,
-            "init_seed": self.init_seed if pretrained is None else None, "scales": list(self.scales),
+            **self.backbone_settings(), "scales": list(self.scales),
             "temperature": self.temperature, "prompts": self.prompts.to_dict(),
         }
 
@@ -146,7 +116,12 @@ class WinCLIP(AnomalyModel):
             num_windows = masks.shape[0]
             index = torch.cat([torch.arange(prefix).expand(num_windows, prefix), masks + prefix], dim=1)
             windows = tokens[:, index.to(tokens.device)]  # (B, num_windows, prefix + scale², width)
-            encoded = self.encoder.encode_tokens(windows.reshape(batch * num_windows, -1, width))
+            if self.encoder.has_rotary_positions:
+                # Rotary positions are applied inside the blocks, so each window runs with its patches' positions.
+                encoded = torch.stack([self.encoder.encode_tokens(windows[:, window], patch_positions=mask)
+                                       for window, mask in enumerate(masks)], dim=1)
+            else:
+                encoded = self.encoder.encode_tokens(windows.reshape(batch * num_windows, -1, width))
             window_embeddings.append(encoded.view(batch, num_windows, -1))
         return self.encoder.encode_tokens(tokens), window_embeddings
 
