@@ -5,9 +5,9 @@ Also: the other tile settings differ, the generic module hands AnoVL whole wide 
 splitting included), and a run with one tile setting cannot be resumed with the other."""
 
 import dataclasses
+import json
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from anovl import AnoVL, TTAConfig
-from anovl.cli import main  # noqa: F401 (run_main calls it)
 from anovl.data import VisADataModule, collate_batch, generate_visa_like
 from anovl.engine import AnomalyModule
 from anovl.models.anovl.torch_model import image_seeds
 from tests.conftest import TINY
-from tests.test_cli import TINY_MODEL
+from tests.test_cli import CONFIGS, TINY_MODEL
 from tests.test_lightning import trainer
 from tests.test_reliability_input import (_cli_in_process, assert_one_error_line,  # noqa: F401 (fixtures)
                                           run_main, text_cache)
@@ -265,3 +264,85 @@ def test_the_comparison_tells_a_softmax_before_stitching(text_cache, monkeypatch
     torch.testing.assert_close(output.anomaly_map[0], expected, **TOLERANCE)
     softmax_first = naive_independent_tta(model, image[0], lr=0.05, softmax_before_stitching=True)
     assert (softmax_first - expected).abs().max() > 100 * TOLERANCE["atol"]
+
+
+# ---------------------------------------------------------------- under the generic module and the CLI
+
+
+@pytest.fixture(scope="module")
+def visa_root(tmp_path_factory):
+    """One category of 5 wide images (an odd count, so two DDP processes need a padded copy)."""
+    return generate_visa_like(tmp_path_factory.mktemp("visa"), {CATEGORY: "widget"}, n_good=1, n_defect=1,
+                              image_size=(S, WIDTHS[0]))
+
+
+class MapsPerImage(Callback):
+    """The maps and scores that test_step hands to callbacks, by image path."""
+
+    def __init__(self):
+        self.outputs = {}
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if outputs is not None:
+            for path, anomaly_map, score in zip(outputs["image_path"], outputs["anomaly_map"], outputs["pred_score"]):
+                self.outputs[path] = (anomaly_map, score)
+
+
+class ShardedVisA(VisADataModule):
+    """This process's share of the test set as DDP's sampler gives it to one of two processes (padded)."""
+
+    def __init__(self, *args, rank: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank = rank
+
+    def test_dataloader(self):
+        sampler = DistributedSampler(self.dataset, num_replicas=2, rank=self.rank, shuffle=False)
+        return DataLoader(self.dataset, batch_size=2, sampler=sampler, collate_fn=collate_batch)
+
+
+def test_the_module_hands_whole_wide_images_to_anovl(visa_root, text_cache, tmp_path):  # noqa: F811
+    module = AnomalyModule(tiny(text_cache, tta=TTAConfig(adapter="linear", steps=2)))
+    whole = MapsPerImage()
+    trainer(tmp_path / "whole", callbacks=[whole]).test(
+        module, datamodule=VisADataModule(visa_root, image_size=S, mode="tile", batch_size=3))
+    assert module.results.image_counts == {CATEGORY: 5} and len(whole.outputs) == 5
+    dataset = VisADataModule(visa_root, image_size=S, mode="tile")
+    dataset.setup("test")
+    for item in dataset.dataset:  # one at a time, straight to the model: the same maps as in batches of 3
+        output = module.model(item["image"][None], [item["category"]])
+        anomaly_map, score = whole.outputs[item["image_path"]]
+        assert anomaly_map.shape == (S, WIDTHS[0])
+        torch.testing.assert_close(anomaly_map, output.anomaly_map[0], **TOLERANCE)
+        torch.testing.assert_close(score, output.pred_score[0], **TOLERANCE)
+
+    shares = []
+    for rank in (0, 1):
+        share = MapsPerImage()
+        sharded = AnomalyModule(tiny(text_cache, tta=TTAConfig(adapter="linear", steps=2)))
+        trainer(tmp_path / str(rank), callbacks=[share]).test(
+            sharded, datamodule=ShardedVisA(visa_root, image_size=S, mode="tile", rank=rank))
+        shares.append(share.outputs)
+        assert sharded.results.image_counts == {CATEGORY: 3 - rank}  # rank 1's padded copy left out
+    assert sorted([*shares[0], *shares[1]]) == sorted(whole.outputs)
+    for path, (anomaly_map, score) in {**shares[0], **shares[1]}.items():
+        torch.testing.assert_close(anomaly_map, whole.outputs[path][0], **TOLERANCE)
+        torch.testing.assert_close(score, whole.outputs[path][1], **TOLERANCE)
+
+
+def visa_cli_args(root, save_dir, *extra):
+    return ["test", "--data", "anovl.data.VisADataModule", *TINY_MODEL, "--pictures.max_per_category", "0",
+            "--data.init_args.root", root, "--data.init_args.mode", "tile", "--config", CONFIGS / "tta" / "linear.yaml",
+            "--model.init_args.tta.steps", "1", "--trainer.logger.init_args.save_dir", save_dir, *extra]
+
+
+@pytest.mark.parametrize(("first", "then"), [("visa-reference", "separate-tiles"), ("separate-tiles", "visa-reference")])
+def test_a_run_cannot_be_resumed_with_the_other_tile_setting(visa_root, tmp_path, capsys, first, then):
+    status, _, stderr = run_main(visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", first), capsys)
+    assert status == 0, stderr
+    (run,) = (tmp_path / "anovl").iterdir()
+    record = json.loads((run / "results.json").read_text())
+    assert record["config"]["model"]["wide_images"] == first
+    assert ("wide_images=separate-tiles" in record["label"]) == (first == "separate-tiles")
+    status, _, stderr = run_main(visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", then,
+                                               "--resume", run), capsys)
+    assert_one_error_line(status, stderr, f'model.wide_images: "{first}" in the run, "{then}" now')
