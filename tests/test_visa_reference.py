@@ -16,7 +16,7 @@ from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from anovl import AnoVL, TTAConfig
+from anovl import AnoVL, AnovlError, TTAConfig
 from anovl.data import VisADataModule, collate_batch, generate_visa_like
 from anovl.engine import AnomalyModule
 from anovl.models.anovl.torch_model import image_seeds
@@ -335,7 +335,8 @@ def visa_cli_args(root, save_dir, *extra):
             "--model.init_args.tta.steps", "1", "--trainer.logger.init_args.save_dir", save_dir, *extra]
 
 
-@pytest.mark.parametrize(("first", "then"), [("visa-reference", "separate-tiles"), ("separate-tiles", "visa-reference")])
+@pytest.mark.parametrize(("first", "then"), [("visa-reference", "separate-tiles"),
+                                             ("separate-tiles", "visa-reference")])
 def test_a_run_cannot_be_resumed_with_the_other_tile_setting(visa_root, tmp_path, capsys, first, then):
     status, _, stderr = run_main(visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", first), capsys)
     assert status == 0, stderr
@@ -346,3 +347,8 @@ def test_a_run_cannot_be_resumed_with_the_other_tile_setting(visa_root, tmp_path
     status, _, stderr = run_main(visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", then,
                                                "--resume", run), capsys)
     assert_one_error_line(status, stderr, f'model.wide_images: "{first}" in the run, "{then}" now')
+
+
+def test_an_unknown_tile_setting_is_refused(text_cache):  # noqa: F811
+    with pytest.raises(AnovlError, match="wide_images must be one of"):
+        tiny(text_cache, wide_images="tiles")
