@@ -85,7 +85,7 @@ class AnoVL(AnomalyModel):
             batch in one pass on GPUs, chunks of 32 on CPUs (where large passes lose cache locality).
         init_seed: seed of the weights when ``pretrained`` is None (random weights, for tests and demos), so that
             every process and every run builds the same model.
-        wide_images: how S×W images (VisA's tile mode, W > S; or H > S) are run. ``visa-reference`` (the
+        wide_images: how S×W images (VisA's tile mode, W > S) are run. ``visa-reference`` (the
             authors' VisA run, METHOD §8): cut into square tiles (left [0, S), right [W−S, W)); image score =
             the tiles' mean global-token probability, without views; maps stitched, overlap averaged; TTA
             adapts one adapter per image, shared by its tiles, with the loss on the stitched per-pixel
