@@ -105,11 +105,18 @@ def test_results_do_not_depend_on_batch_size(mvtec_root, shared_cache, tmp_path)
     assert tables[0].image_counts == tables[1].image_counts
 
 
+class FrameworkTiledAnoVL(AnoVL):
+    """AnoVL as a model that leaves wide images to the framework's tiling."""
+
+    handles_wide_images = False
+
+
 def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
     root = generate_visa_like(tmp_path / "visa", {"macaroni1": "widget"}, n_good=1, n_defect=1,
                               image_size=(SIZE, SIZE + 32))
     data = VisADataModule(root, image_size=SIZE, mode="tile", batch_size=2)
-    module = tiny_module(shared_cache)
+    module = AnomalyModule(FrameworkTiledAnoVL(TINY, pretrained=None, image_size=SIZE, cache_dir=str(shared_cache),
+                                               num_views=2))
     batch = next(iter(data.test_dataloader()))
     maps, scores = module.anomaly_maps(batch)
     assert maps.shape == (2, SIZE, SIZE + 32)
@@ -124,6 +131,11 @@ def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
     expected[..., 32:SIZE] /= 2
     assert torch.allclose(maps, expected, atol=1e-6)
     assert torch.allclose(scores, (left.pred_score + right.pred_score) / 2, atol=1e-6)
+    # AnoVL's own separate-tiles mode is this tiling; its reference mode scores the tiles without views.
+    separate_maps, separate_scores = tiny_module(shared_cache, wide_images="separate-tiles").anomaly_maps(batch)
+    assert torch.allclose(separate_maps, maps, atol=1e-6) and torch.allclose(separate_scores, scores, atol=1e-6)
+    _, reference_scores = tiny_module(shared_cache).anomaly_maps(batch)
+    assert not torch.allclose(reference_scores, scores, atol=1e-4)
 
     trainer(tmp_path / "run").test(module, datamodule=data)
     assert module.results.image_counts == {"macaroni1": 5}

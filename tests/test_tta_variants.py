@@ -17,6 +17,7 @@ VARIANT_CONFIGS = {
     "image_corruption.yaml": ("AnoVL-tta-text", ["corruption=image"]),
     "tfa_threshold.yaml": ("AnoVL-tta-text", ["pseudo_labels=tfa_threshold"]),
     "reference.yaml": ("AnoVL-tta-text", ["mode=reference"]),
+    "visa_reference.yaml": ("AnoVL-tta-linear", ["mode=reference"]),
 }
 # What the tiny demo model differs in from the reference backbone, in every label of this module.
 TINY_DIFFERENCES = ["backbone=anovl-tiny-vit", "image_size=64", "num_views=2", "pretrained=None"]

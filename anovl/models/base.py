@@ -116,8 +116,9 @@ class AnomalyModel(nn.Module):
                              "move them with images.to(model.device)")
         height, width = images.shape[-2:]
         size = self.image_size
-        if height != size or not (width == size or (self.handles_wide_images and width > size)):
-            expected = f"{size}×{size}" + (f" or {size}×W with W > {size}" if self.handles_wide_images else "")
+        if min(height, width) != size or not (height == width or self.handles_wide_images):
+            expected = f"{size}×{size}" + (f" or longer on one side ({size}×W, H×{size})"
+                                           if self.handles_wide_images else "")
             raise AnovlError(f"images are {height}×{width} but the model expects {expected}; resize them "
                              "(anovl.data.transforms) or set image_size")
         prompt_names = prompt_names_for(categories, prompt_names)

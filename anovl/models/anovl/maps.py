@@ -1,4 +1,5 @@
-"""Anomaly maps and image scores from tokens and state text embeddings (METHOD §4)."""
+"""Anomaly maps and image scores from tokens and state text embeddings (METHOD §4), and the stitched
+per-pixel logits that VisA's joint tile adaptation takes its loss on (METHOD §8)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from anovl.data.transforms import stitch_tiles, tile_offsets
 
 
 def abnormal_probability(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -19,13 +22,18 @@ def abnormal_probability(tokens: torch.Tensor, states: torch.Tensor) -> torch.Te
     return logits.softmax(-1)[..., 1].reshape(features.shape[:-1])
 
 
-def patch_map(probabilities: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(B, N) patch probabilities → (B, S, S): replicate-pad, 3×3 mean, bilinear (align_corners)."""
-    batch, count = probabilities.shape
+def token_grid(values: torch.Tensor) -> torch.Tensor:
+    """(B, N) per-token values → (B, 1, g, g) on the square patch grid (N = g²)."""
+    batch, count = values.shape
     grid = math.isqrt(count)
     if grid * grid != count:
         raise ValueError(f"{count} patch tokens do not form a square grid")
-    maps = probabilities.reshape(batch, 1, grid, grid)
+    return values.reshape(batch, 1, grid, grid)
+
+
+def patch_map(probabilities: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, N) patch probabilities → (B, S, S): replicate-pad, 3×3 mean, bilinear (align_corners)."""
+    maps = token_grid(probabilities)
     maps = F.avg_pool2d(F.pad(maps, (1, 1, 1, 1), mode="replicate"), kernel_size=3, stride=1)
     return F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=True)[:, 0]
 
@@ -40,3 +48,18 @@ def image_score(global_tokens: torch.Tensor, states: torch.Tensor) -> torch.Tens
     batch = states.shape[0]
     views = global_tokens.reshape(-1, batch, global_tokens.shape[-1]).transpose(0, 1)
     return abnormal_probability(views, states).mean(-1)
+
+
+def stitched_pixel_logits(logits: torch.Tensor, image_size: int, height: int, width: int) -> torch.Tensor:
+    """Per-pixel logits (B, H·W, K) of height×width images from the per-token logits (B, n·N, K) of their n
+    tiles (in :func:`~anovl.data.transforms.split_tiles` order): each tile's logit grid upsampled bilinearly
+    (align_corners) to S×S, then stitched with the overlaps averaged; no softmax (METHOD §8)."""
+    batch, _, classes = logits.shape
+    tiles = batch * len(tile_offsets(max(height, width), image_size))
+    per_tile = logits.reshape(tiles, -1, classes).transpose(1, 2).reshape(tiles * classes, -1)
+    upsampled = F.interpolate(token_grid(per_tile), size=(image_size, image_size), mode="bilinear",
+                              align_corners=True)
+    # Class-major, so that each class's n tiles of an image stay consecutive for stitch_tiles.
+    class_major = upsampled.reshape(tiles, classes, image_size, image_size).transpose(0, 1)
+    stitched = stitch_tiles(class_major.reshape(classes * tiles, image_size, image_size), height, width)
+    return stitched.reshape(classes, batch, height * width).permute(1, 2, 0)

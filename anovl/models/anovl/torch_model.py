@@ -6,13 +6,14 @@ import contextlib
 import hashlib
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from anovl import categories as category_registry
+from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
-from anovl.models.anovl.maps import anomaly_map, image_score
+from anovl.models.anovl.maps import anomaly_map, image_score, stitched_pixel_logits
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
@@ -24,17 +25,20 @@ CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by 
 
 
 REFERENCE_BACKBONE = ("ViT-B-16-plus-240", "laion400m_e32", 240)  # METHOD §1: the authors' default
+WIDE_IMAGE_MODES = ("visa-reference", "separate-tiles")
+WideImages = Literal["visa-reference", "separate-tiles"]
 
 
 @dataclass
 class AnoVLOutput(ModelOutput):
-    """``anomaly_map`` (B, S, S): abnormal probability per pixel (after TTA when enabled); ``pred_score`` (B,):
-    mean abnormal probability of the global token over views; and AnoVL's intermediate results."""
+    """``anomaly_map`` (B, H, W): abnormal probability per pixel (after TTA when enabled); ``pred_score`` (B,):
+    mean abnormal probability of the global token over views (over tiles for wide images); and AnoVL's
+    intermediate results. For S×W images cut into n tiles the tokens are per tile, in tile order."""
 
-    patch_tokens: list[torch.Tensor]  # per requested layer, (B, N, D) V-V patch tokens (before TTA)
-    global_tokens: torch.Tensor  # (B, D) CLIP image embedding of the identity view
+    patch_tokens: list[torch.Tensor]  # per requested layer, (B, N, D) V-V patch tokens (before TTA); (B, n·N, D)
+    global_tokens: torch.Tensor  # (B, D) CLIP image embedding of the identity view; (B, n, D) of the tiles
     text_states: torch.Tensor  # (B, 2, D) normalised [normal, abnormal] text embeddings
-    tfa_map: torch.Tensor | None = None  # (B, S, S) training-free map, kept when TTA changed the map
+    tfa_map: torch.Tensor | None = None  # (B, H, W) training-free map, kept when TTA changed the map
 
 
 def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
@@ -61,16 +65,24 @@ class AnoVL(CLIPAnomalyModel):
     Args:
         backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP
             (see :class:`~anovl.models.clip_model.CLIPAnomalyModel`).
-        num_views: views averaged into the image score (22 = reference, 1 = identity only).
+        num_views: views averaged into the image score (22 = reference, 1 = identity only); of square images,
+            and of each tile of wide images in ``wide_images='separate-tiles'``.
         layers: blocks whose V-V patch tokens make the map (averaged); the reference uses the last.
         prompts: prompt set (default: the reference one).
         tta: test-time adaptation settings, or None for training-free AnoVL.
         encoder_chunk_size: most images (views) per encoder pass; None picks by device: all views of the
             batch in one pass on GPUs, chunks of 32 on CPUs (where large passes lose cache locality).
+        wide_images: how S×W images (VisA's tile mode, W > S) are run. ``visa-reference`` (the
+            authors' VisA run, METHOD §8): cut into square tiles (left [0, S), right [W−S, W)); image score =
+            the tiles' mean global-token probability, without views; maps stitched, overlap averaged; TTA
+            adapts one adapter per image, shared by its tiles, with the loss on the stitched per-pixel
+            logits. ``separate-tiles``: each tile runs as a square image of its own (``num_views`` views,
+            its own adapter and loss, seeded from the tile), maps stitched and scores averaged.
     """
 
     method = "AnoVL"
     batch_extras = ("corrupted_image",)
+    handles_wide_images = True  # METHOD §8 adapts an image's tiles together, which separate tiles cannot
 
     def __init__(
         self,
@@ -86,13 +98,17 @@ class AnoVL(CLIPAnomalyModel):
         encoder_chunk_size: int | None = None,
         init_seed: int = 0,
         tokenizer: str | os.PathLike | None = None,
+        wide_images: WideImages = "visa-reference",
     ):
+        if wide_images not in WIDE_IMAGE_MODES:
+            raise AnovlError(f"wide_images must be one of {WIDE_IMAGE_MODES}, got {wide_images!r}")
         if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
             raise AnovlError(f"num_views must be between 1 and {NUM_REFERENCE_VIEWS}, got {num_views}")
         if not layers:
             raise AnovlError("layers must name at least one block, e.g. [-1] (the reference: the last block)")
         super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
         self.num_views = num_views
+        self.wide_images = wide_images
         self.layers = tuple(layers)
         for layer in self.layers:
             if not -self.encoder.num_layers <= layer < self.encoder.num_layers:
@@ -126,6 +142,7 @@ class AnoVL(CLIPAnomalyModel):
             **self.backbone_settings(), "num_views": self.num_views,
             "layers": list(self.layers), "prompts": self.prompts.to_dict(),
             "tta": asdict(self.tta_config) if self.tta_config is not None else None,
+            "wide_images": self.wide_images,
         })
 
     def reference_settings(self) -> dict[str, Any]:
@@ -135,7 +152,7 @@ class AnoVL(CLIPAnomalyModel):
         return _plain({
             "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
             "num_views": NUM_REFERENCE_VIEWS, "layers": [-1], "prompts": PromptSet().to_dict(),
-            "tta": asdict(tta) if tta is not None else None,
+            "tta": asdict(tta) if tta is not None else None, "wide_images": "visa-reference",
         })
 
     def _stage(self, name: str) -> contextlib.AbstractContextManager:
@@ -154,53 +171,99 @@ class AnoVL(CLIPAnomalyModel):
 
     def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
                 corrupted_image: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> AnoVLOutput:
-        """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories.
+        """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories, or
+        (B, 3, S, W) images (W > S) cut into tiles as ``wide_images`` says.
 
         ``prompt_names`` (default: from :mod:`anovl.categories`) are the object names the prompts use;
         the domain phrases follow the category. ``corrupted_image`` feeds TTA's corrupted branch when
         ``tta.corruption == 'image'``; ``seeds`` (one per image) fix TTA's randomness, by default derived
-        from the image content.
+        from the image content (in ``separate-tiles`` mode: from each tile's, or the image's given seed).
         """
         images, prompt_names = self.check_inputs(images, categories, prompt_names)
-        batch = images.shape[0]
+        if images.shape[-2] != images.shape[-1] and self.wide_images == "separate-tiles":
+            return self._separate_tiles(images, list(categories), prompt_names, corrupted_image, seeds)
+        return self._run(images, list(categories), prompt_names, corrupted_image, seeds)
+
+    def _separate_tiles(self, images, categories, prompt_names, corrupted_image, seeds) -> AnoVLOutput:
+        """Every tile as a square image of its own; maps stitched, scores averaged over the tiles."""
+        batch, (height, width) = images.shape[0], images.shape[-2:]
+        tiles = split_tiles(images)
+        count = tiles.shape[0] // batch
+
+        def per_tile(items):
+            return None if items is None else [item for item in items for _ in range(count)]
+
+        output = self._run(tiles, per_tile(categories), per_tile(prompt_names),
+                           None if corrupted_image is None else split_tiles(corrupted_image), per_tile(seeds))
+        return AnoVLOutput(
+            anomaly_map=stitch_tiles(output.anomaly_map, height, width),
+            pred_score=output.pred_score.view(batch, count).mean(1),
+            patch_tokens=[tokens.reshape(batch, -1, tokens.shape[-1]) for tokens in output.patch_tokens],
+            global_tokens=output.global_tokens.reshape(batch, count, -1),
+            text_states=output.text_states[::count],
+            tfa_map=None if output.tfa_map is None else stitch_tiles(output.tfa_map, height, width),
+        )
+
+    def _run(self, images, categories, prompt_names, corrupted_image, seeds) -> AnoVLOutput:
+        """Square images (METHOD §4–5), or wide images as the VisA reference run (METHOD §8): the n tiles of an
+        image share its text states, its score (their mean, no views) and, under TTA, one adapter."""
+        batch, (height, width) = images.shape[0], images.shape[-2:]
+        wide = height != width
+        tiles = split_tiles(images) if wide else images
+        count = tiles.shape[0] // batch
+        size = self.image_size
         with self._stage("text"):
             embeddings = [self.text_embeddings(category, name, images.device)
                           for category, name in zip(categories, prompt_names)]
             states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
+
+        def stitched_map(tokens: list[torch.Tensor], tile_states: torch.Tensor) -> torch.Tensor:
+            """Each tile's map (tokens (B·n, N, D) per layer, averaged over layers), stitched: (B, H, W)."""
+            maps = torch.stack([anomaly_map(t, tile_states, size) for t in tokens]).mean(0)
+            return stitch_tiles(maps, height, width) if wide else maps
+
         with torch.no_grad():
             with self._stage("views"):
-                views = make_views(images, self.num_views)
+                views = make_views(tiles, 1 if wide else self.num_views)  # the VisA run has no views (METHOD §8)
             with self._stage("encoder"):
-                encoded = self.encoder(views, num_local=batch, layers=self.layers, chunk_size=chunk_size)
+                encoded = self.encoder(views, num_local=batch * count, layers=self.layers, chunk_size=chunk_size)
             with self._stage("maps"):
                 states = states.to(encoded.global_tokens.dtype)
-                maps = torch.stack([anomaly_map(t, states, self.image_size) for t in encoded.patch_tokens]).mean(0)
-                scores = image_score(encoded.global_tokens, states)
+                tile_states = states.repeat_interleave(count, dim=0)
+                maps = stitched_map(encoded.patch_tokens, tile_states)
+                scores = image_score(encoded.global_tokens, tile_states).view(batch, count).mean(1)
+        # An image's tiles one after another: what one adapter per image adapts.
+        patch_tokens = [tokens.reshape(batch, -1, tokens.shape[-1]) for tokens in encoded.patch_tokens]
         tfa_map = None
         if self.tta is not None:
             with self._stage("tta"):
                 corrupted = None
                 if self.tta.config.corruption == "image" and corrupted_image is not None:
+                    corrupted_tiles = split_tiles(corrupted_image) if wide else corrupted_image
                     with torch.no_grad():
-                        corrupted = self.encoder(corrupted_image, layers=self.layers,
-                                                 chunk_size=chunk_size).patch_tokens
+                        corrupted = [tokens.reshape(batch, -1, tokens.shape[-1]) for tokens in self.encoder(
+                            corrupted_tiles, layers=self.layers, chunk_size=chunk_size).patch_tokens]
                 tfa_map = maps
                 sentences = (embeddings[0].sentences.expand(batch, -1, -1)
                              if all(e is embeddings[0] for e in embeddings)
                              else torch.stack([e.sentences for e in embeddings]))  # (B, M, D), a view if it can
                 seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
+                pixel_logits = (functools.partial(stitched_pixel_logits, image_size=size, height=height, width=width)
+                                if wide else None)
                 adapted = [
-                    self.tta(tokens, states, sentences, seeds, list(categories),
-                             None if corrupted is None else corrupted[index])
-                    for index, tokens in enumerate(encoded.patch_tokens)
+                    self.tta(tokens, states, sentences, seeds, categories,
+                             None if corrupted is None else corrupted[index], pixel_logits)
+                    for index, tokens in enumerate(patch_tokens)
                 ]
-                maps = torch.stack([anomaly_map(t, states.float(), self.image_size) for t in adapted]).mean(0)
+                maps = stitched_map([t.reshape(batch * count, -1, t.shape[-1]) for t in adapted],
+                                    tile_states.float())
+        global_tokens = encoded.global_tokens[:batch * count]  # of the identity views
         return AnoVLOutput(
             anomaly_map=maps,
             pred_score=scores,
-            patch_tokens=encoded.patch_tokens,
-            global_tokens=encoded.global_tokens[:batch],
+            patch_tokens=patch_tokens,
+            global_tokens=global_tokens.reshape(batch, count, -1) if wide else global_tokens,
             text_states=states,
             tfa_map=tfa_map,
         )

@@ -4,12 +4,15 @@ Default mode ``independent``: every image gets freshly initialised parameters fr
 a fresh AdamW state, so its result depends on nothing but the image. Mode ``reference`` reproduces
 the authors' code: images run one at a time, parameters drawn from the global RNG, and the AdamW
 state carried over between the images of a category (results then depend on data order).
+
+An image cut into tiles (VisA, METHOD §8) adapts as one: its tiles' tokens go through one adapter, and the
+loss is taken per pixel on the stitched logit map (``pixel_logits``) instead of per token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +69,17 @@ class TTAConfig:
                 raise AnovlError(message)
 
 
+PixelLogits = Callable[[torch.Tensor], torch.Tensor]  # per-token logits (B, N, 2) → per-pixel logits (B, P, 2)
+
+
+def state_logits(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """[x̂·t_n, x̂·t_a] per token (cosines, no temperature): tokens (B, N, D), states (B, 2, D) → (B, N, 2)."""
+    return torch.einsum("bnd,bkd->bnk", F.normalize(tokens, dim=-1), states.to(tokens.dtype))
+
+
 def state_log_probs(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """log softmax([x̂·t_n, x̂·t_a]) per token: tokens (B, N, D), states (B, 2, D) → (B, N, 2)."""
-    return torch.einsum("bnd,bkd->bnk", F.normalize(tokens, dim=-1), states.to(tokens.dtype)).log_softmax(-1)
+    return state_logits(tokens, states).log_softmax(-1)
 
 
 def tta_loss(clean: torch.Tensor, corrupted: torch.Tensor, labels: torch.Tensor,
@@ -87,11 +98,16 @@ def tta_loss(clean: torch.Tensor, corrupted: torch.Tensor, labels: torch.Tensor,
     return entropy_weight * entropy + pseudo_label_weight * (clean_term + corrupted_term)
 
 
-def pseudo_labels(tokens: torch.Tensor, states: torch.Tensor, config: TTAConfig) -> torch.Tensor:
-    """Labels (B, N) for the clean tokens: 0 normal, 1 abnormal, -1 unlabelled."""
+def pseudo_labels(tokens: torch.Tensor, states: torch.Tensor, config: TTAConfig,
+                  pixel_logits: PixelLogits | None = None) -> torch.Tensor:
+    """Labels (B, N) for the clean tokens, or (B, P) for the pixels ``pixel_logits`` maps the tokens' logits to:
+    0 normal, 1 abnormal, -1 unlabelled."""
+    logits = state_logits(tokens, states)
+    if pixel_logits is not None:
+        logits = pixel_logits(logits)
     if config.pseudo_labels == "reference":
-        return torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-    abnormal = state_log_probs(tokens, states)[..., 1].exp()
+        return torch.zeros(logits.shape[:2], dtype=torch.long, device=tokens.device)
+    abnormal = logits.softmax(-1)[..., 1]
     low = torch.quantile(abnormal, config.normal_quantile, dim=-1, keepdim=True)
     high = torch.quantile(abnormal, config.abnormal_quantile, dim=-1, keepdim=True)
     labels = torch.full_like(abnormal, -1, dtype=torch.long)
@@ -116,8 +132,13 @@ class TestTimeAdaptation:
 
     def __call__(self, tokens: torch.Tensor, states: torch.Tensor, sentences: torch.Tensor,
                  seeds: Sequence[int], categories: Sequence[str],
-                 corrupted_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Adapted tokens (B, N, D) from clean tokens (B, N, D), states (B, 2, D), sentences (B, M, D)."""
+                 corrupted_tokens: torch.Tensor | None = None, pixel_logits: PixelLogits | None = None
+                 ) -> torch.Tensor:
+        """Adapted tokens (B, N, D) from clean tokens (B, N, D), states (B, 2, D), sentences (B, M, D).
+
+        With ``pixel_logits`` (per-token logits → per-pixel logits of the same images) the loss is the mean
+        over those pixels, softmax taken per pixel; else over the tokens.
+        """
         if self.config.corruption == "image" and corrupted_tokens is None:
             raise AnovlError("tta.corruption is 'image' but the data gives no corrupted images; "
                              "turn on the datamodule's corruption or use tta.corruption: token")
@@ -130,18 +151,20 @@ class TestTimeAdaptation:
             if self.config.mode == "reference":
                 results = [
                     self._adapt_reference(tokens[i:i + 1], states[i:i + 1], sentences[i:i + 1], categories[i],
-                                          None if corrupted_tokens is None else corrupted_tokens[i:i + 1])
+                                          None if corrupted_tokens is None else corrupted_tokens[i:i + 1],
+                                          pixel_logits)
                     for i in range(tokens.shape[0])
                 ]
             else:
-                results = [self._adapt_independent(tokens, states, sentences, seeds, corrupted_tokens)]
+                results = [self._adapt_independent(tokens, states, sentences, seeds, corrupted_tokens,
+                                                   pixel_logits)]
         self.last_losses = torch.cat([losses for _, losses in results], dim=1)
         return torch.cat([adapted for adapted, _ in results])
 
     def _optimizer(self, adapter: Adapter) -> torch.optim.Optimizer:
         return torch.optim.AdamW(adapter.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
-    def _adapt_independent(self, tokens, states, sentences, seeds, corrupted_tokens):
+    def _adapt_independent(self, tokens, states, sentences, seeds, corrupted_tokens, pixel_logits):
         generators = [torch.Generator(device=tokens.device).manual_seed(int(seed)) for seed in seeds]
         adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, generators,
                                  **self.config.adapter_args)
@@ -151,9 +174,10 @@ class TestTimeAdaptation:
                 torch.randn(tokens.shape[1:], generator=generator, device=tokens.device) for generator in generators
             ])
 
-        return self._train(adapter, self._optimizer(adapter), tokens, states, corrupted_tokens, noise)
+        return self._train(adapter, self._optimizer(adapter), tokens, states, corrupted_tokens, noise,
+                           pixel_logits)
 
-    def _adapt_reference(self, tokens, states, sentences, category, corrupted_tokens):
+    def _adapt_reference(self, tokens, states, sentences, category, corrupted_tokens, pixel_logits):
         if self._carried is None or self._carried[0] != category:
             adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, None,
                                      **self.config.adapter_args)
@@ -162,19 +186,22 @@ class TestTimeAdaptation:
             adapter = self._carried[1]
             adapter.reset_parameters()
         return self._train(adapter, self._carried[2], tokens, states, corrupted_tokens,
-                           lambda: torch.randn_like(tokens))
+                           lambda: torch.randn_like(tokens), pixel_logits)
 
-    def _train(self, adapter, optimizer, tokens, states, corrupted_tokens, noise):
+    def _train(self, adapter, optimizer, tokens, states, corrupted_tokens, noise, pixel_logits):
         """Adapt for ``config.steps`` steps; returns adapted tokens (B, N, D) and losses (steps, B)."""
         config = self.config
-        labels = pseudo_labels(tokens, states, config)
+        labels = pseudo_labels(tokens, states, config, pixel_logits)
         count = tokens.shape[1]
         history = []
         for _ in range(config.steps):
             corrupted = corrupted_tokens if config.corruption == "image" else tokens + config.noise_std * noise()
-            log_probs = state_log_probs(adapter(torch.cat([tokens, corrupted], dim=1)), states)
+            logits = state_logits(adapter(torch.cat([tokens, corrupted], dim=1)), states)
+            clean, noisy = logits[:, :count], logits[:, count:]
+            if pixel_logits is not None:
+                clean, noisy = pixel_logits(clean), pixel_logits(noisy)
             # Summed over images so that each image's gradient is its own loss's gradient.
-            losses = tta_loss(log_probs[:, :count], log_probs[:, count:], labels,
+            losses = tta_loss(clean.log_softmax(-1), noisy.log_softmax(-1), labels,
                               config.entropy_weight, config.pseudo_label_weight)
             history.append(losses.detach())
             optimizer.zero_grad(set_to_none=True)
