@@ -111,7 +111,7 @@ def record(category="bottle", **fields):
 
 
 def document(**fields):
-    return {"title": "t", "variant": "tfa", "random_weights": False, "categories": [record()], "config": {},
+    return {"title": "t", "label": "AnoVL-tfa", "random_weights": False, "categories": [record()], "config": {},
             "skipped_files": [], **fields}
 
 
