@@ -10,6 +10,10 @@ only the real mean row is bold); in JSON it is a separate record, so a category 
 
 results.json also records the run's configuration (what its metrics depend on) and the files that
 ``on_bad_image: skip`` left out, so that ``anovl test --resume`` can check and continue an interrupted run.
+
+It also keeps the F1-max thresholds (raw score values, not percentages) of each category and their mean
+under ``thresholds``, which ``anovl predict --predictions.thresholds results.json`` applies
+(:mod:`anovl.thresholds`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ METRIC_TITLES = {
 OPTIONAL_METRIC_TITLES = {"pixel_aupro_cflow": "AUPRO (cflow-style)"}
 ALL_METRIC_TITLES = {**METRIC_TITLES, **OPTIONAL_METRIC_TITLES}
 MEAN_ROW = "mean (all categories)"
+# compute() keys that are score thresholds, not metrics: kept apart from the rows (which are in percent).
+THRESHOLD_KEYS = {"image_f1max_threshold": "image", "pixel_f1max_threshold": "pixel"}
+THRESHOLD_MEAN = "mean"
+THRESHOLD_RULE = "F1-max thresholds (score values): anomalous where score >= threshold; mean: over categories"
 RESULT_FILES = ("results.csv", "results.json", "results.md")
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: the backbone has random weights (pretrained: null), so these scores mean nothing; "
@@ -154,6 +162,7 @@ class ResultsTable:
         self.skipped_files = list(skipped_files)
         self.rows: dict[str, dict[str, float]] = {}
         self.image_counts: dict[str, int] = {}
+        self.thresholds: dict[str, dict[str, float]] = {}  # category -> {"image": t, "pixel": t} (NaN: undefined)
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ResultsTable:
@@ -175,6 +184,7 @@ class ResultsTable:
             table.rows[category] = {name: math.nan if value is None else float(value)
                                     for name, value in record.items() if name not in ("category", "images")}
             table.image_counts[category] = record["images"]
+        table.thresholds = _read_thresholds(path, document)
         return table
 
     def check_categories(self, known: Sequence[str]) -> None:
@@ -190,6 +200,7 @@ class ResultsTable:
         """Take over the finished categories and skipped files of an earlier, interrupted part of this run."""
         self.rows = {**earlier.rows, **self.rows}
         self.image_counts = {**earlier.image_counts, **self.image_counts}
+        self.thresholds = {**earlier.thresholds, **self.thresholds}
         self.skipped_files = list(dict.fromkeys([*earlier.skipped_files, *self.skipped_files]))
 
     @property
@@ -202,9 +213,13 @@ class ResultsTable:
         return self.expected_categories is None or len(self.rows) >= self.expected_categories
 
     def add(self, category: str, metrics: Mapping[str, float], num_images: int) -> None:
-        """Record a finished category (metrics as fractions in [0, 1], as AnomalyMetrics gives them)
-        and rewrite the files."""
-        self.rows[category] = {name: 100.0 * float(value) for name, value in metrics.items()}
+        """Record a finished category (metrics as fractions in [0, 1], as AnomalyMetrics gives them, with its
+        F1-max thresholds if present) and rewrite the files."""
+        self.rows[category] = {name: 100.0 * float(value) for name, value in metrics.items()
+                               if name not in THRESHOLD_KEYS}
+        thresholds = {kind: float(metrics[key]) for key, kind in THRESHOLD_KEYS.items() if key in metrics}
+        if thresholds:
+            self.thresholds[category] = thresholds
         self.image_counts[category] = int(num_images)
         if self.directory is not None:
             self.write()
@@ -212,6 +227,11 @@ class ResultsTable:
     def mean(self) -> dict[str, float]:
         return {name: _finite_mean([row.get(name, math.nan) for row in self.rows.values()])
                 for name in self.metric_names}
+
+    def mean_thresholds(self) -> dict[str, float]:
+        """Each threshold's mean over the categories where it is defined (the run's threshold)."""
+        return {kind: _finite_mean([values.get(kind, math.nan) for values in self.thresholds.values()])
+                for kind in THRESHOLD_KEYS.values()}
 
     def records(self) -> list[dict[str, object]]:
         """One dict per category, then the mean row: category, images, and the metrics in percent."""
@@ -253,6 +273,13 @@ class ResultsTable:
             "skipped_files": self.skipped_files,
             "config": self.config,
         }
+        if self.thresholds:
+            document["thresholds"] = {
+                "rule": THRESHOLD_RULE,
+                "categories": {category: {kind: clean(value) for kind, value in values.items()}
+                               for category, values in self.thresholds.items()},
+                THRESHOLD_MEAN: {kind: clean(value) for kind, value in self.mean_thresholds().items()},
+            }
         return json.dumps(document, indent=2) + "\n"
 
     def _headers(self) -> list[str]:
@@ -310,6 +337,24 @@ class ResultsTable:
             console.print(self._skipped_note(), style="yellow")
         if self.directory is not None:
             console.print(f"Results written to {self.directory}/{{{','.join(RESULT_FILES)}}}")
+
+
+def _read_thresholds(path: Path, document: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The per-category F1-max thresholds of a results.json (none in files written before anovl saved them)."""
+    section = document.get("thresholds")
+    if section is None:
+        return {}
+    categories = section.get("categories") if isinstance(section, dict) else None
+    if not isinstance(categories, dict):
+        raise _read_error(path, "'thresholds' has no 'categories' object")
+    thresholds = {}
+    for category, values in categories.items():
+        if not isinstance(values, dict) or not all(
+                values.get(kind) is None or _is_number(values.get(kind)) for kind in THRESHOLD_KEYS.values()):
+            raise _read_error(path, f"the thresholds of {category!r} are not numbers or null")
+        thresholds[category] = {kind: math.nan if values.get(kind) is None else float(values[kind])
+                                for kind in THRESHOLD_KEYS.values()}
+    return thresholds
 
 
 def _check_document(path: Path, document: object) -> None:

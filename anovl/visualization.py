@@ -1,30 +1,112 @@
-"""Heatmap overlays and test panels (input | ground truth | overlay), in plain numpy + Pillow.
+"""Pictures of anomaly maps (test panels, prediction overlays), the 16-bit map encoding, and output file names.
 
-Maps are min–max scaled per image before colouring, as zero-shot anomaly papers do for their figures: the
-colours show where an image is most anomalous, not how anomalous it is (the caption gives the raw range).
+Colour scale: every map is coloured on the fixed probability range [0, 1] (jet: 0 blue, 0.5 green, 1 red),
+never rescaled per image, so equal colours mean equal values across images, categories and runs, and a map
+spread over 0.500-0.502 looks flat, as it is. Panels carry a colour bar saying so; values outside [0, 1]
+are clipped to the ends of the scale (the panel's text gives the map's actual range).
+
+File names: every path component that comes from the data (category folders, image stems) is built by
+:func:`output_component`, and the stems of one category are made unique by :class:`OutputNames`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD
+from anovl.errors import AnovlError
 
 OVERLAY_ALPHA = 0.5
-CAPTION_HEIGHT = 14
+FONT_SIZE = 12
+LINE_HEIGHT = FONT_SIZE + 4
 PANEL_GAP = 4
+BAR_WIDTH = 14
+BAR_LABEL_WIDTH = 40
+CONTOUR_COLOUR = (255, 255, 255)
+THRESHOLD_COLOUR = (0, 0, 0)
+NO_TRUTH_GREY = 128
+COLUMN_TITLES = ("input", "ground truth", "anomaly map")
+LABEL_NAMES = {0: "normal", 1: "anomalous", -1: "unlabelled"}
+_FORBIDDEN_COMPONENTS = {"", ".", ".."}
 
 
-def picture_name(image_path: str, category: str) -> str:
-    """A file name stem for an image's outputs: ``<parent folder>_<stem>``, unique in MVTec-like layouts
-    (``test/<defect>/000.png``), or just ``<stem>`` when the parent folder is the category itself."""
+# ----------------------------------------------------------------------------- file names
+
+
+def output_component(name: str) -> str:
+    """The one gate for path components built from data (category names, file stems): refuses a name that
+    could leave its folder (separators, ``..``, NUL), so that data never directs a write elsewhere."""
+    if name in _FORBIDDEN_COMPONENTS or any(character in name for character in "/\\\0"):
+        raise AnovlError(f"{name!r} (a category or file name from the data) cannot be used as an output file or "
+                         "folder name; rename it in the dataset")
+    return name
+
+
+def output_stem(image_path: str, category: str) -> str:
+    """A readable file-name stem for an image's outputs: ``<parent folder>_<stem>`` (MVTec's
+    ``test/<defect>/000.png`` -> ``<defect>_000``), or ``<stem>`` when the parent folder is the category."""
     path = Path(image_path)
-    return path.stem if path.parent.name == category else f"{path.parent.name}_{path.stem}"
+    return output_component(path.stem if path.parent.name == category else f"{path.parent.name}_{path.stem}")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+class OutputNames:
+    """Unique output stems per category folder, decided from the whole list of images, so the name of an
+    image does not depend on the order in which images come (nor on the process under DDP).
+
+    Stems that would clash, compared case-insensitively as on macOS and Windows (``img.png``, ``img.jpg``,
+    ``img.JPG``, or the same name in two folders), get the extension and a hash of the image's key added:
+    ``img_png_<hash>``. An image that is not in the list (a data source without a listing) always gets the
+    hash, so it can never take another image's name.
+
+    Args:
+        images: ``(image_path, key, category)`` of every image; ``key`` (the path relative to the dataset
+            root) makes the hashes the same wherever the dataset lives.
+    """
+
+    def __init__(self, images: Iterable[tuple[str, str, str]] = ()):
+        groups: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+        for image_path, key, category in images:
+            groups[(category, output_stem(image_path, category).casefold())].append((image_path, key))
+        self._stems: dict[tuple[str, str], str] = {}
+        for (category, _), members in groups.items():
+            for image_path, key in dict.fromkeys(members):
+                stem = output_stem(image_path, category)
+                self._stems[(category, image_path)] = stem if len(set(members)) == 1 else _disambiguated(stem, image_path, key)
+        taken: dict[tuple[str, str], str] = {}
+        for (category, image_path), stem in self._stems.items():
+            other = taken.setdefault((category, stem.casefold()), image_path)
+            if other != image_path:  # a hash collision: practically never, but never overwrite
+                raise AnovlError(f"{other} and {image_path} would both write outputs named {stem!r}; rename one")
+
+    def stem(self, image_path: str, category: str) -> str:
+        known = self._stems.get((category, image_path))
+        return known if known is not None else _disambiguated(output_stem(image_path, category), image_path, image_path)
+
+    @staticmethod
+    def folder(category: str) -> str:
+        return output_component(category)
+
+
+def _disambiguated(stem: str, image_path: str, key: str) -> str:
+    extension = Path(image_path).suffix.lstrip(".").lower()
+    return output_component(f"{stem}_{extension}_{_short_hash(key)}" if extension else f"{stem}_{_short_hash(key)}")
+
+
+# ----------------------------------------------------------------------------- colours and maps
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -43,51 +125,35 @@ def jet(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def scale_to_unit(anomaly_map: np.ndarray) -> np.ndarray:
-    """Per-image min–max scaling; a constant map becomes all zeros."""
-    low, high = float(anomaly_map.min()), float(anomaly_map.max())
-    if high <= low:
-        return np.zeros_like(anomaly_map, dtype=np.float64)
-    return (anomaly_map.astype(np.float64) - low) / (high - low)
+def resize_map(anomaly_map: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """A map resized to (height, width) bilinearly (pixel centres aligned, antialiased when shrinking, as
+    Pillow's bilinear resize): how a model-resolution map is brought back to its image's original size."""
+    values = anomaly_map.detach().float().cpu()[None, None]
+    if tuple(values.shape[-2:]) == tuple(size_hw):
+        return values[0, 0]
+    return F.interpolate(values, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)[0, 0]
 
 
-def overlay(rgb: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
-    """The jet heatmap of a map blended over an ``uint8 H×W×3`` image of the same size."""
-    heat = jet(scale_to_unit(anomaly_map)).astype(np.float64)
-    blended = (1 - OVERLAY_ALPHA) * rgb.astype(np.float64) + OVERLAY_ALPHA * heat
-    return blended.round().astype(np.uint8)
+def contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """The inner boundary of a bool mask, ``thickness`` pixels wide."""
+    inner = ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
+    return mask & ~inner
 
 
-def _with_caption(tiles: Sequence[np.ndarray], caption: str) -> Image.Image:
-    height = max(tile.shape[0] for tile in tiles)
-    width = sum(tile.shape[1] for tile in tiles) + PANEL_GAP * (len(tiles) - 1)
-    canvas = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
-    left = 0
-    for tile in tiles:
-        canvas.paste(Image.fromarray(tile), (left, CAPTION_HEIGHT))
-        left += tile.shape[1] + PANEL_GAP
-    ImageDraw.Draw(canvas).text((2, 1), caption, fill="black")
-    return canvas
+def contour_thickness(height: int, width: int) -> int:
+    """About 1 pixel per 250 of the shorter side, so contours stay visible on large images."""
+    return max(1, round(min(height, width) / 250))
 
 
-def _map_range(anomaly_map: np.ndarray) -> str:
-    return f"map {anomaly_map.min():.3f}-{anomaly_map.max():.3f}"
-
-
-def panel(image: torch.Tensor, anomaly_map: torch.Tensor, mask: torch.Tensor | None, title: str) -> Image.Image:
-    """Input | ground truth (grey when there is none) | heatmap overlay, with a one-line caption."""
-    rgb = denormalize(image)
-    values = anomaly_map.detach().float().cpu().numpy()
-    if mask is None:
-        truth = np.full_like(rgb, 128)
-    else:
-        truth = np.repeat((mask.detach().cpu().numpy() > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=2)
-    return _with_caption([rgb, truth, overlay(rgb, values)], f"{title}  {_map_range(values)}")
-
-
-def overlay_image(image: torch.Tensor, anomaly_map: torch.Tensor) -> Image.Image:
-    """The heatmap overlay of one image alone (what ``predict`` writes)."""
-    return Image.fromarray(overlay(denormalize(image), anomaly_map.detach().float().cpu().numpy()))
+def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None = None) -> np.ndarray:
+    """The jet heatmap of a map (fixed [0, 1] scale) blended over an ``uint8 H×W×3`` image of the same size;
+    with a pixel threshold, the outline of ``map >= threshold`` is drawn on it in white."""
+    heat = jet(anomaly_map).astype(np.float64)
+    blended = ((1 - OVERLAY_ALPHA) * rgb.astype(np.float64) + OVERLAY_ALPHA * heat).round().astype(np.uint8)
+    if pixel_threshold is not None:
+        outline = contour(anomaly_map >= pixel_threshold, contour_thickness(*anomaly_map.shape))
+        blended[outline] = CONTOUR_COLOUR
+    return blended
 
 
 def map_to_png16(anomaly_map: torch.Tensor | np.ndarray) -> Image.Image:
@@ -100,3 +166,90 @@ def map_to_png16(anomaly_map: torch.Tensor | np.ndarray) -> Image.Image:
 def png16_to_map(image: Image.Image) -> np.ndarray:
     """Inverse of :func:`map_to_png16`: float32 values in [0, 1]."""
     return (np.asarray(image, dtype=np.float64) / 65535).astype(np.float32)
+
+
+def mask_to_png(mask: np.ndarray) -> Image.Image:
+    """A bool mask as an 8-bit PNG image: 255 anomalous, 0 normal (the MVTec ground-truth convention)."""
+    return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+
+
+# ----------------------------------------------------------------------------- panels
+
+
+@functools.cache
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
+def _text_width(text: str) -> int:
+    return int(np.ceil(_font().getlength(text)))
+
+
+def colour_bar(height: int, pixel_threshold: float | None = None) -> Image.Image:
+    """The colour scale of the maps: jet from 1 (top) to 0 (bottom), ticks at 0, 0.5 and 1, and the pixel
+    threshold marked with a black line."""
+    values = np.linspace(1.0, 0.0, height)[:, None].repeat(BAR_WIDTH, axis=1)
+    bar = Image.new("RGB", (BAR_WIDTH + BAR_LABEL_WIDTH, height), "white")
+    bar.paste(Image.fromarray(jet(values)), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    for value in (1.0, 0.5, 0.0):
+        row = round((1.0 - value) * (height - 1))
+        draw.line([(BAR_WIDTH, row), (BAR_WIDTH + 3, row)], fill="black")
+        top = min(max(row - FONT_SIZE // 2, 0), height - FONT_SIZE - 2)
+        draw.text((BAR_WIDTH + 5, top), f"{value:.1f}", fill="black", font=_font())
+    if pixel_threshold is not None and 0.0 <= pixel_threshold <= 1.0:
+        row = round((1.0 - pixel_threshold) * (height - 1))
+        draw.line([(0, row), (BAR_WIDTH - 1, row)], fill=THRESHOLD_COLOUR, width=2)
+    return bar
+
+
+def panel_lines(category: str, name: str, label: int, score: float, image_threshold: float | None,
+                pixel_threshold: float | None, map_range: tuple[float, float], picked_as: str = "") -> list[str]:
+    """The text of a panel: what the image is, its score against the threshold, and why it was chosen."""
+    if image_threshold is None:
+        decision = f"score {score:.3f}  (no threshold)"
+    else:
+        verdict = "anomalous" if score >= image_threshold else "normal"
+        decision = f"score {score:.3f} {'>=' if score >= image_threshold else '<'} threshold {image_threshold:.3f}: {verdict}"
+    pixel = "" if pixel_threshold is None else f"  outline: map >= {pixel_threshold:.3f}"
+    lines = [f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}", decision,
+             f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}"]
+    return lines + ([f"picked as: {picked_as}"] if picked_as else [])
+
+
+def panel(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, lines: Sequence[str],
+          pixel_threshold: float | None = None) -> Image.Image:
+    """Input | ground truth (grey when there is none) | heatmap overlay, under column titles, with the colour
+    bar on the right and ``lines`` of text above (see :func:`panel_lines`)."""
+    height, width = rgb.shape[:2]
+    truth = (np.full_like(rgb, NO_TRUTH_GREY) if mask is None
+             else np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=2))
+    tiles = [rgb, truth, overlay(rgb, anomaly_map, pixel_threshold)]
+    bar = colour_bar(height, pixel_threshold)
+    tiles_width = len(tiles) * width + (len(tiles) - 1) * PANEL_GAP
+    text_height = LINE_HEIGHT * (len(lines) + 1)  # the last line holds the column titles
+    canvas_width = max(tiles_width + PANEL_GAP + bar.width, max(_text_width(line) for line in lines) + 4)
+    canvas = Image.new("RGB", (canvas_width, text_height + height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        draw.text((2, 1 + index * LINE_HEIGHT), line, fill="black", font=_font())
+    for index, (tile, title) in enumerate(zip(tiles, COLUMN_TITLES)):
+        left = index * (width + PANEL_GAP)
+        canvas.paste(Image.fromarray(tile), (left, text_height))
+        draw.text((left + max(0, (width - _text_width(title)) // 2), text_height - LINE_HEIGHT), title,
+                  fill="black", font=_font())
+        if mask is None and title == "ground truth":
+            draw.text((left + 4, text_height + 4), "none", fill="white", font=_font())
+    canvas.paste(bar, (tiles_width + PANEL_GAP, text_height))
+    draw.text((tiles_width + PANEL_GAP, text_height - LINE_HEIGHT), "P(anom.)", fill="black", font=_font())
+    return canvas
+
+
+def stack_padded(pictures: Sequence[Image.Image]) -> np.ndarray:
+    """Pictures as one ``uint8 N×H×W×3`` array, each padded with white to the largest size (TensorBoard)."""
+    height = max(picture.height for picture in pictures)
+    width = max(picture.width for picture in pictures)
+    stacked = np.full((len(pictures), height, width, 3), 255, dtype=np.uint8)
+    for index, picture in enumerate(pictures):
+        stacked[index, : picture.height, : picture.width] = np.asarray(picture.convert("RGB"))
+    return stacked

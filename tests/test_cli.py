@@ -102,6 +102,8 @@ def test_cli_predict_writes_maps_for_unlabelled_images(cli_env, data_root, tmp_p
     assert result.returncode == 0, result.stderr
     scores = list(csv.DictReader((output / "scores.csv").open()))
     assert [Path(row["image_path"]).name for row in scores] == ["part0.png", "part1.png", "part2.png"]
+    assert [row["output"] for row in scores] == ["part0", "part1", "part2"]
+    assert {row["predicted_label"] for row in scores} == {""}  # no threshold given
     for index in range(3):
         stem = output / "my_images" / f"part{index}"
         raw = np.load(f"{stem}_map.npy")

@@ -84,6 +84,14 @@ def reference_f1_max(targets: np.ndarray, scores: np.ndarray) -> float:
         return float(np.nanmax(2 * precision * recall / (precision + recall)))
 
 
+def reference_f1_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
+    """The (lowest) score threshold of the F1 maximum on sklearn's curve (anomalous where score >= it)."""
+    precision, recall, thresholds = precision_recall_curve(targets, scores)
+    with np.errstate(invalid="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]  # the last point has no threshold
+    return float(thresholds[np.flatnonzero(f1 == f1.max())].min())
+
+
 def anomaly_metrics(batches: list[dict[str, torch.Tensor]], **kwargs) -> dict[str, float]:
     metrics = AnomalyMetrics(**kwargs)
     for batch in batches:
@@ -196,6 +204,8 @@ def test_anomaly_metrics_match_references():
         "image_ap": average_precision_score(image_targets, image_scores),
         "image_f1max": reference_f1_max(image_targets, image_scores),
         "pixel_aupro_cflow": reference_cflow_pro(list(maps), list(masks)),
+        "image_f1max_threshold": reference_f1_threshold(image_targets, image_scores),
+        "pixel_f1max_threshold": reference_f1_threshold(pixel_targets, pixel_scores),
     }
     assert results.keys() == expected.keys()
     for key, value in expected.items():

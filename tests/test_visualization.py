@@ -1,19 +1,29 @@
-"""Heatmaps, panels and the 16-bit map encoding."""
+"""Heatmaps on a fixed scale, outlines, panels, resizing maps back, the 16-bit map encoding, output names."""
+
+import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from anovl import AnovlError
 from anovl.data.transforms import normalize
 from anovl.visualization import (
+    BAR_WIDTH,
+    OVERLAY_ALPHA,
+    OutputNames,
+    colour_bar,
     denormalize,
     jet,
     map_to_png16,
-    overlay_image,
+    output_component,
+    output_stem,
+    overlay,
     panel,
-    picture_name,
+    panel_lines,
     png16_to_map,
-    scale_to_unit,
+    resize_map,
 )
 
 
@@ -29,18 +39,73 @@ def test_denormalize_inverts_clip_normalisation():
     assert np.array_equal(denormalize(normalize(rgb)), rgb)
 
 
-def test_constant_map_scales_to_zero():
-    assert not scale_to_unit(np.full((4, 4), 0.7)).any()
+def blend(rgb: np.ndarray, value: float) -> np.ndarray:
+    """Naive reference: one pixel of the jet colour of ``value`` over ``rgb`` at OVERLAY_ALPHA."""
+    return np.round((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * jet(np.array(value)).astype(float)).astype(np.uint8)
 
 
-def test_panel_and_overlay_sizes():
-    image = torch.zeros(3, 32, 48)
-    anomaly_map = torch.rand(32, 48)
-    picture = panel(image, anomaly_map, torch.ones(32, 48), "bottle/000")
-    assert picture.mode == "RGB" and picture.height > 32 and picture.width > 3 * 48
-    without_mask = panel(image, anomaly_map, None, "bottle/000")
-    assert without_mask.size == picture.size
-    assert overlay_image(image, anomaly_map).size == (48, 32)
+def test_overlay_colours_use_the_fixed_probability_scale():
+    rgb = np.full((6, 6, 3), 100, dtype=np.uint8)
+    # A flat map with a spread of 0.002 stays one colour (per-image scaling would stretch it to blue..red) ...
+    nearly_flat = np.full((6, 6), 0.500)
+    nearly_flat[0, 0] = 0.502
+    coloured = overlay(rgb, nearly_flat)
+    assert np.abs(coloured.astype(int) - blend(rgb[0, 0], 0.5)).max() <= 2  # per-image scaling: over 60
+    # ... and equal values give equal colours in any image; values outside [0, 1] are clipped.
+    assert np.array_equal(overlay(rgb, np.full((6, 6), 0.9))[2, 2], blend(rgb[0, 0], 0.9))
+    assert np.array_equal(overlay(rgb, np.full((6, 6), 1.7))[2, 2], blend(rgb[0, 0], 1.0))
+
+
+def test_overlay_outlines_the_thresholded_region():
+    rgb = np.zeros((12, 12, 3), dtype=np.uint8)
+    anomaly_map = np.zeros((12, 12))
+    anomaly_map[3:9, 2:7] = 0.8
+    coloured = overlay(rgb, anomaly_map, pixel_threshold=0.8)  # >= threshold is inside
+    region = anomaly_map >= 0.8
+    padded = np.pad(region, 1)
+    # Naive boundary: region pixels with a 4-neighbour outside the region.
+    boundary = region & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    white = (coloured == 255).all(axis=2)
+    assert np.array_equal(white, boundary)
+    assert not (overlay(rgb, anomaly_map, pixel_threshold=0.81) == 255).all(axis=2).any()
+
+
+@pytest.mark.parametrize(("source", "target"), [((7, 9), (427, 640)), ((224, 224), (100, 61)), ((8, 8), (8, 8))])
+def test_resize_map_equals_pillow_bilinear(source, target):
+    anomaly_map = torch.rand(source, generator=torch.Generator().manual_seed(0))
+    resized = resize_map(anomaly_map, target)
+    # Pillow's float ("F") bilinear resize: pixel centres aligned, antialiased when shrinking.
+    reference = np.asarray(Image.fromarray(anomaly_map.numpy()).resize(target[::-1], Image.Resampling.BILINEAR))
+    assert resized.shape == target
+    assert np.abs(resized.numpy() - reference).max() < 1e-5
+
+
+def test_colour_bar_shows_the_scale_and_the_threshold():
+    bar = np.asarray(colour_bar(101, pixel_threshold=0.25))
+    assert bar[0, 0].tolist() == jet(np.array(1.0)).tolist()  # top: 1
+    assert bar[100, 0].tolist() == jet(np.array(0.0)).tolist()  # bottom: 0
+    assert bar[50, 0].tolist() == jet(np.array(0.5)).tolist()
+    threshold_row = round(0.75 * 100)
+    assert (bar[threshold_row, :BAR_WIDTH] == 0).all()  # the black threshold line
+
+
+def test_panel_shows_columns_text_and_bar():
+    rgb = np.full((64, 64, 3), 200, dtype=np.uint8)
+    low, high = np.full((64, 64), 0.2), np.full((64, 64), 0.8)
+    lines = panel_lines("bottle", "broken_000", 1, 0.734, 0.61, 0.5, (0.2, 0.8), "highest-scoring anomalous")
+    assert lines[1] == "score 0.734 >= threshold 0.610: anomalous"
+    assert "label: anomalous" in lines[0] and "fixed 0-1 scale" in lines[2] and lines[3].endswith("anomalous")
+    picture_low, picture_high = panel(rgb, low, None, lines), panel(rgb, high, np.ones((64, 64), bool), lines)
+    assert picture_low.size == picture_high.size and picture_low.width > 3 * 64 + BAR_WIDTH
+    top = picture_low.height - 64
+    third_tile = (2 * (64 + 4) + 32, top + 32)
+    # Fixed scale: a flat 0.2 map and a flat 0.8 map get different colours (per-image scaling: the same).
+    assert picture_low.getpixel(third_tile) == tuple(blend(rgb[0, 0], 0.2))
+    assert picture_high.getpixel(third_tile) == tuple(blend(rgb[0, 0], 0.8))
+    assert picture_high.getpixel((64 + 4 + 32, top + 32)) == (255, 255, 255)  # ground truth
+    assert picture_low.getpixel((64 + 4 + 32, top + 32)) == (128, 128, 128)  # none
+    unlabelled = panel_lines("parts", "a", -1, 0.4, None, None, (0.1, 0.9))
+    assert "label: unlabelled" in unlabelled[0] and unlabelled[1] == "score 0.400  (no threshold)"
 
 
 def test_png16_round_trip(tmp_path):
@@ -51,6 +116,33 @@ def test_png16_round_trip(tmp_path):
     assert np.abs(decoded - anomaly_map.numpy()).max() <= 0.5 / 65535 + 1e-7
 
 
-def test_picture_names():
-    assert picture_name("/d/bottle/test/broken_large/000.png", "bottle") == "broken_large_000"
-    assert picture_name("/d/my_parts/a.png", "my_parts") == "a"
+def test_readable_stems():
+    assert output_stem("/d/bottle/test/broken_large/000.png", "bottle") == "broken_large_000"
+    assert output_stem("/d/my_parts/a.png", "my_parts") == "a"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "a\\b", "x\0y"])
+def test_output_components_cannot_leave_their_folder(name):
+    with pytest.raises(AnovlError, match="cannot be used as an output"):
+        output_component(name)
+
+
+def test_output_names_never_clash_and_do_not_depend_on_order():
+    images = [("/d/parts/img.png", "img.png"), ("/d/parts/img.jpg", "img.jpg"), ("/d/parts/img.JPG", "img.JPG"),
+              ("/d/parts/other.png", "other.png"),
+              ("/d/parts/good/a/x.png", "good/a/x.png"), ("/d/parts/bad/a/x.png", "bad/a/x.png")]
+    listing = [(path, key, "parts") for path, key in images]
+    names = OutputNames(listing)
+    stems = [names.stem(path, "parts") for path, _ in images]
+    assert len({stem.casefold() for stem in stems}) == len(images)  # distinct even on case-insensitive disks
+    assert stems[3] == "other"  # a stem without a clash stays readable
+    assert stems[0].startswith("img_png_") and stems[1].startswith("img_jpg_") and stems[2].startswith("img_jpg_")
+    shuffled = listing[:]
+    random.Random(0).shuffle(shuffled)
+    again = OutputNames(shuffled)
+    assert [again.stem(path, "parts") for path, _ in images] == stems
+    # The hash comes from the key (path in the dataset), so a dataset moved elsewhere keeps its names.
+    moved = OutputNames([(path.replace("/d/", "/e/"), key, "parts") for path, key in images])
+    assert [moved.stem(path.replace("/d/", "/e/"), "parts") for path, _ in images] == stems
+    # An image outside the listing always gets a hash: it cannot take a listed image's name.
+    assert names.stem("/elsewhere/parts/other.png", "parts").startswith("other_png_")

@@ -16,7 +16,9 @@ class AnomalyMetrics(Metric):
 
     ``compute()`` returns python floats in [0, 1] under the keys pixel_auroc, pixel_ap, pixel_f1max,
     pixel_aupro, image_auroc, image_ap, image_f1max (and pixel_aupro_cflow with ``cflow_pro=True``);
-    an undefined metric is NaN with a warning.
+    an undefined metric is NaN with a warning. It also returns the thresholds of the two F1-max values,
+    ``image_f1max_threshold`` and ``pixel_f1max_threshold``: score values, not fractions (anomalous where
+    ``score >= threshold``; see :func:`~anovl.metrics.functional.f1_max_and_threshold`).
     """
 
     is_differentiable = False
@@ -79,17 +81,24 @@ class AnomalyMetrics(Metric):
         pixel = ranked_from_states(
             self.pixel_positive_scores, self.pixel_negative_scores, self.pixel_positive_region_sizes
         )
+        thresholds = {}
         results = {
             "pixel_auroc": functional.auroc(pixel, name="pixel_auroc"),
             "pixel_ap": functional.average_precision(pixel, name="pixel_ap"),
-            "pixel_f1max": functional.f1_max(pixel, name="pixel_f1max"),
+            "pixel_f1max": _f1_max(pixel, "pixel", thresholds),
             "pixel_aupro": functional.aupro(pixel, self.aupro_fpr_limit, name="pixel_aupro"),
             "image_auroc": functional.auroc(image, name="image_auroc"),
             "image_ap": functional.average_precision(image, name="image_ap"),
-            "image_f1max": functional.f1_max(image, name="image_f1max"),
+            "image_f1max": _f1_max(image, "image", thresholds),
         }
         if self.cflow_pro:
             results["pixel_aupro_cflow"] = functional.cflow_pro(
                 pixel, self.cflow_pro_thresholds, self.aupro_fpr_limit, name="pixel_aupro_cflow"
             )
-        return results
+        return {**results, **thresholds}
+
+
+def _f1_max(scores: functional.RankedScores, level: str, thresholds: dict[str, float]) -> float:
+    """F1-max of one level (image or pixel); its threshold goes into ``thresholds``."""
+    value, thresholds[f"{level}_f1max_threshold"] = functional.f1_max_and_threshold(scores, name=f"{level}_f1max")
+    return value

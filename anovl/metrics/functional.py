@@ -106,11 +106,21 @@ def average_precision(scores: RankedScores, name: str = "average_precision") -> 
 
 def f1_max(scores: RankedScores, name: str = "f1_max") -> float:
     """Maximum of 2PR/(P+R) over all thresholds, tied scores grouped."""
+    return f1_max_and_threshold(scores, name)[0]
+
+
+def f1_max_and_threshold(scores: RankedScores, name: str = "f1_max") -> tuple[float, float]:
+    """F1-max and the score at which it is reached: predicting "anomalous" where ``score >= threshold`` gives
+    that F1 (sklearn's ``precision_recall_curve`` convention). Of equal maxima, the lowest threshold. Both are
+    NaN (one warning) where F1-max is undefined."""
     if (reason := _undefined_reason(scores)) is not None:
-        return _undefined(name, reason)
+        return _undefined(name, reason), math.nan
     # For a fixed recall F1 falls with more false positives, so the maximum lies at a distinct positive score.
     _, true_positives, false_positives = scores.counts_at_positive_scores
-    return float(np.max(2 * true_positives / (true_positives + false_positives + scores.positive.size)))
+    f1 = 2 * true_positives / (true_positives + false_positives + scores.positive.size)
+    best = int(np.argmax(f1))
+    distinct_positive = scores.positive[np.concatenate(([True], scores.positive[1:] != scores.positive[:-1]))]
+    return float(f1[best]), float(distinct_positive[best])
 
 
 def aupro(scores: RankedScores, fpr_limit: float = 0.3, name: str = "aupro") -> float:

@@ -1,0 +1,123 @@
+"""Decision thresholds for ``anovl predict``: an image threshold (is the image anomalous?) and a pixel threshold
+(which pixels are?), both applied as ``value >= threshold``. They come from one of:
+
+* a labelled ``anovl test`` run: the F1-max thresholds saved in its results.json, those of the same category
+  when the run has it, else the mean over the run's categories;
+* values the user gives;
+* a quantile of known-normal images: of their image scores, and of all pixels of their maps (at the model's
+  resolution); quantile 0.99 flags about 1% of normal images and of normal pixels.
+
+Values the user gives win over the other two sources, threshold by threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anovl.errors import AnovlError
+from anovl.results import THRESHOLD_MEAN
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The thresholds used for one category, and where they come from (a sentence for thresholds.json)."""
+
+    image: float | None = None
+    pixel: float | None = None
+    source: str = "none"
+
+    def with_given(self, image: float | None, pixel: float | None) -> Thresholds:
+        """These thresholds with the user's values in place of theirs."""
+        if image is None and pixel is None:
+            return self
+        given = ", ".join(f"{kind} {value}" for kind, value in (("image", image), ("pixel", pixel)) if value is not None)
+        return replace(self, image=self.image if image is None else image, pixel=self.pixel if pixel is None else pixel,
+                       source=f"given ({given})" + ("" if self.source == "none" else f"; otherwise {self.source}"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "pixel": self.pixel, "source": self.source}
+
+
+def check_threshold(name: str, value: float | None) -> float | None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise AnovlError(f"{name} must be a finite number, got {value!r}")
+    return None if value is None else float(value)
+
+
+def check_quantile(quantile: float) -> float:
+    if not (isinstance(quantile, (int, float)) and 0.0 < quantile < 1.0):
+        raise AnovlError(f"predictions.quantile must be between 0 and 1 (e.g. 0.99), got {quantile!r}")
+    return float(quantile)
+
+
+class RunThresholds:
+    """The F1-max thresholds that ``anovl test`` saved in a results.json: per category, and their mean."""
+
+    def __init__(self, path: Path, categories: Mapping[str, Mapping[str, float | None]],
+                 mean: Mapping[str, float | None]):
+        self.path = path
+        self.categories = {category: dict(values) for category, values in categories.items()}
+        self.mean = dict(mean)
+
+    @classmethod
+    def read(cls, location: str | Path) -> RunThresholds:
+        """From a results.json, or the run folder that holds it."""
+        path = Path(location).expanduser()
+        if path.is_dir():
+            path = path / "results.json"
+        if not path.is_file():
+            raise AnovlError(f"predictions.thresholds: {path} not found; give the results.json of a labelled "
+                             "`anovl test` run (runs/<name>/version_N/results.json)")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            section = document["thresholds"]
+            categories = {str(category): _threshold_pair(values) for category, values in section["categories"].items()}
+            mean = _threshold_pair(section[THRESHOLD_MEAN])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise AnovlError(f"predictions.thresholds: cannot read {path} ({error})") from None
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise AnovlError(f"predictions.thresholds: {path} holds no F1-max thresholds (written by `anovl test` "
+                             "on labelled data since anovl saves them); run `anovl test` on labelled images first, "
+                             "or give --predictions.image_threshold / --predictions.pixel_threshold") from None
+        return cls(path, categories, mean)
+
+    def for_category(self, category: str) -> Thresholds:
+        """The category's thresholds if the run has them (each one defined), else the run's mean."""
+        own = self.categories.get(category, {})
+        values, origins = {}, []
+        for kind in ("image", "pixel"):
+            if own.get(kind) is not None:
+                values[kind] = own[kind]
+                origins.append(f"{kind}: category {category}")
+            else:
+                values[kind] = self.mean.get(kind)
+                origins.append(f"{kind}: mean over the run's categories")
+        if values["image"] is None and values["pixel"] is None:
+            raise AnovlError(f"predictions.thresholds: {self.path} has no defined threshold (its categories lack "
+                             "normal or anomalous images); give --predictions.image_threshold / pixel_threshold")
+        return Thresholds(values["image"], values["pixel"], f"F1-max of {self.path} ({'; '.join(origins)})")
+
+
+def _threshold_pair(values: Any) -> dict[str, float | None]:
+    pair = {}
+    for kind in ("image", "pixel"):
+        value = values[kind]
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{kind} threshold {value!r}")
+        pair[kind] = None if value is None else float(value)
+    return pair
+
+
+def quantile_thresholds(image_scores: np.ndarray, pixel_values: np.ndarray, quantile: float, source: str) -> Thresholds:
+    """Thresholds at a quantile of normal images' scores and of their map pixels (NumPy's linear method)."""
+    if image_scores.size == 0:
+        raise AnovlError(f"no normal images to compute thresholds from ({source})")
+    return Thresholds(float(np.quantile(image_scores, quantile)), float(np.quantile(pixel_values, quantile)),
+                      f"quantile {quantile} of {image_scores.size} normal images ({source})")
