@@ -87,8 +87,8 @@ class _Candidate:
 PICK_ROLES = (
     ("highest-scoring anomalous", 1, "highest"),
     ("a normal image (sample)", 0, "sample"),
-    ("lowest-scoring anomalous (worst miss)", 1, "lowest"),
-    ("highest-scoring normal (worst false alarm)", 0, "highest"),
+    ("lowest-scoring anomalous", 1, "lowest"),
+    ("highest-scoring normal", 0, "highest"),
     ("highest-scoring unlabelled", -1, "highest"),
     ("an unlabelled image (sample)", -1, "sample"),
 )

@@ -207,11 +207,11 @@ def panel_lines(category: str, name: str, label: int, score: float, image_thresh
                 pixel_threshold: float | None, map_range: tuple[float, float], picked_as: str = "") -> list[str]:
     """The text of a panel: what the image is, its score against the threshold, and why it was chosen."""
     if image_threshold is None:
-        decision = f"score {score:.3f}  (no threshold)"
+        decision = f"score {score:.4f}  (no threshold)"
     else:
         verdict = "anomalous" if score >= image_threshold else "normal"
-        decision = f"score {score:.3f} {'>=' if score >= image_threshold else '<'} threshold {image_threshold:.3f}: {verdict}"
-    pixel = "" if pixel_threshold is None else f"  outline: map >= {pixel_threshold:.3f}"
+        decision = f"score {score:.4f} {'>=' if score >= image_threshold else '<'} threshold {image_threshold:.4f}: {verdict}"
+    pixel = "" if pixel_threshold is None else f"  outline: map >= {pixel_threshold:.4f}"
     lines = [f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}", decision,
              f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}"]
     return lines + ([f"picked as: {picked_as}"] if picked_as else [])

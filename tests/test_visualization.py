@@ -93,7 +93,7 @@ def test_panel_shows_columns_text_and_bar():
     rgb = np.full((64, 64, 3), 200, dtype=np.uint8)
     low, high = np.full((64, 64), 0.2), np.full((64, 64), 0.8)
     lines = panel_lines("bottle", "broken_000", 1, 0.734, 0.61, 0.5, (0.2, 0.8), "highest-scoring anomalous")
-    assert lines[1] == "score 0.734 >= threshold 0.610: anomalous"
+    assert lines[1] == "score 0.7340 >= threshold 0.6100: anomalous"
     assert "label: anomalous" in lines[0] and "fixed 0-1 scale" in lines[2] and lines[3].endswith("anomalous")
     picture_low, picture_high = panel(rgb, low, None, lines), panel(rgb, high, np.ones((64, 64), bool), lines)
     assert picture_low.size == picture_high.size and picture_low.width > 3 * 64 + BAR_WIDTH
@@ -105,7 +105,7 @@ def test_panel_shows_columns_text_and_bar():
     assert picture_high.getpixel((64 + 4 + 32, top + 32)) == (255, 255, 255)  # ground truth
     assert picture_low.getpixel((64 + 4 + 32, top + 32)) == (128, 128, 128)  # none
     unlabelled = panel_lines("parts", "a", -1, 0.4, None, None, (0.1, 0.9))
-    assert "label: unlabelled" in unlabelled[0] and unlabelled[1] == "score 0.400  (no threshold)"
+    assert "label: unlabelled" in unlabelled[0] and unlabelled[1] == "score 0.4000  (no threshold)"
 
 
 def test_png16_round_trip(tmp_path):
