@@ -37,7 +37,8 @@ class Thresholds:
         """These thresholds with the user's values in place of theirs."""
         if image is None and pixel is None:
             return self
-        given = ", ".join(f"{kind} {value}" for kind, value in (("image", image), ("pixel", pixel)) if value is not None)
+        given = ", ".join(f"{kind} {value}" for kind, value in (("image", image), ("pixel", pixel))
+                          if value is not None)
         return replace(self, image=self.image if image is None else image, pixel=self.pixel if pixel is None else pixel,
                        source=f"given ({given})" + ("" if self.source == "none" else f"; otherwise {self.source}"))
 

@@ -85,7 +85,8 @@ class OutputNames:
         for (category, _), members in groups.items():
             for image_path, key in dict.fromkeys(members):
                 stem = output_stem(image_path, category)
-                self._stems[(category, image_path)] = stem if len(set(members)) == 1 else _disambiguated(stem, image_path, key)
+                unique = len(set(members)) == 1
+                self._stems[(category, image_path)] = stem if unique else _disambiguated(stem, image_path, key)
         taken: dict[tuple[str, str], str] = {}
         for (category, image_path), stem in self._stems.items():
             other = taken.setdefault((category, stem.casefold()), image_path)
@@ -210,7 +211,8 @@ def panel_lines(category: str, name: str, label: int, score: float, image_thresh
         decision = f"score {score:.4f}  (no threshold)"
     else:
         verdict = "anomalous" if score >= image_threshold else "normal"
-        decision = f"score {score:.4f} {'>=' if score >= image_threshold else '<'} threshold {image_threshold:.4f}: {verdict}"
+        relation = ">=" if score >= image_threshold else "<"
+        decision = f"score {score:.4f} {relation} threshold {image_threshold:.4f}: {verdict}"
     pixel = "" if pixel_threshold is None else f"  outline: map >= {pixel_threshold:.4f}"
     lines = [f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}", decision,
              f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}"]

@@ -266,7 +266,7 @@ def test_predict_with_an_exported_model_writes_what_predict_writes(tmp_path, cap
                   str(tmp_path / "runs")])
         rows = (tmp_path / name / "scores.csv").read_text().splitlines()
         header = rows[0].split(",")
-        scores[name] = {row.split(",")[0]: float(row.split(",")[header.index("pred_score")]) for row in rows[1:]}
+        scores[name] = {row.split(",")[0]: float(row.split(",")[header.index("score")]) for row in rows[1:]}
     assert scores["eager"].keys() == scores["exported"].keys() and len(scores["eager"]) == 10
     for path, score in scores["eager"].items():
         assert abs(scores["exported"][path] - score) <= TOLERANCE
