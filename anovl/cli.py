@@ -368,7 +368,11 @@ def main(args: list[str] | None = None) -> None:
     def run() -> None:
         arguments = exported_model_arguments(command_line)
         load_plugins(plugin_specs(arguments))
-        AnovlCLI(args=arguments)
+        if args is None:  # from the console: LightningCLI reads sys.argv (given both, it warns)
+            sys.argv[1:] = arguments
+            AnovlCLI()
+        else:
+            AnovlCLI(args=arguments)
 
     with _StopSignals():
         status = _run_user_command(run)
