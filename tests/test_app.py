@@ -1,6 +1,7 @@
 """The browser demo: its analysis against the model, and end to end in a real headless Chromium."""
 
 import os
+from pathlib import Path
 import socket
 import warnings
 
@@ -44,10 +45,19 @@ def test_analysis_is_the_model_prediction(model, tmp_path):
     expected = predict(model, photo, "bottle")
     assert result["overlay"].shape == (64, 64, 3)
     assert np.array_equal(result["overlay"], overlay(expected.image, expected.anomaly_map))
-    assert np.array_equal(result["mask"], (expected.anomaly_map > 0.49).astype(np.uint8) * 255)
+    assert np.array_equal(result["mask"], (expected.anomaly_map >= 0.49).astype(np.uint8) * 255)
     assert np.array_equal(np.asarray(Image.open(result["mask_file"])), result["mask"])
-    verdict = "anomalous" if expected.pred_score > 0.3 else "normal"
+    verdict = "anomalous" if expected.pred_score >= 0.3 else "normal"
     assert result["score"] == f"{expected.pred_score:.4f} ({verdict})"
+
+
+def test_a_typed_class_never_chooses_where_the_mask_goes(model, tmp_path):
+    photo = random_png(tmp_path / "photo.png")
+    output = tmp_path / "out"
+    output.mkdir()
+    result = Analyzer(model, pixel_threshold=0.5, output_dir=output)(str(photo), "../../evil/bottle")
+    assert Path(result["mask_file"]).parent == output and Path(result["mask_file"]).is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "photo.png"]
 
 
 @pytest.mark.parametrize("make, category, limits, message", [
@@ -74,7 +84,7 @@ def test_exported_model_offers_its_classes_and_thresholds(model, tmp_path):
         analyzer(str(random_png(tmp_path / "a.png")), "cable")
     result = analyzer(str(tmp_path / "a.png"), "screw")
     expected = predict(model, tmp_path / "a.png", "screw")
-    assert np.array_equal(result["mask"] > 0, expected.anomaly_map > 0.5)  # no recorded threshold: 0.5
+    assert np.array_equal(result["mask"] > 0, expected.anomaly_map >= 0.5)  # no recorded threshold: 0.5
 
 
 def test_app_command_refuses_mixed_model_sources(tmp_path, capsys):
@@ -157,5 +167,5 @@ def test_app_in_a_headless_browser(served_app, model, tmp_path):
             browser.close()
     mask = np.asarray(Image.open(downloaded))
     assert mask.shape == (64, 64)
-    assert np.array_equal(mask > 0, expected.anomaly_map > 0.49)
+    assert np.array_equal(mask > 0, expected.anomaly_map >= 0.49)
 

@@ -193,8 +193,8 @@ def test_export_command(tmp_path):
     assert torch.allclose(runner(batch, ["bottle", "screw"]).anomaly_map,
                           reference(batch, ["bottle", "screw"]).anomaly_map, atol=TOLERANCE, rtol=0)
     result = runner.predict(np.full((64, 64, 3), 128, np.uint8), "bottle")
-    assert result.pred_label == (result.pred_score > 0.42)
-    assert np.array_equal(result.pred_mask, result.anomaly_map > 0.61)
+    assert result.pred_label == (result.pred_score >= 0.42)
+    assert np.array_equal(result.pred_mask, result.anomaly_map >= 0.61)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from anovl.data.image_io import BadImageError, load_rgb
+from anovl.data.safe_names import safe_component
 from anovl.deploy.export import MODEL_OVERRIDE_PREFIX, parse_model_overrides, check_threshold, model_from_config
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
@@ -93,14 +94,15 @@ class Analyzer:
         notes = []
         if pixel_threshold is None:
             pixel_threshold = DEFAULT_PIXEL_THRESHOLD
-            notes.append(f"no pixel threshold was given: the mask marks map values above {pixel_threshold:g}")
+            notes.append(f"no pixel threshold was given: the mask marks map values at or above {pixel_threshold:g}")
         result = predict(self.model, rgb, category, image_threshold, pixel_threshold)
         verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
         mask = (result.pred_mask.astype(np.uint8) * 255)
-        mask_path = self.output_dir / f"{Path(path).stem}_{category}_mask.png"
+        # The class comes from the page: the file name must not let it choose a folder.
+        mask_path = self.output_dir / f"{safe_component(f'{Path(path).stem}_{category}_mask')}.png"
         Image.fromarray(mask).save(mask_path)
         status = f"**{category}**: image score {result.pred_score:.4f}{verdict}, " \
-                 f"{int(result.pred_mask.sum())} of {mask.size} pixels above {pixel_threshold:g}."
+                 f"{int(result.pred_mask.sum())} of {mask.size} pixels at or above {pixel_threshold:g}."
         return {"status": "  \n".join([status, *notes]), "score": f"{result.pred_score:.4f}{verdict}",
                 "overlay": overlay(result.image, result.anomaly_map), "mask": mask, "mask_file": str(mask_path)}
 

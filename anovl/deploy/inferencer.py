@@ -77,12 +77,12 @@ class Prediction:
     @property
     def pred_label(self) -> bool | None:
         """Anomalous (score above the image threshold); None without a threshold."""
-        return None if self.image_threshold is None else self.pred_score > self.image_threshold
+        return None if self.image_threshold is None else self.pred_score >= self.image_threshold
 
     @property
     def pred_mask(self) -> np.ndarray | None:
         """bool S×S: pixels above the pixel threshold; None without a threshold."""
-        return None if self.pixel_threshold is None else self.anomaly_map > self.pixel_threshold
+        return None if self.pixel_threshold is None else self.anomaly_map >= self.pixel_threshold
 
 
 def _as_rgb(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
