@@ -1,4 +1,4 @@
-"""The benchmark (anovl.bench): its unoptimised baselines give what the optimised code gives, and it runs.
+"""The benchmark (benchmarks/bench.py): its unoptimised baselines give what the optimised code gives, and it runs.
 
 No timing is asserted: the figures depend on the machine.
 """
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from anovl import AnoVL, TTAConfig, bench
+from anovl import AnoVL, TTAConfig
 from anovl.metrics import AnomalyMetrics, functional
+from benchmarks import bench
 from tests.conftest import TINY
+from tests.reference.pipeline import reference_pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +40,7 @@ def test_reference_pipeline_gives_the_outputs_of_anovl(tta):
     model = tiny(tta=tta)
     images = torch.randn(3, 3, 64, 64)
     names = ["bottle", "carpet", "bottle"]
-    reference_maps, reference_scores = bench.reference_pipeline(model, images, names)
+    reference_maps, reference_scores = reference_pipeline(model, images, names)
     output = model(images, names)
     torch.testing.assert_close(reference_maps, output.anomaly_map, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reference_scores, output.pred_score, rtol=1e-5, atol=1e-6)
