@@ -409,7 +409,7 @@ def threshold_pro_curve(maps: np.ndarray, masks: np.ndarray,
 
 
 def cflow_pro_from_curve(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """cflow-ad's reduction: keep FPR < limit, min-max rescale FPR, trapezoid (METHOD §6)."""
+    """cflow-ad's reduction: keep FPR < limit, min-max rescale FPR, trapezoid (docs/METHOD.md §6)."""
     kept = fprs < fpr_limit
     fpr, pro = fprs[kept][::-1], pros[kept][::-1]  # thresholds descending: FPR ascending
     fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())

@@ -58,7 +58,7 @@ def concat(batches, key):
 
 
 def reference_mask(path, size_hw, nonzero=False):
-    """METHOD §1 via torchvision: 0/255 'L' image, bilinear Resize, ToTensor, > 0.5."""
+    """docs/METHOD.md §1 via torchvision: 0/255 'L' image, bilinear Resize, ToTensor, > 0.5."""
     values = np.asarray(Image.open(path).convert("L"))
     binary = Image.fromarray(((values > (0 if nonzero else 127)) * 255).astype(np.uint8), mode="L")
     return (T.Compose([T.Resize(size_hw), T.ToTensor()])(binary)[0] > 0.5).float()
