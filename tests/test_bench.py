@@ -3,13 +3,16 @@
 No timing is asserted: the figures depend on the machine.
 """
 
+import ast
 import mmap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import anovl
 from anovl import AnoVL, TTAConfig
 from anovl.metrics import AnomalyMetrics, functional
 from benchmarks import bench
@@ -24,6 +27,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_the_package_imports_neither_the_benchmark_nor_the_tests():
+    """benchmarks/ and tests/ are not installed with anovl: nothing in the package may need them."""
+    found = []
+    for path in sorted(Path(anovl.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            found += [f"{path.name}: {module}" for module in modules if module.split(".")[0] in ("benchmarks", "tests")]
+    assert found == []
 
 
 def tiny(num_views=22, tta=None):
