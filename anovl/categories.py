@@ -3,7 +3,7 @@
 The *category* is what a dataset calls a set of images (a folder name such as ``metal_nut``, VisA's
 ``macaroni1``); metrics and results are grouped by it. The *prompt name* is the object name that text
 prompts use (``macaroni``), and the *domain* says what kind of picture it is (``object`` or ``texture``),
-which some methods' prompts depend on (AnoVL's domain phrases, METHOD §3).
+which some methods' prompts depend on (AnoVL's domain phrases, docs/METHOD.md §3).
 
 Datasets take the prompt name from here unless the user renames it (the datamodules' ``prompt_names``);
 methods take the domain from here by category, so renaming ``carpet`` to ``rug`` keeps the texture prompts.
@@ -27,7 +27,7 @@ class CategoryInfo:
     domain: str = OBJECT
 
 
-# METHOD §3: MVTec's five textures get the texture domain; VisA's two macaroni sets are both "macaroni".
+# docs/METHOD.md §3: MVTec's five textures get the texture domain; VisA's two macaroni sets are both "macaroni".
 _CATEGORIES: dict[str, CategoryInfo] = {
     **{name: CategoryInfo(name, TEXTURE) for name in ("carpet", "grid", "leather", "tile", "wood")},
     "macaroni1": CategoryInfo("macaroni"),

@@ -31,7 +31,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "backbones.md"
 INTRO = """\
 # Backbones
 
-AnoVL's local path (METHOD §2) needs a vision transformer: per block, the value projection, the block's
+AnoVL's local path (docs/METHOD.md §2) needs a vision transformer: per block, the value projection, the block's
 attention output path and its residual branch. `anovl.backbones` runs it on every tower type below; the
 table at the end is written by `benchmarks/backbone_support.py` ({versions}) and claims only what that
 script ran.
@@ -57,7 +57,7 @@ script ran.
 ## Towers without a class token: local tokens and the image score
 
 - **Local tokens** enter the text space through the tower's own pooling head applied to each token **as
-  if the sequence held that token alone**. For a class-token tower this is METHOD §2's
+  if the sequence held that token alone**. For a class-token tower this is docs/METHOD.md §2's
   `ln_post(s) · proj`. For CLIPA's average pool with `final_ln_after_pool` it is the same map (the mean
   of one token is the token). For an attention pool (CoCa's attentional pooler, SigLIP's and PE-Core's
   `AttentionPoolLatent`) the softmax over a single key is 1: the pooled output is the pool's value
@@ -65,7 +65,7 @@ script ran.
   Nothing is learned and no extra weights are used; the tests check this map against the tower's own
   pooling head run on one-token sequences.
 - **The image score** is unchanged: the abnormal probability of the tower's own image embedding (its
-  pooling of the original stream, equal to `encode_image`), averaged over the views (METHOD §4).
+  pooling of the original stream, equal to `encode_image`), averaged over the views (docs/METHOD.md §4).
 
 ## Text towers and tokenizers
 

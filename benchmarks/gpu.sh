@@ -24,7 +24,7 @@ if ! "$PYTHON" -c "import open_clip, albumentations" 2>/dev/null && compgen -G "
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 2
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
-if ! "$PYTHON" -c "import anovl.bench, anovl.data, lightning, torch; assert torch.cuda.is_available()"; then
+if ! "$PYTHON" -c "import benchmarks.bench, anovl.data, lightning, torch; assert torch.cuda.is_available()"; then
   echo "gpu.sh: $PYTHON cannot import anovl and its dependencies, or sees no GPU (see benchmarks/README.md)" >&2
   exit 2
 fi
@@ -33,10 +33,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 status=0
 # fp32 (TF32 off, PyTorch's default): every section; the slow threshold PRO baseline on 345 of the 1725 maps,
 # its time extrapolated (the table says so).
-timeout -k 10 300 "$PYTHON" -m anovl.bench --device cuda --precision fp32 --baseline-maps 345 \
+timeout -k 10 300 "$PYTHON" -m benchmarks.bench --device cuda --precision fp32 --baseline-maps 345 \
   --output "$DEST/bench-gpu-fp32.md" 2>&1 | tee "$DEST/bench-gpu-fp32.log" || status=1
 # bf16: the sections autocast changes (not the metrics or the text cache), and its Δ vs fp32.
-timeout -k 10 180 "$PYTHON" -m anovl.bench --device cuda --precision bf16 \
+timeout -k 10 180 "$PYTHON" -m benchmarks.bench --device cuda --precision bf16 \
   --sections encoder throughput reference testrun precision \
   --output "$DEST/bench-gpu-bf16.md" 2>&1 | tee "$DEST/bench-gpu-bf16.log" || status=1
 exit $status

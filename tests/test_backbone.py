@@ -1,6 +1,5 @@
 """The V-V backbone: CLIP's path unchanged, the local path against a naive loop, weights loading."""
 
-import math
 import pickle
 import warnings
 
@@ -13,6 +12,7 @@ from safetensors.torch import save_file
 from anovl.backbones import create_backbone, register_model_config
 from anovl.errors import AnovlError
 from tests.conftest import TINY
+from tests.reference.vv_attention import naive_local_streams
 
 
 def quiet_backbone(*args, **kwargs):
@@ -25,35 +25,6 @@ def quiet_backbone(*args, **kwargs):
 def tiny():
     torch.manual_seed(0)
     return quiet_backbone(TINY)
-
-
-def naive_local_streams(visual, images):
-    """METHOD §2 written out token by token: returns the local stream s_l after every block."""
-    h = visual._embeds(images)
-    s = h.clone()
-    streams = []
-    for block in visual.transformer.resblocks:
-        attn = block.attn
-        heads, width = attn.num_heads, h.shape[-1]
-        d_head = width // heads
-        y = block.ln_1(h)
-        v = (y @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:])
-        a_vv = torch.zeros_like(h)
-        for b in range(h.shape[0]):
-            head_outputs = []
-            for head in range(heads):
-                vh = v[b, :, head * d_head:(head + 1) * d_head]
-                rows = []
-                for i in range(vh.shape[0]):
-                    scores = torch.stack([vh[i] @ vh[j] for j in range(vh.shape[0])]) / math.sqrt(d_head)
-                    weights = scores.exp() / scores.exp().sum()
-                    rows.append((weights[:, None] * vh).sum(0))
-                head_outputs.append(torch.stack(rows))
-            a_vv[b] = attn.out_proj(torch.cat(head_outputs, -1))
-        s = s + a_vv
-        h = block(h)  # CLIP's own block: the V-V attention is fed the original stream
-        streams.append(s)
-    return streams
 
 
 @torch.no_grad()

@@ -1,17 +1,16 @@
 """Every ViT family open_clip ships, on tiny random-weight variants: the V-V path against a naive loop
-written here from each block's own weights, layer selection, the token-subset forward and TTA.
+written from each block's own weights (tests/reference/vv_attention.py), layer selection, the token-subset
+forward and TTA.
 
 The default run covers one sample per block/attention type; ``pytest -m slow tests/test_backbones_families.py``
 runs the remaining families (ViTamin, MobileCLIP-B, EVA01/EVA02-E, SigLIP2-gopt, the custom-block options).
 """
 
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.timm_model import TimmModel
 
 from anovl import AnoVL
 from anovl.backbones import create_backbone, register_model_config
@@ -19,6 +18,7 @@ from anovl.backbones.tiny import register_tiny, tiny_config
 from anovl.errors import AnovlError
 from anovl.models import WinCLIP
 from anovl.models.anovl.tta import TTAConfig
+from tests.reference.vv_attention import naive_local_tokens
 
 FAST = ["ViT-L-14-CLIPA", "coca_ViT-B-32", "ViT-B-16-SigLIP", "PE-Core-T-16-384", "EVA02-B-16", "custom-qk-norm"]
 SLOW = ["ViTamin-S", "MobileCLIP-B", "EVA01-g-14", "EVA02-E-14", "ViT-gopt-16-SigLIP2-256",
@@ -45,88 +45,6 @@ def build(family: str, **kwargs):
         name = tiny_name(family)
         patch = create_backbone(name).visual.patch_size
         return create_backbone(name, image_size=4 * patch, **kwargs)
-
-
-# --- the naive reference: METHOD §2 per block, from the block's own weights -----------------------------
-
-def naive_value_attention(v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(v vᵀ/√d) v per head, written out; v (B, L, heads·d) → (B, L, heads·d)."""
-    batch, length, width = v.shape
-    d = width // heads
-    per_head = v.reshape(batch, length, heads, d).transpose(1, 2)
-    weights = torch.softmax(per_head @ per_head.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (weights @ per_head).transpose(1, 2).reshape(batch, length, width)
-
-
-def naive_vv_branch(block, x: torch.Tensor) -> torch.Tensor:
-    """The block's V-V residual branch: its value projection, V-V attention, its output path."""
-    kind = type(block).__name__
-    attn = block.attn
-    if kind == "ResidualAttentionBlock":
-        width = x.shape[-1]
-        v = block.ln_1(x) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
-        return block.ls_1(attn.out_proj(naive_value_attention(v, attn.num_heads)))
-    if kind == "CustomResidualAttentionBlock":
-        width = x.shape[-1]
-        v = block.ln_1(x) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
-        out = naive_value_attention(v, attn.num_heads)
-        if attn.head_scale is not None:
-            batch, length, _ = out.shape
-            out = (out.reshape(batch, length, attn.num_heads, -1) * attn.head_scale.reshape(1, 1, -1, 1)).reshape(out.shape)
-        return block.ls_1(block.ln_attn(attn.out_proj(attn.ln_inner(out))))
-    y = x if kind == "EvaBlockPostNorm" else block.norm1(x)
-    if attn.qkv is not None:
-        v_bias = getattr(attn, "v_bias", None)
-        width = attn.qkv.weight.shape[0] // 3
-        v = y @ attn.qkv.weight[2 * width:].T
-        bias = v_bias if v_bias is not None else (attn.qkv.bias[2 * width:] if attn.qkv.bias is not None else None)
-        v = v + bias if bias is not None else v
-    else:
-        v = attn.v_proj(y)
-    out = attn.proj(attn.norm(naive_value_attention(v, attn.num_heads)))
-    if kind == "Block":
-        return block.ls1(out)
-    if kind == "EvaBlockPostNorm":
-        return block.norm1(out)
-    return out if block.gamma_1 is None else block.gamma_1 * out
-
-
-def tower_parts(visual):
-    """(embed → (tokens, rope), blocks, number of prefix tokens, pooling head on a token sequence)."""
-    if isinstance(visual, TimmModel):
-        trunk = visual.trunk
-
-        def embed(images):
-            x = trunk.patch_embed(images)
-            out = trunk._pos_embed(x)
-            x, rope = out if isinstance(out, tuple) else (out, None)
-            return trunk.norm_pre(x), rope
-
-        return embed, list(trunk.blocks), trunk.num_prefix_tokens, lambda x: visual.head(trunk.forward_head(trunk.norm(x)))
-
-    def pool(x):
-        return visual._pool(x)[0] @ visual.proj
-
-    return (lambda images: (visual._embeds(images), None)), list(visual.transformer.resblocks), 1, pool
-
-
-def naive_local_tokens(visual, images):
-    """Local tokens after every block, each projected as the tower's head sees one token alone."""
-    embed, blocks, prefix, pool = tower_parts(visual)
-    h, rope = embed(images)
-    s = h.clone()
-    projected = []
-    for block in blocks:
-        s = s + naive_vv_branch(block, h)
-        h = block(h) if rope is None else block(h, rope=rope)
-        patches = s[:, prefix:]
-        batch, count, width = patches.shape
-        alone = patches.reshape(batch * count, 1, width)
-        # the sequence holds the token alone: in every slot (class token, prefix, patch)
-        if getattr(visual, "attn_pool", None) is None:
-            alone = alone.expand(-1, prefix + 1, -1)
-        projected.append(pool(alone).reshape(batch, count, -1))
-    return projected
 
 
 # --- tests ---------------------------------------------------------------------------------------------

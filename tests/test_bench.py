@@ -1,18 +1,23 @@
-"""The benchmark (anovl.bench): its unoptimised baselines give what the optimised code gives, and it runs.
+"""The benchmark (benchmarks/bench.py): its unoptimised baselines give what the optimised code gives, and it runs.
 
 No timing is asserted: the figures depend on the machine.
 """
 
+import ast
 import mmap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from anovl import AnoVL, TTAConfig, bench
+import anovl
+from anovl import AnoVL, TTAConfig
 from anovl.metrics import AnomalyMetrics, functional
+from benchmarks import bench
 from tests.conftest import TINY
+from tests.reference.pipeline import reference_pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +27,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_the_package_imports_neither_the_benchmark_nor_the_tests():
+    """benchmarks/ and tests/ are not installed with anovl: nothing in the package may need them."""
+    found = []
+    for path in sorted(Path(anovl.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            found += [f"{path.name}: {module}" for module in modules if module.split(".")[0] in ("benchmarks", "tests")]
+    assert found == []
 
 
 def tiny(num_views=22, tta=None):
@@ -38,7 +58,7 @@ def test_reference_pipeline_gives_the_outputs_of_anovl(tta):
     model = tiny(tta=tta)
     images = torch.randn(3, 3, 64, 64)
     names = ["bottle", "carpet", "bottle"]
-    reference_maps, reference_scores = bench.reference_pipeline(model, images, names)
+    reference_maps, reference_scores = reference_pipeline(model, images, names)
     output = model(images, names)
     torch.testing.assert_close(reference_maps, output.anomaly_map, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reference_scores, output.pred_score, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from anovl.data import (
     BadImageError,
@@ -26,6 +25,7 @@ from anovl.data import (
 from anovl.data.synthetic import DEFECT_TYPES
 from anovl.errors import AnovlError
 
+from tests.reference.preprocessing import reference_mask
 from tests.test_data_io import _fuzz_files
 
 BATCH_KEYS = {"image", "mask", "has_mask", "label", "category", "prompt_name", "image_path"}
@@ -55,13 +55,6 @@ def all_batches(datamodule):
 def concat(batches, key):
     values = [batch[key] for batch in batches]
     return torch.cat(values) if isinstance(values[0], torch.Tensor) else [item for value in values for item in value]
-
-
-def reference_mask(path, size_hw, nonzero=False):
-    """METHOD §1 via torchvision: 0/255 'L' image, bilinear Resize, ToTensor, > 0.5."""
-    values = np.asarray(Image.open(path).convert("L"))
-    binary = Image.fromarray(((values > (0 if nonzero else 127)) * 255).astype(np.uint8), mode="L")
-    return (T.Compose([T.Resize(size_hw), T.ToTensor()])(binary)[0] > 0.5).float()
 
 
 # ---------------------------------------------------------------- MVTec

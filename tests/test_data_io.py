@@ -1,4 +1,4 @@
-"""Image/mask loading, METHOD §1 preprocessing, tiling and corruptions (anovl.data low-level parts)."""
+"""Image/mask loading, docs/METHOD.md §1 preprocessing, tiling and corruptions (anovl.data low-level parts)."""
 
 import io
 import warnings

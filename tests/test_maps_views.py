@@ -1,4 +1,4 @@
-"""Map pipeline and image-score views (METHOD §4) against independent computations."""
+"""Map pipeline and image-score views (docs/METHOD.md §4) against independent computations."""
 
 import math
 
@@ -9,22 +9,7 @@ import torch.nn.functional as F
 
 from anovl.models.anovl.maps import abnormal_probability, anomaly_map, image_score
 from anovl.models.anovl.views import make_views
-
-
-def numpy_map(probabilities: np.ndarray, size: int) -> np.ndarray:
-    """Replicate pad + 3×3 mean + bilinear (align_corners=True), written out with loops."""
-    grid = probabilities.shape[0]
-    padded = np.pad(probabilities, 1, mode="edge")
-    smooth = np.array([[padded[i:i + 3, j:j + 3].mean() for j in range(grid)] for i in range(grid)])
-    out = np.zeros((size, size))
-    for y in range(size):
-        for x in range(size):
-            sy, sx = y * (grid - 1) / (size - 1), x * (grid - 1) / (size - 1)
-            y0, x0 = min(int(sy), grid - 2), min(int(sx), grid - 2)
-            fy, fx = sy - y0, sx - x0
-            out[y, x] = ((1 - fy) * (1 - fx) * smooth[y0, x0] + (1 - fy) * fx * smooth[y0, x0 + 1]
-                         + fy * (1 - fx) * smooth[y0 + 1, x0] + fy * fx * smooth[y0 + 1, x0 + 1])
-    return out
+from tests.reference.maps_views import numpy_map, reference_views
 
 
 def test_abnormal_probability_is_softmax_of_raw_cosines():
@@ -58,29 +43,20 @@ def test_reference_views():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 16, 16)
     views = make_views(images).reshape(22, 2, 3, 16, 16)
-    torch.testing.assert_close(views[0], images)
-
-    def warp(theta):
-        grid = F.affine_grid(torch.tensor([theta], dtype=torch.float32).repeat(2, 1, 1), [2, 3, 16, 16],
-                             align_corners=True)
-        return F.grid_sample(images, grid, padding_mode="reflection", align_corners=True)
-
-    for index, angle in enumerate([-math.pi / 4, -3 * math.pi / 16, -math.pi / 8, -math.pi / 16,
-                                   math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4], start=1):
-        c, s = math.cos(angle), math.sin(angle)
-        torch.testing.assert_close(views[index], warp([[c, -s, 0], [s, c, 0]]), rtol=1e-5, atol=1e-5)
-    expected = [warp([[1, 0, sa * step], [0, 1, sb * step]])
-                for step in (0.2, 0.1) for sa in (1, -1) for sb in (1, -1)]
+    expected = reference_views(images)
+    torch.testing.assert_close(views[0], expected.identity)
+    for index, rotated in enumerate(expected.rotations, start=1):
+        torch.testing.assert_close(views[index], rotated, rtol=1e-5, atol=1e-5)
+    translations = list(expected.translations)
     for view in views[9:17]:
-        matches = [i for i, e in enumerate(expected) if torch.allclose(view, e, atol=1e-5)]
+        matches = [i for i, e in enumerate(translations) if torch.allclose(view, e, atol=1e-5)]
         assert len(matches) == 1
-        expected.pop(matches[0])
-    assert expected == []
-    torch.testing.assert_close(views[17], images.flip(-1))
-    gray = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
-    torch.testing.assert_close(views[18], gray[:, None].repeat(1, 3, 1, 1))
-    for k in (1, 2, 3):
-        torch.testing.assert_close(views[18 + k], torch.rot90(images, k, (2, 3)))
+        translations.pop(matches[0])
+    assert translations == []
+    torch.testing.assert_close(views[17], expected.flip)
+    torch.testing.assert_close(views[18], expected.grayscale)
+    for k, turned in enumerate(expected.quarter_turns, start=1):
+        torch.testing.assert_close(views[18 + k], turned)
 
 
 def test_rotation_by_quarter_turn_matches_rot90():

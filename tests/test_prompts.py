@@ -1,4 +1,4 @@
-"""Prompt sentences (METHOD §3) and their text embeddings, with the on-disk cache."""
+"""Prompt sentences (docs/METHOD.md §3) and their text embeddings, with the on-disk cache."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""Test-time adaptation (METHOD §5): loss, freezing, batching, order (in)dependence, variants."""
+"""Test-time adaptation (docs/METHOD.md §5): loss, freezing, batching, order (in)dependence, variants."""
 
 import math
 import warnings
@@ -13,6 +13,7 @@ from anovl.models.anovl import adapters as adapters_module
 from anovl.models.anovl.adapters import ADAPTERS, Adapter, create_adapter, register_adapter
 from anovl.models.anovl.tta import TestTimeAdaptation, pseudo_labels, state_log_probs, tta_loss
 from tests.conftest import TINY
+from tests.reference.tta import authors_tta
 
 D, N, M = 8, 6, 10
 
@@ -95,35 +96,6 @@ def test_reference_mode_reproduces_the_authors_loop_and_depends_on_order():
     tokens, states, sentences = token_set(batch=2)
     sentences[1] = sentences[0]  # one category
 
-    class AuthorsTextAdapter(nn.Module):
-        def __init__(self, text):
-            super().__init__()
-            self.fc = nn.Linear(D, text.shape[0])
-            self.text = text
-
-        def forward(self, x):
-            return 0.5 * x + 0.5 * torch.tanh(self.fc(F.normalize(x, dim=-1))) @ self.text
-
-    def authors(order):
-        torch.manual_seed(5)
-        adapter = AuthorsTextAdapter(sentences[0])
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=0.01)
-        out = {}
-        for position, i in enumerate(order):
-            if position:
-                adapter.fc.reset_parameters()
-            x, t = tokens[i], states[i]
-            for _ in range(5):
-                both = adapter(torch.cat([x, x + 0.055 * torch.randn_like(x)]))
-                logp = (F.normalize(both, dim=-1) @ t.T).log_softmax(-1)
-                clean, noisy = logp[:N], logp[N:]
-                loss = -(clean.exp() * clean).sum(-1).mean() + 0.5 * (-clean[:, 0] - noisy[:, 1]).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            out[i] = adapter(x).detach()
-        return out
-
     def ours(order):
         torch.manual_seed(5)
         tta = TestTimeAdaptation(TTAConfig(mode="reference"))
@@ -132,7 +104,7 @@ def test_reference_mode_reproduces_the_authors_loop_and_depends_on_order():
         return {i: adapted[k] for k, i in enumerate(order)}
 
     for order in ([0, 1], [1, 0]):
-        expected, got = authors(order), ours(order)
+        expected, got = authors_tta(tokens, states, sentences[0], order, seed=5), ours(order)
         for i in (0, 1):
             torch.testing.assert_close(got[i], expected[i], rtol=1e-5, atol=1e-6)
     # The carried-over AdamW state makes the second image's result depend on what came before.

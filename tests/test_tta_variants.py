@@ -60,7 +60,7 @@ def test_each_variant_runs_from_its_config(config, expected, data_root, tfa_resu
     assert label_parts(results["label"]) == (variant, {*TINY_DIFFERENCES, "init_seed=0", *differences})
     assert label_parts(tfa["label"]) == ("AnoVL-tfa", {*TINY_DIFFERENCES, "init_seed=0"})
     assert results["complete"] and [row["category"] for row in results["categories"]] == ["fabric", "widget"]
-    # TTA changes the maps, never the image score (METHOD §5).
+    # TTA changes the maps, never the image score (docs/METHOD.md §5).
     assert results["mean"]["image_auroc"] == tfa["mean"]["image_auroc"]
     assert results["mean"]["pixel_auroc"] != tfa["mean"]["pixel_auroc"]
 

@@ -1,26 +1,24 @@
-"""The VisA reference run (METHOD §8) against a naive restatement written here from METHOD §8: one image at a
-time, two tiles cut and stitched by hand, the tiles' logits upsampled and stitched before the softmax, one
-linear adapter per image shared by its tiles. Only the encoder and the text embeddings come from anovl.
+"""The VisA reference run (docs/METHOD.md §8) against a naive restatement of §8 (tests/reference/visa.py): one
+image at a time, two tiles cut and stitched by hand, the tiles' logits upsampled and stitched before the
+softmax, one linear adapter per image shared by its tiles. Only the encoder and the text embeddings come from anovl.
 Also: the other tile settings differ, the generic module hands AnoVL whole wide images (DDP padding and batch
 splitting included), and a run with one tile setting cannot be resumed with the other."""
 
 import dataclasses
 import json
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
-from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from anovl import AnoVL, AnovlError, TTAConfig
 from anovl.data import VisADataModule, collate_batch, generate_visa_like
 from anovl.engine import AnomalyModule
-from anovl.models.anovl.torch_model import image_seeds
 from tests.conftest import TINY
+from tests.reference.visa import naive_independent_tta, naive_reference_tta, naive_tfa
 from tests.test_cli import CONFIGS, TINY_MODEL
 from tests.test_lightning import trainer
 from tests.test_reliability_input import (_cli_in_process, assert_one_error_line,  # noqa: F401 (fixtures)
@@ -47,128 +45,6 @@ def wide_images(width: int, count: int, seed: int) -> torch.Tensor:
     return torch.randn(count, 3, S, width, generator=torch.Generator().manual_seed(seed))
 
 
-# ---------------------------------------------------------------- METHOD §8, naively
-
-
-def cut_tiles(image: torch.Tensor) -> torch.Tensor:
-    """(3, S, W) → (2, 3, S, S): left = columns [0, S), right = [W − S, W)."""
-    diff = image.shape[-1] - S
-    return torch.stack([image[..., :S], image[..., diff:]])
-
-
-def stitch(left: torch.Tensor, right: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., S, S) twice → (..., S, W): [0, diff) from the left, [S, W) from the right, the overlap averaged."""
-    diff = width - S
-    out = left.new_zeros(*left.shape[:-1], width)
-    out[..., :diff] = left[..., :diff]
-    out[..., S:] = right[..., S - diff:]
-    out[..., diff:S] = (left[..., diff:] + right[..., :S - diff]) / 2
-    return out
-
-
-def cosines(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """[f·t_n, f·t_a] of normalised tokens (..., D) → (..., 2)."""
-    return F.normalize(tokens, dim=-1) @ states.T
-
-
-def on_grid(per_token: torch.Tensor) -> torch.Tensor:
-    """(N, K) per token → (K, g, g), tokens in row-major order."""
-    grid = math.isqrt(per_token.shape[0])
-    return per_token.T.reshape(-1, grid, grid)
-
-
-def tile_map(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """METHOD §4 for one tile: softmax, replicate pad, 3×3 mean, bilinear (align_corners) to S×S."""
-    probabilities = on_grid(cosines(tokens, states).softmax(-1))[1]
-    grid = probabilities.shape[-1]
-    padded = F.pad(probabilities[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
-    smoothed = sum(padded[i:i + grid, j:j + grid] for i in range(3) for j in range(3)) / 9
-    return F.interpolate(smoothed[None, None], size=(S, S), mode="bilinear", align_corners=True)[0, 0]
-
-
-def naive_tfa(model: AnoVL, image: torch.Tensor):
-    """Map (S, W), score, the two tiles' tokens (2, N, D) and the states (2, D) of one image."""
-    states = model.text_embeddings(CATEGORY).states
-    with torch.no_grad():
-        encoded = model.encoder(cut_tiles(image), num_local=2)
-    tokens, global_tokens = encoded.patch_tokens[-1], encoded.global_tokens
-    score = cosines(global_tokens, states).softmax(-1)[:, 1].mean()  # no views
-    anomaly_map = stitch(tile_map(tokens[0], states), tile_map(tokens[1], states), image.shape[-1])
-    return anomaly_map, score, tokens, states
-
-
-class LinearAdapter(nn.Module):
-    """METHOD §5: x̃ = ½x + ½(W·normalize(x) + b)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return 0.5 * x + 0.5 * self.fc(F.normalize(x, dim=-1))
-
-
-def stitched_log_probs(logits: torch.Tensor, width: int, softmax_before_stitching: bool = False) -> torch.Tensor:
-    """Per-token logits of the two tiles (2, N, 2) → per-pixel log-probabilities (2, S·W): each tile's logits
-    upsampled, stitched, then the softmax per pixel. ``softmax_before_stitching``: a wrong variant (the
-    tokens' probabilities upsampled and stitched), to show that the comparison can tell."""
-    per_token = logits.softmax(-1) if softmax_before_stitching else logits
-    left, right = (F.interpolate(on_grid(tile)[None], size=(S, S), mode="bilinear", align_corners=True)[0]
-                   for tile in per_token)
-    stitched = stitch(left, right, width).reshape(2, -1)
-    return stitched.log() if softmax_before_stitching else stitched.log_softmax(0)
-
-
-def adapt(adapter: LinearAdapter, optimizer, tokens: torch.Tensor, states: torch.Tensor, width: int, noise,
-          softmax_before_stitching: bool = False) -> torch.Tensor:
-    """Five steps of the §8 loss on one image's tiles (2, N, D); its adapted map (S, W)."""
-    for _ in range(5):
-        noisy = tokens + 0.055 * noise()
-        logits = cosines(adapter(torch.cat([tokens, noisy])), states)  # (4, N, 2): clean tiles, noisy tiles
-        clean, corrupted = (stitched_log_probs(logits[:2], width, softmax_before_stitching),
-                            stitched_log_probs(logits[2:], width, softmax_before_stitching))
-        entropy = -(clean.exp() * clean).sum(0).mean()
-        loss = entropy + 0.5 * (-clean[0] - corrupted[1]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        adapted = adapter(tokens)
-    return stitch(tile_map(adapted[0], states), tile_map(adapted[1], states), width)
-
-
-def naive_reference_tta(model: AnoVL, images: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """The authors' loop over the images of one category: global RNG, the adapter reset per image, AdamW kept."""
-    torch.manual_seed(seed)
-    adapter = optimizer = None
-    maps = []
-    for image in images:
-        _, _, tokens, states = naive_tfa(model, image)
-        if adapter is None:
-            adapter = LinearAdapter(tokens.shape[-1])
-            optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=0.01)
-        else:
-            adapter.fc.reset_parameters()
-        maps.append(adapt(adapter, optimizer, tokens, states, image.shape[-1], lambda: torch.randn_like(tokens)))
-    return maps
-
-
-def naive_independent_tta(model: AnoVL, image: torch.Tensor, lr: float = 1e-3,
-                          softmax_before_stitching: bool = False) -> torch.Tensor:
-    """One image alone: the adapter's initial weights and the noise from the image's own seed, fresh AdamW."""
-    _, _, tokens, states = naive_tfa(model, image)
-    (seed,) = image_seeds(image[None], TTAConfig().seed)
-    generator = torch.Generator().manual_seed(seed)
-    adapter = LinearAdapter(tokens.shape[-1])
-    with torch.no_grad():  # nn.Linear's default initialisation, drawn from the image's generator
-        nn.init.kaiming_uniform_(adapter.fc.weight, a=math.sqrt(5), generator=generator)
-        bound = 1 / math.sqrt(tokens.shape[-1])
-        nn.init.uniform_(adapter.fc.bias, -bound, bound, generator=generator)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.01)
-    return adapt(adapter, optimizer, tokens, states, image.shape[-1],
-                 lambda: torch.randn(tokens.shape, generator=generator), softmax_before_stitching)
-
-
 # ---------------------------------------------------------------- the comparisons
 
 
@@ -183,7 +59,7 @@ def test_training_free_maps_and_scores_equal_the_naive_run(tfa_model, text_cache
     output = tfa_model(images, [CATEGORY] * 2)
     assert output.anomaly_map.shape == (2, S, width)
     for index, image in enumerate(images):
-        anomaly_map, score, tokens, _ = naive_tfa(tfa_model, image)
+        anomaly_map, score, tokens, _ = naive_tfa(tfa_model, image, CATEGORY)
         torch.testing.assert_close(output.anomaly_map[index], anomaly_map, **TOLERANCE)
         torch.testing.assert_close(output.pred_score[index], score, **TOLERANCE)
         torch.testing.assert_close(output.patch_tokens[0][index], tokens.flatten(0, 1), **TOLERANCE)
@@ -205,13 +81,14 @@ def test_reference_mode_tta_equals_the_authors_loop_across_widths(reference_tta_
     reference_tta_model.start_category(CATEGORY)
     torch.manual_seed(7)
     outputs = [reference_tta_model(batch, [CATEGORY] * len(batch)) for batch in batches]
-    expected = naive_reference_tta(reference_tta_model, [image for batch in batches for image in batch], seed=7)
+    expected = naive_reference_tta(reference_tta_model, [image for batch in batches for image in batch], CATEGORY,
+                                   seed=7)
     got = [anomaly_map for output in outputs for anomaly_map in output.anomaly_map]
     for got_map, expected_map in zip(got, expected, strict=True):
         torch.testing.assert_close(got_map, expected_map, **TOLERANCE)
     for output, batch in zip(outputs, batches):
         for index, image in enumerate(batch):
-            tfa_map, score, _, _ = naive_tfa(reference_tta_model, image)
+            tfa_map, score, _, _ = naive_tfa(reference_tta_model, image, CATEGORY)
             torch.testing.assert_close(output.tfa_map[index], tfa_map, **TOLERANCE)
             torch.testing.assert_close(output.pred_score[index], score, **TOLERANCE)  # TTA leaves the score
     assert (got[0] - outputs[0].tfa_map[0]).abs().max() > 1e-4  # it did adapt
@@ -226,7 +103,7 @@ def independent_tta_model(text_cache):  # noqa: F811
 def test_independent_mode_tta_equals_the_naive_run_per_image(independent_tta_model, text_cache, width):  # noqa: F811
     images = wide_images(width, 3, seed=10 + width)
     output = independent_tta_model(images, [CATEGORY] * 3)
-    naive = [naive_independent_tta(independent_tta_model, image) for image in images]
+    naive = [naive_independent_tta(independent_tta_model, image, CATEGORY) for image in images]
     for index, expected in enumerate(naive):
         torch.testing.assert_close(output.anomaly_map[index], expected, **TOLERANCE)
         # Alone, or in another batch position: the same map.
@@ -260,9 +137,9 @@ def test_the_comparison_tells_a_softmax_before_stitching(text_cache, monkeypatch
     monkeypatch.setattr(model, "text_embeddings", orthogonal_states)
     image = wide_images(112, 1, seed=3)
     output = model(image, [CATEGORY])
-    expected = naive_independent_tta(model, image[0], lr=0.05)
+    expected = naive_independent_tta(model, image[0], CATEGORY, lr=0.05)
     torch.testing.assert_close(output.anomaly_map[0], expected, **TOLERANCE)
-    softmax_first = naive_independent_tta(model, image[0], lr=0.05, softmax_before_stitching=True)
+    softmax_first = naive_independent_tta(model, image[0], CATEGORY, lr=0.05, softmax_before_stitching=True)
     assert (softmax_first - expected).abs().max() > 100 * TOLERANCE["atol"]
 
 

@@ -1,7 +1,6 @@
 """WinCLIP's pieces against naive references, its behaviour on tiny random models, and bad input.
 (Equality with anomalib's WinClipModel: tests/test_winclip_parity.py.)"""
 
-import itertools
 import warnings
 
 import pytest
@@ -12,6 +11,7 @@ from anovl.errors import AnovlError
 from anovl.models.winclip import WinCLIP, WinCLIPPrompts
 from anovl.models.winclip.windows import check_scales, harmonic_aggregation, harmonic_mean, window_masks
 from tests.conftest import TINY  # 64 px, patch 16: a 4×4 grid
+from tests.reference.winclip import masked_window_embedding, naive_harmonic_aggregation, naive_window_masks
 
 
 def make_winclip(**kwargs) -> WinCLIP:
@@ -23,11 +23,6 @@ def make_winclip(**kwargs) -> WinCLIP:
 @pytest.fixture(scope="module")
 def winclip():
     return make_winclip(use_text_cache=False)
-
-
-def naive_window_masks(grid: int, scale: int) -> list[list[int]]:
-    return [[(top + row) * grid + left + col for row in range(scale) for col in range(scale)]
-            for top in range(grid - scale + 1) for left in range(grid - scale + 1)]
 
 
 @pytest.mark.parametrize("grid, scale", [(g, s) for g in (1, 4, 6) for s in range(1, g + 1)])
@@ -42,14 +37,6 @@ def test_window_masks_equal_anomalibs_documented_example():
     assert torch.equal(window_masks(4, 2), expected)
     # ViT-B-16-plus-240's 15×15 grid: 196 windows of 2×2 and 169 of 3×3 (anomalib's encode_image docstring).
     assert window_masks(15, 2).shape == (196, 4) and window_masks(15, 3).shape == (169, 9)
-
-
-def naive_harmonic_aggregation(scores: torch.Tensor, masks: list[list[int]], grid: int) -> torch.Tensor:
-    out = torch.zeros(scores.shape[0], grid * grid, dtype=torch.float64)
-    for image, patch in itertools.product(range(scores.shape[0]), range(grid * grid)):
-        covering = [scores[image, window].item() for window, mask in enumerate(masks) if patch in mask]
-        out[image, patch] = len(covering) / sum(1 / score for score in covering) if covering else 0.0
-    return out.view(-1, grid, grid)
 
 
 @pytest.mark.parametrize("grid, scale", [(4, 2), (5, 3), (3, 1)])
@@ -127,19 +114,6 @@ def test_text_states_are_the_normalised_mean_of_unnormalised_sentence_embeddings
         anomalous = winclip.clip.encode_text(tokenizer(winclip.prompts.anomalous_sentences("screw"))).mean(0)
     expected = F.normalize(torch.stack([normal, anomalous]), dim=-1)
     assert torch.allclose(winclip.text_states("screw"), expected, atol=1e-6)
-
-
-def masked_window_embedding(model: WinCLIP, images: torch.Tensor, window: list[int]) -> torch.Tensor:
-    """A window's embedding from open_clip's own full-sequence transformer, with attention masked to the class
-    token and the window's patches (independent of the token-subset forward)."""
-    visual = model.clip.visual
-    tokens = visual._embeds(images)
-    keep = torch.tensor([0, *[patch + 1 for patch in window]])
-    mask = torch.full((tokens.shape[1], tokens.shape[1]), float("-inf"))
-    mask[:, keep] = 0
-    with torch.no_grad():
-        out = visual.transformer(tokens, attn_mask=mask)
-    return visual.ln_post(out[:, 0]) @ visual.proj
 
 
 def test_window_embeddings_are_each_windows_own_and_differ(winclip):

@@ -1,6 +1,6 @@
 """open_clip's own ``VisionTransformer``: its two block types and its pooling heads.
 
-- ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (the reference block of METHOD §2);
+- ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (the reference block of docs/METHOD.md §2);
 - ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (``qk_norm``, head scales, inner and
   post-attention norms, a normed MLP), chosen by open_clip when a config asks for those options.
 

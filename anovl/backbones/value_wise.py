@@ -1,4 +1,4 @@
-"""The training-free value-wise (V-V) path of AnoVL (METHOD §2), for any vision transformer.
+"""The training-free value-wise (V-V) path of AnoVL (docs/METHOD.md §2), for any vision transformer.
 
 One pass runs the tower's original stream for every image and, for the first ``num_local`` images, the
 local stream ``s_l = s_{l-1} + branch(out(softmax(v vᵀ/√d) v))``, whose attention is fed the tower's own

@@ -1,4 +1,4 @@
-"""Data: robust image loading, METHOD §1 preprocessing, corruptions, datasets and LightningDataModules."""
+"""Data: robust image loading, docs/METHOD.md §1 preprocessing, corruptions, datasets and LightningDataModules."""
 
 from anovl.data.base import (
     AnomalyDataModule,

@@ -1,4 +1,4 @@
-"""Preprocessing of METHOD §1, and the tiling used by the VisA reference run.
+"""Preprocessing of docs/METHOD.md §1, and the tiling used by the VisA reference run.
 
 The reference resizes PIL images with torchvision's ``Resize`` (which calls Pillow's bilinear resize, itself
 antialiased when shrinking), then ``ToTensor`` and ``Normalize`` with CLIP's statistics. The functions here

@@ -1,4 +1,4 @@
-"""Exact, DDP-syncing anomaly-detection metrics (METHOD §6): AUROC, AP, F1-max, AUPRO, cflow-style PRO."""
+"""Exact, DDP-syncing anomaly-detection metrics (docs/METHOD.md §6): AUROC, AP, F1-max, AUPRO, cflow-style PRO."""
 
 from anovl.metrics.anomaly import AnomalyMetrics
 from anovl.metrics.binary import AveragePrecision, ExactAUROC, F1Max

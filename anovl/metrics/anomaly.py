@@ -1,4 +1,4 @@
-"""All image- and pixel-level anomaly metrics of one evaluation (METHOD §6) in one DDP-syncing Metric."""
+"""All image- and pixel-level anomaly metrics of one evaluation (docs/METHOD.md §6) in one DDP-syncing Metric."""
 
 from __future__ import annotations
 

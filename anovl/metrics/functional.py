@@ -165,7 +165,7 @@ def aupro(scores: RankedScores, fpr_limit: float = 0.3, name: str = "aupro") -> 
 def cflow_pro(
     scores: RankedScores, num_thresholds: int = 200, fpr_limit: float = 0.3, name: str = "cflow_pro"
 ) -> float:
-    """AUPRO as computed by cflow-ad / APRIL-GAN (METHOD §6), for comparison with published numbers.
+    """AUPRO as computed by cflow-ad / APRIL-GAN (docs/METHOD.md §6), for comparison with published numbers.
 
     Thresholds ``min + k·(max − min)/num_thresholds`` (k = 0 … num_thresholds − 1, in the scores' dtype); a pixel
     is detected when its score is strictly above the threshold. Points with FPR < ``fpr_limit`` are kept, their

@@ -70,7 +70,7 @@ class TextEmbeddingCache:
 
     Entries are keyed by the backbone, its weights and the sentences themselves, so any method's prompts
     share it. The disk holds the unnormalised sentence embeddings; :meth:`get` turns a normal and an
-    abnormal list into :class:`TextEmbeddings` the AnoVL way (METHOD §3).
+    abnormal list into :class:`TextEmbeddings` the AnoVL way (docs/METHOD.md §3).
     """
 
     def __init__(self, backbone: Backbone, cache_dir: str | os.PathLike | None = None, use_disk: bool = True):

@@ -1,4 +1,4 @@
-"""Test-time adapters (METHOD §5) behind a registry; a new variant is one registered class.
+"""Test-time adapters (docs/METHOD.md §5) behind a registry; a new variant is one registered class.
 
 Every adapter holds one independent set of parameters per image, stacked along dim 0, so a batch
 adapts in parallel while each image keeps its own weights (AdamW is elementwise, so one optimiser

@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from tokens and state text embeddings (METHOD §4), and the stitched
+"""Anomaly maps and image scores from tokens and state text embeddings (docs/METHOD.md §4), and the stitched
 per-pixel logits that VisA's joint tile adaptation takes its loss on (METHOD §8)."""
 
 from __future__ import annotations

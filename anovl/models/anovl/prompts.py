@@ -1,4 +1,4 @@
-"""Domain-aware contrastive state prompts (METHOD §3), as overridable data."""
+"""Domain-aware contrastive state prompts (docs/METHOD.md §3), as overridable data."""
 
 from __future__ import annotations
 

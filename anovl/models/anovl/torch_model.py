@@ -25,7 +25,7 @@ from anovl.models.text_cache import TextEmbeddings
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
 
 
-REFERENCE_BACKBONE = ("ViT-B-16-plus-240", "laion400m_e32", 240)  # METHOD §1: the authors' default
+REFERENCE_BACKBONE = ("ViT-B-16-plus-240", "laion400m_e32", 240)  # docs/METHOD.md §1: the authors' default
 WIDE_IMAGE_MODES = ("visa-reference", "separate-tiles")
 WideImages = Literal["visa-reference", "separate-tiles"]
 
@@ -61,7 +61,7 @@ def _plain(value: Any) -> Any:
 
 
 class AnoVL(CLIPAnomalyModel):
-    """Zero-shot anomaly localisation with a frozen CLIP (METHOD §2–5).
+    """Zero-shot anomaly localisation with a frozen CLIP (docs/METHOD.md §2–5).
 
     Args:
         backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP

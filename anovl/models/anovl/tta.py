@@ -1,4 +1,4 @@
-"""Test-time adaptation of a small adapter on each image's patch tokens (METHOD §5).
+"""Test-time adaptation of a small adapter on each image's patch tokens (docs/METHOD.md §5).
 
 Default mode ``independent``: every image gets freshly initialised parameters from its own seed and
 a fresh AdamW state, so its result depends on nothing but the image. Mode ``reference`` reproduces

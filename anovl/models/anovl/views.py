@@ -1,4 +1,4 @@
-"""The test-time views averaged into the image score (METHOD §4), applied to normalised images."""
+"""The test-time views averaged into the image score (docs/METHOD.md §4), applied to normalised images."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """WinCLIP's compositional prompt ensemble: the state and template lists anomalib 2.7.0 uses.
 
-Unlike AnoVL's prompts (METHOD §3) it has no domain phrases, and the state embedding is the mean of the
+Unlike AnoVL's prompts (docs/METHOD.md §3) it has no domain phrases, and the state embedding is the mean of the
 unnormalised sentence embeddings (normalised only when scored).
 """
 

@@ -1,7 +1,8 @@
 """Performance benchmark of AnoVL: every figure is a ratio of two things measured in the same run.
 
-    python -m anovl.bench --quick                      # CPU, a few minutes, small counts
-    python -m anovl.bench --device cuda --precision bf16 --output gpu.md
+    python -m benchmarks.bench --quick                 # from the repository root; CPU, a few minutes
+    python -m benchmarks.bench --device cuda --precision bf16 --output gpu.md
+    python benchmarks/bench.py --quick                 # the same, as a file
 
 Sections (``--sections`` picks some):
 
@@ -9,8 +10,9 @@ Sections (``--sections`` picks some):
 * ``throughput``: images/s of TFA 1 view, TFA 22 views and TFA+TTA per batch size, split into the stages of
   ``AnoVL.forward`` (timed inside the real call through ``AnoVL.stage_timer``, see :func:`staged_forward`)
   and checked against the end-to-end call;
-* ``reference``: AnoVL against :func:`reference_pipeline`, the authors' one-image-at-a-time loop (every view
-  a separate dual-path call, TTA per image): speed-up and the largest difference of their outputs;
+* ``reference``: AnoVL against :func:`tests.reference.pipeline.reference_pipeline`, the authors'
+  one-image-at-a-time loop (every view a separate dual-path call, TTA per image): speed-up and the largest
+  difference of their outputs;
 * ``text``: text-embedding start-up, encoding a class's prompts (cold) against reading the on-disk cache;
 * ``metrics``: exact pixel AUROC + AUPRO (:class:`~anovl.metrics.AnomalyMetrics`) over an MVTec-sized set of
   maps against :func:`threshold_pro_curve`, the 200-threshold connected-component PRO of cflow-ad;
@@ -19,6 +21,8 @@ Sections (``--sections`` picks some):
 
 Memory is the kernel's resident-set high-water mark of a fresh process (see :class:`PeakMemory`), which sees
 numpy, torch and C allocations alike. Linux only for the memory figures.
+
+It lives outside the package (it needs the repository: the reference pipeline is a test oracle, under tests/).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/bench.py): the repository root is not on the path
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,10 +59,11 @@ from scipy import ndimage
 from anovl.metrics import AnomalyMetrics, functional
 from anovl.models.anovl.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, PromptSet
 from anovl.models.text_cache import TextEmbeddingCache, encode_sentences
-from anovl.models.anovl.torch_model import AnoVL, image_seeds
+from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.tta import TTAConfig
-from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
 from anovl.results import markdown_table
+from tests.reference.pipeline import reference_pipeline
 
 SECTIONS = ("encoder", "throughput", "reference", "text", "metrics", "testrun", "precision")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -368,52 +378,6 @@ def staged_forward(model: AnoVL, images: torch.Tensor, class_names: Sequence[str
     return output.anomaly_map, output.pred_score
 
 
-def _patch_probability_map(tokens: torch.Tensor, states: torch.Tensor, image_size: int) -> torch.Tensor:
-    """The authors' map of one image: tokens (N, D), states (2, D) → (S, S)."""
-    probabilities = (F.normalize(tokens, dim=-1) @ states.T.to(tokens.dtype)).softmax(-1)[:, 1]
-    grid = math.isqrt(tokens.shape[0])
-    patch = F.pad(probabilities.reshape(1, 1, grid, grid), (1, 1, 1, 1), mode="replicate")
-    patch = F.avg_pool2d(patch, 3, stride=1)
-    return F.interpolate(patch, size=(image_size, image_size), mode="bilinear", align_corners=True)[0, 0]
-
-
-def reference_pipeline(model: AnoVL, images: torch.Tensor, class_names: Sequence[str],
-                       timer: StageTimer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unoptimised path, as the authors' code runs it: one image at a time, each of its views through a
-    separate dual-path encoder call, TTA (when the model has it) on that image alone.
-
-    Shares only the encoder, the views and the TTA class with :class:`AnoVL`; maps and scores are recomputed
-    here, so that comparing the two checks the batched path.
-    """
-    timer = timer or StageTimer(images.device)
-    maps, scores = [], []
-    for image, name in zip(images, class_names):
-        with timer.stage("text"):
-            embeddings = model.text_embeddings(name)
-            states = embeddings.states.to(images.device)
-        with torch.no_grad():
-            with timer.stage("views"):
-                views = make_views(image[None], model.num_views)
-            with timer.stage("encoder"):
-                encoded = [model.encoder(view[None], num_local=1, layers=model.layers) for view in views]
-            with timer.stage("maps"):
-                local = [tokens[0] for tokens in encoded[0].patch_tokens]
-                image_map = torch.stack([_patch_probability_map(t, states, model.image_size) for t in local]).mean(0)
-                view_scores = [(F.normalize(out.global_tokens[0], dim=-1) @ states.T.to(out.global_tokens.dtype))
-                               .softmax(-1)[1] for out in encoded]
-                score = torch.stack(view_scores).mean()
-        if model.tta is not None:
-            with timer.stage("tta"):
-                seeds = image_seeds(image[None], model.tta.config.seed)
-                sentences = embeddings.sentences[None].to(images.device)
-                adapted = [model.tta(tokens[None], states[None], sentences, seeds, [name])[0] for tokens in local]
-                image_map = torch.stack([_patch_probability_map(t, states.float(), model.image_size)
-                                         for t in adapted]).mean(0)
-        maps.append(image_map)
-        scores.append(score)
-    return torch.stack(maps), torch.stack(scores)
-
-
 # ----------------------------------------------------------------------------- threshold PRO baseline
 
 
@@ -445,7 +409,7 @@ def threshold_pro_curve(maps: np.ndarray, masks: np.ndarray,
 
 
 def cflow_pro_from_curve(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """cflow-ad's reduction: keep FPR < limit, min-max rescale FPR, trapezoid (METHOD §6)."""
+    """cflow-ad's reduction: keep FPR < limit, min-max rescale FPR, trapezoid (docs/METHOD.md §6)."""
     kept = fprs < fpr_limit
     fpr, pro = fprs[kept][::-1], pros[kept][::-1]  # thresholds descending: FPR ascending
     fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())
@@ -563,7 +527,8 @@ def reference_section(config: BenchConfig, device: torch.device, workdir: Path) 
     with autocast(device, config.precision):
         reference_pipeline(model, images[:1], names[:1])  # warm-up
         reference_timer = StageTimer(device)
-        reference_maps, reference_scores = reference_pipeline(model, images[:count], names[:count], reference_timer)
+        reference_maps, reference_scores = reference_pipeline(model, images[:count], names[:count],
+                                                              reference_timer.stage)
         output = model(images, names)  # warm-up, and the outputs compared
         timers = []
         for _ in range(config.repeats):
@@ -818,7 +783,7 @@ def run_benchmark(config: BenchConfig, emit: Callable[[str], None] = print) -> s
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m anovl.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts and a small model: minutes on a CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
@@ -840,7 +805,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("python -m anovl.bench: error: --device cuda but CUDA is not available")
+        raise SystemExit("python -m benchmarks.bench: error: --device cuda but CUDA is not available")
     overrides = {key: value for key, value in (
         ("backbone", args.backbone), ("encoder_backbone", args.encoder_backbone), ("pretrained", args.pretrained),
         ("repeats", args.repeats), ("baseline_maps", args.baseline_maps), ("threads", args.threads))
@@ -865,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Through the importable module, so that functions sent to spawned processes pickle as anovl.bench.*.
-    from anovl.bench import main as bench_main
+    # Through the importable module, so that functions sent to spawned processes pickle as benchmarks.bench.*.
+    from benchmarks.bench import main as bench_main
 
     bench_main()
