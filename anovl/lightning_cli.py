@@ -172,6 +172,11 @@ class AnovlCLI(LightningCLI):
             if not self.datamodule.categories:
                 self.finished_run = earlier
 
+    def _before_run(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunTracker):
+                callback.before_run(self.trainer)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
         # The tracker first: it records which folders the run creates before the other callbacks write there.
@@ -183,6 +188,7 @@ class AnovlCLI(LightningCLI):
             rank_zero_info(f"All categories of {self.resume_dir} are finished; nothing to resume.")
             self.finished_run.print()
             return
+        self._before_run()
         with warnings.catch_warnings():
             if self.given_run_dir is not None:
                 # A resumed run (or one given its folder) uses that folder on purpose: results, config and
@@ -194,6 +200,7 @@ class AnovlCLI(LightningCLI):
         # The writer saves every map; keeping them all in memory as well would only cost RAM.
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
+        self._before_run()
         self.trainer.predict(**kwargs)
 
 

@@ -82,47 +82,49 @@ class RunTracker(SaveConfigCallback):
         self.written: list[Path] = []  # files this run wrote before its results
         self.created: list[Path] = []  # folders this run created, outermost first
         self.label = ""
+        self.existing: set[Path] | None = None  # folders that existed before the run, where known
+
+    def before_run(self, trainer: Trainer) -> None:
+        """Note which folders exist before the trainer starts: Lightning lets a CSV or TensorBoard logger create
+        its folder before any callback runs. (Other loggers' run folders are named by a new run id.)"""
+        if isinstance(trainer.logger, (CSVLogger, TensorBoardLogger)):
+            directory = Path(trainer.log_dir).resolve()
+            self.existing = {folder for folder in [directory, *directory.parents] if folder.exists()}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
         self.label = getattr(pl_module, "label", "")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is None:
-                # W&B warns about a save folder that does not exist yet (its git probe); the run's id, known once
-                # the W&B run starts, names the run folder.
-                save_dir = Path(logger._wandb_init.get("dir") or ".").resolve()
-                save_dir.mkdir(parents=True, exist_ok=True)
-                logger._wandb_init["dir"] = str(save_dir)
-                logger.experiment  # noqa: B018 (starts the W&B run)
         from anovl.engine import run_directory  # here: the engine imports this module for log_metrics
 
         # The folder of the run's results (engine.results_dir where set), where --resume looks for its config.
         results_dir = getattr(pl_module, "results_dir", None)
-        self.run_dir = Path(results_dir).resolve() if results_dir else run_directory(trainer)
+        self.run_dir = Path(results_dir).resolve() if results_dir else run_directory(trainer).resolve()
         self.already_saved = True
         if not trainer.is_global_zero:
             return
-        self.created = [folder for folder in [*reversed(self.run_dir.parents), self.run_dir] if not folder.exists()]
+        folders = [*reversed(self.run_dir.parents), self.run_dir]
+        existing = self.existing if self.existing is not None else {folder for folder in folders if folder.exists()}
+        self.created = [folder for folder in folders if folder not in existing]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = free_config_path(self.run_dir)
-        self.parser.save(self.config, path, skip_none=False, overwrite=False, multifile=self.multifile)
+        self.parser.save(self.config, path, overwrite=False, multifile=self.multifile)
         self.written.append(path)
         if path.name != CONFIG_FILE:
             rank_zero_info(f"{self.run_dir / CONFIG_FILE} exists (an earlier part of this run); this part's "
                            f"config is saved as {path.name}")
-        config = self.full_config(stage)
+        config = self.full_config(trainer.state.fn.value)
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
             if isinstance(logger, CSVLogger):
                 logger.save()  # hparams.yaml now, so that a failed run's folder is recognisably its own
                 self.written.append(Path(logger.log_dir) / "hparams.yaml")
 
-    def full_config(self, stage: str) -> dict[str, Any]:
+    def full_config(self, command: str) -> dict[str, Any]:
         """The whole resolved configuration as plain data, plus the run's label and command."""
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = yaml.safe_load(self.parser.dump(self.config))
         config.pop("config", None)  # the config files' paths; their content is what follows
-        return {**config, "run": {"label": self.label, "command": stage}}
+        return {**config, "run": {"label": self.label, "command": command}}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results: ResultsTable | None = getattr(pl_module, "results", None)
