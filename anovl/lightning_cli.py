@@ -323,13 +323,18 @@ def filter_third_party_noise() -> None:
             logger.addFilter(_DropMessages(fragment))
 
 
-def missing_package_error(error: ImportError) -> AnovlError | None:
-    """A logger (or other class) of the config that needs a package which is not installed, as one line."""
-    message = str(error)
-    for name in ("tensorboard", "mlflow", "comet_ml", "neptune", "litlogger"):
-        if name in message or getattr(error, "name", None) == name:
-            return AnovlError(f"the configured logger needs the package {name!r}, which is not installed: "
-                              f"pip install {name.replace('_', '-')} (or choose another trainer.logger)")
+def missing_package_error(error: BaseException) -> AnovlError | None:
+    """A logger (or other class) of the config that needs a package which is not installed, as one line;
+    jsonargparse wraps the ImportError of a class it instantiates, so the chain of causes is searched."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ImportError):
+            for name in ("tensorboard", "mlflow", "comet_ml", "neptune", "litlogger"):
+                if name in str(error) or error.name == name:
+                    return AnovlError(f"the configured logger needs the package {name!r}, which is not installed: "
+                                      f"pip install {name.replace('_', '-')} (or choose another trainer.logger)")
+        error = error.__cause__ or error.__context__
     return None
 
 
@@ -342,7 +347,7 @@ def run_lightning_cli(args: list[str] | None, plugins: list[str]) -> None:
     load_plugins(plugins)
     try:
         AnovlCLI(args=args)
-    except ImportError as error:
+    except Exception as error:
         user_error = missing_package_error(error)
         if user_error is None:
             raise
