@@ -44,6 +44,15 @@ def test_test_help_leads_with_anovl_options_and_hides_training_flags(capsys):
     assert len(help_text.splitlines()) < 400
 
 
+def test_hidden_training_defaults_still_apply(tmp_path, monkeypatch):
+    from anovl.cli import AnovlCLI
+
+    monkeypatch.chdir(tmp_path)
+    cli = AnovlCLI(args=["--config", str(CONFIGS / "demo.yaml"), *TINY_MODEL, "--data.init_args.root",
+                         str(tmp_path / "data")], run=False)
+    assert cli.trainer.checkpoint_callback is None and not cli.trainer.predicting  # enable_checkpointing: False
+
+
 def test_training_flags_are_still_accepted(capsys):
     # A config saved by an older anovl lists every trainer flag; it must still load.
     with pytest.raises(SystemExit) as exit_info:
