@@ -90,8 +90,10 @@ def comparison_records(runs: list[Run], labels: list[str], metrics: list[str]) -
     """One record per run and category (sorted, the mean last): variant (the column name), the run's own
     label, the category and each metric in percent (NaN where missing or undefined)."""
     return [{"variant": name, "label": run.label, "category": category,
-             **{metric: run.rows.get(category, {}).get(metric, math.nan) for metric in metrics}}
-            for name, run in zip(labels, runs) for category in _categories(runs)]
+             **{metric: values.get(metric, math.nan) for metric in metrics}}
+            for name, run in zip(labels, runs)
+            for category, values in [*((category, run.rows.get(category, {})) for category in _categories(runs)),
+                                     (MEAN_ROW, run.mean)]]
 
 
 def to_csv(records: list[dict[str, object]]) -> str:

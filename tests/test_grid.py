@@ -12,6 +12,7 @@ from anovl.cli import main
 from anovl.data import generate_mvtec_like
 from anovl.errors import AnovlError
 from anovl.grid import load_grid
+from anovl.results import MEAN_ROW
 from tests.test_cli import CONFIGS, TINY_MODEL
 
 
@@ -67,19 +68,19 @@ def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
         assert yaml.safe_load((folder / "config.yaml").read_text())["engine"]["group"] == "tiny"
     rows = list(csv.DictReader((output / "grid.csv").open()))
     assert [(row["dataset"], row["variant"], row["category"]) for row in rows] == [
-        ("A", "TFA", "fabric"), ("A", "TFA", "widget"), ("A", "TFA", "mean"),
-        ("A", "TTA-text", "fabric"), ("A", "TTA-text", "widget"), ("A", "TTA-text", "mean"),
-        ("B", "TFA", "widget"), ("B", "TFA", "mean"), ("B", "TTA-text", "widget"), ("B", "TTA-text", "mean")]
+        ("A", "TFA", "fabric"), ("A", "TFA", "widget"), ("A", "TFA", MEAN_ROW),
+        ("A", "TTA-text", "fabric"), ("A", "TTA-text", "widget"), ("A", "TTA-text", MEAN_ROW),
+        ("B", "TFA", "widget"), ("B", "TFA", MEAN_ROW), ("B", "TTA-text", "widget"), ("B", "TTA-text", MEAN_ROW)]
     for row in rows:
         results = runs[row["dataset"], row["variant"]]
-        expected = results["mean"] if row["category"] == "mean" else \
+        expected = results["mean"] if row["category"] == MEAN_ROW else \
             next(record for record in results["categories"] if record["category"] == row["category"])
         assert float(row["pixel_auroc"]) == pytest.approx(expected["pixel_auroc"])
         assert row["label"] == results["label"]
     markdown = (output / "grid.md").read_text()
     tfa, tta = runs["B", "TFA"]["mean"]["pixel_auroc"], runs["B", "TTA-text"]["mean"]["pixel_auroc"]
     assert "## B" in markdown and "| category | TFA | TTA-text |" in markdown
-    assert f"| mean | {tfa:.1f} | {tta:.1f} ({tta - tfa:+.1f}) |" in markdown
+    assert f"| **{MEAN_ROW}** | **{tfa:.1f}** | **{tta:.1f} ({tta - tfa:+.1f})** |" in markdown
 
 
 def test_grid_resumes_finished_and_interrupted_runs(grid_run, capfd):

@@ -14,6 +14,7 @@ import yaml
 
 from anovl.cli import main
 from anovl.data import generate_mvtec_like
+from anovl.results import MEAN_ROW
 from tests.test_cli import CONFIGS, TINY_MODEL
 
 FULL_CONFIG_SECTIONS = {"model", "data", "trainer", "seed_everything", "plugins", "engine", "pictures",
@@ -131,7 +132,7 @@ def test_wandb_summary_and_table_hold_every_category_and_the_mean(wandb_run):
     assert table_ref["_type"] == "table-file" and table_ref["nrows"] == 3
     table = json.loads((offline_dir / "files" / table_ref["path"]).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert [row["category"] for row in rows] == ["fabric", "widget", "mean"]
+    assert [row["category"] for row in rows] == ["fabric", "widget", MEAN_ROW]
     assert rows[1]["pixel_auroc"] == pytest.approx(results["categories"][1]["pixel_auroc"])
     assert rows[2]["images"] == results["mean"]["images"]
 
@@ -167,7 +168,7 @@ def test_csv_run_has_full_hparams_and_no_metrics_csv(data_root, tmp_path):
     assert not (run_dir / "metrics.csv").exists()
     header, *rows = (run_dir / "results.csv").read_text().splitlines()
     assert header.split(",")[:3] == ["category", "images", "pixel_auroc"]
-    assert [row.split(",")[0] for row in rows] == ["fabric", "widget", "mean"]
+    assert [row.split(",")[0] for row in rows] == ["fabric", "widget", MEAN_ROW]
 
 
 def test_resumed_run_keeps_its_first_config(data_root, tmp_path):
