@@ -1,11 +1,35 @@
 """anovl: zero-shot anomaly localisation with vision-language models."""
 
-from anovl.backbones import register_model_config
-from anovl.categories import register_category
+from importlib import import_module
+from typing import Any
+
 from anovl.errors import AnovlError
-from anovl.models import AnomalyModel, WinCLIP
-from anovl.models.anovl import AnoVL, AnoVLOutput, PromptSet, TTAConfig, register_adapter
 
 __version__ = "0.1.0"
 __all__ = ["AnoVL", "AnoVLOutput", "AnomalyModel", "AnovlError", "PromptSet", "TTAConfig", "WinCLIP",
            "register_adapter", "register_category", "register_model_config"]
+
+# The public API is imported on first use, so that `anovl --help` (and `anovl compare`) start without torch.
+_LAZY = {
+    "AnoVL": "anovl.models.anovl",
+    "AnoVLOutput": "anovl.models.anovl",
+    "PromptSet": "anovl.models.anovl",
+    "TTAConfig": "anovl.models.anovl",
+    "register_adapter": "anovl.models.anovl",
+    "AnomalyModel": "anovl.models",
+    "WinCLIP": "anovl.models",
+    "register_category": "anovl.categories",
+    "register_model_config": "anovl.backbones",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'anovl' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,15 +2,19 @@
 
     anovl compare runs/mvtec/version_0 runs/mvtec/version_1 --metrics pixel_auroc pixel_aupro
     anovl compare runs/mvtec/version_* --output comparison.md --labels TFA TTA-text WinCLIP
+    anovl compare runs/mvtec/version_* --output comparison.csv
 
 Each run directory holds the results.json that ``anovl test`` writes. The first run is the
 baseline: the other columns show their difference to it. Columns are named by each run's label
-(the method plus what differs from its reference settings), or by ``--labels``.
+(the method plus what differs from its reference settings), or by ``--labels``. ``--output`` writes the
+tables as Markdown, or as CSV (one row per run and category, the metrics in percent) for a ``.csv`` name.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +86,25 @@ def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list
     return tables
 
 
+def comparison_records(runs: list[Run], labels: list[str], metrics: list[str]) -> list[dict[str, object]]:
+    """One record per run and category (sorted, the mean last): variant (the column name), the run's own
+    label, the category and each metric in percent (NaN where missing or undefined)."""
+    return [{"variant": name, "label": run.label, "category": category,
+             **{metric: values.get(metric, math.nan) for metric in metrics}}
+            for name, run in zip(labels, runs)
+            for category, values in [*((category, run.rows.get(category, {})) for category in _categories(runs)),
+                                     (MEAN_ROW, run.mean)]]
+
+
+def to_csv(records: list[dict[str, object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in record.items()}
+                     for record in records)
+    return buffer.getvalue()
+
+
 def to_markdown(tables) -> str:
     lines = ["# Comparison", "", "Metrics × 100; in brackets the difference to the first run.", ""]
     for title, headers, rows in tables:
@@ -95,11 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anovl compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (or results.json files); the first is the baseline")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(ALL_METRIC_TITLES))
-    parser.add_argument("--output", type=Path, help="also write the comparison as Markdown")
+    parser.add_argument("--output", type=Path, help="also write the comparison: Markdown, or CSV for a .csv name")
     parser.add_argument("--labels", nargs="+", help="column names, one per run (default: each run's own label)")
     args = parser.parse_args(argv)
     runs = [load_run(directory) for directory in args.runs]
-    tables = build_tables(runs, _unique_labels(runs, args.runs, args.labels), args.metrics)
+    labels = _unique_labels(runs, args.runs, args.labels)
+    tables = build_tables(runs, labels, args.metrics)
     rich_tables = []
     for title, headers, rows in tables:
         table = Table(title=title)
@@ -114,5 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(run.random_weights for run in runs):
         console.print(RANDOM_WEIGHTS_WARNING, style="bold red")
     if args.output:
-        atomic_write_text(args.output, to_markdown(tables))
+        text = (to_csv(comparison_records(runs, labels, args.metrics)) if args.output.suffix.lower() == ".csv"
+                else to_markdown(tables))
+        atomic_write_text(args.output, text)
         console.print(f"Comparison written to {args.output}")

@@ -37,6 +37,7 @@ from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
 from anovl.models.base import AnomalyModel, check_label
 from anovl.results import ResultsTable
+from anovl.tracking import log_metrics
 
 # The padded copies that this warning is about are dropped by AnomalyModule (see the module docstring).
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
@@ -89,6 +90,8 @@ class AnomalyModule(LightningModule):
         model: the method (any :class:`~anovl.models.base.AnomalyModel`, e.g. ``anovl.models.AnoVL``).
         label: the run's label in results, ``anovl compare`` and logger names; default: the model's own
             (the method plus what differs from its reference settings).
+        group: the run's group in loggers that group runs (W&B); default: the label. ``anovl grid`` puts
+            the runs of one grid into one group.
         cflow_pro: also report the cflow-style AUPRO of the authors' evaluation (for comparison with papers).
         results_dir: where results.csv / .json / .md go (default: the run dir, i.e. the logger's folder).
 
@@ -100,7 +103,7 @@ class AnomalyModule(LightningModule):
     """
 
     def __init__(self, model: AnomalyModel, label: str | None = None, cflow_pro: bool = False,
-                 results_dir: str | None = None):
+                 results_dir: str | None = None, group: str | None = None):
         super().__init__()
         if not isinstance(model, AnomalyModel):
             raise AnovlError(f"the model must be an anovl.models.base.AnomalyModel, got {type(model).__name__}")
@@ -109,11 +112,13 @@ class AnomalyModule(LightningModule):
                              "test and predict loops do not support yet")
         self.model = model
         self.label = check_label(label) if label is not None else model.label
+        self.group = check_label(group) if group is not None else self.label
         self.cflow_pro = cflow_pro
         self.results_dir = results_dir
-        # The model's settings, not its weights, describe the run (hparams.yaml, logger configs).
+        # The model's settings, not its weights, describe the run; the loggers get the whole run config from
+        # the CLI's RunTracker instead (anovl.tracking).
         self.save_hyperparameters({"model": {"class_path": class_path(model), "settings": model.settings()},
-                                   "label": self.label, "cflow_pro": cflow_pro})
+                                   "label": self.label, "cflow_pro": cflow_pro}, logger=False)
         self.results: ResultsTable | None = None
         self._resumed: ResultsTable | None = None
         self._metrics: dict[str, AnomalyMetrics] = {}
@@ -271,10 +276,7 @@ class AnomalyModule(LightningModule):
         self._log_category(category)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
-        # Straight to the loggers (rank 0 only): the values are already synced, and Lightning's own
-        # end-of-test table would only repeat the results table.
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=self.trainer.global_step)
+        log_metrics(self.trainer, metrics)
 
     def on_test_epoch_end(self) -> None:
         for category in self._metrics:

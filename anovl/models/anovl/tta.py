@@ -12,7 +12,7 @@ loss is taken per pixel on the stitched logit map (``pixel_logits``) instead of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +20,37 @@ import torch.nn.functional as F
 from anovl.errors import AnovlError
 from anovl.models.anovl.adapters import ADAPTERS, Adapter, create_adapter
 
-MODES = ("independent", "reference")
-CORRUPTIONS = ("token", "image")
-PSEUDO_LABELS = ("reference", "tfa_threshold")
+Mode = Literal["independent", "reference"]
+Corruption = Literal["token", "image"]
+PseudoLabels = Literal["reference", "tfa_threshold"]
+MODES, CORRUPTIONS, PSEUDO_LABELS = get_args(Mode), get_args(Corruption), get_args(PseudoLabels)
 
 
 @dataclass
 class TTAConfig:
     """Test-time adaptation settings; the defaults are the reference ones for MVTec.
 
-    corruption: ``token`` adds Gaussian noise (std ``noise_std``) to the tokens at every step;
-        ``image`` uses the tokens of a corrupted copy of the image (the datamodule's corruptions).
-    pseudo_labels: ``reference`` labels every clean token normal; ``tfa_threshold`` labels only the
-        clean tokens TFA is confident about: below the per-image quantile ``normal_quantile`` of the
-        TFA abnormal probability → normal, above ``abnormal_quantile`` → abnormal, the rest unlabelled.
+    Args:
+        adapter: the adapter trained on each image's tokens: ``text`` (reference, MVTec), ``linear``
+            (reference, VisA), ``lowrank``, or any name registered with ``@register_adapter``.
+        adapter_args: keyword arguments of the adapter, e.g. ``{rank: 16}`` for ``lowrank``.
+        steps: optimisation steps per image (at least 1; for no TTA set ``tta: null``).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        noise_std: std of the Gaussian token noise of ``corruption: token``.
+        entropy_weight: weight of the entropy term of the loss.
+        pseudo_label_weight: weight of the pseudo-label terms of the loss.
+        corruption: ``token`` adds Gaussian noise (std ``noise_std``) to the tokens at every step; ``image``
+            uses the tokens of a corrupted copy of the image (the datamodule's ``corruption``).
+        pseudo_labels: ``reference`` labels every clean token normal; ``tfa_threshold`` labels only the clean
+            tokens TFA is confident about: below the per-image quantile ``normal_quantile`` of the TFA abnormal
+            probability normal, above ``abnormal_quantile`` abnormal, the rest unlabelled.
+        normal_quantile: see ``pseudo_labels``.
+        abnormal_quantile: see ``pseudo_labels``.
+        mode: ``independent`` gives every image fresh parameters and optimiser state (order-free);
+            ``reference`` carries the optimiser state within a category as the authors' code does (results then
+            depend on data order; one process, no ``--resume``).
+        seed: seed of each image's initial adapter weights and noise (``independent`` mode).
     """
 
     adapter: str = "text"
@@ -44,11 +61,11 @@ class TTAConfig:
     noise_std: float = 0.055
     entropy_weight: float = 1.0
     pseudo_label_weight: float = 0.5
-    corruption: str = "token"
-    pseudo_labels: str = "reference"
+    corruption: Corruption = "token"
+    pseudo_labels: PseudoLabels = "reference"
     normal_quantile: float = 0.5
     abnormal_quantile: float = 0.95
-    mode: str = "independent"
+    mode: Mode = "independent"
     seed: int = 0
 
     def __post_init__(self) -> None:

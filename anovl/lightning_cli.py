@@ -1,0 +1,354 @@
+"""``anovl test`` and ``anovl predict``: LightningCLI without ``fit``, run by the console script :mod:`anovl.cli`.
+
+    anovl test --config configs/mvtec.yaml --data.init_args.root /data/mvtec
+    anovl test --config runs/mvtec/version_0/config.yaml --resume runs/mvtec/version_0
+    anovl predict --config configs/folder.yaml --data.init_args.path my_images/
+    anovl test --config configs/demo.yaml --print_config
+    anovl compare runs/mvtec/version_0 runs/mvtec/version_1
+
+The model (``model.class_path``: any :class:`~anovl.models.base.AnomalyModel`, e.g. ``anovl.models.AnoVL`` or
+``anovl.models.WinCLIP``) and the datamodule (MVTec, VisA, Folder, SyntheticMVTec) are chosen by ``class_path``;
+:class:`~anovl.engine.AnomalyModule` runs the model, with its options under ``engine``. The data's image size
+is linked to the model's, so it is set once. ``--plugins`` (or ``plugins:`` in a config) imports a user's own
+modules first (:mod:`anovl.plugins`). Every run logs its whole config, results table and results files
+to its loggers and keeps its config.yaml in its own folder (:mod:`anovl.tracking`).
+
+``anovl test --help`` lists anovl's options first and the trainer's last; the trainer's training-only flags
+(epochs, gradient clipping, validation, checkpointing) are accepted, so that older configs still load, but not
+listed, since ``test`` and ``predict`` never train.
+
+``anovl test --resume RUN_DIR`` continues an interrupted run: the categories finished in RUN_DIR/results.json
+are not run again, the others are, and everything (results, pictures, config, a CSV/TensorBoard logger's
+files) goes into RUN_DIR. It refuses a configuration that differs from the run's in what the metrics depend on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from anovl.callbacks import AnomalyMapWriter, PanelWriter
+from anovl.cli import COMMANDS
+from anovl.data import AnomalyDataModule
+from anovl.engine import AnomalyModule
+from anovl.errors import AnovlError
+from anovl.models.base import AnomalyModel
+from anovl.plugins import load_plugins
+from anovl.results import ResultsTable
+from anovl.tracking import RunTracker
+
+RUNS_DIR = "runs"
+TRAINER_DEFAULTS = {
+    "inference_mode": False,  # test-time adaptation needs autograd
+    "accelerator": "auto",
+    "devices": 1,
+    "enable_checkpointing": False,
+    "default_root_dir": RUNS_DIR,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": RUNS_DIR, "name": "anovl"},
+    },
+}
+STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI itself, not by the user
+RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
+DEFAULT_MODEL = "anovl.models.AnoVL"
+# Trainer flags that only `fit`/`validate` use: accepted (older configs list them) but left out of the help.
+TRAINING_ONLY_TRAINER_FLAGS = frozenset({
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
+    "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
+    "log_every_n_steps", "enable_checkpointing", "enable_model_summary", "accumulate_grad_batches",
+    "gradient_clip_val", "gradient_clip_algorithm", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
+    "model_registry",
+})
+
+
+class AnovlCLI(LightningCLI):
+    """LightningCLI without ``fit``/``validate`` (the methods are zero-shot) and with anovl's defaults."""
+
+    def __init__(self, args: Any = None, run: bool = True):
+        super().__init__(
+            AnomalyModel,
+            AnomalyDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            save_config_callback=RunTracker,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with vision-language models."},
+            args=args,
+            run=run,
+        )
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # As LightningCLI's, but the model is a plain AnomalyModel (not a LightningModule): AnomalyModule wraps it.
+        # The trainer comes last (add_arguments_to_parser), so that the help leads with anovl's own options.
+        parser.add_subclass_arguments(AnomalyModel, "model", fail_untyped=False, required=True)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
+        _retitle(parser, "model", "The method (model.class_path): anovl.models.AnoVL (default), anovl.models.WinCLIP "
+                                  "or a plugin's AnomalyModel; `--model.help CLASS` lists its options")
+        _retitle(parser, "data", "The data (data.class_path): anovl.data.MVTecDataModule, VisADataModule, "
+                                 "FolderDataModule, SyntheticMVTecDataModule; `--data.help CLASS` lists its options")
+
+    def add_trainer_arguments(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items()})
+        for action in parser._actions:
+            if action.dest.removeprefix("trainer.") in TRAINING_ONLY_TRAINER_FLAGS:
+                action.help = argparse.SUPPRESS
+        _retitle(parser, "trainer", "Lightning's Trainer (devices, precision, logger, ...); its training-only flags "
+                                    "are accepted but not listed")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # The options are listed below, grouped; a usage line of every option would be ~100 lines.
+        parser.usage = f"anovl {subcommand} [-c CONFIG ...] [--print_config] [options]"
+        parser.description = COMMANDS[subcommand]
+        if subcommand == "test":
+            parser.add_argument("--resume", type=Optional[str], default=None,
+                                help="continue the interrupted run in this folder (the one holding its results.json): "
+                                     "finished categories are kept, the others run; the settings must be the run's")
+            parser.add_argument("--run_dir", type=Optional[str], default=None,
+                                help="write this run into this folder (results, config.yaml, pictures, a CSV/"
+                                     "TensorBoard logger's files) instead of a new <save_dir>/<name>/version_N")
+        return parser
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"test": set(STAGE_ARGUMENTS), "predict": set(STAGE_ARGUMENTS)}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+        parser.add_argument("--plugins", type=list[str], default=[],
+                            help="modules or .py files to import first (your own models, adapters, datasets)")
+        parser.add_class_arguments(AnomalyModule, "engine", instantiate=False, skip={"model"}, fail_untyped=False)
+        # The data is resized to what the model expects: the size is set once, on the model.
+        parser.link_arguments("model", "data.init_args.image_size", compute_fn=model_input_size,
+                              apply_on="instantiate")
+        parser.add_lightning_class_args(PanelWriter, "pictures")  # acts in `test`
+        parser.add_lightning_class_args(AnomalyMapWriter, "predictions")  # acts in `predict`
+        self.add_trainer_arguments(parser)
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.resume_dir = Path(config.resume).expanduser().resolve() if config.get("resume") else None
+        self.finished_run: ResultsTable | None = None  # set when --resume finds nothing left to run
+        run_dir = config.get("run_dir")
+        if self.resume_dir is not None and run_dir:
+            raise AnovlError("give --resume RUN_DIR or --run_dir RUN_DIR, not both (--resume continues its folder)")
+        self.given_run_dir = self.resume_dir or (Path(run_dir).expanduser().resolve() if run_dir else None)
+        if self.given_run_dir is not None:
+            write_into_run(config, self.given_run_dir)
+        self.data_size_given = data_size_given(config.data)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_size = model_input_size(self.model)
+        if self.data_size_given not in (None, model_size):
+            raise AnovlError(f"data.init_args.image_size is {self.data_size_given} but the model expects {model_size} "
+                             "px; the data is resized to the model's size, so set model.init_args.image_size only")
+        self.model = AnomalyModule(self.model, **config.engine.as_dict())
+        name_wandb_run(self.trainer, self.model, config)
+        # Listing the data here turns a wrong root into a clear error before the trainer starts (and, under
+        # DDP, launches its processes); synthetic data is generated here, once.
+        categories = getattr(self.datamodule, "categories", None)
+        if categories is not None:
+            rank_zero_info(f"{len(categories)} categories: {', '.join(categories)}")
+        if self.resume_dir is not None:
+            earlier = continue_run(self.model, self.trainer, self.datamodule, self.resume_dir)
+            if not self.datamodule.categories:
+                self.finished_run = earlier
+
+    def _before_run(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunTracker):
+                callback.before_run(self.trainer)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        # The tracker first: it records which folders the run creates before the other callbacks write there.
+        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunTracker))
+        return trainer
+
+    def test(self, **kwargs: Any) -> None:
+        if self.finished_run is not None:
+            rank_zero_info(f"All categories of {self.resume_dir} are finished; nothing to resume.")
+            self.finished_run.print()
+            return
+        self._before_run()
+        with warnings.catch_warnings():
+            if self.given_run_dir is not None:
+                # A resumed run (or one given its folder) uses that folder on purpose: results, config and
+                # pictures stay in one place.
+                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            self.trainer.test(**kwargs)
+
+    def predict(self, **kwargs: Any) -> None:
+        # The writer saves every map; keeping them all in memory as well would only cost RAM.
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        self._before_run()
+        self.trainer.predict(**kwargs)
+
+
+def _retitle(parser: LightningArgumentParser, key: str, title: str) -> None:
+    """Give a group of the help a title that says what to put there (the default is a class docstring)."""
+    group = getattr(parser, "groups", {}).get(key)
+    if group is not None:
+        group.title = title
+
+
+def model_input_size(model: AnomalyModel) -> int:
+    return model.preprocessing().image_size
+
+
+def data_size_given(data: Any) -> int | None:
+    """The data's image size if the configuration sets it to other than its default (the link overrides it)."""
+    given = data.init_args.get("image_size") if data.get("init_args") else None
+    try:
+        module, _, name = str(data.class_path).rpartition(".")
+        default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["image_size"].default
+    except (ImportError, KeyError, ValueError, AttributeError):
+        return given
+    return None if given == default else given
+
+
+def write_into_run(config: Any, run_dir: Path) -> None:
+    """Point a run's results, pictures and (CSV/TensorBoard) logger folder at ``run_dir`` (the folder of the run
+    it resumes, or the one ``--run_dir`` gives)."""
+    config.engine.results_dir = str(run_dir)
+    config.pictures.output_dir = config.pictures.output_dir or str(run_dir / "pictures")
+    logger = config.trainer.get("logger")
+    if logger and str(getattr(logger, "class_path", "")).endswith(RUN_DIR_LOGGERS):
+        logger.init_args.save_dir = str(run_dir.parent.parent)
+        logger.init_args.name = run_dir.parent.name
+        logger.init_args.version = run_dir.name
+
+
+def continue_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataModule, run_dir: Path) -> ResultsTable:
+    """Check that ``run_dir`` was run with this configuration and set the module and data up to finish it:
+    the categories already in its results are left out. Returns the earlier table."""
+    if module.model.order_dependent:
+        raise AnovlError(f"a run of {module.label} cannot be resumed: its results depend on the images that came "
+                         "before (e.g. tta.mode 'reference' carries optimiser state and random draws from image to "
+                         "image); run it again from the start without --resume")
+    earlier = ResultsTable.read(run_dir)
+    if earlier.config is None:
+        raise AnovlError(f"{run_dir}/results.json has no record of the run's configuration (an older anovl wrote "
+                         "it), so it cannot be resumed safely; start a new run without --resume")
+    earlier.check_categories(datamodule.categories)
+    module.trainer = trainer  # run_config reads the trainer's precision
+    current = module.run_config(datamodule)
+    differences = config_differences(earlier.config, current)
+    if differences:
+        raise AnovlError(f"cannot resume {run_dir}: its configuration differs in {'; '.join(differences)}; resume "
+                         f"with the run's own settings (anovl test --config {run_dir}/config.yaml --resume "
+                         f"{run_dir}) or start a new run without --resume")
+    module.resume(earlier)
+    datamodule.exclude_categories(earlier.rows)
+    rank_zero_info(f"Resuming {run_dir}: {len(earlier.rows)} categories finished, "
+                   f"{len(datamodule.categories)} to run: {', '.join(datamodule.categories) or 'none'}")
+    return earlier
+
+
+def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``section.key: <earlier> in the run, <current> now`` for every setting that differs."""
+    differences = []
+    for section in sorted(set(earlier) | set(current)):
+        before, now = earlier.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                differences.append(f"{section}.{key}: {json.dumps(before.get(key))} in the run, "
+                                   f"{json.dumps(now.get(key))} now")
+    return differences
+
+
+def name_wandb_run(trainer: Any, module: AnomalyModule, config: Any) -> None:
+    """Name, group and tag W&B runs by label, so runs of one variant group together (or the runs of one grid:
+    ``engine.group``) and different settings never share a name; the user's own name, group and tags win."""
+    data = str(config.data.class_path).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        init = logger._wandb_init  # read when the W&B run starts, which is later (on first use)
+        init["name"] = init.get("name") or f"{data}-{module.label}"
+        init["group"] = init.get("group") or module.group
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)  # wandb warns that the setting is deprecated whenever it is passed
+        backbone = module.model.settings().get("backbone")
+        init["tags"] = sorted({*(init.get("tags") or []), module.model.method or module.label, data,
+                               *([str(backbone)] if backbone else [])})
+
+
+
+
+# Third-party messages that say nothing to an anovl user (anovl's own warnings stay).
+NOISE_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree on recent torch
+)
+NOISE_LOG_LINES = {
+    "root": "No pretrained weights loaded",  # open_clip; anovl warns about random weights itself
+    "lightning.pytorch.utilities.rank_zero": "litlogger",  # Lightning's advertisement of its cloud logger
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def filter_third_party_noise() -> None:
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for logger_name, fragment in NOISE_LOG_LINES.items():
+        logger = logging.getLogger(None if logger_name == "root" else logger_name)
+        if not any(isinstance(item, _DropMessages) and item.fragment == fragment for item in logger.filters):
+            logger.addFilter(_DropMessages(fragment))
+
+
+def missing_package_error(error: BaseException) -> AnovlError | None:
+    """A logger (or other class) of the config that needs a package which is not installed, as one line;
+    jsonargparse wraps the ImportError of a class it instantiates, so the chain of causes is searched."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ImportError):
+            for name in ("tensorboard", "mlflow", "comet_ml", "neptune", "litlogger"):
+                if name in str(error) or error.name == name:
+                    return AnovlError(f"the configured logger needs the package {name!r}, which is not installed: "
+                                      f"pip install {name.replace('_', '-')} (or choose another trainer.logger)")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def run_lightning_cli(args: list[str] | None, plugins: list[str]) -> None:
+    """Run ``anovl test`` / ``anovl predict`` (``args``: the command line; None reads sys.argv) with the user's
+    plugins imported first."""
+    filter_third_party_noise()
+    # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    load_plugins(plugins)
+    try:
+        AnovlCLI(args=args)
+    except Exception as error:
+        user_error = missing_package_error(error)
+        if user_error is None:
+            raise
+        raise user_error from error

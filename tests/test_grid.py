@@ -1,0 +1,128 @@
+"""`anovl grid`: variants x datasets as separate `anovl test` runs, one comparison table, resume."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+import yaml
+
+from anovl.cli import main
+from anovl.data import generate_mvtec_like
+from anovl.errors import AnovlError
+from anovl.grid import load_grid
+from anovl.results import MEAN_ROW
+from tests.test_cli import CONFIGS, TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    return {name: generate_mvtec_like(base / name, categories, n_good=2, n_defect=1, image_size=64)
+            for name, categories in (("A", ("fabric", "widget")), ("B", ("widget",)))}
+
+
+def write_grid(tmp_path, data_roots, variants=None):
+    document = {
+        "name": "tiny",
+        "variants": variants or {"TFA": [], "TTA-text": [str(CONFIGS / "tta" / "text.yaml")]},
+        "datasets": {name: [str(CONFIGS / "demo.yaml"), {"data": {"init_args": {
+            "root": str(root), "categories": sorted(path.name for path in root.iterdir()), "batch_size": 4}}}]
+            for name, root in data_roots.items()},
+        "args": TINY_MODEL,
+        "metrics": ["pixel_auroc", "image_auroc"],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def run_grid(path, output, capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grid", "--config", str(path), "--output", str(output)])
+    captured = capfd.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    return captured.out
+
+
+@pytest.fixture(scope="module")
+def grid_run(data_roots, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("grid")
+    path, output = write_grid(tmp_path, data_roots), tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grid", "--config", str(path), "--output", str(output)])
+    assert exit_info.value.code == 0
+    return path, output
+
+
+def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
+    _, output = grid_run
+    runs = {(folder.parent.name, folder.name): json.loads((folder / "results.json").read_text())
+            for folder in output.glob("*/*") if folder.is_dir()}
+    assert sorted(runs) == [("A", "TFA"), ("A", "TTA-text"), ("B", "TFA"), ("B", "TTA-text")]
+    for (dataset, variant), results in runs.items():
+        folder = output / dataset / variant
+        assert results["complete"] and (folder / "config.yaml").is_file()
+        assert results["label"].startswith("AnoVL-tfa" if variant == "TFA" else "AnoVL-tta-text")
+        assert yaml.safe_load((folder / "config.yaml").read_text())["engine"]["group"] == "tiny"
+    rows = list(csv.DictReader((output / "grid.csv").open()))
+    assert [(row["dataset"], row["variant"], row["category"]) for row in rows] == [
+        ("A", "TFA", "fabric"), ("A", "TFA", "widget"), ("A", "TFA", MEAN_ROW),
+        ("A", "TTA-text", "fabric"), ("A", "TTA-text", "widget"), ("A", "TTA-text", MEAN_ROW),
+        ("B", "TFA", "widget"), ("B", "TFA", MEAN_ROW), ("B", "TTA-text", "widget"), ("B", "TTA-text", MEAN_ROW)]
+    for row in rows:
+        results = runs[row["dataset"], row["variant"]]
+        expected = results["mean"] if row["category"] == MEAN_ROW else \
+            next(record for record in results["categories"] if record["category"] == row["category"])
+        assert float(row["pixel_auroc"]) == pytest.approx(expected["pixel_auroc"])
+        assert row["label"] == results["label"]
+    markdown = (output / "grid.md").read_text()
+    tfa, tta = runs["B", "TFA"]["mean"]["pixel_auroc"], runs["B", "TTA-text"]["mean"]["pixel_auroc"]
+    assert "## B" in markdown and "| category | TFA | TTA-text |" in markdown
+    assert f"| **{MEAN_ROW}** | **{tfa:.1f}** | **{tta:.1f} ({tta - tfa:+.1f})** |" in markdown
+
+
+def test_grid_resumes_finished_and_interrupted_runs(grid_run, capfd):
+    path, output = grid_run
+    interrupted = output / "A" / "TTA-text"
+    results = json.loads((interrupted / "results.json").read_text())
+    finished_fabric = results["categories"][0]
+    results["complete"], results["categories"] = False, results["categories"][:1]  # killed after fabric
+    (interrupted / "results.json").write_text(json.dumps(results))
+    untouched = (output / "B" / "TFA" / "results.json").stat().st_mtime_ns
+    out = run_grid(path, output, capfd)
+    assert "A × TFA: finished" in out and "A × TTA-text: interrupted -> test" in out and "--resume" in out
+    assert (output / "B" / "TFA" / "results.json").stat().st_mtime_ns == untouched
+    resumed = json.loads((interrupted / "results.json").read_text())
+    assert resumed["complete"] and [row["category"] for row in resumed["categories"]] == ["fabric", "widget"]
+    assert resumed["categories"][0] == finished_fabric  # kept, not run again
+
+
+def test_grid_dry_run_and_bad_grid_files(grid_run, tmp_path, capfd):
+    path, output = grid_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grid", "--config", str(path), "--output", str(tmp_path / "new"), "--dry_run"])
+    assert exit_info.value.code == 0 and not (tmp_path / "new").exists()
+    assert capfd.readouterr().out.count(": new -> test") == 4
+    bad = tmp_path / "bad.yaml"
+    for document, message in [({"variants": {"x": []}}, "'datasets' must map names"),
+                              ({"variants": {"x": ["missing.yaml"]}, "datasets": {"d": []}}, "missing.yaml not found"),
+                              ({"variants": {"a/b": []}, "datasets": {"d": []}}, "without '/'"),
+                              ({"variants": {"x": []}, "datasets": {"d": []}, "extra": 1}, "unknown keys")]:
+        bad.write_text(yaml.safe_dump(document))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["grid", "--config", str(bad)])
+        err = capfd.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith("anovl: error:") and message in err
+        assert len(err.splitlines()) == 1
+
+
+def test_shipped_grid_config_names_the_four_variants_and_two_datasets():
+    grid = load_grid(CONFIGS / "grid.yaml", None)
+    assert grid.variants == ["TFA", "TTA-text", "TTA-lowrank", "WinCLIP"] and grid.datasets == ["MVTec", "VisA"]
+    cells = {(cell.dataset, cell.variant): cell for cell in grid.cells}
+    assert cells["VisA", "TTA-lowrank"].configs == [str(CONFIGS / "visa.yaml"), str(CONFIGS / "tta" / "lowrank.yaml")]
+    winclip = yaml.safe_load(cells["VisA", "WinCLIP"].configs[-1])
+    assert winclip["model"]["class_path"] == "anovl.models.winclip.WinCLIP" and "data" not in winclip
+    assert str(cells["MVTec", "TFA"].folder) == "runs/grid/variants/MVTec/TFA"
