@@ -3,28 +3,20 @@
 import errno
 import logging
 import shutil
-import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 
-from anovl.backbones import create_backbone
 from anovl.models import text_cache as text_cache_module
 from anovl.models.text_cache import TextEmbeddingCache
-from tests.conftest import TINY
+from tests.test_prompts import backbone  # noqa: F401 (shared fixture)
 
 NORMAL = ["a photo of a flawless bottle", "a photo of a perfect bottle"]
 ABNORMAL = ["a photo of a damaged bottle"]
 OTHER = ["a photo of a flawless cable", "a photo of a broken cable"]
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return create_backbone(TINY)
 
 
 @pytest.fixture

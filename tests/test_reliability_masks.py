@@ -1,19 +1,17 @@
 """Ground truth that cannot vanish (masks of every depth and mode) and memory bounded on odd images."""
 
 import csv
-import io
-import shutil
 import tracemalloc
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from anovl.data import BadImageError, MVTecDataModule, SkippedFileWarning, VisADataModule, generate_mvtec_like, load_mask
+from anovl.data import BadImageError, MVTecDataModule, SkippedFileWarning, VisADataModule, load_mask
 from anovl.data.base import MAX_TILE_ASPECT
 from anovl.errors import AnovlError
+from tests.test_reliability_paths import mvtec_copy, mvtec_root  # noqa: F401 (shared fixtures)
 
 SIZE = 32
 
@@ -95,17 +93,6 @@ def test_files_that_are_not_masks_are_bad_images(tmp_path, content, fragment):
     with pytest.raises(BadImageError, match=fragment) as error:
         load_mask(path)
     assert str(path) in str(error.value)
-
-
-@pytest.fixture(scope="module")
-def mvtec_root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), categories=["widget"], n_good=2, n_defect=1,
-                               image_size=SIZE)
-
-
-@pytest.fixture
-def mvtec_copy(mvtec_root, tmp_path):
-    return Path(shutil.copytree(mvtec_root, tmp_path / "mvtec"))
 
 
 def a_mask(root: Path) -> Path:
