@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-WAIT_MS = 60_000  # every browser wait is bounded
+WAIT_MS = 120_000  # every browser wait is bounded (generous: CI machines may be loaded)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +136,17 @@ def test_app_in_a_headless_browser(served_app, model, tmp_path):
             page.goto(served_app)
             status = page.locator("#status")
 
+            shown = []  # the file the upload box holds
+
             def run(upload, category):
                 clear = page.locator("button[aria-label='Clear']")  # the upload box's, once it holds a file
                 if clear.count():
                     clear.first.click()
+                    # The box re-renders after a clear: wait for it, or the next file may go to the old input.
+                    page.locator("#upload").get_by_text(shown.pop()).wait_for(state="detached")
+                page.locator("#upload input[type=file]").wait_for(state="attached")
                 page.locator("#upload input[type=file]").set_input_files(str(upload))
+                shown.append(upload.name)
                 page.locator("#upload").get_by_text(upload.name).wait_for()
                 if category:
                     page.locator("#category input").fill(category)
