@@ -88,7 +88,8 @@ instead of `nn.MultiheadAttention`; supporting it is one more `BlockOps` class f
 ## Benchmark
 
 `benchmarks/backbones.py` prints, per family, the V-V forward ÷ plain `encode_image` time at batch 16
-(target ≤ 1.2, met by ViT-B-16-plus-240).
+(target ≤ 1.2). On this project's CPU every family meets it, between 1.07 and 1.17 (docs/benchmarks.md);
+GPU figures are pending.
 """
 
 

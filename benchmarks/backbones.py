@@ -1,7 +1,8 @@
 """The V-V forward ÷ plain ``encode_image`` time per backbone family, at batch 16, measured in one run.
 
 The V-V forward is AnoVL's encoder pass (``model.encoder(views, num_local=batch)``: the original stream
-for every image plus the value-wise local stream); the target is ≤ 1.2, met by ViT-B-16-plus-240.
+for every image plus the value-wise local stream); the target is ≤ 1.2 (the
+CPU figures are in docs/benchmarks.md).
 Random weights at each family's native size (speed does not depend on the values).
 
     PYTHONPATH=. python benchmarks/backbones.py --device cuda
