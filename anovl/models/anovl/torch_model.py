@@ -116,7 +116,7 @@ class AnoVL(CLIPAnomalyModel):
                 raise AnovlError(f"layer {layer} out of range for {self.backbone_name} with "
                                  f"{self.encoder.num_layers} blocks")
         self.prompts = prompts or PromptSet()
-        self._sentences: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        self._sentences: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self.tta_config = tta
         self.tta = TestTimeAdaptation(tta) if tta is not None else None
         if encoder_chunk_size is not None and encoder_chunk_size < 1:
@@ -167,7 +167,9 @@ class AnoVL(CLIPAnomalyModel):
         name = prompt_name if prompt_name is not None else category_registry.prompt_name(category)
         key = (name, category_registry.domain(category))
         if key not in self._sentences:
-            self._sentences[key] = (self.prompts.normal_sentences(*key), self.prompts.abnormal_sentences(*key))
+            # Tuples: the cache keys on them, and tuple() of a tuple costs nothing on every later image.
+            self._sentences[key] = (tuple(self.prompts.normal_sentences(*key)),
+                                    tuple(self.prompts.abnormal_sentences(*key)))
         return self.text_cache.get(*self._sentences[key], device=device)
 
     def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
