@@ -68,13 +68,13 @@ class RunThresholds:
         self.mean = dict(mean)
 
     @classmethod
-    def read(cls, location: str | Path) -> RunThresholds:
-        """From a results.json, or the run folder that holds it."""
+    def read(cls, location: str | Path, option: str = "predictions.thresholds") -> RunThresholds:
+        """From a results.json, or the run folder that holds it; ``option`` names where it was given, in errors."""
         path = Path(location).expanduser()
         if path.is_dir():
             path = path / "results.json"
         if not path.is_file():
-            raise AnovlError(f"predictions.thresholds: {path} not found; give the results.json of a labelled "
+            raise AnovlError(f"{option}: {path} not found; give the results.json of a labelled "
                              "`anovl test` run (runs/<name>/version_N/results.json)")
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
@@ -82,9 +82,9 @@ class RunThresholds:
             categories = {str(category): _threshold_pair(values) for category, values in section["categories"].items()}
             mean = _threshold_pair(section[THRESHOLD_MEAN])
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise AnovlError(f"predictions.thresholds: cannot read {path} ({error})") from None
+            raise AnovlError(f"{option}: cannot read {path} ({error})") from None
         except (KeyError, TypeError, AttributeError, ValueError):
-            raise AnovlError(f"predictions.thresholds: {path} holds no F1-max thresholds (written by `anovl test` "
+            raise AnovlError(f"{option}: {path} holds no F1-max thresholds (written by `anovl test` "
                              "on labelled data since anovl saves them); run `anovl test` on labelled images first, "
                              "or give --predictions.image_threshold / --predictions.pixel_threshold") from None
         return cls(path, categories, mean)

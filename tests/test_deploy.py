@@ -15,6 +15,7 @@ from anovl.data.transforms import normalize, resize_image
 from anovl.deploy import ExportClass, ExportedModel, Sidecar, export_model, load_exported, sidecar_path
 from anovl.deploy.export import model_from_config
 from anovl.models.base import AnomalyModel
+from anovl.results import METRIC_TITLES, ResultsTable
 from tests.conftest import TINY
 
 pytest.importorskip("onnxruntime")
@@ -174,17 +175,19 @@ def write_config(tmp_path, **init_args):
 def test_export_command(tmp_path):
     config = write_config(tmp_path)
     results = tmp_path / "run"
-    results.mkdir()
-    (results / "results.json").write_text(json.dumps({"categories": [
-        {"category": "bottle", "image_threshold": 0.42, "pixel_threshold": 0.61},
-        {"category": "cable", "image_threshold": 0.5, "pixel_threshold": 0.5}]}))
+    # A test run's results.json, with the F1-max thresholds `anovl test` saves.
+    table = ResultsTable(results, "a run", True, 2, "AnoVL-tfa")
+    metrics = {name: 0.5 for name in METRIC_TITLES}
+    table.add("bottle", {**metrics, "image_f1max_threshold": 0.42, "pixel_f1max_threshold": 0.61}, 4)
+    table.add("cable", {**metrics, "image_f1max_threshold": 0.5, "pixel_f1max_threshold": 0.5}, 4)
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--config", str(config), "--classes", "bottle", "screw", "--format", "onnx",
               "--num-views", "1", "--output", str(tmp_path / "out" / "m"), "--thresholds", str(results),
               "--model.init_args.image_size", "64"])
     assert exit_info.value.code == 0
     runner = load_exported(tmp_path / "out" / "m.onnx")
-    assert runner.thresholds("bottle") == (0.42, 0.61) and runner.thresholds("screw") == (None, None)
+    assert runner.thresholds("bottle") == (0.42, 0.61)
+    assert runner.thresholds("screw") == pytest.approx((0.46, 0.555))  # a class the run lacks: the run's mean
     # The model is the config's: its random weights come from its init_seed, as in `anovl test`.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -204,7 +207,7 @@ def test_export_command(tmp_path):
     (["--model.init_args.num_views"], "needs a value"),
     (["--modle.pretrained", "x"], "unknown argument '--modle.pretrained'"),
     (["--model.init_args.pretrained", "missing.pt"], "weights file not found"),
-    (["--thresholds", "nowhere"], "results file not found"),
+    (["--thresholds", "nowhere"], "--thresholds: nowhere not found"),
 ])
 def test_export_command_errors_are_one_line(tmp_path, capsys, arguments, message):
     config = write_config(tmp_path)

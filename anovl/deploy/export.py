@@ -31,6 +31,7 @@ from anovl.errors import AnovlError
 from anovl.models.anovl.maps import anomaly_map, image_score
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+from anovl.thresholds import RunThresholds, Thresholds
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
 SIDECAR_VERSION = 1
@@ -151,27 +152,6 @@ class ExportableAnoVL(nn.Module):
 def state_embeddings(model: AnoVL, entry: ExportClass) -> torch.Tensor:
     """Normalised (2, D) state embeddings of a class, as the model's forward uses them."""
     return model.text_embeddings(entry.category, entry.prompt_name).states
-
-
-def thresholds_from_results(path: str | os.PathLike) -> dict[str, dict[str, float | None]]:
-    """Per-category ``{"image": .., "pixel": ..}`` thresholds from a test run's results.json (the
-    ``image_threshold`` / ``pixel_threshold`` of its category rows)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "results.json"
-    try:
-        rows = json.loads(path.read_text())["categories"]
-        found = {row["category"]: {"image": row.get("image_threshold"), "pixel": row.get("pixel_threshold")}
-                 for row in rows}
-    except FileNotFoundError:
-        raise AnovlError(f"results file not found: {path}; give a test run's results.json or its folder") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise AnovlError(f"{path} is not a test run's results.json ({type(error).__name__}: {error})") from None
-    found = {category: values for category, values in found.items() if any(v is not None for v in values.values())}
-    if not found:
-        raise AnovlError(f"{path} records no thresholds (image_threshold / pixel_threshold per category); "
-                         "give them with --image-threshold / --pixel-threshold instead")
-    return found
 
 
 @contextlib.contextmanager
@@ -370,14 +350,14 @@ def main(argv: Sequence[str]) -> None:
 
     args, extra = export_parser().parse_known_args(list(argv))
     model = model_from_config(args.config, parse_model_overrides(extra))
-    recorded = thresholds_from_results(args.thresholds) if args.thresholds else {}
+    # The same thresholds `anovl predict` would use: a run's F1-max (its mean for a class it lacks), given values first.
+    recorded = RunThresholds.read(args.thresholds, "--thresholds") if args.thresholds else None
     classes = []
     for text in args.classes:
         entry = ExportClass.parse(text)
-        found = recorded.get(entry.category, {})
-        classes.append(ExportClass(entry.category, entry.prompt_name,
-                                   args.image_threshold if args.image_threshold is not None else found.get("image"),
-                                   args.pixel_threshold if args.pixel_threshold is not None else found.get("pixel")))
+        found = recorded.for_category(entry.category) if recorded is not None else Thresholds()
+        found = found.with_given(args.image_threshold, args.pixel_threshold)
+        classes.append(ExportClass(entry.category, entry.prompt_name, found.image, found.pixel))
     start = time.perf_counter()
     path = export_model(model, classes, args.output, args.format, args.num_views)
     files = [path, path.with_suffix(".bin")] if args.format == "openvino" else [path]
