@@ -45,11 +45,16 @@ script ran.
   open_clip `CustomResidualAttentionBlock`/`Attention` (`qk_norm`, `scale_heads`, `scale_attn_inner`,
   `scale_attn`, `scale_fc`), timm `Block`/`Attention` (fused qkv, optional q/k norm), timm EVA
   `EvaBlock` and `EvaBlockPostNorm` with `EvaAttention` or `AttentionRope` (rotary positions, SwiGLU,
-  separate or fused q/k/v). Rotary positions act on q and k only, so the V-V attention does not see them.
+  separate or fused q/k/v), timm `RelPosBlock` and `ResPostRelPosBlock` with `RelPosAttention` (a learned
+  relative-position bias added to the q·k logits, per block or shared by all blocks).
   A new block type is one `BlockOps` subclass and one `register_block_ops(block, attention, ops)` call.
+- **Positions inside the blocks:** rotary positions act on q and k, and a relative-position bias is added
+  to q·k; the V-V attention `softmax(v vᵀ/√d) v` replaces those logits, so it sees neither, while the
+  original stream keeps them. A token subset (WinCLIP's windows) is run with each token's own position:
+  its rows of the rotary table, its rows and columns of the bias.
 - **Towers** (`ValueWiseViT` subclasses, listed in `anovl.backbones.ENCODERS`): embedding, prefix
   tokens, pooling head. `OpenClipViT` (open_clip's `VisionTransformer`) and `TimmViT` (open_clip's
-  `TimmModel` around a timm `VisionTransformer` or `Eva`).
+  `TimmModel` around a timm `VisionTransformer`, `Eva` or `VisionTransformerRelPos`).
 - The choice is made **before any weights are built**: the tower is built on the `meta` device, its
   blocks are looked up, and an unsupported model stops with one error naming it and the reason
   (the CLI prints it as one `anovl: error:` line).

@@ -30,7 +30,6 @@ def no_weights_built(monkeypatch):
     ("convnext_base", r"TimmModel\(ConvNeXt\) is not a transformer with global self-attention"),
     ("MobileCLIP-S1", r"TimmModel\(FastVit\)"),
     ("swin_base_patch4_window7_224", r"TimmModel\(SwinTransformer\)"),
-    ("vit_relpos_medium_patch16_cls_224", "RelPosBlock"),
 ])
 def test_non_vit_towers_stop_before_weights(no_weights_built, name, reason):
     with pytest.raises(AnovlError, match=rf"^{name} is not supported by the V-V path: .*{reason}.*ViT-B-16-plus-240"):
@@ -69,11 +68,19 @@ def test_local_tokenizer_directory_and_stand_in(tmp_path):
     vocab = tiny_config("ViT-B-16-SigLIP")["text_cfg"]["vocab_size"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        fingerprints = set()
         for tokenizer in (tmp_path / "tok", tmp_path / "tok" / "tokenizer.json"):
             backbone = create_backbone(name, image_size=64, tokenizer=str(tokenizer))
             ids = backbone.tokenizer(["a photo of a damaged widget"])
             assert ids[0, :6].tolist() == [2, 3, 4, 2, 5, 6] and int(ids.max()) < vocab
             assert backbone.clip.encode_text(ids).shape == (1, tiny_config("ViT-B-16-SigLIP")["embed_dim"])
+            fingerprints.add(backbone.tokenizer.fingerprint)
+        # the text cache keys on the directory's files: an edited tokenizer is another one
+        assert len(fingerprints) == 1 and next(iter(fingerprints)).startswith("local:")
+        config_file = tmp_path / "tok" / "tokenizer_config.json"
+        config_file.write_text(config_file.read_text().replace("}", ', "model_max_length": 64}', 1))
+        edited = create_backbone(name, image_size=64, tokenizer=str(tmp_path / "tok")).tokenizer.fingerprint
+        assert edited not in fingerprints
         stand_in = create_backbone(name, image_size=64, tokenizer=lambda texts: torch.full((len(texts), 64), 7))
     assert stand_in.tokenizer(["x", "y"]).shape == (2, 64)
     with pytest.raises(AnovlError, match="tokenizer .*missing not found"):

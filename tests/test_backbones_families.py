@@ -14,26 +14,39 @@ import torch.nn.functional as F
 
 from anovl import AnoVL
 from anovl.backbones import create_backbone, register_model_config
-from anovl.backbones.tiny import register_tiny, tiny_config
+from anovl.backbones.tiny import tiny_timm_name, register_tiny, tiny_config
 from anovl.errors import AnovlError
 from anovl.models import WinCLIP
 from anovl.models.anovl.tta import TTAConfig
 from tests.reference.vv_attention import naive_local_tokens
 
-FAST = ["ViT-L-14-CLIPA", "coca_ViT-B-32", "ViT-B-16-SigLIP", "PE-Core-T-16-384", "EVA02-B-16", "custom-qk-norm"]
+FAST = ["ViT-L-14-CLIPA", "coca_ViT-B-32", "ViT-B-16-SigLIP", "PE-Core-T-16-384", "EVA02-B-16", "custom-qk-norm",
+        "vit_relpos_medium_patch16_cls_224", "relpos-res-post-norm", "relpos-shared"]
 SLOW = ["ViTamin-S", "MobileCLIP-B", "EVA01-g-14", "EVA02-E-14", "ViT-gopt-16-SigLIP2-256",
         "vit_medium_patch16_gap_256"]
 FAMILIES = [*FAST, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW)]
-CUSTOM_BLOCKS = {  # open_clip's custom block, switched on by these vision options
-    "custom-qk-norm": dict(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True,
-                           scale_fc=True, ls_init_value=0.5),
+CUSTOM_BLOCKS = {  # variants of a config's vision tower that no open_clip config names
+    # open_clip's custom block, switched on by these vision options
+    "custom-qk-norm": ("ViT-B-16", dict(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True,
+                                        scale_fc=True, ls_init_value=0.5)),
+    # timm's residual post-norm relative-position blocks, average pooled, no class token
+    "relpos-res-post-norm": ("vit_relpos_medium_patch16_cls_224",
+                             dict(timm_model_name=tiny_timm_name("vit_relpos_medium_patch16_rpn_224"), timm_pool="avg")),
+    # one relative-position bias shared by all blocks, held by the trunk
+    "relpos-shared": ("vit_relpos_medium_patch16_cls_224",
+                      dict(timm_model_name=tiny_timm_name("vit_srelpos_medium_patch16_224"), timm_pool="avg")),
 }
+# Towers whose blocks apply the positions (not in the tokens): a token subset needs its patch positions.
+POSITIONS_IN_BLOCKS = {"PE-Core-T-16-384": "rotary positions", "EVA02-B-16": "rotary positions",
+                       "vit_relpos_medium_patch16_cls_224": "a relative-position bias",
+                       "relpos-res-post-norm": "a relative-position bias", "relpos-shared": "a relative-position bias"}
 
 
 def tiny_name(family: str, simple_tokenizer: bool = True) -> str:
     if family in CUSTOM_BLOCKS:
-        config = tiny_config("ViT-B-16")
-        config["vision_cfg"].update(CUSTOM_BLOCKS[family])
+        base, vision_options = CUSTOM_BLOCKS[family]
+        config = tiny_config(base)
+        config["vision_cfg"].update(vision_options)
         return register_model_config(config, name=f"anovl-tiny:{family}")
     return register_tiny(family, simple_tokenizer=simple_tokenizer)
 
@@ -44,7 +57,14 @@ def build(family: str, **kwargs):
         warnings.simplefilter("ignore")
         name = tiny_name(family)
         patch = create_backbone(name).visual.patch_size
-        return create_backbone(name, image_size=4 * patch, **kwargs)
+        backbone = create_backbone(name, image_size=4 * patch, **kwargs)
+    # timm starts layer scales (and residual post-norm weights) at 1e-6, which would shrink every residual
+    # branch below the tolerances: give such parameters O(1) values.
+    with torch.no_grad():
+        for parameter in backbone.clip.visual.parameters():
+            if 0 < parameter.abs().max() <= 1e-5:
+                parameter.uniform_(0.5, 1.0)
+    return backbone
 
 
 # --- tests ---------------------------------------------------------------------------------------------
@@ -85,14 +105,34 @@ def test_token_subset_forward(family):
     prefix = encoder.num_prefix_tokens
     keep = torch.tensor([0, 5, 6, 9])
     subset = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, keep]], 1)
-    if family in ("PE-Core-T-16-384", "EVA02-B-16"):  # rotary positions are not in the tokens
-        with pytest.raises(AnovlError, match="rotary positions: give the patch_positions of the 4 patch tokens"):
+    if family in POSITIONS_IN_BLOCKS:
+        with pytest.raises(AnovlError, match=rf"inside its blocks \({POSITIONS_IN_BLOCKS[family]}\): give the "
+                                             r"patch_positions of the 4 patch tokens \(of 16\)"):
             encoder.encode_tokens(subset)
         embedding = encoder.encode_tokens(subset, patch_positions=keep)
     else:
         embedding = encoder.encode_tokens(subset)
     assert embedding.shape == (2, backbone.clip.encode_image(images).shape[-1])
     assert not torch.allclose(F.normalize(embedding, dim=-1), F.normalize(encoder.encode_tokens(tokens), dim=-1), atol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["vit_relpos_medium_patch16_cls_224", "relpos-res-post-norm", "relpos-shared"])
+def test_relative_position_window_is_the_tower_run_on_that_window(family):
+    # timm's log-coordinate bias depends on token offsets alone, so the top-left 2×2 window of a 4×4 grid is
+    # what timm's own forward gives for the 2×2 crop on the same weights built for a 2×2 grid.
+    backbone = build(family)
+    patch = backbone.visual.patch_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = create_backbone(tiny_name(family), image_size=2 * patch)
+    small.clip.load_state_dict(backbone.clip.state_dict())
+    images = torch.randn(2, 3, 4 * patch, 4 * patch)
+    encoder = backbone.visual
+    tokens, prefix, keep = encoder.embed(images), encoder.num_prefix_tokens, torch.tensor([0, 1, 4, 5])
+    window = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, keep]], 1)
+    torch.testing.assert_close(encoder.encode_tokens(window, patch_positions=keep),
+                               small.clip.encode_image(images[..., :2 * patch, :2 * patch]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -123,11 +163,11 @@ def test_winclip_runs_on_the_family(family):
     out = model(images, ["widget", "widget"])
     assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
     encoder = model.encoder
-    assert encoder.has_rotary_positions == (family in ("PE-Core-T-16-384", "EVA02-B-16"))
+    assert encoder.positions_in_blocks == (family in POSITIONS_IN_BLOCKS)
     # The first 2×2 window, by hand: its prefix and patch tokens alone, with their positions where rotary.
     tokens, mask, prefix = encoder.embed(images), model.masks[0][0], encoder.num_prefix_tokens
     window = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, mask]], 1)
-    expected = encoder.encode_tokens(window, patch_positions=mask if encoder.has_rotary_positions else None)
+    expected = encoder.encode_tokens(window, patch_positions=mask if encoder.positions_in_blocks else None)
     torch.testing.assert_close(out.window_embeddings[0][:, 0], expected, rtol=1e-4, atol=1e-5)
     first, last = F.normalize(out.window_embeddings[0][:, 0], dim=-1), F.normalize(out.window_embeddings[0][:, -1], dim=-1)
     assert not torch.allclose(first, last, atol=1e-3)

@@ -1,6 +1,7 @@
 """Prompt sentences (docs/METHOD.md §3) and their text embeddings, with the on-disk cache."""
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,6 +141,31 @@ def test_cache_key_follows_sentences_and_weights(backbone, tmp_path):
         torch.manual_seed(1)
         other_weights = TextEmbeddingCache(create_backbone(TINY), tmp_path)
     assert other_weights.path(bottle) != cache.path(bottle)
+
+
+def test_cache_key_follows_the_tokenizer(backbone, tmp_path):
+    bottle = sum(sentences(PromptSet(), "bottle"), [])
+    own = backbone.tokenizer
+    assert TextEmbeddingCache(backbone, tmp_path).key(bottle)["tokenizer"] == f"open_clip:{TINY}"
+    first = TextEmbeddingCache(backbone, tmp_path).sentence_embeddings(bottle)
+    # other callables are keyed by the token ids they give: equal ids share an entry
+    copy_a = TextEmbeddingCache(replace(backbone, tokenizer=lambda texts: own(texts).clone()), tmp_path)
+    copy_b = TextEmbeddingCache(replace(backbone, tokenizer=lambda texts: own(texts) + 0), tmp_path)
+    assert copy_a.path(bottle) == copy_b.path(bottle) != TextEmbeddingCache(backbone, tmp_path).path(bottle)
+
+    def first_words_only(texts):
+        ids = own(texts)
+        return ids.masked_fill(torch.arange(ids.shape[-1]) > 4, 0)
+
+    # another tokenizer for the same weights: re-encoded with it, never the old entry
+    truncating = replace(backbone, tokenizer=first_words_only)
+    other = TextEmbeddingCache(truncating, tmp_path)
+    assert other.path(bottle) != copy_a.path(bottle)
+    got = other.sentence_embeddings(bottle)
+    with torch.no_grad():
+        expected = truncating.clip.encode_text(truncating.tokenizer(bottle))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, first, atol=1e-3)
 
 
 def test_corrupt_or_swapped_cache_files_are_re_encoded(backbone, tmp_path, caplog):

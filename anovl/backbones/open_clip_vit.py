@@ -38,7 +38,7 @@ class MultiheadAttentionOps(BlockOps):
     def attention_input(self, block, x):
         return block.ln_1(x)
 
-    def qkv(self, block, y, rope, num_prefix):
+    def qkv(self, block, y, positions, num_prefix):
         attn = block.attn
         return _split_heads(F.linear(y, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads)
 
@@ -62,7 +62,7 @@ class CustomAttentionOps(MultiheadAttentionOps):
             return "scaled cosine attention (open_clip's own forward of it fails on batched heads)"
         return None if block.attn.in_proj_bias is not None else "attention without an in-projection bias"
 
-    def qkv(self, block, y, rope, num_prefix):
+    def qkv(self, block, y, positions, num_prefix):
         attn = block.attn
         q, k, v = _split_heads(F.linear(y, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads)
         return attn.ln_q(q), attn.ln_k(k), v

@@ -1,16 +1,22 @@
-"""timm vision transformers inside open_clip's ``TimmModel``: ``VisionTransformer`` and ``Eva`` trunks.
+"""timm vision transformers inside open_clip's ``TimmModel``: ``VisionTransformer``, ``Eva`` and
+``VisionTransformerRelPos`` trunks.
 
-Blocks: timm ``Block`` with ``Attention`` (fused qkv, optional q/k norm and attention-output norm), and
+Blocks: timm ``Block`` with ``Attention`` (fused qkv, optional q/k norm and attention-output norm),
 EVA blocks (``EvaBlock``, ``EvaBlockPostNorm``) with ``EvaAttention`` or ``AttentionRope`` (rotary
-positions on q and k, separate or fused q/k/v, SwiGLU MLPs). Rotary positions act on q and k only, so
-the V-V attention ``softmax(v vᵀ/√d) v`` does not see them.
+positions on q and k, separate or fused q/k/v, SwiGLU MLPs), and relative-position blocks
+(``RelPosBlock``, ``ResPostRelPosBlock``) with ``RelPosAttention`` (a learned bias per head and token
+pair added to the q·k logits). Both kinds of position belong to the q·k logits, which the V-V attention
+``softmax(v vᵀ/√d) v`` replaces, so it does not see them.
 
 Pooling heads: the trunk's final norm, its pool (class token, average or the SigLIP/PE attention pool
 ``AttentionPoolLatent``), ``fc_norm``, its classifier-as-projection and open_clip's projection head.
-Local tokens take the same head per token; an attention pool runs on each token as a one-token sequence.
+Local tokens take the same head per token; an attention pool acts on each token as on a one-token sequence
+(its value path, out-projection and MLP).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from open_clip.timm_model import TimmModel
@@ -18,7 +24,11 @@ from timm.layers import apply_rot_embed_cat
 from timm.layers.attention import Attention, AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer_relpos import (
+    RelPosAttention, RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos,
+)
 from torch import nn
+from torch.nn import functional as F
 
 from anovl.backbones.value_wise import BlockOps, ValueWiseViT, register_block_ops
 from anovl.errors import AnovlError
@@ -82,8 +92,9 @@ class EvaBlockOps(TimmBlockOps):
         return x + (mlp if block.gamma_2 is None else block.gamma_2 * mlp)
 
 
-class EvaPostNormOps(TimmBlockOps):
-    """``EvaBlockPostNorm``: attention on the raw stream, its output normalised (norm1) before the residual."""
+class PostNormMixin:
+    """Residual post-norm blocks: attention on the raw stream, its output normalised (norm1) before the
+    residual, and the MLP's output normalised (norm2)."""
 
     def attention_input(self, block, x):
         return x
@@ -95,14 +106,58 @@ class EvaPostNormOps(TimmBlockOps):
         return x + block.norm2(block.mlp(x))
 
 
+class EvaPostNormOps(PostNormMixin, TimmBlockOps):
+    """``EvaBlockPostNorm``."""
+
+
+@dataclass
+class RelativePositions:
+    """The positions of relative-position blocks: the tokens' indices into the bias (None: the whole
+    sequence in order; a subset such as WinCLIP's windows keeps each token's own position) and the
+    trunk's bias shared across blocks (None: each block has its own)."""
+
+    token_index: torch.Tensor | None
+    shared_bias: torch.Tensor | None
+
+
+class RelPosOps(TimmBlockOps):
+    """``RelPosBlock``: timm's ``Block`` with a relative-position bias on the q·k logits and no inner norm."""
+
+    def qkv(self, block, y, positions, num_prefix):
+        return super().qkv(block, y, None, num_prefix)
+
+    def attention_bias(self, block, positions: RelativePositions):
+        rel_pos = block.attn.rel_pos
+        bias = positions.shared_bias if rel_pos is None else rel_pos.get_bias()
+        index = positions.token_index
+        return bias if bias is None or index is None else bias[:, :, index][:, :, :, index]
+
+    def out(self, block, attended):
+        batch, heads, length, head_dim = attended.shape
+        return block.attn.proj(attended.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+    def forward(self, block, x, positions: RelativePositions):
+        if positions.token_index is None:
+            return block(x, shared_rel_pos=positions.shared_bias)
+        q, k, v = self.qkv(block, self.attention_input(block, x), None, 0)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_bias(block, positions).to(q.dtype))
+        return self.mlp_residual(block, x + self.branch(block, self.out(block, attended)))
+
+
+class ResPostRelPosOps(PostNormMixin, RelPosOps):
+    """``ResPostRelPosBlock``."""
+
+
 register_block_ops(Block, Attention, TimmBlockOps())
 for _attention in (EvaAttention, AttentionRope):
     register_block_ops(EvaBlock, _attention, EvaBlockOps())
     register_block_ops(EvaBlockPostNorm, _attention, EvaPostNormOps())
+register_block_ops(RelPosBlock, RelPosAttention, RelPosOps())
+register_block_ops(ResPostRelPosBlock, RelPosAttention, ResPostRelPosOps())
 
 
 class TimmViT(ValueWiseViT):
-    """open_clip ``TimmModel`` around a timm ``VisionTransformer`` or ``Eva`` trunk."""
+    """open_clip ``TimmModel`` around a timm ``VisionTransformer``, ``Eva`` or ``VisionTransformerRelPos`` trunk."""
 
     def __init__(self, tower: TimmModel):
         super().__init__(tower, tower.trunk.blocks)
@@ -110,7 +165,7 @@ class TimmViT(ValueWiseViT):
 
     @classmethod
     def unsupported(cls, tower: nn.Module) -> list[str] | None:
-        if not isinstance(tower, TimmModel) or not isinstance(tower.trunk, (VisionTransformer, Eva)):
+        if not isinstance(tower, TimmModel) or not isinstance(tower.trunk, (VisionTransformer, Eva, VisionTransformerRelPos)):
             return None
         trunk, reasons = tower.trunk, []
         if getattr(trunk, "rope_mixed", False):
@@ -137,6 +192,10 @@ class TimmViT(ValueWiseViT):
     def _embed(self, images):
         trunk = self.visual.trunk
         tokens = trunk.patch_embed(images)
+        if isinstance(trunk, VisionTransformerRelPos):  # no position embedding: the blocks' bias places tokens
+            if trunk.cls_token is not None:
+                tokens = torch.cat((trunk.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+            return tokens, self._relative_positions(None)
         if isinstance(trunk, Eva):
             tokens, rope = trunk._pos_embed(tokens)
         else:
@@ -144,20 +203,30 @@ class TimmViT(ValueWiseViT):
         return trunk.norm_pre(tokens), rope
 
     @property
-    def has_rotary_positions(self):
-        return getattr(self.visual.trunk, "rope", None) is not None
+    def positions_in_blocks(self):
+        trunk = self.visual.trunk
+        return getattr(trunk, "rope", None) is not None or isinstance(trunk, VisionTransformerRelPos)
 
-    def _rope(self, patch_positions, num_patches):
-        rope_module = getattr(self.visual.trunk, "rope", None)
-        if rope_module is None:
+    def _positions(self, patch_positions, num_patches):
+        if not self.positions_in_blocks:
             return None
-        rope = rope_module.get_embed() if hasattr(rope_module, "feat_shape") else rope_module.get_embed(shape=self.grid)
+        grid_patches = self.grid[0] * self.grid[1]
+        if patch_positions is None and num_patches != grid_patches:
+            kind = "a relative-position bias" if isinstance(self.visual.trunk, VisionTransformerRelPos) else "rotary positions"
+            raise AnovlError(f"this tower applies positions inside its blocks ({kind}): give the patch_positions "
+                             f"of the {num_patches} patch tokens (of {grid_patches})")
+        rope_module = getattr(self.visual.trunk, "rope", None)
+        if rope_module is not None:
+            rope = rope_module.get_embed() if hasattr(rope_module, "feat_shape") else rope_module.get_embed(shape=self.grid)
+            return rope if patch_positions is None else rope[patch_positions.to(rope.device)]
         if patch_positions is None:
-            if num_patches != rope.shape[0]:
-                raise AnovlError(f"this tower has rotary positions: give the patch_positions of the {num_patches} "
-                                 f"patch tokens (of {rope.shape[0]})")
-            return rope
-        return rope[patch_positions.to(rope.device)]
+            return self._relative_positions(None)
+        prefix = torch.arange(self.num_prefix_tokens, device=self.device)
+        return self._relative_positions(torch.cat([prefix, self.num_prefix_tokens + patch_positions.to(self.device)]))
+
+    def _relative_positions(self, token_index):
+        shared = self.visual.trunk.shared_rel_pos
+        return RelativePositions(token_index, None if shared is None else shared.get_bias())
 
     def pool(self, tokens):
         trunk = self.visual.trunk
@@ -166,7 +235,12 @@ class TimmViT(ValueWiseViT):
     def project_local(self, patch_tokens):
         trunk = self.visual.trunk
         tokens = trunk.norm(patch_tokens)
-        if getattr(trunk, "attn_pool", None) is not None:
-            batch, count, width = tokens.shape
-            tokens = trunk.attn_pool(tokens.reshape(batch * count, 1, width)).reshape(batch, count, -1)
+        pool = getattr(trunk, "attn_pool", None)
+        if pool is not None:
+            # One key: every latent query's output is that key's value, so q, k and the softmax drop out.
+            inner = pool.kv.out_features // 2
+            bias = None if pool.kv.bias is None else pool.kv.bias[inner:]
+            tokens = pool.proj(F.linear(tokens, pool.kv.weight[inner:], bias))
+            if pool.mlp is not None:
+                tokens = tokens + pool.mlp(pool.norm(tokens))
         return self.visual.head(trunk.head(trunk.fc_norm(tokens)))

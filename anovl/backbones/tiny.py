@@ -22,7 +22,8 @@ TINY_WIDTH, TINY_LAYERS, TINY_HEADS, TINY_EMBED = 64, 2, 4, 32
 _FIXED_WIDTH_MODULES = ("timm.models.vision_transformer_hybrid", "timm.models.vitamin")
 
 
-def _tiny_timm(model_name: str) -> str:
+def tiny_timm_name(model_name: str) -> str:
+    """A registered timm entrypoint for ``model_name`` at the tiny width and depth; returns its name."""
     tiny_name = f"anovl_tiny_{model_name}"
     if timm.is_model(tiny_name):
         return tiny_name
@@ -52,7 +53,7 @@ def tiny_config(name: str, simple_tokenizer: bool = False) -> dict:
     vision, text = config["vision_cfg"], config["text_cfg"]
     config["embed_dim"] = TINY_EMBED
     if "timm_model_name" in vision:
-        vision["timm_model_name"] = _tiny_timm(vision["timm_model_name"])
+        vision["timm_model_name"] = tiny_timm_name(vision["timm_model_name"])
         if vision.get("timm_proj") == "none" and vision["timm_model_name"] != "anovl_tiny_vit_base_mci_224":
             config["embed_dim"] = TINY_WIDTH  # no projection: the trunk's width is the joint space
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,26 @@ from anovl.backbones.registry import describe_error
 from anovl.errors import AnovlError
 
 Tokenizer = Callable[[list[str]], Any]  # texts → (len, context_length) token ids
+
+
+class KnownTokenizer:
+    """A tokenizer whose identity is known without running it: the model's own, or a local directory's.
+
+    ``fingerprint`` keys the text-embedding cache; other callables are keyed by the token ids they give.
+    """
+
+    def __init__(self, tokenize: Tokenizer, fingerprint: str):
+        self.tokenize, self.fingerprint = tokenize, fingerprint
+
+    def __call__(self, texts: list[str]) -> Any:
+        return self.tokenize(texts)
+
+
+def _hash_directory(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(item for item in directory.iterdir() if item.is_file()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _needs_transformers(what: str, name: str) -> None:
@@ -38,7 +59,7 @@ def resolve_tokenizer(name: str, config: dict[str, Any], tokenizer: str | os.Pat
     hub_name = text_cfg.get("hf_tokenizer_name")
     if tokenizer is None:
         try:
-            return open_clip.get_tokenizer(name)
+            return KnownTokenizer(open_clip.get_tokenizer(name), f"open_clip:{name}")
         except Exception as error:  # hub, network and missing-package errors come in many types
             source = f"the Hugging Face tokenizer {hub_name!r}" if hub_name else "its tokenizer"
             raise AnovlError(
@@ -52,7 +73,8 @@ def resolve_tokenizer(name: str, config: dict[str, Any], tokenizer: str | os.Pat
         raise AnovlError(f"tokenizer {path} not found; give a local tokenizer directory or its tokenizer.json")
     _needs_transformers("local tokenizer", name)
     try:
-        return HFTokenizer(str(directory), context_length=text_cfg.get("context_length", 77),
-                           **text_cfg.get("tokenizer_kwargs", {}))
+        loaded = HFTokenizer(str(directory), context_length=text_cfg.get("context_length", 77),
+                             **text_cfg.get("tokenizer_kwargs", {}))
     except Exception as error:  # transformers raises assorted types for unreadable tokenizer folders
         raise AnovlError(f"cannot load the tokenizer in {directory} ({describe_error(error)})") from None
+    return KnownTokenizer(loaded, f"local:{_hash_directory(directory)}")

@@ -11,7 +11,8 @@ Two things vary between towers and are kept apart here:
   :data:`BLOCK_OPS`): where its value projection is, what follows the attention (head scales, inner
   norms, out-projection, layer scale), and its MLP;
 - **how a tower embeds images and pools tokens** (subclasses of :class:`ValueWiseViT`): patch and
-  position embedding (or rotary positions), and the pooling head that maps tokens into the text space.
+  position embedding (or the positions its blocks apply: rotary tables, relative-position bias), and
+  the pooling head that maps tokens into the text space.
 
 Local tokens enter the text space through the tower's pooling head applied to each token **as if the
 sequence held that token alone** (docs/backbones.md): for a class-token tower that is ``ln_post · proj``
@@ -54,9 +55,18 @@ class BlockOps:
     def attention_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def qkv(self, block: nn.Module, y: torch.Tensor, rope: torch.Tensor | None, num_prefix: int):
-        """(q, k, v), each (B, heads, L, head_dim); q scaled so that SDPA's default 1/√d gives the block's logits."""
+    def qkv(self, block: nn.Module, y: torch.Tensor, positions, num_prefix: int):
+        """(q, k, v), each (B, heads, L, head_dim); q scaled so that SDPA's default 1/√d gives the block's logits.
+
+        ``positions``: what the tower's ``_embed`` or ``_positions`` gave for these tokens (the rotary table
+        of rotary towers, the token indices and shared bias of relative-position towers; None for towers
+        whose positions are in the tokens).
+        """
         raise NotImplementedError
+
+    def attention_bias(self, block: nn.Module, positions) -> torch.Tensor | None:
+        """An additive bias on the block's q·k logits (relative positions), (1, heads, L, L); None: none."""
+        return None
 
     def out(self, block: nn.Module, attended: torch.Tensor) -> torch.Tensor:
         """(B, heads, L, head_dim) attention result → (B, L, width) through the block's output path."""
@@ -69,24 +79,24 @@ class BlockOps:
     def mlp_residual(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, block: nn.Module, x: torch.Tensor, positions) -> torch.Tensor:
         """The block's own forward (the original stream)."""
-        return block(x) if rope is None else block(x, rope=rope)
+        return block(x) if positions is None else block(x, rope=positions)
 
-    def dual_attention(self, block: nn.Module, x: torch.Tensor, num_local: int, rope: torch.Tensor | None,
+    def dual_attention(self, block: nn.Module, x: torch.Tensor, num_local: int, positions,
                        num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Original attention for all of ``x`` and V-V attention for its first ``num_local`` rows.
 
-        Both come from one in-projection and one fused attention call over the stacked queries.
+        Both come from one in-projection. They run as two attention calls: stacking them into one costs
+        copies that outweigh the saved call (benchmarks/backbones.py, on the CPU).
         """
-        batch = x.shape[0]
-        q, k, v = self.qkv(block, self.attention_input(block, x), rope, num_prefix)
+        q, k, v = self.qkv(block, self.attention_input(block, x), positions, num_prefix)
+        bias = self.attention_bias(block, positions)
+        original = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         v_local = v[:num_local]
-        mixed = F.scaled_dot_product_attention(
-            torch.cat([q, v_local]), torch.cat([k, v_local]), torch.cat([v, v_local])
-        )
-        mixed = self.out(block, mixed)
-        return mixed[:batch], mixed[batch:]
+        # The V-V attention replaces the q·k logits, so what is added to them (a relative bias) stays out.
+        value_wise = F.scaled_dot_product_attention(v_local, v_local, v_local)
+        return self.out(block, original), self.out(block, value_wise)
 
 
 # (block type, attention module type) → how to run it; filled by the tower modules.
@@ -154,17 +164,19 @@ class ValueWiseViT(nn.Module):
         """Tokens before the patch tokens in :meth:`embed`'s output (class and register tokens)."""
         raise NotImplementedError
 
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Input tokens of the first block and the rotary position table of the patches (None without)."""
+    def _embed(self, images: torch.Tensor):
+        """Input tokens of the first block, and the positions its blocks apply to all of them (None for
+        towers whose positions are in the tokens)."""
         raise NotImplementedError
 
-    def _rope(self, patch_positions: torch.Tensor | None, num_patches: int) -> torch.Tensor | None:
-        """Rotary table rows of the given patches (None for towers whose positions are in the tokens)."""
+    def _positions(self, patch_positions: torch.Tensor | None, num_patches: int):
+        """The positions the blocks apply to the prefix tokens and the given patches (None: all patches)."""
         return None
 
     @property
-    def has_rotary_positions(self) -> bool:
-        """Positions are applied inside the blocks: :meth:`encode_tokens` of a token subset needs them."""
+    def positions_in_blocks(self) -> bool:
+        """Positions are applied inside the blocks (rotary, relative-position bias): :meth:`encode_tokens`
+        of a token subset needs the subset's patch positions."""
         return False
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -179,8 +191,8 @@ class ValueWiseViT(nn.Module):
         """Input tokens of the first block (B, prefix + N, width): patch, prefix and position embeddings.
 
         For towers with learned or fixed position embeddings, a subset of these tokens equals the
-        embedding of that subset (what window scoring such as WinCLIP's needs); towers with rotary
-        positions need the patches' positions in :meth:`encode_tokens`.
+        embedding of that subset (what window scoring such as WinCLIP's needs); towers whose blocks apply
+        the positions (:attr:`positions_in_blocks`) need the patches' positions in :meth:`encode_tokens`.
         """
         return self._embed(images)[0]
 
@@ -189,11 +201,11 @@ class ValueWiseViT(nn.Module):
         first): the plain forward of the blocks, then the tower's pooling and projection.
 
         ``patch_positions`` (K,): grid indices (row-major) of the K patch tokens after the prefix; needed
-        only by towers with rotary positions when ``tokens`` is a subset.
+        only by towers with :attr:`positions_in_blocks` when ``tokens`` is a subset.
         """
-        rope = self._rope(patch_positions, tokens.shape[1] - self.num_prefix_tokens)
+        positions = self._positions(patch_positions, tokens.shape[1] - self.num_prefix_tokens)
         for ops, block in zip(self.block_ops, self.blocks):
-            tokens = ops.forward(block, tokens, rope)
+            tokens = ops.forward(block, tokens, positions)
         return self.pool(tokens)
 
     def forward(
@@ -215,17 +227,17 @@ class ValueWiseViT(nn.Module):
                 patch_tokens=[torch.cat([part.patch_tokens[i] for part in parts if part.patch_tokens])
                               for i in range(len(wanted))] if num_local else [],
             )
-        h, rope = self._embed(images)
+        h, positions = self._embed(images)
         prefix = self.num_prefix_tokens
         s = h[:num_local]
         patch_tokens = []
         for index, (ops, block) in enumerate(zip(self.block_ops, self.blocks)):
             if num_local and index <= wanted[-1]:
-                a_ori, a_vv = ops.dual_attention(block, h, num_local, rope, prefix)
+                a_ori, a_vv = ops.dual_attention(block, h, num_local, positions, prefix)
                 s = s + ops.branch(block, a_vv)
                 h = ops.mlp_residual(block, h + ops.branch(block, a_ori))
             else:
-                h = ops.forward(block, h, rope)
+                h = ops.forward(block, h, positions)
             if num_local and index in wanted:
                 patch_tokens.append(self.project_local(s[:, prefix:]))
         return VisualTokens(global_tokens=self.pool(h), patch_tokens=patch_tokens)

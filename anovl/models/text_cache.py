@@ -1,7 +1,8 @@
 """Text embeddings of the state prompts, cached on disk in safetensors (never pickle).
 
-The cache key covers the backbone, a fingerprint of its weights and the sentences, so a change in any of
-them re-encodes instead of reusing stale embeddings; an entry whose recorded key, shape or dtype does not
+The cache key covers the backbone, a fingerprint of its weights, the sentences and the tokenizer (the
+model's own, a local directory's by its files, or any other callable by the token ids it gives), so a
+change in any of them re-encodes instead of reusing stale embeddings; an entry whose recorded key, shape or dtype does not
 match (another entry's file copied over it, say) is re-encoded too. The cache is an optimisation: any error
 writing it (a full disk, a read-only folder) is a warning and the run goes on; a write goes through a
 temporary file that is removed whatever happens.
@@ -24,10 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anovl.backbones import Backbone
+from anovl.backbones.tokenizers import KnownTokenizer
 from anovl.data.safe_names import safe_component
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> Path:
@@ -79,6 +81,7 @@ class TextEmbeddingCache:
         self.use_disk = use_disk
         self._memory: dict[tuple[tuple[str, ...], tuple[str, ...]], TextEmbeddings] = {}
         self._on_device: dict[tuple, TextEmbeddings] = {}  # copies moved once per device, not per batch
+        self._token_digests: dict[tuple[str, ...], str] = {}  # of callables that are not KnownTokenizers
 
     def key(self, sentences: Sequence[str]) -> dict[str, str]:
         return {
@@ -86,8 +89,21 @@ class TextEmbeddingCache:
             "backbone": self.backbone.name,
             "weights": self.backbone.weights_fingerprint,
             "sentences": hashlib.sha256(json.dumps(list(sentences)).encode()).hexdigest(),
+            "tokenizer": self._tokenizer_key(sentences),
             "count": str(len(sentences)),
         }
+
+    def _tokenizer_key(self, sentences: Sequence[str]) -> str:
+        """The tokenizer's fingerprint, or a hash of the token ids it gives (tokenizing is cheap next to encoding)."""
+        tokenizer = self.backbone.tokenizer
+        if isinstance(tokenizer, KnownTokenizer):
+            return tokenizer.fingerprint
+        sentences = tuple(sentences)
+        if sentences not in self._token_digests:
+            ids = torch.as_tensor(tokenizer(list(sentences))).cpu()
+            self._token_digests[sentences] = "ids:" + hashlib.sha256(
+                f"{tuple(ids.shape)}{ids.dtype}".encode() + ids.numpy().tobytes()).hexdigest()
+        return self._token_digests[sentences]
 
     def path(self, sentences: Sequence[str]) -> Path:
         digest = hashlib.sha256(json.dumps(self.key(sentences), sort_keys=True).encode()).hexdigest()[:24]

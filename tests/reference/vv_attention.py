@@ -2,9 +2,9 @@
 
 :func:`naive_local_streams` writes the local stream of open_clip's reference ViT out token by token (loops over
 images, heads and tokens; tests/test_backbone.py). :func:`naive_local_tokens` does it per block type for every
-tower family anovl supports (open_clip's standard and custom blocks, timm's ViT and EVA blocks), with the
-tower's own embedding, blocks and pooling head (tests/test_backbones_families.py). They import torch and
-open_clip only: keep them independent of anovl.backbones.
+tower family anovl supports (open_clip's standard and custom blocks, timm's ViT, EVA and relative-position
+blocks), with the tower's own embedding, blocks and pooling head (tests/test_backbones_families.py). They
+import torch and open_clip only: keep them independent of anovl.backbones.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def naive_vv_branch(block, x: torch.Tensor) -> torch.Tensor:
             batch, length, _ = out.shape
             out = (out.reshape(batch, length, attn.num_heads, -1) * attn.head_scale.reshape(1, 1, -1, 1)).reshape(out.shape)
         return block.ls_1(block.ln_attn(attn.out_proj(attn.ln_inner(out))))
-    y = x if kind == "EvaBlockPostNorm" else block.norm1(x)
+    post_norm = kind in ("EvaBlockPostNorm", "ResPostRelPosBlock")
+    y = x if post_norm else block.norm1(x)
     if attn.qkv is not None:
         v_bias = getattr(attn, "v_bias", None)
         width = attn.qkv.weight.shape[0] // 3
@@ -79,42 +80,48 @@ def naive_vv_branch(block, x: torch.Tensor) -> torch.Tensor:
         v = v + bias if bias is not None else v
     else:
         v = attn.v_proj(y)
-    out = attn.proj(attn.norm(naive_value_attention(v, attn.num_heads)))
-    if kind == "Block":
+    out = naive_value_attention(v, attn.num_heads)  # no relative-position bias: it belongs to q·k
+    out = attn.proj(attn.norm(out) if hasattr(attn, "norm") else out)
+    if kind in ("Block", "RelPosBlock"):
         return block.ls1(out)
-    if kind == "EvaBlockPostNorm":
+    if post_norm:
         return block.norm1(out)
     return out if block.gamma_1 is None else block.gamma_1 * out
 
 
 def tower_parts(visual):
-    """(embed → (tokens, rope), blocks, number of prefix tokens, pooling head on a token sequence)."""
+    """(embed → (tokens, the blocks' keyword arguments), blocks, number of prefix tokens, pooling head on a
+    token sequence)."""
     if isinstance(visual, TimmModel):
         trunk = visual.trunk
 
         def embed(images):
             x = trunk.patch_embed(images)
+            if not hasattr(trunk, "_pos_embed"):  # relative positions: a class token at most, bias in the blocks
+                prefix = [] if trunk.cls_token is None else [trunk.cls_token.expand(x.shape[0], -1, -1)]
+                shared = trunk.shared_rel_pos
+                return torch.cat([*prefix, x], 1), {} if shared is None else {"shared_rel_pos": shared.get_bias()}
             out = trunk._pos_embed(x)
             x, rope = out if isinstance(out, tuple) else (out, None)
-            return trunk.norm_pre(x), rope
+            return trunk.norm_pre(x), {} if rope is None else {"rope": rope}
 
         return embed, list(trunk.blocks), trunk.num_prefix_tokens, lambda x: visual.head(trunk.forward_head(trunk.norm(x)))
 
     def pool(x):
         return visual._pool(x)[0] @ visual.proj
 
-    return (lambda images: (visual._embeds(images), None)), list(visual.transformer.resblocks), 1, pool
+    return (lambda images: (visual._embeds(images), {})), list(visual.transformer.resblocks), 1, pool
 
 
 def naive_local_tokens(visual, images):
     """Local tokens after every block, each projected as the tower's head sees one token alone."""
     embed, blocks, prefix, pool = tower_parts(visual)
-    h, rope = embed(images)
+    h, block_kwargs = embed(images)
     s = h.clone()
     projected = []
     for block in blocks:
         s = s + naive_vv_branch(block, h)
-        h = block(h) if rope is None else block(h, rope=rope)
+        h = block(h, **block_kwargs)
         patches = s[:, prefix:]
         batch, count, width = patches.shape
         alone = patches.reshape(batch * count, 1, width)

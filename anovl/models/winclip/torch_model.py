@@ -116,8 +116,8 @@ class WinCLIP(CLIPAnomalyModel):
             num_windows = masks.shape[0]
             index = torch.cat([torch.arange(prefix).expand(num_windows, prefix), masks + prefix], dim=1)
             windows = tokens[:, index.to(tokens.device)]  # (B, num_windows, prefix + scale², width)
-            if self.encoder.has_rotary_positions:
-                # Rotary positions are applied inside the blocks, so each window runs with its patches' positions.
+            if self.encoder.positions_in_blocks:
+                # Positions are applied inside the blocks, so each window runs with its patches' positions.
                 encoded = torch.stack([self.encoder.encode_tokens(windows[:, window], patch_positions=mask)
                                        for window, mask in enumerate(masks)], dim=1)
             else:
