@@ -66,6 +66,8 @@ def test_three_methods_run_and_compare_under_distinct_labels(runs, tmp_path, cap
 def test_labels_name_every_setting_that_differs():
     reference = {"layers": [-1], "tta": {"lr": 0.001, "adapter_args": {}}, "num_views": 22}
     assert setting_differences(reference, reference) == {}
+    # a method that keeps tuples (as its JSON record will not) names no difference for them
+    assert setting_differences({**reference, "layers": (-1,)}, reference) == {}
     changed = {"layers": [0, 1, 2], "tta": {"lr": 0.01, "adapter_args": {"rank": 4}}, "num_views": 22}
     assert setting_differences(changed, reference) == {"layers": [0, 1, 2], "lr": 0.01, "rank": 4}
     assert make_label("AnoVL", "tta-lowrank", setting_differences(changed, reference)) == \

@@ -20,7 +20,6 @@ writers in :mod:`anovl.callbacks`) see them in ``on_test_batch_end`` / ``on_pred
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
-from anovl.models.base import AnomalyModel, check_label
+from anovl.models.base import AnomalyModel, check_label, json_data
 from anovl.results import ResultsTable
 from anovl.tracking import log_metrics
 
@@ -59,10 +58,6 @@ def category_runs(categories: Sequence[str]) -> list[slice]:
     """Slices of consecutive equal categories."""
     starts = [index for index, category in enumerate(categories) if index == 0 or category != categories[index - 1]]
     return [slice(start, end) for start, end in zip(starts, starts[1:] + [len(categories)])]
-
-
-def _plain_data(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 def _distributed_sampler(dataloader: Any) -> DistributedSampler | None:
@@ -171,7 +166,7 @@ class AnomalyModule(LightningModule):
         data = fingerprint() if fingerprint is not None else {"class": type(datamodule).__name__}
         model = {"class_path": class_path(self.model), **self.model.settings()}
         evaluation = {"cflow_pro": self.cflow_pro, "precision": str(self.trainer.precision)}
-        return _plain_data({"model": model, "data": data, "evaluation": evaluation})
+        return json_data({"model": model, "data": data, "evaluation": evaluation})
 
     def resume(self, earlier: ResultsTable) -> None:
         """Continue an interrupted run: the next ``test`` starts its table with ``earlier``'s finished categories

@@ -152,6 +152,12 @@ def prompt_names_for(categories: Sequence[str], prompt_names: Sequence[str] | No
     return list(prompt_names)
 
 
+def json_data(value: Any) -> Any:
+    """``value`` as its JSON round trip gives it back (tuples as lists), so that settings compare equal to what
+    results.json and the run records hold."""
+    return json.loads(json.dumps(value))
+
+
 def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(settings, dict):
         flat: dict[str, Any] = {}
@@ -176,7 +182,7 @@ def short_value(value: Any) -> str:
 
 def setting_differences(settings: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """Flattened ``key: value`` of every setting that differs from the reference (keys as short as unique)."""
-    flat, flat_reference = _flatten(settings), _flatten(reference)
+    flat, flat_reference = _flatten(json_data(settings)), _flatten(json_data(reference))
     changed = {key: value for key, value in flat.items()
                if key not in flat_reference or flat_reference[key] != value}
     for key in flat_reference:

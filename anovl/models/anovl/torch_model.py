@@ -18,7 +18,7 @@ from anovl.models.anovl.maps import anomaly_map, image_score, stitched_pixel_log
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
-from anovl.models.base import ModelOutput
+from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.text_cache import TextEmbeddings
 
@@ -49,15 +49,6 @@ def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
         digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8, key=str(base_seed).encode())
         seeds.append(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
     return seeds
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so that settings compare equal to their JSON round trip (results.json)."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
 
 
 class AnoVL(CLIPAnomalyModel):
@@ -139,7 +130,7 @@ class AnoVL(CLIPAnomalyModel):
             self.tta.reset()
 
     def settings(self) -> dict[str, Any]:
-        return _plain({
+        return json_data({
             **self.backbone_settings(), "num_views": self.num_views,
             "layers": list(self.layers), "prompts": self.prompts.to_dict(),
             "tta": asdict(self.tta_config) if self.tta_config is not None else None,
@@ -150,7 +141,7 @@ class AnoVL(CLIPAnomalyModel):
         backbone, pretrained, image_size = REFERENCE_BACKBONE
         # A TTA run is compared with the reference TTA of its own adapter, which the variant already names.
         tta = TTAConfig(adapter=self.tta_config.adapter) if self.tta_config is not None else None
-        return _plain({
+        return json_data({
             "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
             "num_views": NUM_REFERENCE_VIEWS, "layers": [-1], "prompts": PromptSet().to_dict(),
             "tta": asdict(tta) if tta is not None else None, "wide_images": "visa-reference",
