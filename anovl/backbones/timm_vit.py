@@ -140,7 +140,8 @@ class RelPosOps(TimmBlockOps):
         if positions.token_index is None:
             return block(x, shared_rel_pos=positions.shared_bias)
         q, k, v = self.qkv(block, self.attention_input(block, x), None, 0)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_bias(block, positions).to(q.dtype))
+        bias = self.attention_bias(block, positions)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.mlp_residual(block, x + self.branch(block, self.out(block, attended)))
 
 
