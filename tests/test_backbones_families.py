@@ -164,10 +164,12 @@ def test_winclip_runs_on_the_family(family):
     assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
     encoder = model.encoder
     assert encoder.positions_in_blocks == (family in POSITIONS_IN_BLOCKS)
-    # The first 2×2 window, by hand: its prefix and patch tokens alone, with their positions where rotary.
-    tokens, mask, prefix = encoder.embed(images), model.masks[0][0], encoder.num_prefix_tokens
-    window = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, mask]], 1)
-    expected = encoder.encode_tokens(window, patch_positions=mask if encoder.positions_in_blocks else None)
-    torch.testing.assert_close(out.window_embeddings[0][:, 0], expected, rtol=1e-4, atol=1e-5)
+    # Windows by hand: their prefix and patch tokens alone, with their positions where the blocks apply them.
+    tokens, prefix = encoder.embed(images), encoder.num_prefix_tokens
+    for scale, window in ((0, 0), (0, -1), (1, -1)):  # windows are batched: check the first and last ones
+        mask = model.masks[scale][window]
+        alone = torch.cat([tokens[:, :prefix], tokens[:, prefix:][:, mask]], 1)
+        expected = encoder.encode_tokens(alone, patch_positions=mask if encoder.positions_in_blocks else None)
+        torch.testing.assert_close(out.window_embeddings[scale][:, window], expected, rtol=1e-4, atol=1e-5)
     first, last = F.normalize(out.window_embeddings[0][:, 0], dim=-1), F.normalize(out.window_embeddings[0][:, -1], dim=-1)
     assert not torch.allclose(first, last, atol=1e-3)

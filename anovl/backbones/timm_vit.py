@@ -112,9 +112,9 @@ class EvaPostNormOps(PostNormMixin, TimmBlockOps):
 
 @dataclass
 class RelativePositions:
-    """The positions of relative-position blocks: the tokens' indices into the bias (None: the whole
-    sequence in order; a subset such as WinCLIP's windows keeps each token's own position) and the
-    trunk's bias shared across blocks (None: each block has its own)."""
+    """The positions of relative-position blocks: the tokens' indices into the bias, (L,) for every sequence
+    or (S, L) one row per sequence (None: the whole sequence in order; a subset such as WinCLIP's windows
+    keeps each token's own position), and the trunk's bias shared across blocks (None: each block has its own)."""
 
     token_index: torch.Tensor | None
     shared_bias: torch.Tensor | None
@@ -130,7 +130,10 @@ class RelPosOps(TimmBlockOps):
         rel_pos = block.attn.rel_pos
         bias = positions.shared_bias if rel_pos is None else rel_pos.get_bias()
         index = positions.token_index
-        return bias if bias is None or index is None else bias[:, :, index][:, :, :, index]
+        if bias is None or index is None:
+            return bias
+        index = index.reshape(-1, index.shape[-1])  # (S, L); S = 1 for one index of every sequence
+        return bias[0][:, index[:, :, None], index[:, None, :]].transpose(0, 1)  # (S, heads, L, L)
 
     def out(self, block, attended):
         batch, heads, length, head_dim = attended.shape
@@ -219,11 +222,15 @@ class TimmViT(ValueWiseViT):
         rope_module = getattr(self.visual.trunk, "rope", None)
         if rope_module is not None:
             rope = rope_module.get_embed() if hasattr(rope_module, "feat_shape") else rope_module.get_embed(shape=self.grid)
-            return rope if patch_positions is None else rope[patch_positions.to(rope.device)]
+            if patch_positions is None:
+                return rope
+            rows = rope[patch_positions.to(rope.device)]
+            return rows if patch_positions.dim() == 1 else rows.unsqueeze(1)  # (S, 1, K, dim): over the heads
         if patch_positions is None:
             return self._relative_positions(None)
-        prefix = torch.arange(self.num_prefix_tokens, device=self.device)
-        return self._relative_positions(torch.cat([prefix, self.num_prefix_tokens + patch_positions.to(self.device)]))
+        patch_positions = patch_positions.to(self.device)
+        prefix = torch.arange(self.num_prefix_tokens, device=self.device).expand(*patch_positions.shape[:-1], -1)
+        return self._relative_positions(torch.cat([prefix, self.num_prefix_tokens + patch_positions], dim=-1))
 
     def _relative_positions(self, token_index):
         shared = self.visual.trunk.shared_rel_pos

@@ -200,8 +200,9 @@ class ValueWiseViT(nn.Module):
         """The tower's image embedding (B, D) of any token sequence from :meth:`embed` (prefix tokens
         first): the plain forward of the blocks, then the tower's pooling and projection.
 
-        ``patch_positions`` (K,): grid indices (row-major) of the K patch tokens after the prefix; needed
-        only by towers with :attr:`positions_in_blocks` when ``tokens`` is a subset.
+        ``patch_positions`` (K,), or (B, K) one row per sequence: grid indices (row-major) of the K patch
+        tokens after the prefix; needed only by towers with :attr:`positions_in_blocks` when ``tokens`` is a
+        subset.
         """
         positions = self._positions(patch_positions, tokens.shape[1] - self.num_prefix_tokens)
         for ops, block in zip(self.block_ops, self.blocks):

@@ -116,12 +116,9 @@ class WinCLIP(CLIPAnomalyModel):
             num_windows = masks.shape[0]
             index = torch.cat([torch.arange(prefix).expand(num_windows, prefix), masks + prefix], dim=1)
             windows = tokens[:, index.to(tokens.device)]  # (B, num_windows, prefix + scale², width)
-            if self.encoder.positions_in_blocks:
-                # Positions are applied inside the blocks, so each window runs with its patches' positions.
-                encoded = torch.stack([self.encoder.encode_tokens(windows[:, window], patch_positions=mask)
-                                       for window, mask in enumerate(masks)], dim=1)
-            else:
-                encoded = self.encoder.encode_tokens(windows.reshape(batch * num_windows, -1, width))
+            # Where positions are applied inside the blocks, each window runs with its own patches' positions.
+            positions = masks.repeat(batch, 1) if self.encoder.positions_in_blocks else None
+            encoded = self.encoder.encode_tokens(windows.reshape(batch * num_windows, -1, width), positions)
             window_embeddings.append(encoded.view(batch, num_windows, -1))
         return self.encoder.encode_tokens(tokens), window_embeddings
 
