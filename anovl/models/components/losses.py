@@ -1,0 +1,54 @@
+"""Segmentation losses of the methods trained on auxiliary data (APRIL-GAN, AnomalyCLIP).
+
+Both take probabilities, not logits: the methods apply a softmax over their normal/abnormal channel first,
+and the losses are defined on those maps (Chen et al. 2023, APRIL-GAN §2.2; Zhou et al. 2024, AnomalyCLIP).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anovl.errors import AnovlError
+
+
+def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               smooth: float = 1e-5) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017) of class probabilities, averaged over every pixel of the batch.
+
+    Args:
+        probabilities: ``B×C×H×W`` (or ``N×C``) probabilities over ``C`` classes (summing to 1 over dim 1).
+        target: ``B×H×W`` (or ``N``) class indices (a binary mask is classes 0 and 1).
+        gamma: focusing exponent; 0 gives the cross entropy.
+        smooth: label smoothing and floor of the probability: the one-hot target is clamped to
+            ``[smooth / (C - 1), 1 - smooth]`` and ``smooth`` is added to the target-class probability
+            before the log, so a probability of 0 gives a finite loss (as the reference implementations do).
+
+    Returns ``mean(-(1 - p_t)^gamma * log(p_t))`` with ``p_t`` the smoothed probability of the target class.
+    """
+    classes = probabilities.shape[1] if probabilities.ndim > 1 else 0
+    if classes < 2 or target.shape != probabilities.shape[:1] + probabilities.shape[2:]:
+        raise AnovlError(f"focal_loss takes B×C×... probabilities (C ≥ 2) and B×... targets, got "
+                         f"{tuple(probabilities.shape)} and {tuple(target.shape)}")
+    if not 0 <= smooth <= 1:
+        raise AnovlError(f"focal_loss: smooth must lie in [0, 1], got {smooth}")
+    # Classes last, one row per pixel.
+    rows = probabilities.movedim(1, -1).reshape(-1, classes)
+    one_hot = torch.nn.functional.one_hot(target.reshape(-1).long(), classes).to(rows.dtype)
+    if smooth:
+        one_hot = one_hot.clamp(smooth / (classes - 1), 1.0 - smooth)
+    p_t = (one_hot * rows).sum(1) + smooth
+    return (-(1 - p_t).pow(gamma) * p_t.log()).mean()
+
+
+def binary_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of one probability map per image against its binary mask, averaged over the images.
+
+    ``1 - mean_b (2 Σ p·t + smooth) / (Σ p + Σ t + smooth)``, sums over each image's pixels; ``smooth``
+    keeps a normal image (empty mask) finite and rewards an all-low map for it.
+    """
+    if probability.shape != target.shape or probability.ndim < 1:
+        raise AnovlError(f"binary_dice_loss takes a map and a mask of the same shape (B×...), got "
+                         f"{tuple(probability.shape)} and {tuple(target.shape)}")
+    flat, mask = probability.reshape(len(probability), -1), target.reshape(len(target), -1).to(probability.dtype)
+    dice = (2 * (flat * mask).sum(1) + smooth) / (flat.sum(1) + mask.sum(1) + smooth)
+    return 1 - dice.mean()
