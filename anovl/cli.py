@@ -64,8 +64,19 @@ def exported_model_arguments(command_line: list[str]) -> list[str]:
     return arguments
 
 
+def _config_document(value: str) -> Any:
+    """The YAML document a ``--config`` value gives: a file's content, or the value itself (inline YAML, as
+    ``anovl grid`` passes a variant's mapping); None where it cannot be read (the CLI's parser reports that)."""
+    try:
+        text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+        return yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):  # UnicodeDecodeError is a ValueError; a name too long: OSError
+        return None
+
+
 def plugin_specs(command_line: list[str]) -> list[str]:
-    """The plugins named on a command line: ``--plugins`` values and ``plugins:`` in its ``--config`` files.
+    """The plugins named on a command line: ``--plugins`` values and ``plugins:`` in every ``--config``, a
+    file or inline YAML, in command-line order.
 
     They must be imported before the configuration is parsed, since it may name their classes."""
     specs: list[str] = []
@@ -83,14 +94,36 @@ def plugin_specs(command_line: list[str]) -> list[str]:
             continue
         if option in ("--plugins", "--plugins+"):
             add(yaml.safe_load(value))
-        elif option == "--config" and Path(value).is_file():
-            try:
-                document = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError):
-                continue  # the CLI's own parser reports a broken config with its own message
+        elif option in ("-c", "--config"):
+            document = _config_document(value)
             if isinstance(document, dict):
                 add(document.get("plugins"))
     return list(dict.fromkeys(specs))
+
+
+def help_first(command_line: list[str]) -> list[str]:
+    """``--plugins`` moved before a ``--model.help`` / ``--data.help`` (whose action prints and exits, so what
+    follows it would be refused as unknown); the plugins themselves are imported before parsing anyway."""
+    helps = [index for index, argument in enumerate(command_line) if argument.partition("=")[0].endswith(".help")]
+    if not helps:
+        return command_line
+    moved: list[str] = []
+    rest: list[str] = []
+    skip = False
+    for index, argument in enumerate(command_line):
+        if skip:
+            skip = False
+            continue
+        option, equals, _ = argument.partition("=")
+        if option in ("--plugins", "--plugins+") and index > helps[0]:
+            moved.append(argument)
+            if not equals and index + 1 < len(command_line):
+                moved.append(command_line[index + 1])
+                skip = True
+        else:
+            rest.append(argument)
+    head = 1 if rest[:1] in (["test"], ["predict"]) else 0  # the subcommand stays first
+    return [*rest[:head], *moved, *rest[head:]]
 
 
 def _one_line(error: BaseException) -> str:
@@ -188,7 +221,7 @@ def main(args: list[str] | None = None) -> None:
     from anovl.lightning_cli import run_lightning_cli  # torch and Lightning: only for test / predict
 
     def run() -> None:
-        arguments = exported_model_arguments(command_line)
+        arguments = help_first(exported_model_arguments(command_line))
         if args is None:  # from the console: LightningCLI reads sys.argv (given both, it warns)
             sys.argv[1:] = arguments
         run_lightning_cli(None if args is None else arguments, plugin_specs(arguments))

@@ -30,8 +30,9 @@ import inspect
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -44,7 +45,7 @@ from anovl.data import AnomalyDataModule
 from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
-from anovl.plugins import load_plugins
+from anovl.plugins import load_plugins, loaded_note
 from anovl.results import ResultsTable
 from anovl.tracking import RunTracker
 
@@ -73,10 +74,23 @@ TRAINING_ONLY_TRAINER_FLAGS = frozenset({
 })
 
 
-class AnovlCLI(LightningCLI):
-    """LightningCLI without ``fit``/``validate`` (the methods are zero-shot) and with anovl's defaults."""
+class AnovlParser(LightningArgumentParser):
+    """LightningCLI's parser; a class that cannot be imported names the plugins that were loaded."""
 
-    def __init__(self, args: Any = None, run: bool = True):
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if "class_path" in message:
+            message += loaded_note()
+        super().error(message, ex)
+
+
+class AnovlCLI(LightningCLI):
+    """LightningCLI without ``fit``/``validate`` (the methods are zero-shot) and with anovl's defaults.
+
+    ``plugins``: what was imported from the command line and its configs (every ``--config``, file or inline);
+    the saved config records them all, where a later config's ``plugins:`` would replace an earlier one's."""
+
+    def __init__(self, args: Any = None, run: bool = True, plugins: Sequence[str] = ()):
+        self.plugin_specs = list(plugins)
         super().__init__(
             AnomalyModel,
             AnomalyDataModule,
@@ -85,6 +99,7 @@ class AnovlCLI(LightningCLI):
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,
             save_config_callback=RunTracker,
+            parser_class=AnovlParser,
             auto_configure_optimizers=False,
             parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with vision-language models."},
             args=args,
@@ -143,6 +158,7 @@ class AnovlCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
+        config.plugins = list(dict.fromkeys([*self.plugin_specs, *(config.get("plugins") or [])]))
         self.resume_dir = Path(config.resume).expanduser().resolve() if config.get("resume") else None
         self.finished_run: ResultsTable | None = None  # set when --resume finds nothing left to run
         run_dir = config.get("run_dir")
@@ -346,9 +362,21 @@ def run_lightning_cli(args: list[str] | None, plugins: list[str]) -> None:
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     load_plugins(plugins)
     try:
-        AnovlCLI(args=args)
+        AnovlCLI(args=args, plugins=plugins)
     except Exception as error:
-        user_error = missing_package_error(error)
+        user_error = missing_package_error(error) or unknown_name_error(error)
         if user_error is None:
             raise
         raise user_error from error
+
+
+def unknown_name_error(error: BaseException) -> AnovlError | None:
+    """An "unknown ..." AnovlError (a backbone, say, that a plugin should have registered), however wrapped,
+    with the plugins that were loaded added; None where there is none or no plugin was named."""
+    seen = set()
+    while error is not None and id(error) not in seen and loaded_note():
+        seen.add(id(error))
+        if isinstance(error, AnovlError):
+            return AnovlError(f"{error}{loaded_note()}") if str(error).startswith("unknown ") else None
+        error = error.__cause__ or error.__context__
+    return None

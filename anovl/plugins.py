@@ -6,8 +6,10 @@ reads its configuration:
 
 * every entry point of the group ``anovl.plugins`` (``[project.entry-points."anovl.plugins"]`` in the
   plugin package's pyproject.toml), so an installed plugin package needs nothing else;
-* the modules or ``.py`` files named by ``--plugins`` on the command line or ``plugins:`` in a config
-  file (recorded in the run's saved config.yaml, so the run can be repeated as it is);
+* the modules or ``.py`` files named by ``--plugins`` on the command line or ``plugins:`` in any config,
+  however it arrives: a file, inline YAML (``--config '{plugins: [my.py], ...}'``, a grid variant's mapping),
+  or several ``--config``; all of them are recorded in the run's saved config.yaml, so the run can be
+  repeated as it is;
 * those named in the environment variable ``ANOVL_PLUGINS`` (separated by ``:``).
 
 A ``.py`` file is imported as a module named after the file, so ``class_path: my_method.MyModel``
@@ -60,9 +62,20 @@ def load_plugin(spec: str) -> None:
         raise
 
 
+# What the last load_plugins imported, for error messages about names a plugin should have registered.
+_loaded: list[str] = []
+
+
+def loaded_note() -> str:
+    """`` (plugins loaded: a, b)`` after the last :func:`load_plugins` that imported any, else ``""``: added to
+    "unknown class / backbone" errors, since a name a config expects from a plugin is missing when the plugin
+    did not register it (or another file was imported)."""
+    return f" (plugins loaded: {', '.join(_loaded)})" if _loaded else ""
+
+
 def load_plugins(specs: Iterable[str] = ()) -> list[str]:
     """Import the entry-point plugins, those in ``$ANOVL_PLUGINS`` and ``specs``; returns what was imported."""
-    loaded = []
+    loaded: list[str] = []
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
         loaded.append(entry_point.value)
@@ -70,4 +83,5 @@ def load_plugins(specs: Iterable[str] = ()) -> list[str]:
     for spec in [*from_environment, *specs]:
         load_plugin(spec)
         loaded.append(spec)
+    _loaded[:] = loaded
     return loaded

@@ -117,6 +117,64 @@ def test_plugin_specs_come_from_options_and_config_files(tmp_path):
     assert plugin_specs(["test", "--config", str(tmp_path / "missing.yaml")]) == []
 
 
+def test_plugin_specs_come_from_inline_and_repeated_configs(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("plugins: [a.py]\n")
+    second.write_text("plugins: [b]\n")
+    inline = yaml.safe_dump({"plugins": ["c.py"], "model": {"init_args": {"backbone": "my-vit"}}})
+    assert plugin_specs(["test", "-c", str(first), "--config", inline, f"--config={second}", "--config", "[not, a, map]",
+                         "--config", "plugins: [a.py, d]"]) == ["a.py", "c.py", "b", "d"]
+
+
+MY_VIT_PLUGIN = f'''
+    import json
+    from anovl import register_model_config
+
+    register_model_config(json.load(open({str(REPO / "anovl" / "model_configs" / "anovl-tiny-vit.json")!r})), name="my-vit")
+'''
+
+
+def test_inline_configs_import_their_plugins_and_the_run_records_them_all(data_root, tmp_path, capsys, monkeypatch,
+                                                                          text_cache):  # noqa: F811
+    prepare_in_process_cli(monkeypatch, text_cache)
+    plugin = tmp_path / "my_vit.py"
+    plugin.write_text(textwrap.dedent(MY_VIT_PLUGIN))
+    (tmp_path / "other.py").write_text("")
+    common = ["test", "--config", str(REPO / "configs" / "demo.yaml"), *TINY, "--model.init_args.num_views", "1",
+              "--data.init_args.root", str(data_root), "--data.init_args.generate", "false",
+              "--data.init_args.categories", "[widget]", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    # Before: an inline config's plugins were not imported, and the backbone they register was "unknown".
+    status, _, stderr = run_main([*common, "--config", yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
+                                  "--model.init_args.backbone", "my-vit"], capsys)
+    assert_one_error_line(status, stderr, "unknown backbone 'my-vit'", f"plugins loaded: {tmp_path / 'other.py'}")
+    status, _, stderr = run_main([*common, "--config", yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
+                                  "--config", yaml.safe_dump({"plugins": [str(plugin)]}),
+                                  "--model.init_args.backbone", "my-vit"], capsys)
+    assert status == 0, stderr
+    (config,) = (tmp_path / "runs").glob("demo/*/config.yaml")
+    saved = yaml.safe_load(config.read_text())
+    assert saved["model"]["init_args"]["backbone"] == "my-vit"
+    # A later config's plugins: replaces an earlier one's in the parsed config; the record keeps both.
+    assert saved["plugins"] == [str(tmp_path / "other.py"), str(plugin)]
+
+
+def test_a_missing_class_names_the_plugins_loaded(tmp_path, capsys, monkeypatch, text_cache):  # noqa: F811
+    prepare_in_process_cli(monkeypatch, text_cache)
+    (tmp_path / "other.py").write_text("")
+    status, _, stderr = run_main(["test", "--config", str(REPO / "configs" / "demo.yaml"), "--config",
+                                  f"{{plugins: [{tmp_path / 'other.py'}], model: {{class_path: patch_norm.PatchNorm}}}}"],
+                                 capsys)
+    assert status == 2 and "patch_norm.PatchNorm" in stderr and f"(plugins loaded: {tmp_path / 'other.py'})" in stderr
+
+
+def test_model_help_may_come_before_plugins(capsys, monkeypatch, text_cache):  # noqa: F811
+    prepare_in_process_cli(monkeypatch, text_cache)
+    status, stdout, stderr = run_main(["test", "--model.help", "patch_norm.PatchNorm", "--plugins", f"[{PATCH_NORM}]"],
+                                      capsys)
+    assert status == 0, stderr
+    assert "Help for --model.help=patch_norm.PatchNorm" in stdout and "--model.backbone" in stdout
+
+
 def test_entry_point_plugins_are_imported(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "anovl_fake_plugin-1.0.dist-info").mkdir(parents=True)
