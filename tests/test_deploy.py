@@ -13,7 +13,7 @@ from anovl import AnoVL, AnovlError, TTAConfig
 from anovl.cli import main
 from anovl.data.transforms import normalize, resize_image
 from anovl.deploy import ExportClass, ExportedModel, Sidecar, export_model, load_exported, sidecar_path
-from anovl.deploy.export import model_from_config
+from anovl.deploy.export_cli import model_from_config
 from anovl.models.base import AnomalyModel
 from anovl.results import METRIC_TITLES, ResultsTable
 from tests.conftest import TINY

@@ -23,7 +23,8 @@ from PIL import Image
 
 from anovl.data.image_io import BadImageError, load_rgb
 from anovl.data.safe_names import safe_component
-from anovl.deploy.export import MODEL_OVERRIDE_PREFIX, parse_model_overrides, check_threshold, model_from_config
+from anovl.deploy.export_cli import MODEL_OVERRIDE_PREFIX, model_from_config, parse_model_overrides
+from anovl.deploy.sidecar import check_threshold
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
 from anovl.visualization import overlay

@@ -24,7 +24,7 @@ from PIL import Image
 
 from anovl.data.image_io import load_rgb
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD, normalize, resize_image
-from anovl.deploy.export import FORMATS, INPUT_NAMES, Sidecar, sidecar_path
+from anovl.deploy.sidecar import FORMATS, INPUT_NAMES, Sidecar, sidecar_path
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel, ModelOutput, Preprocessing
 

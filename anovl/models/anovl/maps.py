@@ -4,6 +4,7 @@ per-pixel logits that VisA's joint tile adaptation takes its loss on (METHOD §8
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,18 @@ def image_score(global_tokens: torch.Tensor, states: torch.Tensor) -> torch.Tens
     batch = states.shape[0]
     views = global_tokens.reshape(-1, batch, global_tokens.shape[-1]).transpose(0, 1)
     return abnormal_probability(views, states).mean(-1)
+
+
+def layer_mean_map(patch_tokens: Sequence[torch.Tensor], states: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The map of each requested layer's patch tokens (B, N, D), averaged over the layers: (B, S, S)."""
+    return torch.stack([anomaly_map(tokens, states, image_size) for tokens in patch_tokens]).mean(0)
+
+
+def maps_and_scores(patch_tokens: Sequence[torch.Tensor], global_tokens: torch.Tensor, states: torch.Tensor,
+                    image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AnoVL's training-free map-and-score step (METHOD §4-5), shared by its forward and its export:
+    the layer-mean map (B, S, S) and the score over views (B,)."""
+    return layer_mean_map(patch_tokens, states, image_size), image_score(global_tokens, states)
 
 
 def stitched_pixel_logits(logits: torch.Tensor, image_size: int, height: int, width: int) -> torch.Tensor:

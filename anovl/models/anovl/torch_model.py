@@ -14,7 +14,8 @@ import torch
 from anovl import categories as category_registry
 from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
-from anovl.models.anovl.maps import anomaly_map, image_score, stitched_pixel_logits
+from anovl.models.anovl.export import ExportableAnoVL
+from anovl.models.anovl.maps import layer_mean_map, maps_and_scores, stitched_pixel_logits
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
@@ -163,6 +164,17 @@ class AnoVL(CLIPAnomalyModel):
                                     tuple(self.prompts.abnormal_sentences(*key)))
         return self.text_cache.get(*self._sentences[key], device=device)
 
+    def export_module(self, classes: Sequence[tuple[str, str | None]], num_views: int | None = None) -> ExportableAnoVL:
+        """The export hook of ``anovl export``: the training-free forward for ``classes`` ((category, prompt name),
+        in class-index order) with their state embeddings baked in; ``num_views`` defaults to the model's."""
+        if self.tta is not None:
+            raise AnovlError("test-time adaptation trains an adapter on every image and cannot be exported; export the "
+                             "training-free model (remove model.init_args.tta from the config)")
+        states = torch.stack([self.text_embeddings(category, prompt_name).states.float().cpu()
+                              for category, prompt_name in classes])
+        return ExportableAnoVL(self.encoder, states, self.image_size,
+                               self.num_views if num_views is None else num_views, self.layers).eval()
+
     def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
                 corrupted_image: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> AnoVLOutput:
         """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories, or
@@ -212,9 +224,8 @@ class AnoVL(CLIPAnomalyModel):
             states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
 
-        def stitched_map(tokens: list[torch.Tensor], tile_states: torch.Tensor) -> torch.Tensor:
-            """Each tile's map (tokens (B·n, N, D) per layer, averaged over layers), stitched: (B, H, W)."""
-            maps = torch.stack([anomaly_map(t, tile_states, size) for t in tokens]).mean(0)
+        def stitched(maps: torch.Tensor) -> torch.Tensor:
+            """Each tile's map (B·n, S, S), stitched: (B, H, W)."""
             return stitch_tiles(maps, height, width) if wide else maps
 
         with torch.no_grad():
@@ -225,8 +236,8 @@ class AnoVL(CLIPAnomalyModel):
             with self._stage("maps"):
                 states = states.to(encoded.global_tokens.dtype)
                 tile_states = states.repeat_interleave(count, dim=0)
-                maps = stitched_map(encoded.patch_tokens, tile_states)
-                scores = image_score(encoded.global_tokens, tile_states).view(batch, count).mean(1)
+                maps, tile_scores = maps_and_scores(encoded.patch_tokens, encoded.global_tokens, tile_states, size)
+                maps, scores = stitched(maps), tile_scores.view(batch, count).mean(1)
         # An image's tiles one after another: what one adapter per image adapts.
         patch_tokens = [tokens.reshape(batch, -1, tokens.shape[-1]) for tokens in encoded.patch_tokens]
         tfa_map = None
@@ -250,8 +261,8 @@ class AnoVL(CLIPAnomalyModel):
                              None if corrupted is None else corrupted[index], pixel_logits)
                     for index, tokens in enumerate(patch_tokens)
                 ]
-                maps = stitched_map([t.reshape(batch * count, -1, t.shape[-1]) for t in adapted],
-                                    tile_states.float())
+                maps = stitched(layer_mean_map([t.reshape(batch * count, -1, t.shape[-1]) for t in adapted],
+                                               tile_states.float(), size))
         global_tokens = encoded.global_tokens[:batch * count]  # of the identity views
         return AnoVLOutput(
             anomaly_map=maps,

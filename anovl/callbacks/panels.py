@@ -1,0 +1,128 @@
+"""The panels of ``anovl test``: :class:`PanelWriter` draws the images :mod:`anovl.callbacks.picks` chose."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+
+from anovl.callbacks.picks import Candidate, CategoryPicks
+from anovl.engine.module import category_runs, run_directory
+from anovl.errors import AnovlError
+from anovl.visualization import OutputNames, denormalize, panel, panel_lines, stack_padded
+
+
+def log_gallery(trainer: Trainer, key: str, pictures: list[Image.Image], captions: list[str]) -> None:
+    """Send a category's pictures to every logger that takes images, in one call each: a W&B gallery, a
+    TensorBoard image grid (padded to one size); CSV loggers take none."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=pictures, caption=captions)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_images(key, stack_padded(pictures), global_step=trainer.global_step,
+                                         dataformats="NHWC")
+
+
+def output_names(trainer: Trainer) -> OutputNames:
+    """Output stems for the images of the trainer's datamodule (all of them, on every process)."""
+    dataset = getattr(getattr(trainer, "datamodule", None), "dataset", None)
+    samples = getattr(dataset, "samples", ())
+    return OutputNames((str(sample.image_path), sample.key, sample.category) for sample in samples)
+
+
+def _nan_to_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+
+class PanelWriter(Callback):
+    """Saves panels of chosen ``test`` images under ``<output_dir>/<category>/<name>.png`` and sends each
+    category's panels to the image loggers as one gallery (W&B) or image grid (TensorBoard).
+
+    A panel shows input | ground truth | anomaly map (on the fixed 0-1 colour scale, with a colour bar), the
+    image's label and score, and the category's F1-max thresholds from this run (the image threshold against
+    the score, the pixel threshold as an outline on the map).
+
+    Which images: per category, the roles of :data:`PICK_ROLES` take turns until ``max_per_category`` distinct
+    images are chosen: the highest-scoring anomalous image, a normal image (a fixed pseudo-random sample by
+    path), the lowest-scoring anomalous image, the highest-scoring normal image, then the next of each. The
+    choice needs all scores of the category, so each role keeps its best ``max_per_category`` candidates
+    (memory bounded by ``6 · max_per_category`` images) and the panels are written when the category is
+    finished. Ties are broken by image path, so the choice depends neither on batch size nor on data order.
+    Under DDP each process chooses from its own share of the images and writes every ``world_size``-th of its
+    choices (so ``max_per_category`` in all); the set can then differ from a single process's.
+
+    Args:
+        max_per_category: panels per category; 0 = none.
+        output_dir: default ``<run dir>/pictures``.
+    """
+
+    def __init__(self, max_per_category: int = 0, output_dir: str | None = None):
+        if max_per_category < 0:
+            raise AnovlError(f"pictures.max_per_category must be >= 0, got {max_per_category}")
+        self.max_per_category = max_per_category
+        self.output_dir = output_dir
+        self.directory = Path(".")
+        self._names = OutputNames()
+        self._keys: dict[str, str] = {}
+        self._pending: dict[str, CategoryPicks] = {}
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.directory = Path(self.output_dir) if self.output_dir else run_directory(trainer) / "pictures"
+        self._pending = {}
+        if self.max_per_category:
+            self._names = output_names(trainer)
+            samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
+            self._keys = {str(sample.image_path): sample.key for sample in samples}
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.max_per_category or outputs is None:
+            return
+        categories = list(outputs["category"])
+        for run in category_runs(categories):
+            picks = self._pending.setdefault(categories[run.start], CategoryPicks(self.max_per_category))
+            for index in range(run.start, run.stop):
+                path = outputs["image_path"][index]
+                picks.offer(path, self._keys.get(path, path), int(outputs["label"][index]),
+                            float(outputs["pred_score"][index]), lambda index=index: self._capture(outputs, index))
+        finished = getattr(getattr(pl_module, "results", None), "rows", {})
+        for category in [category for category in self._pending if category in finished]:
+            self._write(trainer, pl_module, category)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for category in list(self._pending):
+            self._write(trainer, pl_module, category)
+
+    @staticmethod
+    def _capture(outputs: dict[str, Any], index: int) -> Candidate:
+        mask = outputs["mask"][index].detach().cpu().numpy() > 0.5 if bool(outputs["has_mask"][index]) else None
+        return Candidate(outputs["image_path"][index], int(outputs["label"][index]),
+                          float(outputs["pred_score"][index]), denormalize(outputs["image"][index]),
+                          outputs["anomaly_map"][index].detach().float().cpu().numpy(), mask)
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, category: str) -> None:
+        chosen = self._pending.pop(category).choose()[trainer.global_rank :: trainer.world_size]
+        if not chosen:
+            return
+        results = getattr(pl_module, "results", None)
+        thresholds = getattr(results, "thresholds", {}).get(category, {})
+        image_threshold = _nan_to_none(thresholds.get("image"))
+        pixel_threshold = _nan_to_none(thresholds.get("pixel"))
+        folder = self.directory / self._names.folder(category)
+        folder.mkdir(parents=True, exist_ok=True)
+        pictures, captions = [], []
+        for role, candidate in chosen:
+            name = self._names.stem(candidate.image_path, category)
+            lines = panel_lines(category, name, candidate.label, candidate.score, image_threshold, pixel_threshold,
+                                (float(candidate.anomaly_map.min()), float(candidate.anomaly_map.max())), role)
+            picture = panel(candidate.rgb, candidate.anomaly_map, candidate.mask, lines, pixel_threshold)
+            picture.save(folder / f"{name}.png")
+            pictures.append(picture)
+            captions.append(" | ".join(lines[:2]))
+        log_gallery(trainer, f"pictures/{category}", pictures, captions)
