@@ -236,8 +236,11 @@ def data_size_given(data: Any) -> int | None:
     given = data.init_args.get("image_size") if data.get("init_args") else None
     try:
         module, _, name = str(data.class_path).rpartition(".")
-        default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["image_size"].default
-    except (ImportError, KeyError, ValueError, AttributeError):
+        # A datamodule may take the shared arguments as **kwargs: the first class of its MRO naming it has it.
+        default = next(parameters["image_size"].default
+                       for cls in getattr(importlib.import_module(module), name).__mro__
+                       if "image_size" in (parameters := inspect.signature(cls.__init__).parameters))
+    except (ImportError, StopIteration, ValueError, AttributeError):
         return given
     return None if given == default else given
 

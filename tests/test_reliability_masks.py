@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from anovl.data import BadImageError, MVTecDataModule, SkippedFileWarning, VisADataModule, load_mask
-from anovl.data.base import MAX_TILE_ASPECT
+from anovl.data.dataset import MAX_TILE_ASPECT
 from anovl.errors import AnovlError
 from tests.test_reliability_paths import mvtec_copy, mvtec_root  # noqa: F401 (shared fixtures)
 

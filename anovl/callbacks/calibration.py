@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from anovl.data.base import AnomalyDataModule, AnomalyDataset, collate_batch
+from anovl.data import AnomalyDataModule, AnomalyDataset, collate_batch
 from anovl.data.corruptions import Corruptor
 from anovl.data.folder import FolderDataModule
 from anovl.errors import AnovlError

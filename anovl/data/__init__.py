@@ -1,14 +1,9 @@
 """Data: robust image loading, docs/METHOD.md §1 preprocessing, corruptions, datasets and LightningDataModules."""
 
-from anovl.data.base import (
-    AnomalyDataModule,
-    AnomalyDataset,
-    CategoryBatchSampler,
-    Sample,
-    SkippedFileWarning,
-    UnusedFilesWarning,
-    collate_batch,
-)
+from anovl.data.datamodule import AnomalyDataModule
+from anovl.data.dataset import AnomalyDataset, Sample, SkippedFileWarning
+from anovl.data.listing import UnusedFilesWarning
+from anovl.data.sampling import CategoryBatchSampler, collate_batch
 from anovl.data.corruptions import CORRUPTION_PRESETS, CorruptionConfig, Corruptor, image_seed, resolve_corruption
 from anovl.data.folder import FolderDataModule
 from anovl.data.image_io import IMAGE_EXTENSIONS, BadImageError, check_mask_size, is_image_file, load_mask, load_rgb

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from anovl.data.base import (AnomalyDataModule, OnBadImage, Sample, find_mask, index_by_stem, require_dir,
-                             warn_unused_images)
-from anovl.data.corruptions import CorruptionSpec
+from anovl.data.datamodule import AnomalyDataModule
+from anovl.data.dataset import Sample
+from anovl.data.listing import find_mask, index_by_stem, require_dir, warn_unused_images
 from anovl.data.image_io import IMAGE_EXTENSIONS, has_image_extension, is_image_file
 from anovl.data.paths import check_inside, walk_files
 from anovl.errors import AnovlError
@@ -42,7 +43,7 @@ class FolderDataModule(AnomalyDataModule):
         path: folder (or image file).
         mask_dir: folder of masks, or None (look for a mask subfolder).
         prompt_name: object name put into the prompts.
-        Others: see :class:`~anovl.data.base.AnomalyDataModule`. The category of every image is the folder's
+        Others: see :class:`~anovl.data.datamodule.AnomalyDataModule`. The category of every image is the folder's
         name (for a single file: its parent folder's name).
     """
 
@@ -51,17 +52,9 @@ class FolderDataModule(AnomalyDataModule):
         path: str | Path,
         mask_dir: str | Path | None = None,
         prompt_name: str = "object",
-        image_size: int = 240,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_bad_image: OnBadImage = "error",
-        corruption: CorruptionSpec = None,
-        seed: int = 0,
-        prompt_names: dict[str, str] | None = None,
-        allow_outside_root: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names,
-                         allow_outside_root=allow_outside_root)
+        super().__init__(**kwargs)
         self.path = Path(path).expanduser()
         self.mask_dir = Path(mask_dir).expanduser() if mask_dir is not None else None
         self.prompt_name = prompt_name

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from anovl.data.base import (AnomalyDataModule, OnBadImage, Sample, category_selection, find_mask, index_by_stem,
-                              require_dir, warn_unused_images)
-from anovl.data.corruptions import CorruptionSpec
+from anovl.data.datamodule import AnomalyDataModule
+from anovl.data.dataset import Sample
+from anovl.data.listing import category_selection, find_mask, index_by_stem, require_dir, warn_unused_images
 from anovl.data.image_io import has_image_extension
 from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
@@ -25,29 +26,21 @@ class MVTecDataModule(AnomalyDataModule):
     ``.../<name>.<ext>``. Normal images get all-zero masks. An anomalous image without a mask is an error, or
     with ``on_bad_image='skip'`` a warning and the image kept for image metrics only (``has_mask`` False).
     Images elsewhere below ``test/`` (directly in it, or in deeper folders) are named in an
-    :class:`~anovl.data.base.UnusedFilesWarning`. Symlinks: see :mod:`anovl.data.paths`.
+    :class:`~anovl.data.listing.UnusedFilesWarning`. Symlinks: see :mod:`anovl.data.paths`.
 
     Args:
         root: dataset root.
         categories: category folders to use; None: every folder of ``root`` that has a ``test`` folder.
-        Others: see :class:`~anovl.data.base.AnomalyDataModule`.
+        Others: see :class:`~anovl.data.datamodule.AnomalyDataModule`.
     """
 
     def __init__(
         self,
         root: str | Path,
         categories: list[str] | None = None,
-        image_size: int = 240,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_bad_image: OnBadImage = "error",
-        corruption: CorruptionSpec = None,
-        seed: int = 0,
-        prompt_names: dict[str, str] | None = None,
-        allow_outside_root: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names,
-                         allow_outside_root=allow_outside_root)
+        super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
 

@@ -13,12 +13,12 @@ import csv
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from anovl.data.base import OnBadImage, Sample
-from anovl.data.corruptions import CorruptionSpec
+from anovl.data.dataset import Sample
 from anovl.data.mvtec import MVTecDataModule
 from anovl.errors import AnovlError
 
@@ -140,16 +140,9 @@ class SyntheticMVTecDataModule(MVTecDataModule):
         n_defect: int = 3,
         image_size_on_disk: int = 256,
         data_seed: int = 0,
-        image_size: int = 240,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_bad_image: OnBadImage = "error",
-        corruption: CorruptionSpec = None,
-        seed: int = 0,
-        prompt_names: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        categories = list(categories or SYNTHETIC_CATEGORIES)
-        super().__init__(root, categories, image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names)
+        super().__init__(root, list(categories or SYNTHETIC_CATEGORIES), **kwargs)
         self.generate = generate
         self.generation = {"n_good": n_good, "n_defect": n_defect, "image_size": image_size_on_disk, "seed": data_seed}
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import warnings
 from pathlib import Path
+from typing import Any
 
-from anovl.data.base import AnomalyDataModule, OnBadImage, ResizeMode, Sample, require_dir, category_selection
-from anovl.data.corruptions import CorruptionSpec
+from anovl.data.datamodule import AnomalyDataModule
+from anovl.data.dataset import ResizeMode, Sample
+from anovl.data.listing import category_selection, require_dir
 from anovl.data.paths import relative_entry
 from anovl.errors import AnovlError
 
@@ -39,7 +41,7 @@ class VisADataModule(AnomalyDataModule):
         root: dataset root (holding ``split_csv/``).
         categories: objects to use; None: every object of the test split.
         mode: ``"tile"`` or ``"resize"``.
-        Others: see :class:`~anovl.data.base.AnomalyDataModule`.
+        Others: see :class:`~anovl.data.datamodule.AnomalyDataModule`.
     """
 
     nonzero_masks = True
@@ -48,18 +50,10 @@ class VisADataModule(AnomalyDataModule):
         self,
         root: str | Path,
         categories: list[str] | None = None,
-        image_size: int = 240,
         mode: ResizeMode = "tile",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_bad_image: OnBadImage = "error",
-        corruption: CorruptionSpec = None,
-        seed: int = 0,
-        prompt_names: dict[str, str] | None = None,
-        allow_outside_root: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, on_bad_image, corruption, seed, prompt_names, mode,
-                         allow_outside_root)
+        super().__init__(mode=mode, **kwargs)
         self.root = Path(root).expanduser()
         self.requested_categories = category_selection(categories)
 
