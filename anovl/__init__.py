@@ -6,7 +6,7 @@ from typing import Any
 from anovl.errors import AnovlError
 
 __version__ = "0.1.0"
-__all__ = ["AnoVL", "AnoVLOutput", "AnomalyModel", "AnovlError", "PromptSet", "TTAConfig", "WinCLIP",
+__all__ = ["AnoVL", "AnoVLOutput", "AnomalyCLIP", "AnomalyModel", "AnovlError", "PromptSet", "TTAConfig", "WinCLIP",
            "register_adapter", "register_category", "register_model_config"]
 
 # The public API is imported on first use, so that `anovl --help` (and `anovl compare`) start without torch.
@@ -16,6 +16,7 @@ _LAZY = {
     "PromptSet": "anovl.models.anovl",
     "TTAConfig": "anovl.models.anovl",
     "register_adapter": "anovl.models.anovl",
+    "AnomalyCLIP": "anovl.models",
     "AnomalyModel": "anovl.models",
     "WinCLIP": "anovl.models",
     "register_category": "anovl.categories",

@@ -1,6 +1,6 @@
 """Every ViT family open_clip ships, on tiny random-weight variants: the V-V path against a naive loop
 written from each block's own weights (tests/reference/vv_attention.py), layer selection, the token-subset
-forward and TTA.
+forward, TTA, WinCLIP and AnomalyCLIP.
 
 The default run covers one sample per block/attention type; ``pytest -m slow tests/test_backbones_families.py``
 runs the remaining families (ViTamin, MobileCLIP-B, EVA01/EVA02-E, SigLIP2-gopt, the custom-block options).
@@ -17,6 +17,7 @@ from anovl.backbones import create_backbone, register_model_config
 from anovl.backbones.tiny import tiny_timm_name, register_tiny, tiny_config
 from anovl.errors import AnovlError
 from anovl.models import WinCLIP
+from anovl.models.anomalyclip import AnomalyCLIP
 from anovl.models.anovl.tta import TTAConfig
 from tests.reference.vv_attention import naive_local_tokens
 
@@ -173,3 +174,44 @@ def test_winclip_runs_on_the_family(family):
         torch.testing.assert_close(out.window_embeddings[scale][:, window], expected, rtol=1e-4, atol=1e-5)
     first, last = F.normalize(out.window_embeddings[0][:, 0], dim=-1), F.normalize(out.window_embeddings[0][:, -1], dim=-1)
     assert not torch.allclose(first, last, atol=1e-3)
+
+
+def tiny_name_with_text_blocks(family: str, text_layers: int = 2) -> str:
+    """The family's tiny config with ``text_layers`` text blocks (AnomalyCLIP's deep tokens need two or more)."""
+    base, vision_options = CUSTOM_BLOCKS.get(family, (family, {}))
+    config = tiny_config(base, simple_tokenizer=True)
+    config["vision_cfg"].update(vision_options)
+    config["text_cfg"]["layers"] = text_layers
+    # open_clip picks SigLIP's hub tokenizer by the model name alone (anovl.backbones.tiny.register_tiny)
+    return register_model_config(config, name=f"anovl-tiny-text{text_layers}:{family.replace('SigLIP', 'Sig-LIP')}")
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_anomalyclip_runs_on_the_family(family):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name = tiny_name_with_text_blocks(family)
+        size = 4 * create_backbone(name).visual.patch_size
+        model = AnomalyCLIP(name, pretrained=None, image_size=size, layers=(0, 1), dpam_blocks=1, n_ctx=3, depth=2,
+                            t_n_ctx=2, sigma=1.0, use_text_cache=False)
+    images = torch.randn(2, 3, size, size)
+    # DPAM: the local stream branches off at the last block; block 0's tokens are the original stream's.
+    expected = naive_local_tokens(model.encoder.visual, images, start=1)
+    with torch.no_grad():
+        encoded = model.encode_images(images)
+    for got, want in zip(encoded.patch_tokens, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The text tower run from its embeddings is its own encode_text (CoCa's normalises).
+    tower, ids = model.text_tower, model.token_ids
+    with torch.no_grad():
+        torch.testing.assert_close(F.normalize(tower.encode(tower.token_embedding(ids), ids), dim=-1),
+                                   F.normalize(model.clip.encode_text(ids), dim=-1), rtol=1e-5, atol=1e-5)
+    out = model(images, ["widget", "widget"])
+    assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
+    assert out.pred_score.shape == (2,) and torch.isfinite(out.pred_score).all()
+    # Gradients reach the learned context and the deep tokens, and nothing of the frozen CLIP.
+    states = model.text_states()
+    (states[1] @ torch.randn(states.shape[1])).backward()
+    assert model.context.grad.abs().sum() > 0 and model.deep_tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.clip.parameters())

@@ -90,7 +90,8 @@ class Backbone:
         self.weights_fingerprint = f"state-{_hash_parameters(self.clip)}"
 
 
-def _resolve_name(name: str) -> str:
+def resolve_model_name(name: str) -> str:
+    """An open_clip model name, a registered config's, or a model-config JSON path (registered on the way)."""
     if Path(name).suffix == ".json":
         return register_model_config(name)
     known = open_clip.list_models()
@@ -124,7 +125,7 @@ def create_backbone(
 
     Unsupported towers, missing packages and missing tokenizers stop here, before weights are built.
     """
-    name = _resolve_name(name)
+    name = resolve_model_name(name)
     config = open_clip.get_model_config(name)
     patch_size = inspect_config(name, config)
     check_text_tower(name, config)

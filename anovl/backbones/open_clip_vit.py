@@ -116,7 +116,11 @@ class OpenClipViT(ValueWiseViT):
     def _embed(self, images):
         return self.visual._embeds(images), None
 
-    def pool(self, tokens):
+    def pool(self, tokens, final_norm=True):
+        if not final_norm:
+            visual = self.visual
+            pooled, _ = visual._global_pool(visual.attn_pool(tokens) if visual.attn_pool is not None else tokens)
+            return pooled @ visual.proj
         if self._class_token_head:
             return self.project_local(tokens[:, 0])
         pooled, _ = self.visual._pool(tokens)

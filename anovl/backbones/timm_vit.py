@@ -236,9 +236,9 @@ class TimmViT(ValueWiseViT):
         shared = self.visual.trunk.shared_rel_pos
         return RelativePositions(token_index, None if shared is None else shared.get_bias())
 
-    def pool(self, tokens):
+    def pool(self, tokens, final_norm=True):
         trunk = self.visual.trunk
-        return self.visual.head(trunk.forward_head(trunk.norm(tokens)))
+        return self.visual.head(trunk.forward_head(trunk.norm(tokens) if final_norm else tokens))
 
     def project_local(self, patch_tokens):
         trunk = self.visual.trunk

@@ -179,8 +179,12 @@ class ValueWiseViT(nn.Module):
         of a token subset needs the subset's patch positions."""
         return False
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tower's image embedding (B, D) from the last block's tokens: its own pooling head."""
+    def pool(self, tokens: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """The tower's image embedding (B, D) from the last block's tokens: its own pooling head.
+
+        ``final_norm=False`` leaves out the tower's last norm before pooling (``ln_post``, the trunk's
+        ``norm``), as AnomalyCLIP's image embedding does (docs/METHOD.md, AnomalyCLIP).
+        """
         raise NotImplementedError
 
     def project_local(self, patch_tokens: torch.Tensor) -> torch.Tensor:
@@ -211,17 +215,25 @@ class ValueWiseViT(nn.Module):
 
     def forward(
         self, images: torch.Tensor, num_local: int | None = None, layers: Sequence[int] = (-1,),
-        chunk_size: int | None = None,
+        chunk_size: int | None = None, local_start: int = 0, final_norm: bool = True,
     ) -> VisualTokens:
         """Encode ``images``; the first ``num_local`` (default: all) also get V-V patch tokens.
 
         ``layers`` are block indices (negative from the end) whose local stream is returned.
         ``chunk_size`` caps the images per pass (None: all in one); results are the same either way.
+        ``local_start``: the block where the local stream leaves the original one (0: AnoVL's, from the
+        embedding; AnomalyCLIP's DPAM starts it at a later block; ``num_layers``: never). Before it the local
+        stream is the original stream, so a requested layer there gives the original tokens through the
+        per-token head.
+        ``final_norm``: see :meth:`pool` (the global tokens).
         """
         num_local = images.shape[0] if num_local is None else num_local
         wanted = sorted({layer % self.num_layers for layer in layers})
+        if not 0 <= local_start <= self.num_layers:
+            raise AnovlError(f"local_start {local_start} out of range for a tower of {self.num_layers} blocks")
         if chunk_size and images.shape[0] > chunk_size:
-            parts = [self.forward(images[start:start + chunk_size], min(max(num_local - start, 0), chunk_size), layers)
+            parts = [self.forward(images[start:start + chunk_size], min(max(num_local - start, 0), chunk_size), layers,
+                                  local_start=local_start, final_norm=final_norm)
                      for start in range(0, images.shape[0], chunk_size)]
             return VisualTokens(
                 global_tokens=torch.cat([part.global_tokens for part in parts]),
@@ -230,15 +242,16 @@ class ValueWiseViT(nn.Module):
             )
         h, positions = self._embed(images)
         prefix = self.num_prefix_tokens
-        s = h[:num_local]
         patch_tokens = []
         for index, (ops, block) in enumerate(zip(self.block_ops, self.blocks)):
-            if num_local and index <= wanted[-1]:
+            if index == local_start:
+                s = h[:num_local]
+            if num_local and local_start <= index <= wanted[-1]:
                 a_ori, a_vv = ops.dual_attention(block, h, num_local, positions, prefix)
                 s = s + ops.branch(block, a_vv)
                 h = ops.mlp_residual(block, h + ops.branch(block, a_ori))
             else:
                 h = ops.forward(block, h, positions)
             if num_local and index in wanted:
-                patch_tokens.append(self.project_local(s[:, prefix:]))
-        return VisualTokens(global_tokens=self.pool(h), patch_tokens=patch_tokens)
+                patch_tokens.append(self.project_local((s if index >= local_start else h[:num_local])[:, prefix:]))
+        return VisualTokens(global_tokens=self.pool(h, final_norm), patch_tokens=patch_tokens)

@@ -113,16 +113,22 @@ def tower_parts(visual):
     return (lambda images: (visual._embeds(images), {})), list(visual.transformer.resblocks), 1, pool
 
 
-def naive_local_tokens(visual, images):
-    """Local tokens after every block, each projected as the tower's head sees one token alone."""
+def naive_local_tokens(visual, images, start=0):
+    """Local tokens after every block, each projected as the tower's head sees one token alone.
+
+    ``start``: the block where the local stream branches off the original one (AnomalyCLIP's DPAM); before it
+    the local stream is the original stream.
+    """
     embed, blocks, prefix, pool = tower_parts(visual)
     h, block_kwargs = embed(images)
-    s = h.clone()
     projected = []
-    for block in blocks:
-        s = s + naive_vv_branch(block, h)
+    for index, block in enumerate(blocks):
+        if index == start:
+            s = h.clone()
+        if index >= start:
+            s = s + naive_vv_branch(block, h)
         h = block(h, **block_kwargs)
-        patches = s[:, prefix:]
+        patches = (s if index >= start else h)[:, prefix:]
         batch, count, width = patches.shape
         alone = patches.reshape(batch * count, 1, width)
         # the sequence holds the token alone: in every slot (class token, prefix, patch)

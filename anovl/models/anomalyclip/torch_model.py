@@ -1,0 +1,297 @@
+"""AnomalyCLIP (Zhou et al., ICLR 2024) as a plain PyTorch module: learned object-agnostic prompts with deep
+text tokens, and DPAM (the V-V path from a later block) on a frozen CLIP. docs/METHOD.md, AnomalyCLIP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anovl.backbones.factory import resolve_model_name
+from anovl.backbones.text_tower import PromptTextTower, check_prompt_text_tower
+from anovl.errors import AnovlError
+from anovl.models.base import ModelOutput, json_data
+from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.components.smoothing import gaussian_blur
+
+# The authors' published run: ViT-L/14@336px (OpenAI weights) at 518 px, maps of blocks 6/12/18/24.
+REFERENCE_BACKBONE = ("ViT-L-14-336", "openai", 518)
+REFERENCE_LAYERS = (5, 11, 17, 23)  # block indices from 0
+PLACEHOLDER = "X"  # the word the learned context vectors stand in for while tokenizing
+
+
+@dataclass
+class AnomalyCLIPOutput(ModelOutput):
+    """``anomaly_map`` (B, H, W): the sum over layers of the abnormal probability, smoothed; ``pred_score``
+    (B,): the abnormal probability of the image embedding; and the per-layer probabilities."""
+
+    layer_probabilities: list[torch.Tensor]  # per layer, (B, 2, H, W): [normal, abnormal] per pixel
+    text_states: torch.Tensor  # (2, D) normalised [normal, abnormal] text embeddings of the learned prompts
+    image_logits: torch.Tensor  # (B, 2) cosine / temperature of the image embedding with the text states
+
+
+def layer_probabilities(tokens: torch.Tensor, states: torch.Tensor, image_size: int,
+                        temperature: float) -> torch.Tensor:
+    """(B, N, D) patch tokens of a square grid → (B, 2, S, S) [normal, abnormal] probabilities: softmax of the
+    cosines / temperature per token, bilinearly upsampled (align_corners=False) as the authors' maps."""
+    probabilities = (F.normalize(tokens, dim=-1) @ states.t() / temperature).softmax(-1)
+    batch, count, _ = probabilities.shape
+    side = int(round(count ** 0.5))
+    grid = probabilities.transpose(1, 2).reshape(batch, 2, side, side)
+    return F.interpolate(grid, (image_size, image_size), mode="bilinear")
+
+
+class AnomalyCLIP(CLIPAnomalyModel):
+    """Learned object-agnostic text prompts and DPAM on a frozen CLIP (docs/METHOD.md, AnomalyCLIP).
+
+    Args:
+        backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP
+            (see :class:`~anovl.models.clip_model.CLIPAnomalyModel`); its text tower must be open_clip's own.
+        layers: blocks (from 0; negative from the end) whose DPAM patch tokens make the maps (summed).
+        dpam_blocks: the last blocks whose local stream takes the V-V attention (the authors'
+            ``DPAM_layer=20`` replaces the attention of the last 19 blocks, 6 to 24 of ViT-L).
+        n_ctx: learned context vectors of each prompt ("X X ... X object." / "X ... X damaged object.").
+        depth: text blocks that see learned tokens; blocks 1 .. depth-1 get ``t_n_ctx`` deep tokens each,
+            replacing the first ``t_n_ctx`` context positions.
+        t_n_ctx: deep tokens per block.
+        sigma: Gaussian smoothing of the summed map (0: none).
+        temperature: of every softmax over [normal, abnormal] cosines.
+        object_name: the one class name of the object-agnostic prompts.
+        deep_tokens_float16: round the deep tokens to float16 before use, as the authors' code does.
+        image_norm: apply the tower's final norm to the image embedding (the authors' image embedding leaves
+            ``ln_post`` out).
+        prompt_seed: seed of the initial learned vectors (normal, std 0.02).
+        checkpoint: the authors' released checkpoint (``{"prompt_learner": state_dict}``) to load.
+        learning_rate, betas: Adam's, for training.
+    """
+
+    method = "AnomalyCLIP"
+
+    def __init__(
+        self,
+        backbone: str = REFERENCE_BACKBONE[0],
+        pretrained: str | None = REFERENCE_BACKBONE[1],
+        image_size: int | None = REFERENCE_BACKBONE[2],
+        layers: Sequence[int] = REFERENCE_LAYERS,
+        dpam_blocks: int = 19,
+        n_ctx: int = 12,
+        depth: int = 9,
+        t_n_ctx: int = 4,
+        sigma: float = 4.0,
+        temperature: float = 0.07,
+        object_name: str = "object",
+        deep_tokens_float16: bool = True,
+        image_norm: bool = False,
+        prompt_seed: int = 0,
+        checkpoint: str | os.PathLike | None = None,
+        learning_rate: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        init_seed: int = 0,
+        tokenizer: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_text_cache: bool = True,
+    ):
+        name = resolve_model_name(backbone)
+        check_prompt_text_tower(name, open_clip.get_model_config(name), "AnomalyCLIP's deep text prompts")
+        for what, value, low in (("n_ctx", n_ctx, 1), ("depth", depth, 1), ("t_n_ctx", t_n_ctx, 0),
+                                 ("dpam_blocks", dpam_blocks, 0)):
+            if not isinstance(value, int) or value < low:
+                raise AnovlError(f"{what} must be an integer of at least {low}, got {value!r}")
+        if t_n_ctx > n_ctx:
+            raise AnovlError(f"t_n_ctx ({t_n_ctx}) cannot exceed n_ctx ({n_ctx}): the deep tokens replace context "
+                             "positions")
+        if not layers:
+            raise AnovlError("layers must name at least one block, e.g. [5, 11, 17, 23] (the reference)")
+        if temperature <= 0 or sigma < 0:
+            raise AnovlError(f"temperature must be positive and sigma not negative, got {temperature} and {sigma}")
+        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
+        blocks = self.encoder.num_layers
+        if dpam_blocks > blocks:
+            raise AnovlError(f"dpam_blocks {dpam_blocks} exceeds the {blocks} blocks of {self.backbone_name}")
+        for layer in layers:
+            if not -blocks <= layer < blocks:
+                raise AnovlError(f"layer {layer} out of range for {self.backbone_name} with {blocks} blocks")
+        self.text_tower = PromptTextTower(self.clip)
+        if depth > self.text_tower.num_layers:
+            raise AnovlError(f"depth {depth} exceeds the {self.text_tower.num_layers} text blocks of "
+                             f"{self.backbone_name}")
+        self.layers = tuple(layers)
+        self.dpam_blocks, self.n_ctx, self.depth, self.t_n_ctx = dpam_blocks, n_ctx, depth, t_n_ctx
+        self.sigma, self.temperature, self.object_name = float(sigma), float(temperature), object_name
+        self.deep_tokens_float16, self.image_norm, self.prompt_seed = deep_tokens_float16, image_norm, prompt_seed
+        self.learning_rate, self.betas = float(learning_rate), (float(betas[0]), float(betas[1]))
+        width = self.text_tower.width
+        generator = torch.Generator().manual_seed(prompt_seed)
+        # [normal, abnormal] context vectors, and the deep tokens of text blocks 1 .. depth-1.
+        self.context = nn.Parameter(torch.randn(2, n_ctx, width, generator=generator).mul_(0.02))
+        self.deep_tokens = nn.Parameter(
+            torch.randn(depth - 1, t_n_ctx, width, generator=generator).mul_(0.02))
+        token_ids, self.context_start = self._prompt_tokens()
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        if checkpoint is not None:
+            self.load_authors_checkpoint(checkpoint)
+
+    # --- prompts -------------------------------------------------------------------------------------------
+
+    def prompt_sentences(self) -> tuple[str, str]:
+        """The normal and abnormal prompt, the placeholder words standing for the learned context."""
+        context = " ".join([PLACEHOLDER] * self.n_ctx)
+        return f"{context} {self.object_name}.", f"{context} damaged {self.object_name}."
+
+    def _prompt_tokens(self) -> tuple[torch.Tensor, int]:
+        """Token ids (2, L) of the two prompts and the position of their first context token."""
+        tokenizer = self.text_cache.backbone.tokenizer
+        ids = torch.as_tensor(tokenizer(list(self.prompt_sentences()))).long()
+        empty, word = (torch.as_tensor(tokenizer([text])).long()[0] for text in ("", PLACEHOLDER))
+        placeholder = word[(word != empty).nonzero()[0, 0]]
+        starts = []
+        for row in ids:
+            runs = [i for i in range(len(row) - self.n_ctx + 1) if bool((row[i:i + self.n_ctx] == placeholder).all())]
+            if not runs:
+                raise AnovlError(f"the tokenizer of {self.backbone_name} does not keep the {self.n_ctx} context "
+                                 f"placeholders of {self.prompt_sentences()[0]!r} as one token each")
+            starts.append(runs[0])
+        if starts[0] != starts[1]:
+            raise AnovlError(f"the tokenizer of {self.backbone_name} puts the prompts' contexts at different positions")
+        return ids, starts[0]
+
+    def text_states(self) -> torch.Tensor:
+        """(2, D) normalised [normal, abnormal] embeddings of the learned prompts (differentiable)."""
+        tower = self.text_tower
+        embeddings = tower.token_embedding(self.token_ids)
+        start = self.context_start
+        embeddings = torch.cat([embeddings[:, :start], self.context.to(embeddings.dtype),
+                                embeddings[:, start + self.n_ctx:]], 1)
+        states = tower.encode(embeddings, self.token_ids, list(self.deep_tokens), deep_start=start,
+                              deep_dtype=torch.float16 if self.deep_tokens_float16 else None)
+        return F.normalize(states.float(), dim=-1)
+
+    # --- forward --------------------------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor):
+        """The frozen visual side: DPAM patch tokens of ``layers`` and the image embedding (no gradients)."""
+        with torch.no_grad():
+            return self.encoder(images, layers=self.layers, local_start=self.encoder.num_layers - self.dpam_blocks,
+                                final_norm=self.image_norm)
+
+    def forward(self, images: torch.Tensor, categories: Sequence[str],
+                prompt_names: Sequence[str] | None = None) -> AnomalyCLIPOutput:
+        """Maps and scores of CLIP-normalised ``images`` (B, 3, S, S). The prompts are object-agnostic: the
+        categories are checked but do not change them."""
+        images, _ = self.check_inputs(images, categories, prompt_names)
+        with torch.no_grad():
+            return self._outputs(images, self.text_states())
+
+    def _outputs(self, images: torch.Tensor, states: torch.Tensor) -> AnomalyCLIPOutput:
+        encoded = self.encode_images(images)
+        probabilities = [layer_probabilities(tokens.float(), states, self.image_size, self.temperature)
+                         for tokens in encoded.patch_tokens]
+        # The authors' map is (p_abnormal + 1 - p_normal) / 2 per layer, summed over layers.
+        summed = torch.stack([(p[:, 1] + 1 - p[:, 0]) / 2 for p in probabilities]).sum(0)
+        image_logits = F.normalize(encoded.global_tokens.float(), dim=-1) @ states.t() / self.temperature
+        return AnomalyCLIPOutput(
+            anomaly_map=gaussian_blur(summed, self.sigma),
+            pred_score=image_logits.softmax(-1)[:, 1],
+            layer_probabilities=probabilities,
+            text_states=states,
+            image_logits=image_logits,
+        )
+
+    # --- settings -------------------------------------------------------------------------------------------
+
+    def prompt_fingerprint(self) -> str:
+        """A hash of the learned vectors (what a trained or loaded model's numbers depend on)."""
+        digest = hashlib.sha256()
+        for tensor in (self.context, self.deep_tokens):
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _method_settings(self) -> dict[str, Any]:
+        return {"layers": [layer % self.encoder.num_layers for layer in self.layers],
+                "dpam_blocks": self.dpam_blocks, "n_ctx": self.n_ctx, "depth": self.depth, "t_n_ctx": self.t_n_ctx,
+                "sigma": self.sigma, "temperature": self.temperature, "object_name": self.object_name,
+                "deep_tokens_float16": self.deep_tokens_float16, "image_norm": self.image_norm,
+                "prompt_seed": self.prompt_seed, "learning_rate": self.learning_rate, "betas": list(self.betas)}
+
+    def settings(self) -> dict[str, Any]:
+        return json_data({**self.backbone_settings(), **self._method_settings(),
+                          "prompt_weights": self.prompt_fingerprint()})
+
+    def reference_settings(self) -> dict[str, Any]:
+        backbone, pretrained, image_size = REFERENCE_BACKBONE
+        return json_data({
+            "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
+            "layers": list(REFERENCE_LAYERS), "dpam_blocks": 19, "n_ctx": 12, "depth": 9, "t_n_ctx": 4,
+            "sigma": 4.0, "temperature": 0.07, "object_name": "object", "deep_tokens_float16": True,
+            "image_norm": False, "prompt_seed": self.prompt_seed, "learning_rate": 1e-3, "betas": [0.5, 0.999],
+            # learned weights are not a setting: the label does not name them
+            "prompt_weights": self.prompt_fingerprint(),
+        })
+
+    # --- the authors' checkpoints --------------------------------------------------------------------------
+
+    def load_authors_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load the authors' released prompt learner (``torch.save({"prompt_learner": state_dict})``)."""
+        self.load_prompt_state(convert_authors_state_dict(_read_checkpoint(Path(path))))
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the learned vectors from ``{"context": (2, n_ctx, W), "deep_tokens": (depth-1, t_n_ctx, W)}``."""
+        for name in ("context", "deep_tokens"):
+            parameter = getattr(self, name)
+            value = state.get(name)
+            if name == "deep_tokens" and parameter.numel() == 0 and isinstance(value, torch.Tensor) and not value.numel():
+                continue  # depth 1: no deep tokens on either side
+            if not isinstance(value, torch.Tensor) or value.shape != parameter.shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise AnovlError(f"prompt weights do not fit this AnomalyCLIP: {name} is {got}, expected "
+                                 f"{tuple(parameter.shape)} (n_ctx={self.n_ctx}, depth={self.depth}, "
+                                 f"t_n_ctx={self.t_n_ctx}, text width {self.text_tower.width})")
+            with torch.no_grad():
+                parameter.copy_(value)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AnovlError(f"AnomalyCLIP checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, truncated or code-running pickles raise assorted types
+        raise AnovlError(f"cannot read AnomalyCLIP checkpoint {path} ({type(error).__name__}); "
+                         "expected the authors' torch.save({'prompt_learner': ...})") from None
+    if not isinstance(checkpoint, dict):
+        raise AnovlError(f"AnomalyCLIP checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def convert_authors_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The authors' prompt-learner state dict (or the checkpoint holding it under ``prompt_learner``) as
+    :meth:`AnomalyCLIP.load_prompt_state` takes it.
+
+    ``ctx_pos`` / ``ctx_neg`` (1, 1, n_ctx, W) become ``context`` [normal, abnormal]; ``compound_prompts_text.i``
+    (t_n_ctx, W) become ``deep_tokens[i]``. Their ``compound_prompt_projections`` are never used by their forward
+    and the token buffers are the tokenized prompts, which this model builds itself.
+    """
+    state = checkpoint.get("prompt_learner", checkpoint)
+    if not isinstance(state, dict) or "ctx_pos" not in state or "ctx_neg" not in state:
+        raise AnovlError("not an AnomalyCLIP prompt learner: no ctx_pos / ctx_neg "
+                         f"(keys: {', '.join(sorted(map(str, state))[:8]) if isinstance(state, dict) else '-'})")
+    contexts = []
+    for key in ("ctx_pos", "ctx_neg"):
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.ndim != 4 or value.shape[:2] != (1, 1):
+            raise AnovlError(f"{key} must be a 1×1×n_ctx×width tensor (one class, one state), got "
+                             f"{tuple(getattr(value, 'shape', ()))}")
+        contexts.append(value[0, 0].float())
+    deep = []
+    while f"compound_prompts_text.{len(deep)}" in state:
+        deep.append(state[f"compound_prompts_text.{len(deep)}"].float())
+    width = contexts[0].shape[-1]
+    return {"context": torch.stack(contexts),
+            "deep_tokens": torch.stack(deep) if deep else torch.zeros(0, 0, width)}

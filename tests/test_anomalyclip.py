@@ -1,0 +1,97 @@
+"""AnomalyCLIP on a tiny random model: settings and label, bad arguments, text towers it refuses, and the map
+pipeline against a naive restatement (the authors' equality is tests/test_anomalyclip_parity.py)."""
+
+import copy
+import warnings
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from anovl.backbones import register_model_config
+from anovl.errors import AnovlError
+from anovl.models.anomalyclip import AnomalyCLIP
+
+SIZE = 64
+TINY = dict(pretrained=None, image_size=SIZE, layers=(0, 2), dpam_blocks=2, n_ctx=4, depth=2, t_n_ctx=2,
+            use_text_cache=False)
+
+
+def tiny_backbone() -> str:
+    config = copy.deepcopy(open_clip.get_model_config("anovl-tiny-vit"))
+    config["vision_cfg"]["layers"], config["text_cfg"]["layers"] = 4, 3
+    return register_model_config(config, name="anovl-tiny-vit-text3")
+
+
+def make(**kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AnomalyCLIP(tiny_backbone(), **{**TINY, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make()
+
+
+def test_label_names_what_differs_from_the_published_settings(model):
+    differences = "backbone=anovl-tiny-vit-text3;depth=2;dpam_blocks=2;image_size=64;init_seed=0;layers=0,2;n_ctx=4;" \
+                  "pretrained=None;t_n_ctx=2"
+    assert model.label == f"AnomalyCLIP[{differences}]"
+    assert make(sigma=0.0, deep_tokens_float16=False).label == (
+        "AnomalyCLIP[backbone=anovl-tiny-vit-text3;deep_tokens_float16=False;depth=2;dpam_blocks=2;image_size=64;"
+        "init_seed=0;layers=0,2;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]")
+    # Learned weights are no setting of the label, but results.json records them.
+    before = model.settings()["prompt_weights"]
+    trained = make()
+    with torch.no_grad():
+        trained.context.add_(1.0)
+    assert trained.label == model.label and trained.settings()["prompt_weights"] != before
+
+
+def test_maps_and_scores_against_a_naive_restatement(model):
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    out = model(images, ["bottle", "screw"])
+    states = model.text_states().detach()
+    encoded = model.encode_images(images)
+    grid = SIZE // model.encoder.patch_size
+    expected_maps = []
+    for index in range(2):
+        total = np.zeros((SIZE, SIZE), dtype=np.float32)
+        for tokens in encoded.patch_tokens:
+            cosines = F.normalize(tokens[index], dim=-1) @ states.t()
+            abnormal = (cosines / 0.07).softmax(-1)[:, 1].reshape(1, 1, grid, grid)
+            total += F.interpolate(abnormal, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy()
+        expected_maps.append(gaussian_filter(total, sigma=4))
+    np.testing.assert_allclose(out.anomaly_map.numpy(), np.stack(expected_maps), atol=1e-5)
+    image = F.normalize(encoded.global_tokens, dim=-1)
+    torch.testing.assert_close(out.pred_score, (image @ states.t() / 0.07).softmax(-1)[:, 1])
+    # Object-agnostic: the category does not change the prompts.
+    torch.testing.assert_close(model(images, ["carpet", "carpet"]).anomaly_map, out.anomaly_map)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(t_n_ctx=5), r"t_n_ctx \(5\) cannot exceed n_ctx \(4\)"),
+    (dict(depth=4), "depth 4 exceeds the 3 text blocks"),
+    (dict(layers=(4,)), "layer 4 out of range"),
+    (dict(dpam_blocks=5), "dpam_blocks 5 exceeds the 4 blocks"),
+    (dict(n_ctx=0), "n_ctx must be an integer of at least 1"),
+    (dict(temperature=0.0), "temperature must be positive"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(AnovlError, match=message):
+        make(**kwargs)
+
+
+def test_hugging_face_text_tower_refused_before_weights(monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("weights were built")
+
+    monkeypatch.setattr(open_clip, "create_model", no_build)
+    with pytest.raises(AnovlError, match="open_clip's own text transformer, but the text tower of roberta-ViT-B-32 "
+                                         "is the Hugging Face model 'roberta-base'"):
+        AnomalyCLIP("roberta-ViT-B-32", pretrained=None)

@@ -1,0 +1,95 @@
+"""AnomalyCLIP equals the authors' code (zqhang/AnomalyCLIP) on identical random weights.
+
+The reference outputs (tests/reference/data/anomalyclip.npz) were written by
+tests/reference/anomalyclip_reference.py running the authors' code; this test rebuilds the same open_clip
+weights from the seed (a checksum proves it), loads the authors' initial prompt learner through the
+converter, and compares.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from anovl.errors import AnovlError
+from anovl.models.anomalyclip import AnomalyCLIP
+from tests.reference.anomalyclip_reference import CONFIG, build_open_clip_model, weights_checksum
+
+DATA = Path(__file__).resolve().parent / "reference" / "data" / "anomalyclip.npz"
+MAP_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(DATA) as data:
+        return {key: data[key] for key in data.files}
+
+
+def authors_checkpoint(reference, prefix="initial/"):
+    """The authors' checkpoint format: their prompt learner's state dict under "prompt_learner", with the
+    unused per-layer projections their learner also holds."""
+    state = {key[len(prefix):]: torch.from_numpy(value) for key, value in reference.items() if key.startswith(prefix)}
+    width = state["ctx_pos"].shape[-1]
+    for index in range(8):
+        state[f"compound_prompt_projections.{index}.weight"] = torch.randn(896, width)
+        state[f"compound_prompt_projections.{index}.bias"] = torch.randn(896)
+    state["token_prefix_pos"] = torch.zeros(1, 1, 1, width)
+    return {"prompt_learner": state}
+
+
+@pytest.fixture(scope="module")
+def model(reference, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("anomalyclip-parity")
+    assert json.loads(str(reference["config"])) == CONFIG
+    clip = build_open_clip_model()
+    state = clip.state_dict()
+    assert weights_checksum(state) == str(reference["weights_sha256"]), "open_clip no longer builds the same weights"
+    config = folder / "anomalyclip-parity-vit.json"
+    config.write_text(json.dumps(CONFIG))
+    weights = folder / "weights.safetensors"
+    save_file({key: value.contiguous() for key, value in state.items()}, str(weights))
+    checkpoint = folder / "prompt_learner.pth"
+    torch.save(authors_checkpoint(reference), checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AnomalyCLIP(str(config), pretrained=str(weights), image_size=48, checkpoint=str(checkpoint),
+                           use_text_cache=False)
+
+
+def test_defaults_are_the_published_ones(model):
+    # The model above differs from the reference only in its backbone.
+    assert model.label == "AnomalyCLIP[backbone=anomalyclip-parity-vit;image_size=48;pretrained=#" + \
+        model.label.split("pretrained=#")[1]
+    assert (model.layers, model.dpam_blocks, model.n_ctx, model.depth, model.t_n_ctx) == ((5, 11, 17, 23), 19, 12, 9, 4)
+
+
+def test_maps_and_scores_equal_the_authors(model, reference):
+    images = torch.from_numpy(reference["images"])
+    out = model(images, ["widget"] * len(images))
+    assert (out.pred_score - torch.from_numpy(reference["pred_score"])).abs().max() <= MAP_TOLERANCE
+    raw = torch.stack([(p[:, 1] + 1 - p[:, 0]) / 2 for p in out.layer_probabilities]).sum(0)
+    assert (raw - torch.from_numpy(reference["anomaly_map_raw"])).abs().max() <= MAP_TOLERANCE
+    assert (out.anomaly_map - torch.from_numpy(reference["anomaly_map"])).abs().max() <= MAP_TOLERANCE
+    # The reference is not flat: maps vary in space and scores between images, far above the tolerance.
+    assert reference["anomaly_map_raw"].reshape(4, -1).std(1).min() > 100 * MAP_TOLERANCE
+    assert np.ptp(reference["pred_score"]) > 100 * MAP_TOLERANCE
+
+
+def test_converter_refuses_other_files(tmp_path, model):
+    bad = tmp_path / "other.pth"
+    torch.save({"prompt_learner": {"linear.weight": torch.zeros(2, 2)}}, bad)
+    with pytest.raises(AnovlError, match="not an AnomalyCLIP prompt learner"):
+        model.load_authors_checkpoint(bad)
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 12, 128)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    with pytest.raises(AnovlError, match="cannot read AnomalyCLIP checkpoint"):
+        model.load_authors_checkpoint(truncated)
+    small = tmp_path / "small.pth"
+    torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 8, 128), "ctx_neg": torch.zeros(1, 1, 8, 128)}}, small)
+    with pytest.raises(AnovlError, match=r"context is \(2, 8, 128\), expected \(2, 12, 128\)"):
+        model.load_authors_checkpoint(small)
