@@ -6,7 +6,8 @@ from typing import Any
 from anovl.errors import AnovlError
 
 __version__ = "0.1.0"
-__all__ = ["AnoVL", "AnoVLOutput", "AnomalyCLIP", "AnomalyModel", "AnovlError", "PromptSet", "TTAConfig", "WinCLIP",
+__all__ = ["AnoVL", "AnoVLOutput", "AnomalyCLIP", "AnomalyModel", "AnovlError", "AprilGAN", "PromptSet", "TTAConfig",
+           "WinCLIP",
            "register_adapter", "register_category", "register_model_config"]
 
 # The public API is imported on first use, so that `anovl --help` (and `anovl compare`) start without torch.
@@ -19,6 +20,7 @@ _LAZY = {
     "AnomalyCLIP": "anovl.models",
     "AnomalyModel": "anovl.models",
     "WinCLIP": "anovl.models",
+    "AprilGAN": "anovl.models",
     "register_category": "anovl.categories",
     "register_model_config": "anovl.backbones",
 }

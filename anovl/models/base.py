@@ -15,6 +15,11 @@ results files, pictures, ``--resume`` and loggers as every other method. A metho
 * :meth:`AnomalyModel.settings` is everything its numbers depend on; results.json records it and
   ``anovl test --resume`` refuses to continue a run whose settings differ.
 
+**Methods trained on auxiliary data** (``anovl fit``; APRIL-GAN, AnomalyCLIP) return the part they train from
+:meth:`AnomalyModel.trained_module` (heads, learned prompts) and give :meth:`AnomalyModel.training_losses` and
+:meth:`AnomalyModel.configure_optimizer`. Only that part gets gradients and optimiser state, and a checkpoint
+holds only its state dict (:mod:`anovl.models.checkpoints`); the frozen CLIP is never trained.
+
 **Wide images** (VisA's tile mode, ``S×W`` with ``W > S``): unless :attr:`AnomalyModel.handles_wide_images`
 is set, the framework cuts them into square tiles, runs the tiles and stitches the maps back
 (:func:`~anovl.data.transforms.stitch_tiles`); the image score is the tiles' mean.
@@ -132,6 +137,30 @@ class AnomalyModel(nn.Module):
 
     def start_category(self, category: str) -> None:
         """Called before the first images of each category (state carried within a category resets here)."""
+
+    # ----------------------------------------------------------------- training (anovl fit)
+
+    def trained_module(self) -> nn.Module | None:
+        """The part that ``anovl fit`` trains (its parameters and its state dict); None: training-free."""
+        return None
+
+    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, categories: Sequence[str],
+                        prompt_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The loss terms of a batch of labelled images (``masks`` B×S×S in {0, 1}); ``fit`` minimises their
+        sum and logs each term. Gradients must reach only :meth:`trained_module`'s parameters."""
+        raise NotImplementedError(f"{type(self).__name__} declares a trained module but no training_losses")
+
+    def configure_optimizer(self, parameters: Any) -> torch.optim.Optimizer:
+        """The method's published optimiser over ``parameters`` (the trained module's)."""
+        raise NotImplementedError(f"{type(self).__name__} declares a trained module but no configure_optimizer")
+
+    def training_settings(self) -> dict[str, Any]:
+        """JSON-like training settings (optimiser, learning rate) that checkpoints record."""
+        return {}
+
+    def foreign_trained_state(self, data: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The trained module's state dict from a checkpoint in the method's authors' format (None: not one)."""
+        return None
 
     @property
     def device(self) -> torch.device:

@@ -39,10 +39,10 @@ class WinCLIPPrompts:
         for name in ("normal_states", "anomalous_states", "templates"):
             value = getattr(self, name)
             if isinstance(value, str) or not value:
-                raise AnovlError(f"WinCLIP prompts: {name} must be a non-empty list of strings")
+                raise AnovlError(f"{type(self).__name__}: {name} must be a non-empty list of strings")
             for text in value:
                 if not isinstance(text, str) or text.count("{}") != 1:
-                    raise AnovlError(f"WinCLIP prompts: {name} entry {text!r} must contain exactly one '{{}}'")
+                    raise AnovlError(f"{type(self).__name__}: {name} entry {text!r} must contain exactly one '{{}}'")
             object.__setattr__(self, name, tuple(value))
 
     def _sentences(self, prompt_name: str, states: tuple[str, ...]) -> list[str]:

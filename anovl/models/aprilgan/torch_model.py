@@ -1,0 +1,282 @@
+"""APRIL-GAN (Chen, Han, Zhang: "APRIL-GAN: A Zero-/Few-Shot Anomaly Classification and Segmentation Method",
+VAND challenge at CVPR 2023), as the authors' code computes it (docs/METHOD.md, APRIL-GAN).
+
+The frozen CLIP's residual stream after selected blocks (1-based, e.g. 6/12/18/24 of ViT-L) goes through one
+trained linear projection per block into the text space. Per block, each patch token's cosine similarities
+to the normalised [normal, abnormal] text states, times 100, are resized bilinearly (corners aligned) to the
+input and turned into probabilities by a softmax over the two states; the anomaly map is the sum over the
+blocks of the abnormal probability. The image score is ``softmax(100 · cos(image embedding, states))[1]``.
+Training (``anovl fit``) minimises, per block, the focal loss of the two-state probabilities plus the Dice loss
+of the abnormal one against the ground-truth mask.
+
+Few-shot: the raw tokens of k normal images per category, after the few-shot blocks, form a memory bank; a
+patch's distance is ``min over the bank of (1 - cos)``, resized like the zero-shot maps and summed over the
+blocks, and added to the zero-shot map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anovl.errors import AnovlError
+from anovl.models.aprilgan.prompts import AprilGANPrompts
+from anovl.models.base import ModelOutput
+from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.components.losses import binary_dice_loss, focal_loss
+
+LOGIT_SCALE = 100.0  # the authors' fixed scale of cosine similarities (not the CLIP's logit_scale)
+# The authors' published zero-shot setting (train.sh / test_zero_shot.sh).
+REFERENCE_SETTINGS = {
+    "backbone": "ViT-L-14-336", "pretrained": "openai", "image_size": 518, "init_seed": None,
+    "layers": [6, 12, 18, 24], "few_shot": None, "prompts": AprilGANPrompts().to_dict(),
+}
+
+
+@dataclass
+class AprilGANOutput(ModelOutput):
+    """``anomaly_map`` (B, S, S) and ``pred_score`` (B,), plus the parts."""
+
+    layer_probabilities: list[torch.Tensor]  # per block, (B, 2, S, S) [normal, abnormal] probabilities
+    few_shot_map: torch.Tensor | None  # (B, S, S) memory-bank distance summed over the few-shot blocks
+    text_states: torch.Tensor  # (B, 2, D) normalised [normal, abnormal] text embeddings
+
+
+def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> tuple[int, ...]:
+    layers = tuple(layers)
+    if not layers or any(not isinstance(layer, int) or not 1 <= layer <= num_layers for layer in layers) \
+            or len(set(layers)) != len(layers):
+        raise AnovlError(f"{what} must be distinct block numbers from 1 to {num_layers} (the tower's depth), "
+                         f"counted from 1 as the authors do (e.g. 6, 12, 18, 24 for ViT-L), got {list(layers)}")
+    return layers
+
+
+class AprilGAN(CLIPAnomalyModel):
+    """APRIL-GAN on a frozen CLIP, zero-shot with trained heads, optionally few-shot (see the module docstring).
+
+    Args:
+        backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP
+            (:class:`~anovl.models.clip_model.CLIPAnomalyModel`); defaults are the authors' ViT-L-14-336
+            (OpenAI weights) at 518 px. ``init_seed`` also seeds the heads' initial weights.
+        layers: blocks (1-based) whose tokens the heads project (authors: 6, 12, 18, 24).
+        checkpoint: trained heads to load: an ``anovl fit`` checkpoint (``.ckpt``) or the authors' release
+            (a ``.pth`` holding ``trainable_linearlayer``, their ``LinearLayer`` state dict).
+        few_shot_layers: blocks whose raw tokens form the few-shot memory bank (authors: the same as
+            ``layers``); used once :meth:`remember` has given a category normal images.
+        lr, betas: Adam's settings for ``anovl fit`` (authors: 1e-3, (0.5, 0.999)).
+        prompts: the prompt ensemble (default: the authors').
+    """
+
+    method = "APRIL-GAN"
+
+    def __init__(
+        self,
+        backbone: str = "ViT-L-14-336",
+        pretrained: str | None = "openai",
+        image_size: int | None = 518,
+        layers: Sequence[int] = (6, 12, 18, 24),
+        checkpoint: str | os.PathLike | None = None,
+        few_shot_layers: Sequence[int] | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        prompts: AprilGANPrompts | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_text_cache: bool = True,
+        init_seed: int = 0,
+        tokenizer: str | os.PathLike | None = None,
+    ):
+        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
+        depth = self.encoder.num_layers
+        self.layers = _check_layers(layers, depth, "layers")
+        self.few_shot_layers = _check_layers(few_shot_layers if few_shot_layers is not None else self.layers, depth,
+                                             "few_shot_layers")
+        if not (isinstance(lr, (int, float)) and lr > 0) or len(tuple(betas)) != 2 \
+                or not all(0 <= beta < 1 for beta in betas):
+            raise AnovlError(f"lr must be positive and betas two numbers in [0, 1), got lr={lr!r}, betas={betas!r}")
+        self.lr, self.betas = float(lr), tuple(float(beta) for beta in betas)
+        self.prompts = prompts or AprilGANPrompts()
+        self.grid_size = self.encoder.grid_size(self.image_size)
+        with torch.no_grad():
+            probe = self.encoder.embed(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device))
+            width = probe.shape[-1]
+            embed_dim = self.encoder.project_local(probe[:, :1]).shape[-1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.heads = nn.ModuleList(nn.Linear(width, embed_dim) for _ in self.layers).to(self.device)
+        self._text_states: dict[tuple[str, str], torch.Tensor] = {}  # (prompt name, device) → (2, D)
+        self._memory: dict[str, list[torch.Tensor]] = {}  # category → per few-shot block, (M, width) normalised
+        self.checkpoint = None
+        if checkpoint is not None:
+            from anovl.models.checkpoints import load_trained_weights  # noqa: PLC0415 - the checkpoints import models
+
+            load_trained_weights(self, checkpoint)
+            self.checkpoint = str(checkpoint)
+
+    # ----------------------------------------------------------------- settings
+
+    def weights_loaded(self) -> None:
+        super().weights_loaded()
+        self._text_states.clear()
+        self._memory.clear()
+
+    def settings(self) -> dict[str, Any]:
+        shots = sorted({len(bank[0]) // self.grid_size ** 2 for bank in self._memory.values()})
+        few_shot = {"layers": list(self.few_shot_layers), "shots": shots[0] if len(shots) == 1 else shots} \
+            if self._memory else None
+        return {**self.backbone_settings(), "layers": list(self.layers), "few_shot": few_shot,
+                "prompts": self.prompts.to_dict(), "heads": self.heads_fingerprint()}
+
+    def reference_settings(self) -> dict[str, Any]:
+        # The heads' weights are named by their fingerprint in results.json (so --resume compares them) but
+        # not in the label: a label says which settings differ, and the weights are what training gives.
+        return {**REFERENCE_SETTINGS, "heads": self.heads_fingerprint()}
+
+    @property
+    def variant(self) -> str:
+        return "few-shot" if self._memory else ""
+
+    def heads_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.heads.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ----------------------------------------------------------------- training interface
+
+    def trained_module(self) -> nn.Module:
+        return self.heads
+
+    def training_settings(self) -> dict[str, Any]:
+        return {"optimizer": "Adam", "lr": self.lr, "betas": list(self.betas)}
+
+    def foreign_trained_state(self, data: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The authors' release: ``{"trainable_linearlayer": LinearLayer state dict}``, keys ``fc.<i>.weight``."""
+        state = data.get("trainable_linearlayer")
+        if not isinstance(state, dict):
+            return None
+        return {key.removeprefix("fc."): value for key, value in state.items()}
+
+    def configure_optimizer(self, parameters) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
+
+    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, categories: Sequence[str],
+                        prompt_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Focal and Dice loss, each summed over the blocks, of one batch of labelled images."""
+        images, prompt_names = self.check_inputs(images, categories, prompt_names)
+        if masks.shape != (images.shape[0], *images.shape[-2:]):
+            raise AnovlError(f"masks must be B×S×S like the images, got {tuple(masks.shape)} for "
+                             f"{tuple(images.shape)} images")
+        with torch.no_grad():
+            _, tokens = self.encode(images, self.layers)
+        states = self._states(prompt_names, images.device)
+        target = (masks > 0.5).to(images.dtype)
+        probabilities = self.layer_probabilities(tokens, states)
+        return {"focal": sum(focal_loss(p, target) for p in probabilities),
+                "dice": sum(binary_dice_loss(p[:, 1], target) for p in probabilities)}
+
+    # ----------------------------------------------------------------- few-shot
+
+    @torch.no_grad()
+    def remember(self, category: str, images: torch.Tensor) -> None:
+        """Few-shot: make ``images`` (k normal images of ``category``, CLIP-normalised) its memory bank."""
+        images, _ = self.check_inputs(images, [category] * len(images), None)
+        _, tokens = self.encode(images, self.few_shot_layers)
+        self._memory[category] = [F.normalize(layer.reshape(-1, layer.shape[-1]), dim=-1) for layer in tokens]
+
+    def forget(self) -> None:
+        """Back to zero-shot: drop every category's memory bank."""
+        self._memory.clear()
+
+    # ----------------------------------------------------------------- inference
+
+    def text_states(self, prompt_name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Normalised [normal, abnormal] embeddings (2, D): per state, the mean of the normalised sentence
+        embeddings, normalised (the authors' ``encode_text_with_prompt_ensemble``)."""
+        key = (prompt_name, str(device))
+        if key not in self._text_states:
+            normal = self.prompts.normal_sentences(prompt_name)
+            embeddings = F.normalize(self.text_cache.sentence_embeddings(
+                [*normal, *self.prompts.anomalous_sentences(prompt_name)]), dim=-1)
+            states = torch.stack([embeddings[:len(normal)].mean(0), embeddings[len(normal):].mean(0)])
+            self._text_states[key] = F.normalize(states, dim=-1).to(device)
+        return self._text_states[key]
+
+    def _states(self, prompt_names: Sequence[str], device: torch.device) -> torch.Tensor:
+        return torch.stack([self.text_states(name, device) for name in prompt_names])
+
+    def encode(self, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The image embeddings (B, D) and the patch tokens (B, N, width) after each of ``layers`` (1-based):
+        the tower's plain forward, its residual stream unnormalised, as the authors take it."""
+        encoder = self.encoder
+        tokens, positions = encoder._embed(images)
+        prefix, wanted, taken = encoder.num_prefix_tokens, set(layers), {}
+        for number, (ops, block) in enumerate(zip(encoder.block_ops, encoder.blocks), start=1):
+            tokens = ops.forward(block, tokens, positions)
+            if number in wanted:
+                taken[number] = tokens[:, prefix:]
+        return encoder.pool(tokens), [taken[number] for number in layers]
+
+    def _upsample(self, grid_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) patch values → (B, C, S, S), bilinear with aligned corners as the authors resize."""
+        batch, _, channels = grid_values.shape
+        grid = grid_values.transpose(1, 2).reshape(batch, channels, self.grid_size, self.grid_size)
+        return F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+
+    def layer_probabilities(self, tokens: list[torch.Tensor], states: torch.Tensor) -> list[torch.Tensor]:
+        """Per block, [normal, abnormal] probabilities (B, 2, S, S) from its patch tokens and the states (B, 2, D)."""
+        probabilities = []
+        for head, layer_tokens in zip(self.heads, tokens):
+            projected = F.normalize(head(layer_tokens), dim=-1)
+            logits = LOGIT_SCALE * torch.einsum("bnd,bkd->bnk", projected, states.to(projected.dtype))
+            probabilities.append(self._upsample(logits).softmax(dim=1))
+        return probabilities
+
+    def few_shot_map(self, tokens: list[torch.Tensor], categories: Sequence[str]) -> torch.Tensor:
+        """(B, S, S): per few-shot block, ``min over the category's bank of (1 - cos)``, resized and summed."""
+        maps = []
+        for index, category in enumerate(categories):
+            bank = self._memory[category]
+            distances = [1 - (F.normalize(layer[index], dim=-1) @ memory.T).amax(dim=1)
+                         for layer, memory in zip(tokens, bank)]
+            maps.append(sum(self._upsample(distance.view(1, -1, 1))[0, 0] for distance in distances))
+        return torch.stack(maps)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, categories: Sequence[str],
+                prompt_names: Sequence[str] | None = None) -> AprilGANOutput:
+        """Anomaly maps (B, S, S) and image scores (B,) of CLIP-normalised ``images`` (B, 3, S, S)."""
+        images, prompt_names = self.check_inputs(images, categories, prompt_names)
+        few_shot = bool(self._memory)
+        if few_shot:
+            missing = sorted(set(categories) - set(self._memory))
+            if missing:
+                raise AnovlError(f"few-shot APRIL-GAN has no normal images of {', '.join(missing)}; give each "
+                                 "category's with remember(category, images), or forget() all for zero-shot")
+        wanted = list(dict.fromkeys([*self.layers, *(self.few_shot_layers if few_shot else ())]))
+        image_embeddings, tokens = self.encode(images, wanted)
+        by_layer = dict(zip(wanted, tokens))
+        states = self._states(prompt_names, images.device)
+        probabilities = self.layer_probabilities([by_layer[layer] for layer in self.layers], states)
+        anomaly_map = sum(p[:, 1] for p in probabilities)
+        similarity = torch.einsum("bd,bkd->bk", F.normalize(image_embeddings, dim=-1), states)
+        pred_score = (LOGIT_SCALE * similarity).softmax(dim=-1)[:, 1]
+        few_shot_map = self.few_shot_map([by_layer[layer] for layer in self.few_shot_layers],
+                                         categories) if few_shot else None
+        if few_shot_map is not None:
+            anomaly_map = anomaly_map + few_shot_map
+        return AprilGANOutput(anomaly_map=anomaly_map, pred_score=pred_score, layer_probabilities=probabilities,
+                              few_shot_map=few_shot_map, text_states=states)
+
+
+def few_shot_image_scores(zero_shot_scores: torch.Tensor, map_maxima: torch.Tensor) -> torch.Tensor:
+    """The authors' few-shot image score of one category's test images: ``0.5 · (zero-shot score +
+    min-max normalised maximum of the anomaly map)``, the normalisation over the category's images."""
+    span = map_maxima.max() - map_maxima.min()
+    return 0.5 * (zero_shot_scores + (map_maxima - map_maxima.min()) / span)
