@@ -7,8 +7,7 @@ from anovl.errors import AnovlError
 
 __version__ = "0.1.0"
 __all__ = ["AnoVL", "AnoVLOutput", "AnomalyCLIP", "AnomalyModel", "AnovlError", "AprilGAN", "PromptSet", "TTAConfig",
-           "WinCLIP",
-           "register_adapter", "register_category", "register_model_config"]
+           "WinCLIP", "register_adapter", "register_category", "register_model_config"]
 
 # The public API is imported on first use, so that `anovl --help` (and `anovl compare`) start without torch.
 _LAZY = {
