@@ -20,20 +20,29 @@ for every run::
     args: []
     metrics: [pixel_auroc, pixel_aupro, image_auroc]
 
-Every run is an ``anovl test`` process writing into ``<output>/<dataset>/<variant>/`` (results, config.yaml,
-pictures, the CSV/TensorBoard logger's files); with W&B all runs of the grid share the group ``name``. The
-grid resumes like ``test``: a finished run is skipped, an interrupted one continues with ``--resume``, one
-that never finished a category starts again. At the end ``<output>/grid.md`` and ``grid.csv`` compare the
-variants per dataset (``anovl compare``'s tables, the first variant as the baseline).
+Every run is an ``anovl test`` process writing into ``<output>/<dataset>/<variant>/version_<n>/`` (results,
+config.yaml, pictures, the CSV/TensorBoard logger's files); with W&B all runs of the grid share the group
+``name``. A cell knows what it ran: ``grid-cell.json`` in its version folder records the settings its configs
+resolved to (see :func:`cell_settings`: the model, the data, the trainer options that change numbers, the
+seed, the plugins and their files' hashes). The grid resumes like ``test``: a version whose record equals
+what the configs resolve to now is finished (skipped) or interrupted (continued with ``--resume``), or starts
+again if it never finished a category; a cell whose configs changed (``changed: rank 4 → 8``) runs into a new
+version folder, and the older versions stay on disk. At the end ``<output>/grid.md`` and ``grid.csv`` compare
+the variants per dataset from the versions that match the configs (``anovl compare``'s tables, the first
+variant as the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +54,12 @@ from anovl.errors import AnovlError
 from anovl.results import ALL_METRIC_TITLES, atomic_write_text
 
 GRID_KEYS = {"name", "variants", "datasets", "args", "metrics"}
+CELL_RECORD = "grid-cell.json"  # in a version folder: the settings that version ran with
+VERSION = re.compile(r"version_(\d+)")
+# Options that change how a run goes, not its numbers (model and data init_args of anovl's classes).
+RUNTIME_OPTIONS = frozenset({"batch_size", "num_workers", "cache_dir", "use_text_cache", "encoder_chunk_size"})
+# Trainer options that change the numbers (precision) or which images are seen.
+NUMBER_TRAINER_OPTIONS = ("precision", "limit_test_batches", "fast_dev_run")
 
 
 @dataclass
@@ -52,19 +67,118 @@ class Cell:
     dataset: str
     variant: str
     configs: list[str]  # --config values: paths, or inline YAML
-    folder: Path
+    base: Path  # <output>/<dataset>/<variant>; each version of the cell is a folder in it
+    folder: Path = field(init=False)  # the version this grid uses: set by plan()
+    state: str = "new"  # finished, interrupted (resume it), new, or changed (a new version): set by plan()
+    changes: list[str] = field(default_factory=list)  # "rank 4 → 8" against the latest version, where changed
 
-    @property
-    def state(self) -> str:
-        """``finished``, ``interrupted`` (some categories done: resume) or ``new``."""
-        results = self.folder / "results.json"
-        if not results.is_file():
-            return "new"
-        try:
-            complete = json.loads(results.read_text(encoding="utf-8")).get("complete")
-        except (OSError, ValueError) as error:
-            raise AnovlError(f"cannot read {results} ({error}); move the folder away to run this cell again") from None
-        return "finished" if complete else "interrupted"
+    def __post_init__(self) -> None:
+        self.folder = self.base / "version_0"
+
+    def versions(self) -> list[Path]:
+        """The cell's version folders, oldest first."""
+        folders = [path for path in self.base.glob("version_*") if path.is_dir() and VERSION.fullmatch(path.name)]
+        return sorted(folders, key=lambda path: int(path.name.split("_")[1]))
+
+    def plan(self, settings: dict[str, Any]) -> None:
+        """Choose the version that ran with ``settings`` (the latest such), or a new one; set its state."""
+        versions = self.versions()
+        recorded = {path: read_cell_record(path) for path in versions}
+        matching = [path for path in versions if recorded[path] == settings]
+        if matching:
+            self.folder, self.changes = matching[-1], []
+            self.state = results_state(self.folder)
+            return
+        number = int(versions[-1].name.split("_")[1]) + 1 if versions else 0
+        self.folder = self.base / f"version_{number}"
+        earlier = next((recorded[path] for path in reversed(versions) if recorded[path] is not None), None)
+        self.changes = setting_changes(earlier, settings) if earlier is not None else []
+        self.state = "changed" if versions else "new"
+
+
+def results_state(folder: Path) -> str:
+    """``finished``, ``interrupted`` (some categories done: resume) or ``new`` (no category finished)."""
+    results = folder / "results.json"
+    if not results.is_file():
+        return "new"
+    try:
+        complete = json.loads(results.read_text(encoding="utf-8")).get("complete")
+    except (OSError, ValueError) as error:
+        raise AnovlError(f"cannot read {results} ({error}); move the folder away to run this cell again") from None
+    return "finished" if complete else "interrupted"
+
+
+def read_cell_record(folder: Path) -> dict[str, Any] | None:
+    """The settings a version ran with; None where it has no readable record (then it matches nothing)."""
+    try:
+        record = json.loads((folder / CELL_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("settings") if isinstance(record, dict) else None
+
+
+def _file_hash(path: str | None) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+    except OSError:
+        return None
+
+
+def plugin_hashes(specs: list[str]) -> dict[str, str | None]:
+    """A hash of each plugin's file (a ``.py`` path, or an imported module's source file), so that an edited
+    plugin makes its cells run again."""
+    hashes = {}
+    for spec in specs:
+        if spec.endswith(".py") or "/" in spec or os.sep in spec:
+            hashes[spec] = _file_hash(str(Path(spec).expanduser()))
+        else:
+            module = sys.modules.get(spec)
+            origin = getattr(module, "__file__", None)
+            if origin is None:
+                found = importlib.util.find_spec(spec)
+                origin = found.origin if found is not None else None
+            hashes[spec] = _file_hash(origin)
+    return hashes
+
+
+def _without_runtime_options(section: Any) -> Any:
+    if not isinstance(section, dict):
+        return section
+    init_args = {key: value for key, value in (section.get("init_args") or {}).items() if key not in RUNTIME_OPTIONS}
+    return {**section, "init_args": init_args}
+
+
+def cell_settings(config: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
+    """What a cell's numbers depend on, from its resolved configuration (``anovl test --print_config``): the
+    model and data (but not batch size, workers or caches), the evaluation options, the seed, the trainer
+    options that change numbers, and the plugins with their files' hashes."""
+    trainer = config.get("trainer") or {}
+    engine = config.get("engine") or {}
+    return json.loads(json.dumps({
+        "model": _without_runtime_options(config.get("model")),
+        "data": _without_runtime_options(config.get("data")),
+        "evaluation": {"cflow_pro": engine.get("cflow_pro"), "seed_everything": config.get("seed_everything"),
+                       **{key: trainer.get(key) for key in NUMBER_TRAINER_OPTIONS}},
+        "plugins": plugin_hashes(plugins),
+    }))
+
+
+def setting_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key old → new`` for each setting that differs (keys as short as unique; ``-`` where absent)."""
+    from anovl.models.base import setting_differences, short_value
+
+    before, now = dict(before), dict(now)
+    # Plugin keys are file names and module paths, whose dots are not levels of settings.
+    plugins_before, plugins_now = before.pop("plugins", {}) or {}, now.pop("plugins", {}) or {}
+    new, old = setting_differences(now, before), setting_differences(before, now)
+    changes = [f"{key} {short_value(old.get(key, '-'))} → {short_value(new.get(key, '-'))}"
+               for key in sorted(set(new) | set(old))]
+    for spec in sorted(set(plugins_before) | set(plugins_now)):
+        if spec not in plugins_before or spec not in plugins_now:
+            changes.append(f"plugin {spec} {'added' if spec in plugins_now else 'removed'}")
+        elif plugins_before[spec] != plugins_now[spec]:
+            changes.append(f"plugin {spec} edited")
+    return changes
 
 
 @dataclass
@@ -145,12 +259,45 @@ def load_grid(path: Path, output: Path | None) -> Grid:
     return Grid(name, cells, [str(arg) for arg in args], list(metrics), list(datasets), list(variants))
 
 
+def test_arguments(grid: Grid, cell: Cell, extra: list[str]) -> list[str]:
+    """``test`` and the options that configure a cell (its configs, the grid's args and ``extra``)."""
+    configs = [item for config in cell.configs for item in ("--config", config)]
+    return ["test", *configs, *grid.args, *extra]
+
+
+def plan_cells(grid: Grid, extra: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Resolve every cell's configuration (plugins imported first, as ``anovl test`` does) and choose its
+    version (:meth:`Cell.plan`). Returns the settings per cell; a cell whose configuration does not resolve
+    is left out, with the parser's message printed."""
+    from anovl.cli import plugin_specs  # torch and Lightning: only once a grid is run
+    from anovl.lightning_cli import resolved_config
+    from anovl.plugins import ENVIRONMENT_VARIABLE, load_plugin, load_plugins
+
+    load_plugins()  # the entry points and $ANOVL_PLUGINS, once
+    environment = [spec for spec in os.environ.get(ENVIRONMENT_VARIABLE, "").split(":") if spec.strip()]
+    imported: set[str] = set()
+    settings = {}
+    for cell in grid.cells:
+        arguments = test_arguments(grid, cell, extra)
+        specs = plugin_specs(arguments)
+        for spec in specs:
+            if spec not in imported:
+                load_plugin(spec)
+                imported.add(spec)
+        try:
+            config = resolved_config(arguments)
+        except AnovlError as error:
+            Console(stderr=True).print(f"{cell.dataset} × {cell.variant}: {error}", highlight=False, markup=False)
+            continue
+        settings[cell.dataset, cell.variant] = cell_settings(config, [*environment, *specs])
+        cell.plan(settings[cell.dataset, cell.variant])
+    return settings
+
+
 def cell_command(grid: Grid, cell: Cell, extra: list[str]) -> list[str]:
     """The ``anovl test`` command line of a cell: a fresh run into its folder, or ``--resume`` of it."""
-    state = cell.state
-    where = ["--resume", str(cell.folder)] if state == "interrupted" else ["--run_dir", str(cell.folder)]
-    configs = [item for config in cell.configs for item in ("--config", config)]
-    return [sys.executable, "-m", "anovl.cli", "test", *configs, *grid.args, *extra, "--engine.group", grid.name,
+    where = ["--resume", str(cell.folder)] if cell.state == "interrupted" else ["--run_dir", str(cell.folder)]
+    return [sys.executable, "-m", "anovl.cli", *test_arguments(grid, cell, extra), "--engine.group", grid.name,
             *where]
 
 
@@ -187,21 +334,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     grid = load_grid(args.config, args.output)
     console = Console()
-    failed = []
+    settings = plan_cells(grid, extra)
+    failed = [f"{cell.dataset} × {cell.variant}" for cell in grid.cells if (cell.dataset, cell.variant) not in settings]
     for cell in grid.cells:
-        state = cell.state
-        command = cell_command(grid, cell, extra)
-        console.print(f"[bold]{cell.dataset} × {cell.variant}[/bold]: {state}"
-                      f"{'' if state == 'finished' else ' -> ' + ' '.join(command[3:])}", highlight=False)
-        if state == "finished" or args.dry_run:
+        if (cell.dataset, cell.variant) not in settings:
             continue
+        command = cell_command(grid, cell, extra)
+        changes = f": {', '.join(cell.changes)}" if cell.changes else ""
+        console.print(f"[bold]{cell.dataset} × {cell.variant}[/bold]: {cell.state}{changes}"
+                      f"{'' if cell.state == 'finished' else ' -> ' + ' '.join(command[3:])}", highlight=False)
+        if cell.state == "finished" or args.dry_run:
+            continue
+        cell.folder.mkdir(parents=True, exist_ok=True)
+        # Recorded before the run, so that an interrupted run is recognised (and resumed) next time.
+        atomic_write_text(cell.folder / CELL_RECORD, json.dumps({"settings": settings[cell.dataset, cell.variant]},
+                                                                indent=1))
         if subprocess.run(command).returncode != 0:
             failed.append(f"{cell.dataset} × {cell.variant}")
     if args.dry_run:
         return
     runs = {(cell.dataset, cell.variant): load_run(cell.folder) for cell in grid.cells
-            if (cell.folder / "results.json").is_file()}
-    output = args.output or grid.cells[0].folder.parent.parent
+            if (cell.dataset, cell.variant) in settings and (cell.folder / "results.json").is_file()}
+    output = args.output or grid.cells[0].base.parent.parent
     if runs:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / "grid.md", comparison_markdown(grid, runs))

@@ -25,8 +25,10 @@ files) goes into RUN_DIR. It refuses a configuration that differs from the run's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import json
 import logging
 import warnings
@@ -383,3 +385,18 @@ def unknown_name_error(error: BaseException) -> AnovlError | None:
             return AnovlError(f"{error}{loaded_note()}") if str(error).startswith("unknown ") else None
         error = error.__cause__ or error.__context__
     return None
+
+
+def resolved_config(args: list[str]) -> dict[str, Any]:
+    """The configuration that ``anovl ARGS`` (``test ...``) resolves to, as plain data, without building any
+    model or data (its ``--print_config``, in this process); the plugins it names must be imported first."""
+    output = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(output):
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")  # sys.argv is the caller's
+        try:
+            AnovlCLI(args=[*args, "--print_config"])
+        except SystemExit as exit_info:
+            if exit_info.code:  # the parser has printed why
+                raise AnovlError(f"the configuration of `anovl {' '.join(args[:1])}` does not parse (the "
+                                 "parser's message is above)") from None
+    return yaml.safe_load(output.getvalue())

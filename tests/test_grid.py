@@ -11,7 +11,7 @@ import yaml
 from anovl.cli import main
 from anovl.data import generate_mvtec_like
 from anovl.errors import AnovlError
-from anovl.grid import load_grid
+from anovl.grid import cell_settings, load_grid, setting_changes
 from anovl.results import MEAN_ROW
 from tests.test_cli import CONFIGS, TINY_MODEL
 
@@ -58,11 +58,12 @@ def grid_run(data_roots, tmp_path_factory):
 
 def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
     _, output = grid_run
-    runs = {(folder.parent.name, folder.name): json.loads((folder / "results.json").read_text())
-            for folder in output.glob("*/*") if folder.is_dir()}
+    runs = {(folder.parent.parent.name, folder.parent.name): json.loads((folder / "results.json").read_text())
+            for folder in output.glob("*/*/version_0")}
     assert sorted(runs) == [("A", "TFA"), ("A", "TTA-text"), ("B", "TFA"), ("B", "TTA-text")]
     for (dataset, variant), results in runs.items():
-        folder = output / dataset / variant
+        folder = output / dataset / variant / "version_0"
+        assert results["complete"] and (folder / "grid-cell.json").is_file()
         assert results["complete"] and (folder / "config.yaml").is_file()
         assert results["label"].startswith("AnoVL-tfa" if variant == "TFA" else "AnoVL-tta-text")
         assert yaml.safe_load((folder / "config.yaml").read_text())["engine"]["group"] == "tiny"
@@ -85,15 +86,15 @@ def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
 
 def test_grid_resumes_finished_and_interrupted_runs(grid_run, capfd):
     path, output = grid_run
-    interrupted = output / "A" / "TTA-text"
+    interrupted = output / "A" / "TTA-text" / "version_0"
     results = json.loads((interrupted / "results.json").read_text())
     finished_fabric = results["categories"][0]
     results["complete"], results["categories"] = False, results["categories"][:1]  # killed after fabric
     (interrupted / "results.json").write_text(json.dumps(results))
-    untouched = (output / "B" / "TFA" / "results.json").stat().st_mtime_ns
+    untouched = (output / "B" / "TFA" / "version_0" / "results.json").stat().st_mtime_ns
     out = run_grid(path, output, capfd)
     assert "A × TFA: finished" in out and "A × TTA-text: interrupted -> test" in out and "--resume" in out
-    assert (output / "B" / "TFA" / "results.json").stat().st_mtime_ns == untouched
+    assert (output / "B" / "TFA" / "version_0" / "results.json").stat().st_mtime_ns == untouched
     resumed = json.loads((interrupted / "results.json").read_text())
     assert resumed["complete"] and [row["category"] for row in resumed["categories"]] == ["fabric", "widget"]
     assert resumed["categories"][0] == finished_fabric  # kept, not run again
@@ -125,4 +126,64 @@ def test_shipped_grid_config_names_the_four_variants_and_two_datasets():
     assert cells["VisA", "TTA-lowrank"].configs == [str(CONFIGS / "visa.yaml"), str(CONFIGS / "tta" / "lowrank.yaml")]
     winclip = yaml.safe_load(cells["VisA", "WinCLIP"].configs[-1])
     assert winclip["model"]["class_path"] == "anovl.models.winclip.WinCLIP" and "data" not in winclip
-    assert str(cells["MVTec", "TFA"].folder) == "runs/grid/variants/MVTec/TFA"
+    assert str(cells["MVTec", "TFA"].base) == "runs/grid/variants/MVTec/TFA"
+
+
+def test_a_changed_cell_runs_again_into_a_new_version(data_roots, tmp_path, capfd):
+    """A grid run, a change in one variant's config, and a rerun: only that cell runs again, into version_1;
+    the table shows its new numbers; version_0 stays as it was."""
+    lowrank = tmp_path / "lowrank.yaml"
+    lowrank.write_text(yaml.safe_dump({"model": {"init_args": {"tta": {"adapter": "lowrank", "steps": 1, "lr": 0.5,
+                                                                      "adapter_args": {"rank": 2}}}}}))
+    path = write_grid(tmp_path, {"B": data_roots["B"]}, variants={"TFA": [], "TTA-lowrank": [str(lowrank)]})
+    output = tmp_path / "out"
+    run_grid(path, output, capfd)
+    first = json.loads((output / "B" / "TTA-lowrank" / "version_0" / "results.json").read_text())
+    tfa_mtime = (output / "B" / "TFA" / "version_0" / "results.json").stat().st_mtime_ns
+    lowrank.write_text(lowrank.read_text().replace("rank: 2", "rank: 4"))
+    with pytest.raises(SystemExit):
+        main(["grid", "--config", str(path), "--output", str(output), "--dry_run"])
+    out = capfd.readouterr().out
+    assert "B × TFA: finished" in out and "B × TTA-lowrank: changed: rank 2 → 4 -> test" in out
+    assert not (output / "B" / "TTA-lowrank" / "version_1").exists()  # a dry run runs and writes nothing
+    out = run_grid(path, output, capfd)
+    assert "B × TFA: finished" in out and "changed: rank 2 → 4" in out
+    assert (output / "B" / "TFA" / "version_0" / "results.json").stat().st_mtime_ns == tfa_mtime
+    assert not (output / "B" / "TFA" / "version_1").exists()
+    # The old result stays; the new one is what the table shows.
+    assert json.loads((output / "B" / "TTA-lowrank" / "version_0" / "results.json").read_text()) == first
+    second = json.loads((output / "B" / "TTA-lowrank" / "version_1" / "results.json").read_text())
+    assert "rank=4" in second["label"] and "rank=2" in first["label"]
+    rows = [row for row in csv.DictReader((output / "grid.csv").open()) if row["variant"] == "TTA-lowrank"]
+    assert {row["label"] for row in rows} == {second["label"]}
+    mean = next(row for row in rows if row["category"] == MEAN_ROW)
+    assert float(mean["pixel_auroc"]) == pytest.approx(second["mean"]["pixel_auroc"])
+    # Back to rank 2: version_0 matches again and nothing runs.
+    lowrank.write_text(lowrank.read_text().replace("rank: 4", "rank: 2"))
+    out = run_grid(path, output, capfd)
+    assert "B × TTA-lowrank: finished" in out and not (output / "B" / "TTA-lowrank" / "version_2").exists()
+    assert {row["label"] for row in csv.DictReader((output / "grid.csv").open())
+            if row["variant"] == "TTA-lowrank"} == {first["label"]}
+
+
+def test_cell_settings_leave_out_runtime_options_and_hash_plugins(tmp_path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("X = 1\n")
+    config = {"model": {"class_path": "m.M", "init_args": {"hidden": 32, "cache_dir": "/a"}},
+              "data": {"class_path": "d.D", "init_args": {"root": "/data", "batch_size": 8, "num_workers": 2}},
+              "trainer": {"precision": "32-true", "devices": 1}, "engine": {"cflow_pro": False}, "seed_everything": 0}
+    settings = cell_settings(config, [str(plugin)])
+    faster = json.loads(json.dumps(config))
+    faster["data"]["init_args"].update(batch_size=1, num_workers=0)
+    faster["model"]["init_args"]["cache_dir"] = "/b"
+    faster["trainer"]["devices"] = 4
+    assert cell_settings(faster, [str(plugin)]) == settings
+    changed = json.loads(json.dumps(config))
+    changed["model"]["init_args"]["hidden"] = 64
+    changed["trainer"]["precision"] = "bf16-mixed"
+    assert setting_changes(settings, cell_settings(changed, [str(plugin)])) == [
+        "hidden 32 → 64", "precision 32-true → bf16-mixed"]
+    plugin.write_text("X = 2\n")
+    assert setting_changes(settings, cell_settings(config, [str(plugin)])) == [f"plugin {plugin} edited"]
+    edited = cell_settings(config, [str(plugin)])
+    assert setting_changes(edited, cell_settings(config, [str(plugin), "json"])) == ["plugin json added"]
