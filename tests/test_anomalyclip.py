@@ -48,7 +48,7 @@ def test_label_names_what_differs_from_the_published_settings(model):
     before = model.settings()["prompt_weights"]
     trained = make()
     with torch.no_grad():
-        trained.context.add_(1.0)
+        trained.prompts.context.add_(1.0)
     assert trained.label == model.label and trained.settings()["prompt_weights"] != before
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from anovl.errors import AnovlError
-from anovl.models.anomalyclip import AnomalyCLIP
+from anovl.models.anomalyclip import AnomalyCLIP, convert_authors_state_dict
 from tests.reference.anomalyclip_reference import CONFIG, build_open_clip_model, weights_checksum
 
 DATA = Path(__file__).resolve().parent / "reference" / "data" / "anomalyclip.npz"
@@ -27,6 +27,12 @@ MAP_TOLERANCE = 1e-4
 def reference():
     with np.load(DATA) as data:
         return {key: data[key] for key in data.files}
+
+
+def relative_error(got, expected, tolerance):
+    """The largest difference, relative to the largest magnitude of ``expected``, is at most ``tolerance``."""
+    error = float((got.detach() - expected).abs().max() / expected.abs().max())
+    assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
 
 
 def authors_checkpoint(reference, prefix="initial/"):
@@ -93,3 +99,28 @@ def test_converter_refuses_other_files(tmp_path, model):
     torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 8, 128), "ctx_neg": torch.zeros(1, 1, 8, 128)}}, small)
     with pytest.raises(AnovlError, match=r"context is \(2, 8, 128\), expected \(2, 12, 128\)"):
         model.load_authors_checkpoint(small)
+
+
+def test_training_step_equals_the_authors(model, reference):
+    images, masks = torch.from_numpy(reference["images"]), torch.from_numpy(reference["masks"])
+    prompts = model.trained_module()
+    try:
+        losses = model.training_losses(images, masks, ["widget"] * len(images))
+        map_loss, image_loss = losses["focal"] + losses["dice"], losses["image"]
+        assert abs(map_loss.item() / float(reference["map_loss"]) - 1) <= 1e-5
+        assert abs(image_loss.item() / float(reference["image_loss"]) - 1) <= 1e-5
+        optimizer = model.configure_optimizer(prompts.parameters())
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        expected_grads = authors_checkpoint(reference, "grad/")
+        grads = convert_authors_state_dict(expected_grads)
+        relative_error(prompts.context.grad, grads["context"], 2e-5)
+        # Both cast the deep tokens to float16 and back (the authors inside their text blocks): their gradients
+        # pass that cast, so they agree to a float16 step where float32 sums round differently.
+        relative_error(prompts.deep_tokens.grad, grads["deep_tokens"], 2e-3)
+        optimizer.step()
+        updated = convert_authors_state_dict(authors_checkpoint(reference, "updated/"))
+        relative_error(prompts.context, updated["context"], 1e-5)
+        relative_error(prompts.deep_tokens, updated["deep_tokens"], 1e-5)
+    finally:
+        prompts.load_state_dict(convert_authors_state_dict(authors_checkpoint(reference)))

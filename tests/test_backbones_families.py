@@ -213,5 +213,5 @@ def test_anomalyclip_runs_on_the_family(family):
     # Gradients reach the learned context and the deep tokens, and nothing of the frozen CLIP.
     states = model.text_states()
     (states[1] @ torch.randn(states.shape[1])).backward()
-    assert model.context.grad.abs().sum() > 0 and model.deep_tokens.grad.abs().sum() > 0
+    assert model.prompts.context.grad.abs().sum() > 0 and model.prompts.deep_tokens.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.clip.parameters())

@@ -19,12 +19,14 @@ from anovl.backbones.text_tower import PromptTextTower, check_prompt_text_tower
 from anovl.errors import AnovlError
 from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.components.losses import binary_dice_loss, focal_loss
 from anovl.models.components.smoothing import gaussian_blur
 
 # The authors' published run: ViT-L/14@336px (OpenAI weights) at 518 px, maps of blocks 6/12/18/24.
 REFERENCE_BACKBONE = ("ViT-L-14-336", "openai", 518)
 REFERENCE_LAYERS = (5, 11, 17, 23)  # block indices from 0
 PLACEHOLDER = "X"  # the word the learned context vectors stand in for while tokenizing
+MAP_LOSS_WEIGHT = 4.0  # the authors' weight of the map losses against the image loss (train.py's lam)
 
 
 @dataclass
@@ -46,6 +48,17 @@ def layer_probabilities(tokens: torch.Tensor, states: torch.Tensor, image_size: 
     side = int(round(count ** 0.5))
     grid = probabilities.transpose(1, 2).reshape(batch, 2, side, side)
     return F.interpolate(grid, (image_size, image_size), mode="bilinear")
+
+
+class LearnedPrompts(nn.Module):
+    """What AnomalyCLIP trains: the [normal, abnormal] context vectors and the deep tokens of text blocks
+    1 .. depth-1, initialised normal with std 0.02 from ``seed``."""
+
+    def __init__(self, n_ctx: int, depth: int, t_n_ctx: int, width: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.context = nn.Parameter(torch.randn(2, n_ctx, width, generator=generator).mul_(0.02))
+        self.deep_tokens = nn.Parameter(torch.randn(depth - 1, t_n_ctx, width, generator=generator).mul_(0.02))
 
 
 class AnomalyCLIP(CLIPAnomalyModel):
@@ -127,12 +140,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
         self.sigma, self.temperature, self.object_name = float(sigma), float(temperature), object_name
         self.deep_tokens_float16, self.image_norm, self.prompt_seed = deep_tokens_float16, image_norm, prompt_seed
         self.learning_rate, self.betas = float(learning_rate), (float(betas[0]), float(betas[1]))
-        width = self.text_tower.width
-        generator = torch.Generator().manual_seed(prompt_seed)
-        # [normal, abnormal] context vectors, and the deep tokens of text blocks 1 .. depth-1.
-        self.context = nn.Parameter(torch.randn(2, n_ctx, width, generator=generator).mul_(0.02))
-        self.deep_tokens = nn.Parameter(
-            torch.randn(depth - 1, t_n_ctx, width, generator=generator).mul_(0.02))
+        self.prompts = LearnedPrompts(n_ctx, depth, t_n_ctx, self.text_tower.width, prompt_seed)
         token_ids, self.context_start = self._prompt_tokens()
         self.register_buffer("token_ids", token_ids, persistent=False)
         if checkpoint is not None:
@@ -167,9 +175,9 @@ class AnomalyCLIP(CLIPAnomalyModel):
         tower = self.text_tower
         embeddings = tower.token_embedding(self.token_ids)
         start = self.context_start
-        embeddings = torch.cat([embeddings[:, :start], self.context.to(embeddings.dtype),
+        embeddings = torch.cat([embeddings[:, :start], self.prompts.context.to(embeddings.dtype),
                                 embeddings[:, start + self.n_ctx:]], 1)
-        states = tower.encode(embeddings, self.token_ids, list(self.deep_tokens), deep_start=start,
+        states = tower.encode(embeddings, self.token_ids, list(self.prompts.deep_tokens), deep_start=start,
                               deep_dtype=torch.float16 if self.deep_tokens_float16 else None)
         return F.normalize(states.float(), dim=-1)
 
@@ -204,12 +212,53 @@ class AnomalyCLIP(CLIPAnomalyModel):
             image_logits=image_logits,
         )
 
+    # --- training (anovl fit) ---------------------------------------------------------------------------
+
+    def trained_module(self) -> nn.Module:
+        return self.prompts
+
+    def training_settings(self) -> dict[str, Any]:
+        return {"optimizer": "Adam", "lr": self.learning_rate, "betas": list(self.betas)}
+
+    def configure_optimizer(self, parameters) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=self.betas)
+
+    def foreign_trained_state(self, data: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The authors' release (``{"prompt_learner": state_dict}``) as :attr:`prompts`' state dict."""
+        if not isinstance(data.get("prompt_learner"), dict):
+            return None
+        return convert_authors_state_dict(data)
+
+    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, categories: Sequence[str],
+                        prompt_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The authors' objective on labelled images (masks B×S×S): per layer the focal loss of the
+        [normal, abnormal] maps and the Dice losses of the abnormal map against the mask and of the normal
+        map against its complement, summed over layers and weighted 4; plus the cross entropy of the image
+        logits (cosine / temperature) against the label, which is "anomalous" where the mask is not empty."""
+        images, _ = self.check_inputs(images, categories, prompt_names)
+        if masks.shape != (images.shape[0], *images.shape[-2:]):
+            raise AnovlError(f"masks must be B×S×S like the images, got {tuple(masks.shape)} for "
+                             f"{tuple(images.shape)} images")
+        encoded = self.encode_images(images)
+        states = self.text_states()
+        target = (masks > 0.5).to(images.dtype)
+        labels = target.flatten(1).amax(1).long()
+        probabilities = [layer_probabilities(tokens.float(), states, self.image_size, self.temperature)
+                         for tokens in encoded.patch_tokens]
+        image_logits = F.normalize(encoded.global_tokens.float(), dim=-1) @ states.t() / self.temperature
+        return {
+            "focal": MAP_LOSS_WEIGHT * sum(focal_loss(p, target) for p in probabilities),
+            "dice": MAP_LOSS_WEIGHT * sum(binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target)
+                                          for p in probabilities),
+            "image": F.cross_entropy(image_logits, labels),
+        }
+
     # --- settings -------------------------------------------------------------------------------------------
 
     def prompt_fingerprint(self) -> str:
         """A hash of the learned vectors (what a trained or loaded model's numbers depend on)."""
         digest = hashlib.sha256()
-        for tensor in (self.context, self.deep_tokens):
+        for tensor in (self.prompts.context, self.prompts.deep_tokens):
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
@@ -218,7 +267,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
                 "dpam_blocks": self.dpam_blocks, "n_ctx": self.n_ctx, "depth": self.depth, "t_n_ctx": self.t_n_ctx,
                 "sigma": self.sigma, "temperature": self.temperature, "object_name": self.object_name,
                 "deep_tokens_float16": self.deep_tokens_float16, "image_norm": self.image_norm,
-                "prompt_seed": self.prompt_seed, "learning_rate": self.learning_rate, "betas": list(self.betas)}
+                "prompt_seed": self.prompt_seed}
 
     def settings(self) -> dict[str, Any]:
         return json_data({**self.backbone_settings(), **self._method_settings(),
@@ -230,7 +279,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
             "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
             "layers": list(REFERENCE_LAYERS), "dpam_blocks": 19, "n_ctx": 12, "depth": 9, "t_n_ctx": 4,
             "sigma": 4.0, "temperature": 0.07, "object_name": "object", "deep_tokens_float16": True,
-            "image_norm": False, "prompt_seed": self.prompt_seed, "learning_rate": 1e-3, "betas": [0.5, 0.999],
+            "image_norm": False, "prompt_seed": self.prompt_seed,
             # learned weights are not a setting: the label does not name them
             "prompt_weights": self.prompt_fingerprint(),
         })
@@ -244,7 +293,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
     def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
         """Set the learned vectors from ``{"context": (2, n_ctx, W), "deep_tokens": (depth-1, t_n_ctx, W)}``."""
         for name in ("context", "deep_tokens"):
-            parameter = getattr(self, name)
+            parameter = getattr(self.prompts, name)
             value = state.get(name)
             if name == "deep_tokens" and parameter.numel() == 0 and isinstance(value, torch.Tensor) and not value.numel():
                 continue  # depth 1: no deep tokens on either side
