@@ -7,7 +7,8 @@ from anovl.errors import AnovlError
 
 __version__ = "0.1.0"
 __all__ = ["AnoVL", "AnoVLOutput", "AnomalyCLIP", "AnomalyModel", "AnovlError", "AprilGAN", "PromptSet", "TTAConfig",
-           "WinCLIP", "register_adapter", "register_category", "register_model_config"]
+           "WinCLIP", "create_method", "list_methods", "register_adapter", "register_category", "register_method",
+           "register_model_config"]
 
 # The public API is imported on first use, so that `anovl --help` (and `anovl compare`) start without torch.
 _LAZY = {
@@ -20,6 +21,9 @@ _LAZY = {
     "AnomalyModel": "anovl.models",
     "WinCLIP": "anovl.models",
     "AprilGAN": "anovl.models",
+    "create_method": "anovl.models",
+    "list_methods": "anovl.models",
+    "register_method": "anovl.models",
     "register_category": "anovl.categories",
     "register_model_config": "anovl.backbones",
 }

@@ -12,10 +12,10 @@ methods take the domain from here by category, so renaming ``carpet`` to ``rug``
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from anovl.errors import AnovlError
+from anovl.registry import Registry
 
 OBJECT = "object"
 TEXTURE = "texture"
@@ -28,16 +28,17 @@ class CategoryInfo:
 
 
 # docs/METHOD.md §3: MVTec's five textures get the texture domain; VisA's two macaroni sets are both "macaroni".
-_CATEGORIES: dict[str, CategoryInfo] = {
+CATEGORIES: Registry[str, CategoryInfo] = Registry("category", "anovl.categories.register_category")
+CATEGORIES.update({
     **{name: CategoryInfo(name, TEXTURE) for name in ("carpet", "grid", "leather", "tile", "wood")},
     "macaroni1": CategoryInfo("macaroni"),
     "macaroni2": CategoryInfo("macaroni"),
-}
+})
 
 
 def category_info(category: str) -> CategoryInfo:
     """The category's prompt name and domain; an unknown category is an object named as the category."""
-    return _CATEGORIES.get(category) or CategoryInfo(category)
+    return CATEGORIES.get(category) or CategoryInfo(category)
 
 
 def prompt_name(category: str) -> str:
@@ -54,6 +55,4 @@ def register_category(category: str, prompt_name: str | None = None, domain: str
     name = (prompt_name if prompt_name is not None else category).strip()
     if not category or not name:
         raise AnovlError(f"register_category needs a non-empty category and prompt name, got {category!r}, {prompt_name!r}")
-    if category in _CATEGORIES and _CATEGORIES[category] != CategoryInfo(name, domain):
-        warnings.warn(f"category {category!r} was registered before; replacing it", stacklevel=2)
-    _CATEGORIES[category] = CategoryInfo(name, domain)
+    CATEGORIES.register(category, CategoryInfo(name, domain))

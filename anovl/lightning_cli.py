@@ -31,12 +31,14 @@ import inspect
 import io
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import yaml
+from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -47,6 +49,7 @@ from anovl.data import AnomalyDataModule
 from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
+from anovl.models.registry import METHODS, class_path, normalised_record
 from anovl.plugins import load_plugins, loaded_note
 from anovl.results import ResultsTable
 from anovl.tracking import RunTracker
@@ -103,18 +106,27 @@ class AnovlCLI(LightningCLI):
             save_config_callback=RunTracker,
             parser_class=AnovlParser,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with vision-language models."},
+            parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with vision-language models.",
+                           "parser_mode": PARSER_MODE},
             args=args,
             run=run,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None:  # LightningCLI reads sys.argv (given both, it warns)
+            sys.argv[1:] = method_arguments(sys.argv[1:])
+        elif isinstance(args, list):
+            args = method_arguments(args)
+        super().parse_arguments(parser, args)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # As LightningCLI's, but the model is a plain AnomalyModel (not a LightningModule): AnomalyModule wraps it.
         # The trainer comes last (add_arguments_to_parser), so that the help leads with anovl's own options.
         parser.add_subclass_arguments(AnomalyModel, "model", fail_untyped=False, required=True)
         parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
-        _retitle(parser, "model", "The method (model.class_path): anovl.models.AnoVL (default), anovl.models.WinCLIP "
-                                  "or a plugin's AnomalyModel; `--model.help CLASS` lists its options")
+        _retitle(parser, "model", "The method (--model NAME or model.class_path): anovl (default), winclip, a "
+                                  "plugin's registered name or any AnomalyModel's class path; `--model.help CLASS` "
+                                  "lists its options")
         _retitle(parser, "data", "The data (data.class_path): anovl.data.MVTecDataModule, VisADataModule, "
                                  "FolderDataModule, SyntheticMVTecDataModule; `--data.help CLASS` lists its options")
 
@@ -222,6 +234,50 @@ class AnovlCLI(LightningCLI):
         self.trainer.predict(**kwargs)
 
 
+def method_path(value: Any) -> Any:
+    """The class path of a registered method name; a lower-case word that names none is an unknown method (class
+    paths have dots, class names capitals); anything else is left to jsonargparse."""
+    if isinstance(value, str) and "." not in value and value.islower():
+        return class_path(METHODS.lookup(value))
+    return value
+
+
+def with_class_paths(document: Any) -> Any:
+    """A config document with method names (``model: anovl``, ``model: {class_path: winclip}``) replaced by their
+    class paths, which is what jsonargparse resolves."""
+    if not isinstance(document, dict):
+        return document
+    document = dict(document)
+    model = document.get("model")
+    if isinstance(model, dict) and "class_path" in model:
+        document["model"] = {**model, "class_path": method_path(model["class_path"])}
+    elif "model" in document:
+        document["model"] = method_path(model)
+    if isinstance(document.get("class_path"), str) and document["class_path"] in METHODS:  # a --model value
+        document["class_path"] = class_path(METHODS[document["class_path"]])
+    return document
+
+
+def method_arguments(arguments: list[str]) -> list[str]:
+    """A command line with ``--model NAME`` (or ``--model.class_path NAME``) given as the method's class path."""
+    arguments = list(arguments)
+    for index, argument in enumerate(arguments):
+        option, equals, value = argument.partition("=")
+        if option not in ("--model", "--model.class_path"):
+            continue
+        if equals:
+            arguments[index] = f"{option}={method_path(value)}"
+        elif index + 1 < len(arguments):
+            arguments[index + 1] = method_path(arguments[index + 1])
+    return arguments
+
+
+# Configs are read as YAML with method names resolved (--config files, and values given as YAML/JSON).
+PARSER_MODE = "anovl-yaml"
+_read_yaml = get_loader("yaml")
+set_loader(PARSER_MODE, lambda text: with_class_paths(_read_yaml(text)), exceptions=(yaml.YAMLError,))
+
+
 def _retitle(parser: LightningArgumentParser, key: str, title: str) -> None:
     """Give a group of the help a title that says what to put there (the default is a class docstring)."""
     group = getattr(parser, "groups", {}).get(key)
@@ -273,7 +329,8 @@ def continue_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataMod
     earlier.check_categories(datamodule.categories)
     module.trainer = trainer  # run_config reads the trainer's precision
     current = module.run_config(datamodule)
-    differences = config_differences(earlier.config, current)
+    differences = config_differences({**earlier.config, "model": normalised_record(earlier.config.get("model") or {})},
+                                     current)
     if differences:
         raise AnovlError(f"cannot resume {run_dir}: its configuration differs in {'; '.join(differences)}; resume "
                          f"with the run's own settings (anovl test --config {run_dir}/config.yaml --resume "

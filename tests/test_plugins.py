@@ -51,8 +51,7 @@ def test_toy_method_runs_from_yaml_with_its_label(data_root, tmp_path, capsys, m
     (run,) = (tmp_path / "patch_norm").iterdir()
     document = json.loads((run / "results.json").read_text())
     assert document["label"] == "PatchNorm[backbone=anovl-tiny-vit;image_size=64;init_seed=0;pretrained=None]"
-    assert document["title"].startswith("PatchNorm[") and document["config"]["model"]["class_path"] == \
-        "patch_norm.PatchNorm"
+    assert document["title"].startswith("PatchNorm[") and document["config"]["model"]["method"] == "patchnorm"
     assert [row["category"] for row in document["categories"]] == ["fabric", "widget"]
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == ["examples/plugins/patch_norm.py"]
 

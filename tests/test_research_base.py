@@ -45,7 +45,7 @@ def test_three_methods_run_and_compare_under_distinct_labels(runs, tmp_path, cap
     assert len(set(labels.values())) == 3
     for name, document in documents.items():
         assert document["title"].startswith(labels[name]) and document["complete"]
-    assert documents["winclip"]["config"]["model"]["class_path"] == "anovl.models.winclip.torch_model.WinCLIP"
+    assert documents["winclip"]["config"]["model"]["method"] == "winclip"
 
     output = tmp_path / "comparison.md"
     with pytest.raises(SystemExit) as exit_info:

@@ -22,12 +22,17 @@ from anovl.backbones.registry import check_supported, describe_error, inspect_co
 from anovl.backbones.tokenizers import Tokenizer, check_text_tower, resolve_tokenizer
 from anovl.backbones.value_wise import ValueWiseViT
 from anovl.errors import AnovlError
+from anovl.registry import Registry
 
 log = logging.getLogger(__name__)
 
 _BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 open_clip.add_model_config(_BUNDLED_CONFIGS)
+
+
+# The configs registered through anovl (open_clip's own and the bundled ones are in open_clip's table only).
+MODEL_CONFIGS: Registry[str, dict[str, Any]] = Registry("model config", "anovl.register_model_config")
 
 
 def register_model_config(config: dict[str, Any] | str | os.PathLike, name: str | None = None) -> str:
@@ -50,6 +55,8 @@ def register_model_config(config: dict[str, Any] | str | os.PathLike, name: str 
         name = name or path.stem
     if not all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
         raise AnovlError(f"model config {name!r} needs the keys embed_dim, vision_cfg and text_cfg")
+    MODEL_CONFIGS.register(name, cfg)
+    # open_clip builds models only from its own table; its public add_model_config takes files, not dicts.
     open_clip_factory._MODEL_CONFIGS[name] = cfg
     return name
 

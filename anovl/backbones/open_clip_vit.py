@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.transformer import Attention, CustomResidualAttentionBlock, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from anovl.backbones.value_wise import BlockOps, ValueWiseViT, register_block_ops
+from anovl.backbones.value_wise import BlockOps, ValueWiseViT, register_block_ops, register_encoder
 
 
 def _split_heads(qkv: torch.Tensor, heads: int):
@@ -82,6 +82,7 @@ register_block_ops(ResidualAttentionBlock, nn.MultiheadAttention, MultiheadAtten
 register_block_ops(CustomResidualAttentionBlock, Attention, CustomAttentionOps())
 
 
+@register_encoder("open_clip")
 class OpenClipViT(ValueWiseViT):
     """open_clip ``VisionTransformer`` (class-token, CLIPA average and CoCa attentional pooling)."""
 

@@ -14,13 +14,10 @@ import torch
 from open_clip.model import _build_vision_tower
 from torch import nn
 
-from anovl.backbones.open_clip_vit import OpenClipViT
-from anovl.backbones.timm_vit import TimmViT
-from anovl.backbones.value_wise import ValueWiseViT, block_ops_for
+import anovl.backbones.open_clip_vit  # noqa: F401  (registers the open_clip tower encoder, tried first)
+import anovl.backbones.timm_vit  # noqa: F401  (registers the timm tower encoder)
+from anovl.backbones.value_wise import ENCODERS, ValueWiseViT, block_ops_for
 from anovl.errors import AnovlError
-
-# Tower encoders, tried in order; a new tower type is one more ValueWiseViT subclass here.
-ENCODERS: list[type[ValueWiseViT]] = [OpenClipViT, TimmViT]
 
 
 def describe_error(error: Exception) -> str:
@@ -44,7 +41,7 @@ def _blocks_of(tower: nn.Module):
 
 def unsupported_reasons(tower: nn.Module) -> tuple[type[ValueWiseViT] | None, list[str]]:
     """The encoder class for ``tower`` and why it cannot run (no reasons: it can)."""
-    for encoder in ENCODERS:
+    for encoder in ENCODERS.values():
         reasons = encoder.unsupported(tower)
         if reasons is not None:
             blocks = _blocks_of(tower)

@@ -30,7 +30,7 @@ from timm.models.vision_transformer_relpos import (
 from torch import nn
 from torch.nn import functional as F
 
-from anovl.backbones.value_wise import BlockOps, ValueWiseViT, register_block_ops
+from anovl.backbones.value_wise import BlockOps, ValueWiseViT, register_block_ops, register_encoder
 from anovl.errors import AnovlError
 
 
@@ -160,6 +160,7 @@ register_block_ops(RelPosBlock, RelPosAttention, RelPosOps())
 register_block_ops(ResPostRelPosBlock, RelPosAttention, ResPostRelPosOps())
 
 
+@register_encoder("timm")
 class TimmViT(ValueWiseViT):
     """open_clip ``TimmModel`` around a timm ``VisionTransformer``, ``Eva`` or ``VisionTransformerRelPos`` trunk."""
 

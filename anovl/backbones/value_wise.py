@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anovl.errors import AnovlError
+from anovl.registry import Registry
 
 
 @dataclass
@@ -100,12 +101,12 @@ class BlockOps:
 
 
 # (block type, attention module type) → how to run it; filled by the tower modules.
-BLOCK_OPS: dict[tuple[type, type], BlockOps] = {}
+BLOCK_OPS: Registry[tuple[type, type], BlockOps] = Registry("BlockOps", "register_block_ops(block, attention, ops)")
 
 
 def register_block_ops(block_type: type, attention_type: type, ops: BlockOps) -> None:
     """Teach the V-V path a new block type: one :class:`BlockOps` per (block, attention) pair."""
-    BLOCK_OPS[(block_type, attention_type)] = ops
+    BLOCK_OPS.register((block_type, attention_type), ops)
 
 
 def block_ops_for(blocks: Sequence[nn.Module]) -> tuple[list[BlockOps], list[str]]:
@@ -123,6 +124,11 @@ def block_ops_for(blocks: Sequence[nn.Module]) -> tuple[list[BlockOps], list[str
             break
         ops.append(found)
     return ops, reasons
+
+
+# Tower encoders by name, tried in registration order; a new tower type is one more registered subclass.
+ENCODERS: Registry[str, type["ValueWiseViT"]] = Registry("tower encoder", "@register_encoder(name)")
+register_encoder = ENCODERS.decorator
 
 
 class ValueWiseViT(nn.Module):

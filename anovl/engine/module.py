@@ -35,6 +35,7 @@ from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
 from anovl.models.base import AnomalyModel, check_label, json_data
+from anovl.models.registry import method_record
 from anovl.results import ResultsTable
 from anovl.tracking import log_metrics
 
@@ -74,10 +75,6 @@ def _images_per_category(datamodule: Any) -> dict[str, int]:
     return dict(Counter(sample.category for sample in samples)) if samples is not None else {}
 
 
-def class_path(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
 class AnomalyModule(LightningModule):
     """Runs any anomaly model for ``Trainer.test`` and ``Trainer.predict``.
 
@@ -112,7 +109,7 @@ class AnomalyModule(LightningModule):
         self.results_dir = results_dir
         # The model's settings, not its weights, describe the run; the loggers get the whole run config from
         # the CLI's RunTracker instead (anovl.tracking).
-        self.save_hyperparameters({"model": {"class_path": class_path(model), "settings": model.settings()},
+        self.save_hyperparameters({"model": {**method_record(model), "settings": model.settings()},
                                    "label": self.label, "cflow_pro": cflow_pro}, logger=False)
         self.results: ResultsTable | None = None
         self._resumed: ResultsTable | None = None
@@ -164,7 +161,7 @@ class AnomalyModule(LightningModule):
         """The model, data and evaluation settings that the metrics depend on (written to results.json)."""
         fingerprint = getattr(datamodule, "fingerprint", None)
         data = fingerprint() if fingerprint is not None else {"class": type(datamodule).__name__}
-        model = {"class_path": class_path(self.model), **self.model.settings()}
+        model = {**method_record(self.model), **self.model.settings()}
         evaluation = {"cflow_pro": self.cflow_pro, "precision": str(self.trainer.precision)}
         return json_data({"model": model, "data": data, "evaluation": evaluation})
 

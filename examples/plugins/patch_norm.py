@@ -1,6 +1,6 @@
 """A toy third method for anovl, as a plugin outside the package: a patch is as anomalous as its patch token
 is long (no text at all). It shows the whole recipe for a method: take a frozen CLIP, implement ``forward``, say
-what the numbers depend on. Run it with
+what the numbers depend on, register it by a short name. Run it with
 
     anovl test --config examples/plugins/patch_norm.yaml
 """
@@ -14,8 +14,10 @@ import torch
 from anovl.models.anovl.maps import patch_map
 from anovl.models.base import ModelOutput
 from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.registry import register_method
 
 
+@register_method("patchnorm")  # `--model patchnorm`, `class_path: patchnorm`; results.json names it so
 class PatchNorm(CLIPAnomalyModel):
     """Anomaly map: the sigmoid of each patch token's norm, standardised over the image; score: its maximum."""
 

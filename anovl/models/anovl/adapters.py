@@ -8,38 +8,32 @@ over stacked parameters equals one optimiser per image).
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anovl.errors import AnovlError
+from anovl.registry import Registry
 
-ADAPTERS: dict[str, type["Adapter"]] = {}
+ADAPTERS: Registry[str, type["Adapter"]] = Registry("TTA adapter", "a plugin adds one with @register_adapter(name)")
+A = TypeVar("A", bound=type["Adapter"])
 
 
-def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
+def register_adapter(name: str) -> Callable[[A], A]:
     """Class decorator: make an adapter selectable by ``name`` (e.g. ``tta.adapter: name`` in YAML)."""
 
-    def decorator(cls: type[Adapter]) -> type[Adapter]:
-        if name in ADAPTERS and ADAPTERS[name] is not cls:
-            # A notebook cell or a plugin imported twice registers again: the newer class wins.
-            warnings.warn(f"adapter {name!r} was registered before ({ADAPTERS[name].__qualname__}); replacing it",
-                          stacklevel=2)
-        ADAPTERS[name] = cls
+    def decorator(cls: A) -> A:
         cls.name = name
-        return cls
+        return ADAPTERS.register(name, cls, stacklevel=2)
 
     return decorator
 
 
 def create_adapter(name: str, dim: int, sentences: torch.Tensor,
-                   generators: Sequence[torch.Generator] | None = None, **kwargs) -> "Adapter":
-    if name not in ADAPTERS:
-        raise AnovlError(f"unknown TTA adapter {name!r}; registered: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[name](dim, sentences, generators, **kwargs)
+                   generators: Sequence[torch.Generator] | None = None, **kwargs: Any) -> "Adapter":
+    return ADAPTERS.lookup(name)(dim, sentences, generators, **kwargs)
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator | None) -> None:

@@ -21,6 +21,7 @@ from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
 from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.registry import register_method
 from anovl.models.text_cache import TextEmbeddings
 
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
@@ -52,6 +53,7 @@ def image_seeds(images: torch.Tensor, base_seed: int) -> list[int]:
     return seeds
 
 
+@register_method("anovl")
 class AnoVL(CLIPAnomalyModel):
     """Zero-shot anomaly localisation with a frozen CLIP (docs/METHOD.md §2–5).
 

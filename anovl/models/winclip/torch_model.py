@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from anovl.errors import AnovlError
 from anovl.models.base import ModelOutput
 from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.registry import register_method
 from anovl.models.winclip.prompts import WinCLIPPrompts
 from anovl.models.winclip.windows import check_scales, harmonic_aggregation, harmonic_mean, window_masks
 
@@ -41,6 +42,7 @@ class WinCLIPOutput(ModelOutput):
     text_states: torch.Tensor  # (B, 2, D) normalised [normal, anomalous] text embeddings
 
 
+@register_method("winclip")
 class WinCLIP(CLIPAnomalyModel):
     """Zero-shot WinCLIP on a frozen CLIP (see the module docstring).
 

@@ -1,0 +1,127 @@
+"""One registry behaviour (list, "did you mean", replace with a warning) and the method registry: short names on
+the CLI and in configs, results.json naming the method, and a results.json of the class-path era still resuming."""
+
+import json
+import warnings
+
+import pytest
+import yaml
+
+from anovl import AnovlError
+from anovl.data import generate_mvtec_like
+from anovl.models import AnoVL, WinCLIP, create_method, list_methods, register_method
+from anovl.models.base import AnomalyModel
+from anovl.models.registry import METHODS, method_name
+from anovl.registry import Registry
+from tests.conftest import TINY
+from tests.test_reliability_input import _cli_in_process, assert_one_error_line, run_main, text_cache  # noqa: F401
+
+WINCLIP_TINY = ["--model.init_args.backbone", TINY, "--model.init_args.pretrained", "null",
+                "--model.init_args.image_size", "64", "--trainer.enable_progress_bar", "false",
+                "--pictures.max_per_category", "0"]
+
+
+def test_registry_lists_suggests_and_replaces_with_a_warning():
+    registry: Registry[str, int] = Registry("colour", "register one with add_colour")
+    registry.register("red", 1)
+    registry.register("green", 2)
+    assert registry.names() == ["green", "red"] and registry.lookup("red") == 1
+    with pytest.raises(AnovlError, match=r"unknown colour 'gren'; did you mean green\? registered: green, red "
+                                         r"\(register one with add_colour\)"):
+        registry.lookup("gren")
+    with pytest.raises(AnovlError, match="unknown colour 'blue'; registered: green, red"):
+        registry.lookup("blue")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        registry.register("red", 1)  # the same entry again (a module imported twice): silent
+    with pytest.warns(UserWarning, match="colour 'red' was registered before"):
+        registry.register("red", 3)
+    assert registry["red"] == 3
+
+
+def test_methods_are_listed_created_and_named_by_their_registry_name():
+    assert {"anovl", "winclip"} <= set(list_methods())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_method("winclip", backbone=TINY, pretrained=None, scales=[2])
+    assert type(model) is WinCLIP and model.scales == (2,)
+    assert method_name(model) == "winclip" and method_name(AnoVL) == "anovl"
+
+    class Unregistered(WinCLIP):
+        pass
+
+    assert method_name(Unregistered) is None  # a subclass is not its parent's method
+    with pytest.raises(AnovlError, match="unknown method 'winclp'; did you mean winclip"):
+        create_method("winclp")
+
+
+def test_register_method_checks_the_name_and_the_class(monkeypatch):
+    monkeypatch.setattr("anovl.models.registry.METHODS", Registry("method"))
+    with pytest.raises(AnovlError, match="lower case"):
+        register_method("My Method")
+    with pytest.raises(AnovlError, match="needs an AnomalyModel subclass"):
+        register_method("plain")(object)
+
+    @register_method("toy")
+    class Toy(AnomalyModel):
+        pass
+
+    assert "toy" not in METHODS and Toy.__name__ == "Toy"  # went into the patched registry only
+
+
+@pytest.fixture(scope="module")
+def one_category(tmp_path_factory):
+    return generate_mvtec_like(tmp_path_factory.mktemp("one"), ("widget",), n_good=2, n_defect=1, image_size=64)
+
+
+def test_short_names_on_the_command_line_and_in_configs_and_resuming_an_old_record(one_category, tmp_path, capsys):
+    config = tmp_path / "winclip.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "winclip", "init_args": {"scales": [2]}}}))
+    base = ["test", "--data", "anovl.data.MVTecDataModule", "--data.init_args.root", one_category,
+            "--trainer.logger.init_args.save_dir", tmp_path, *WINCLIP_TINY]
+    status, _, stderr = run_main([*base, "--config", config], capsys)
+    assert status == 0, stderr
+    (run,) = (tmp_path / "anovl").iterdir()
+    document = json.loads((run / "results.json").read_text())
+    assert document["config"]["model"]["method"] == "winclip" and "class_path" not in document["config"]["model"]
+    assert document["config"]["model"]["scales"] == [2]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "anovl.models.winclip.torch_model.WinCLIP"  # resolvable as written
+
+    # What versions before the registry wrote: the class path instead of the name. It still resumes.
+    record = document["config"]["model"]
+    document["config"]["model"] = {"class_path": "anovl.models.winclip.torch_model.WinCLIP",
+                                   **{key: value for key, value in record.items() if key != "method"}}
+    (run / "results.json").write_text(json.dumps(document))
+    status, stdout, stderr = run_main([*base, "--model", "winclip", "--model.init_args.scales", "[2]",
+                                       "--resume", run], capsys)
+    assert status == 0, stderr
+    assert "widget" in stdout and json.loads((run / "results.json").read_text()) == document  # nothing left to run
+
+    # Another method's class path in the record is refused.
+    document["config"]["model"]["class_path"] = "anovl.models.anovl.torch_model.AnoVL"
+    (run / "results.json").write_text(json.dumps(document))
+    status, _, stderr = run_main([*base, "--model=winclip", "--model.init_args.scales", "[2]", "--resume", run],
+                                 capsys)
+    assert_one_error_line(status, stderr, "cannot resume", 'model.method: "anovl" in the run, "winclip" now')
+
+
+@pytest.mark.parametrize("where", ["command line", "config"])
+def test_an_unknown_short_name_fails_in_one_line(where, one_category, tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("model: winclp\n")
+    given = ["--model", "winclp"] if where == "command line" else ["--config", config]
+    status, _, stderr = run_main(["test", *given, "--data.init_args.root", one_category], capsys)
+    assert_one_error_line(status, stderr, "unknown method 'winclp'; did you mean winclip?")
+
+
+def test_results_json_names_an_unregistered_method_by_class_path(tmp_path):
+    from anovl.models.registry import method_record
+
+    class Local(WinCLIP):
+        pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert method_record(Local(TINY, pretrained=None)) == {
+            "class_path": f"{__name__}.test_results_json_names_an_unregistered_method_by_class_path.<locals>.Local"}
