@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from anovl.errors import AnovlError
 from anovl.models.anomalyclip import AnomalyCLIP, convert_authors_state_dict
+from anovl.models.checkpoints import load_trained_weights
 from tests.reference.anomalyclip_reference import CONFIG, build_open_clip_model, weights_checksum
 
 DATA = Path(__file__).resolve().parent / "reference" / "data" / "anomalyclip.npz"
@@ -85,20 +86,24 @@ def test_maps_and_scores_equal_the_authors(model, reference):
     assert np.ptp(reference["pred_score"]) > 100 * MAP_TOLERANCE
 
 
-def test_converter_refuses_other_files(tmp_path, model):
+def test_checkpoints_that_do_not_fit_are_refused(tmp_path, model):
     bad = tmp_path / "other.pth"
     torch.save({"prompt_learner": {"linear.weight": torch.zeros(2, 2)}}, bad)
     with pytest.raises(AnovlError, match="not an AnomalyCLIP prompt learner"):
-        model.load_authors_checkpoint(bad)
+        load_trained_weights(model, bad)
+    heads = tmp_path / "heads.pth"
+    torch.save({"trainable_linearlayer": {"fc.0.weight": torch.zeros(2, 2)}}, heads)
+    with pytest.raises(AnovlError, match="neither a checkpoint written by anovl fit nor a release of AnomalyCLIP's"):
+        load_trained_weights(model, heads)
     truncated = tmp_path / "truncated.pth"
-    torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 12, 128)}}, truncated)
+    torch.save(authors_checkpoint({"initial/ctx_pos": np.zeros((1, 1, 12, 128), np.float32)}), truncated)
     truncated.write_bytes(truncated.read_bytes()[:50])
-    with pytest.raises(AnovlError, match="cannot read AnomalyCLIP checkpoint"):
-        model.load_authors_checkpoint(truncated)
+    with pytest.raises(AnovlError, match="cannot read checkpoint .*truncated.pth: it is corrupt, truncated"):
+        load_trained_weights(model, truncated)
     small = tmp_path / "small.pth"
     torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 8, 128), "ctx_neg": torch.zeros(1, 1, 8, 128)}}, small)
-    with pytest.raises(AnovlError, match=r"context is \(2, 8, 128\), expected \(2, 12, 128\)"):
-        model.load_authors_checkpoint(small)
+    with pytest.raises(AnovlError, match=r"does not fit AnomalyCLIP's trained part: .*other shapes \['context', 'deep_tokens'\]"):
+        load_trained_weights(model, small)
 
 
 def test_training_step_equals_the_authors(model, reference):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import open_clip
@@ -58,7 +57,9 @@ class LearnedPrompts(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.context = nn.Parameter(torch.randn(2, n_ctx, width, generator=generator).mul_(0.02))
-        self.deep_tokens = nn.Parameter(torch.randn(depth - 1, t_n_ctx, width, generator=generator).mul_(0.02))
+        # depth 1 has no deep tokens, whatever t_n_ctx (the authors' release then holds none to size them by)
+        deep_shape = (depth - 1, t_n_ctx if depth > 1 else 0, width)
+        self.deep_tokens = nn.Parameter(torch.randn(deep_shape, generator=generator).mul_(0.02))
 
 
 class AnomalyCLIP(CLIPAnomalyModel):
@@ -81,7 +82,8 @@ class AnomalyCLIP(CLIPAnomalyModel):
         image_norm: apply the tower's final norm to the image embedding (the authors' image embedding leaves
             ``ln_post`` out).
         prompt_seed: seed of the initial learned vectors (normal, std 0.02).
-        checkpoint: the authors' released checkpoint (``{"prompt_learner": state_dict}``) to load.
+        checkpoint: learned prompts to load: an ``anovl fit`` checkpoint (``.ckpt``) or the authors' release
+            (``{"prompt_learner": state_dict}``, :func:`convert_authors_state_dict`).
         learning_rate, betas: Adam's, for training.
     """
 
@@ -144,7 +146,9 @@ class AnomalyCLIP(CLIPAnomalyModel):
         token_ids, self.context_start = self._prompt_tokens()
         self.register_buffer("token_ids", token_ids, persistent=False)
         if checkpoint is not None:
-            self.load_authors_checkpoint(checkpoint)
+            from anovl.models.checkpoints import load_trained_weights  # noqa: PLC0415 - the checkpoints import models
+
+            load_trained_weights(self, checkpoint)
 
     # --- prompts -------------------------------------------------------------------------------------------
 
@@ -284,44 +288,10 @@ class AnomalyCLIP(CLIPAnomalyModel):
             "prompt_weights": self.prompt_fingerprint(),
         })
 
-    # --- the authors' checkpoints --------------------------------------------------------------------------
-
-    def load_authors_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load the authors' released prompt learner (``torch.save({"prompt_learner": state_dict})``)."""
-        self.load_prompt_state(convert_authors_state_dict(_read_checkpoint(Path(path))))
-
-    def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the learned vectors from ``{"context": (2, n_ctx, W), "deep_tokens": (depth-1, t_n_ctx, W)}``."""
-        for name in ("context", "deep_tokens"):
-            parameter = getattr(self.prompts, name)
-            value = state.get(name)
-            if name == "deep_tokens" and parameter.numel() == 0 and isinstance(value, torch.Tensor) and not value.numel():
-                continue  # depth 1: no deep tokens on either side
-            if not isinstance(value, torch.Tensor) or value.shape != parameter.shape:
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise AnovlError(f"prompt weights do not fit this AnomalyCLIP: {name} is {got}, expected "
-                                 f"{tuple(parameter.shape)} (n_ctx={self.n_ctx}, depth={self.depth}, "
-                                 f"t_n_ctx={self.t_n_ctx}, text width {self.text_tower.width})")
-            with torch.no_grad():
-                parameter.copy_(value)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise AnovlError(f"AnomalyCLIP checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt, truncated or code-running pickles raise assorted types
-        raise AnovlError(f"cannot read AnomalyCLIP checkpoint {path} ({type(error).__name__}); "
-                         "expected the authors' torch.save({'prompt_learner': ...})") from None
-    if not isinstance(checkpoint, dict):
-        raise AnovlError(f"AnomalyCLIP checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
-    return checkpoint
-
 
 def convert_authors_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The authors' prompt-learner state dict (or the checkpoint holding it under ``prompt_learner``) as
-    :meth:`AnomalyCLIP.load_prompt_state` takes it.
+    the state dict of :class:`LearnedPrompts`.
 
     ``ctx_pos`` / ``ctx_neg`` (1, 1, n_ctx, W) become ``context`` [normal, abnormal]; ``compound_prompts_text.i``
     (t_n_ctx, W) become ``deep_tokens[i]``. Their ``compound_prompt_projections`` are never used by their forward
