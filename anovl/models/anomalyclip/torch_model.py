@@ -20,6 +20,7 @@ from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.components.losses import binary_dice_loss, focal_loss
 from anovl.models.components.smoothing import gaussian_blur
+from anovl.models.registry import register_method
 
 # The authors' published run: ViT-L/14@336px (OpenAI weights) at 518 px, maps of blocks 6/12/18/24.
 REFERENCE_BACKBONE = ("ViT-L-14-336", "openai", 518)
@@ -62,6 +63,7 @@ class LearnedPrompts(nn.Module):
         self.deep_tokens = nn.Parameter(torch.randn(deep_shape, generator=generator).mul_(0.02))
 
 
+@register_method("anomalyclip")
 class AnomalyCLIP(CLIPAnomalyModel):
     """Learned object-agnostic text prompts and DPAM on a frozen CLIP (docs/METHOD.md, AnomalyCLIP).
 
