@@ -95,3 +95,11 @@ def test_hugging_face_text_tower_refused_before_weights(monkeypatch):
     with pytest.raises(AnovlError, match="open_clip's own text transformer, but the text tower of roberta-ViT-B-32 "
                                          "is the Hugging Face model 'roberta-base'"):
         AnomalyCLIP("roberta-ViT-B-32", pretrained=None)
+
+
+def test_training_step_benchmark_runs():
+    from benchmarks.trained_methods import method_rows
+
+    kwargs = dict(backbone=tiny_backbone(), pretrained=None, image_size=SIZE, layers=(0, 2), dpam_blocks=2, depth=2)
+    (row,) = method_rows("anomalyclip", kwargs, [2], "cpu", repeats=1, threads=None, isolate=False)
+    assert row[1] == "2" and float(row[2]) > 0 and float(row[3]) > 0 and "×" in row[4]
