@@ -10,6 +10,7 @@ the order dataset, then variant; ``args`` (and anything after ``--``) are furthe
 for every run::
 
     name: tta-variants                # the runs' W&B group and the output folder runs/grid/<name>
+                                      # (each run's W&B name and tags carry its variant's name)
     variants:
       TFA: []
       TTA-text: [tta/text.yaml]
@@ -298,7 +299,7 @@ def cell_command(grid: Grid, cell: Cell, extra: list[str]) -> list[str]:
     """The ``anovl test`` command line of a cell: a fresh run into its folder, or ``--resume`` of it."""
     where = ["--resume", str(cell.folder)] if cell.state == "interrupted" else ["--run_dir", str(cell.folder)]
     return [sys.executable, "-m", "anovl.cli", *test_arguments(grid, cell, extra), "--engine.group", grid.name,
-            *where]
+            "--engine.variant", cell.variant, *where]
 
 
 def comparison_csv(grid: Grid, runs: dict[tuple[str, str], Run]) -> str:

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import inspect
 import io
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -69,6 +71,7 @@ TRAINER_DEFAULTS = {
 STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI itself, not by the user
 RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
 DEFAULT_MODEL = "anovl.models.AnoVL"
+VERSION = re.compile(r"version_\d+")
 # Trainer flags that only `fit`/`validate` use: accepted (older configs list them) but left out of the help.
 TRAINING_ONLY_TRAINER_FLAGS = frozenset({
     "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
@@ -173,6 +176,7 @@ class AnovlCLI(LightningCLI):
         super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.plugins = list(dict.fromkeys([*self.plugin_specs, *(config.get("plugins") or [])]))
+        config.engine.group = config.engine.get("group") or default_group(config)  # saved: a rerun keeps it
         self.resume_dir = Path(config.resume).expanduser().resolve() if config.get("resume") else None
         self.finished_run: ResultsTable | None = None  # set when --resume finds nothing left to run
         run_dir = config.get("run_dir")
@@ -191,7 +195,7 @@ class AnovlCLI(LightningCLI):
             raise AnovlError(f"data.init_args.image_size is {self.data_size_given} but the model expects {model_size} "
                              "px; the data is resized to the model's size, so set model.init_args.image_size only")
         self.model = AnomalyModule(self.model, **config.engine.as_dict())
-        name_wandb_run(self.trainer, self.model, config)
+        name_wandb_run(self.trainer, self.model, config, self.given_run_dir)
         # Listing the data here turns a wrong root into a clear error before the trainer starts (and, under
         # DDP, launches its processes); synthetic data is generated here, once.
         categories = getattr(self.datamodule, "categories", None)
@@ -354,21 +358,55 @@ def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list
     return differences
 
 
-def name_wandb_run(trainer: Any, module: AnomalyModule, config: Any) -> None:
-    """Name, group and tag W&B runs by label, so runs of one variant group together (or the runs of one grid:
-    ``engine.group``) and different settings never share a name; the user's own name, group and tags win."""
-    data = str(config.data.class_path).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+def default_group(config: Any) -> str:
+    """The experiment a run belongs to when ``engine.group`` is not given: the stem of its first config file
+    (``mvtec`` for ``--config configs/mvtec.yaml --config configs/tta/text.yaml``), else its dataset."""
+    files = [Path(str(path)) for path in (config.get("config") or []) if path is not None]
+    return files[0].stem if files else dataset_key(config)
+
+
+def dataset_key(config: Any) -> str:
+    """The dataset in run names and tags: the datamodule's class without ``DataModule``, lower case."""
+    return str(config.data.class_path).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+
+
+WANDB_TAG_LENGTH = 64  # W&B refuses longer tags
+
+
+def wandb_tag(text: str) -> str:
+    """``text``, or where W&B would refuse it as too long, its start and a hash of the whole."""
+    if len(text) <= WANDB_TAG_LENGTH:
+        return text
+    return f"{text[:WANDB_TAG_LENGTH - 9]}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def name_wandb_run(trainer: Any, module: AnomalyModule, config: Any, run_dir: Path | None) -> None:
+    """Name, group and tag W&B runs so that an experiment's variants sit side by side; the user's own name,
+    group and tags win.
+
+    * name: ``<dataset>-<method>-<variant>`` (``syntheticmvtec-AnoVL-tta-text``), with ``-v<N>`` where the
+      run's folder is ``version_<N>`` (a grid's cells); the full label is in the config (``run.label``) and a tag;
+    * group: ``engine.group`` (a grid's name) or the first config file's stem, so the runs of one experiment
+      share it;
+    * tags: the method, the variant, the backbone, the dataset, the label, and ``random-weights`` where the
+      weights are random."""
+    data = dataset_key(config)
+    method = module.model.method or type(module.model).__name__
+    version = run_dir.name.removeprefix("version_") if run_dir is not None and VERSION.fullmatch(run_dir.name) else None
+    name = "-".join(part for part in (data, method, "" if module.variant == method else module.variant,
+                                      f"v{version}" if version else "") if part)
+    backbone = module.model.settings().get("backbone")
+    tags = {data, method, module.variant, module.label, *([str(backbone)] if backbone else []),
+            *(["random-weights"] if module.random_weights else [])}
     for logger in trainer.loggers:
         if not isinstance(logger, WandbLogger):
             continue
         init = logger._wandb_init  # read when the W&B run starts, which is later (on first use)
-        init["name"] = init.get("name") or f"{data}-{module.label}"
+        init["name"] = init.get("name") or name
         init["group"] = init.get("group") or module.group
         if init.get("anonymous") is None:
             init.pop("anonymous", None)  # wandb warns that the setting is deprecated whenever it is passed
-        backbone = module.model.settings().get("backbone")
-        init["tags"] = sorted({*(init.get("tags") or []), module.model.method or module.label, data,
-                               *([str(backbone)] if backbone else [])})
+        init["tags"] = sorted({*(init.get("tags") or []), *map(wandb_tag, tags)})
 
 
 

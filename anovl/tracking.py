@@ -5,11 +5,17 @@
 * the run's **full resolved config** (model, data, trainer, seed, plugins, engine, pictures, predictions: the
   whole LightningCLI configuration) goes to ``log_hyperparams`` (W&B: the run config; CSV: hparams.yaml;
   TensorBoard: hparams), and is saved as ``config.yaml`` in the run's own folder, never over another file;
-* per-category and mean **metrics** go to ``log_metrics`` as ``<category>/<metric>`` and ``mean/<metric>``,
-  so they are the logger's summary values (:func:`log_metrics`, called by the module as categories finish);
-* at the end, the **results table**: W&B gets a ``wandb.Table`` (key ``results``) and an artifact of type
-  ``results`` holding results.csv / .json / .md and config.yaml; TensorBoard gets the Markdown table as
-  text; other loggers have the config and metrics only.
+* per-category and mean **metrics** as ``<category>/<metric>`` and ``mean/<metric>`` (:func:`log_metrics`,
+  called by the module as categories finish): W&B gets them as the run's **summary** (one value per run, what
+  W&B's run table, bar charts and parallel coordinates compare; no one-point history), other loggers through
+  ``log_metrics``;
+* at the end, the **results table**: W&B gets a ``wandb.Table`` (key ``results``: a ``label`` and a
+  ``variant`` column, then one row per category and the mean, so the tables of several runs concatenate) and
+  an artifact of type ``results`` holding results.csv / .json / .md and config.yaml; TensorBoard gets the
+  Markdown table as text; other loggers have the config and metrics only.
+
+The config's ``run`` section holds the run's full label, its variant key, its group and the command. W&B runs
+are named, grouped and tagged by the CLI (:func:`anovl.lightning_cli.name_wandb_run`).
 
 The CSV logger gets no metrics: results.csv already holds one row per category with all its metrics (and the
 mean), which a metrics.csv of one sparse row per logging call only repeated less readably.
@@ -49,7 +55,10 @@ def log_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
     if not trainer.is_global_zero:
         return
     for logger in metric_loggers(trainer):
-        logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(metrics)
+        else:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def free_config_path(directory: Path) -> Path:
@@ -81,7 +90,7 @@ class RunTracker(SaveConfigCallback):
         self.run_dir: Path | None = None
         self.written: list[Path] = []  # files this run wrote before its results
         self.created: list[Path] = []  # folders this run created, outermost first
-        self.label = ""
+        self.run_info: dict[str, Any] = {}
         self.existing: set[Path] | None = None  # folders that existed before the run, where known
 
     def before_run(self, trainer: Trainer) -> None:
@@ -94,7 +103,7 @@ class RunTracker(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        self.label = getattr(pl_module, "label", "")
+        self.run_info = {key: getattr(pl_module, key, None) for key in ("label", "variant", "group")}
         from anovl.engine import run_directory  # here: the engine imports this module for log_metrics
 
         # The folder of the run's results (engine.results_dir where set), where --resume looks for its config.
@@ -124,7 +133,7 @@ class RunTracker(SaveConfigCallback):
         """The whole resolved configuration as plain data, plus the run's label and command."""
         config = yaml.safe_load(self.parser.dump(self.config))
         config.pop("config", None)  # the config files' paths; their content is what follows
-        return {**config, "run": {"label": self.label, "command": command}}
+        return {**config, "run": {**self.run_info, "command": command}}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results: ResultsTable | None = getattr(pl_module, "results", None)
@@ -133,7 +142,8 @@ class RunTracker(SaveConfigCallback):
         files = [*(Path(results.directory or self.run_dir) / name for name in RESULT_FILES), *self.written]
         for logger in metric_loggers(trainer):
             if isinstance(logger, WandbLogger):
-                log_wandb_results(logger, results, [path for path in files if path.is_file()])
+                log_wandb_results(logger, results, [path for path in files if path.is_file()],
+                                  getattr(pl_module, "variant", ""))
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(RESULTS_KEY, results.to_markdown(), global_step=trainer.global_step)
 
@@ -159,11 +169,12 @@ class RunTracker(SaveConfigCallback):
         _remove_if_empty(self.run_dir.parent, outermost.parent)
 
 
-def log_wandb_results(logger: WandbLogger, results: ResultsTable, files: list[Path]) -> None:
-    """The results as a ``wandb.Table`` (one row per category, then the mean) and ``files`` as an artifact."""
+def log_wandb_results(logger: WandbLogger, results: ResultsTable, files: list[Path], variant: str) -> None:
+    """The results as a ``wandb.Table`` (the run's label and variant, then one row per category and the mean)
+    and ``files`` as an artifact."""
     import wandb  # a dependency, but only needed here
 
-    records = results.records()
+    records = [{"label": results.label, "variant": variant, **record} for record in results.records()]
     columns = list(records[0])
     logger.log_table(key=RESULTS_KEY, columns=columns, data=[[record[column] for column in columns]
                                                              for record in records])

@@ -66,7 +66,8 @@ def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
         assert results["complete"] and (folder / "grid-cell.json").is_file()
         assert results["complete"] and (folder / "config.yaml").is_file()
         assert results["label"].startswith("AnoVL-tfa" if variant == "TFA" else "AnoVL-tta-text")
-        assert yaml.safe_load((folder / "config.yaml").read_text())["engine"]["group"] == "tiny"
+        engine = yaml.safe_load((folder / "config.yaml").read_text())["engine"]
+        assert engine["group"] == "tiny" and engine["variant"] == variant
     rows = list(csv.DictReader((output / "grid.csv").open()))
     assert [(row["dataset"], row["variant"], row["category"]) for row in rows] == [
         ("A", "TFA", "fabric"), ("A", "TFA", "widget"), ("A", "TFA", MEAN_ROW),

@@ -86,15 +86,29 @@ def demo(data_root, save_dir, *extra):
           "--data.init_args.batch_size", "4", "--trainer.logger.init_args.save_dir", str(save_dir), *extra])
 
 
+TTA_VARIANTS = ("text", "lowrank", "linear")
+
+
 @pytest.fixture(scope="module")
-def wandb_run(data_root, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("wandb")
-    demo(data_root, save_dir, "--config", str(CONFIGS / "wandb.yaml"), "--config", str(CONFIGS / "tta" / "lowrank.yaml"),
-         "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.offline", "true")
-    wandb.teardown()  # what the end of the anovl process does: W&B's service writes out the run's log
-    (run_dir,) = save_dir.glob("anovl/*")
-    (log,) = save_dir.glob("wandb/offline-run-*/run-*.wandb")
-    return run_dir, log.parent, wandb_state(read_wandb_log(log))
+def wandb_runs(data_root, tmp_path_factory):
+    """Three TTA variants with configs/wandb.yaml, offline, as a researcher compares them: per variant the run
+    folder, the offline run's folder and its state read back from the transaction log."""
+    runs = {}
+    for variant in TTA_VARIANTS:
+        save_dir = tmp_path_factory.mktemp(f"wandb-{variant}")
+        demo(data_root, save_dir, "--config", str(CONFIGS / "wandb.yaml"),
+             "--config", str(CONFIGS / "tta" / f"{variant}.yaml"), "--model.init_args.tta.steps", "1",
+             "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.offline", "true")
+        wandb.teardown()  # what the end of the anovl process does: W&B's service writes out the run's log
+        (run_dir,) = save_dir.glob("anovl/*")
+        (log,) = save_dir.glob("wandb/offline-run-*/run-*.wandb")
+        runs[variant] = run_dir, log.parent, wandb_state(read_wandb_log(log))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def wandb_run(wandb_runs):
+    return wandb_runs["lowrank"]
 
 
 def test_wandb_run_logs_the_full_config(wandb_run, data_root):
@@ -106,17 +120,32 @@ def test_wandb_run_logs_the_full_config(wandb_run, data_root):
     assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert config["trainer"]["inference_mode"] is False and config["seed_everything"] == 0
     results = json.loads((run_dir / "results.json").read_text())
-    assert config["run"] == {"label": results["label"], "command": "test"}
+    assert config["run"] == {"label": results["label"], "variant": "tta-lowrank", "group": "demo", "command": "test"}
     # The run's own config.yaml holds the same resolved config.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"] == config["model"] and saved["data"] == config["data"]
 
 
-def test_wandb_run_is_named_and_grouped_by_label(wandb_run):
-    run_dir, _, state = wandb_run
-    label = json.loads((run_dir / "results.json").read_text())["label"]
-    assert "rank=16" in label
-    assert state["run"].display_name == f"syntheticmvtec-{label}" and state["run"].run_group == label
+def test_wandb_variants_share_one_group_with_short_distinct_names_and_variant_tags(wandb_runs):
+    labels = {}
+    for variant, (run_dir, offline_dir, state) in wandb_runs.items():
+        labels[variant] = label = json.loads((run_dir / "results.json").read_text())["label"]
+        run = state["run"]
+        # The experiment is the first config file (configs/demo.yaml): every variant run on it is in its group.
+        assert run.run_group == "demo" and state["config"]["run"]["group"] == "demo"
+        assert run.display_name == f"syntheticmvtec-AnoVL-tta-{variant}"
+        assert set(run.tags) == {"syntheticmvtec", "AnoVL", f"tta-{variant}", "anovl-tiny-vit", "random-weights",
+                                 label if len(label) <= 64 else f"{label[:55]}#{hashlib.sha256(label.encode()).hexdigest()[:8]}"}
+        assert state["config"]["run"]["label"] == label and state["config"]["run"]["variant"] == f"tta-{variant}"
+        # Metrics are summary values, not a one-point history.
+        assert "mean/pixel_auroc" in state["summary"] and not any("/" in key and not key.startswith("_")
+                                                                   and "pixel" in key for key in state["history"])
+        table_ref = {key.removeprefix("results/"): value for key, value in state["summary"].items()
+                     if key.startswith("results/")}
+        table = json.loads((offline_dir / "files" / table_ref["path"]).read_text())
+        assert table["columns"][:4] == ["label", "variant", "category", "images"]
+        assert {tuple(row[:2]) for row in table["data"]} == {(label, f"tta-{variant}")}
+    assert len(set(labels.values())) == 3 and "rank=16" in labels["lowrank"]
 
 
 def test_wandb_summary_and_table_hold_every_category_and_the_mean(wandb_run):

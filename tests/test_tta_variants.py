@@ -1,5 +1,6 @@
 """TTA variants from their configs under `anovl test`, labels and W&B run naming by label, `anovl compare`."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from anovl.cli import AnovlCLI, main
 from anovl.data import generate_mvtec_like
+from anovl.lightning_cli import name_wandb_run
 from tests.test_cli import CONFIGS, TINY_MODEL
 
 # The label's variant and the settings that differ from the reference TTA of that adapter.
@@ -77,18 +79,35 @@ def wandb_init(tmp_path, *extra):
     return cli.model.label, cli.trainer.logger._wandb_init
 
 
-def test_wandb_runs_are_named_grouped_and_tagged_by_label(tmp_path, monkeypatch):
+def test_wandb_runs_are_named_by_variant_grouped_by_experiment_and_tagged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     label, init = wandb_init(tmp_path, "--config", str(CONFIGS / "tta" / "lowrank.yaml"))
     assert label.startswith("AnoVL-tta-lowrank[")
-    assert init["name"] == f"syntheticmvtec-{label}" and init["group"] == label
-    assert {"AnoVL", "syntheticmvtec", "anovl-tiny-vit"} <= set(init["tags"])
-    # Rank 4 and rank 16 are different settings, so different names and groups.
+    # Short: dataset, method, variant; grouped by the experiment (the first config file, demo.yaml).
+    assert init["name"] == "syntheticmvtec-AnoVL-tta-lowrank" and init["group"] == "demo"
+    # The full label is a tag too, shortened with a hash of it where W&B's 64 characters are too few.
+    label_tag = label if len(label) <= 64 else label[:55] + "#" + hashlib.sha256(label.encode()).hexdigest()[:8]
+    assert set(init["tags"]) == {"AnoVL", "tta-lowrank", "syntheticmvtec", "anovl-tiny-vit", "random-weights",
+                                 label_tag}
+    # Rank 4 and rank 16 are variants of one experiment: one group, told apart by their label tags.
     rank_4, init_4 = wandb_init(tmp_path, "--config", str(CONFIGS / "tta" / "lowrank.yaml"),
                                 "--model.init_args.tta.adapter_args", "{rank: 4}")
-    assert "rank=4" in rank_4 and init_4["name"] != init["name"] and init_4["group"] != init["group"]
-    user_label, user_init = wandb_init(tmp_path, "--engine.label", "my-run")
-    assert user_label == "my-run" and user_init["name"] == "syntheticmvtec-my-run"
+    assert "rank=4" in rank_4 and init_4["group"] == init["group"] and init_4["name"] == init["name"]
+    assert set(init_4["tags"]) - set(init["tags"])  # the label tags differ
+    # A grid's (or the user's) variant key, group and version.
+    long_label = "x" * 80
+    cli = AnovlCLI(args=["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "wandb.yaml"), *TINY_MODEL,
+                         "--data.init_args.root", str(tmp_path / "data"), "--engine.variant", "TTA-r4",
+                         "--engine.group", "sweep", "--engine.label", long_label], run=False)
+    init_grid = cli.trainer.logger._wandb_init
+    assert init_grid["name"] == "syntheticmvtec-AnoVL-TTA-r4" and init_grid["group"] == "sweep"
+    init_grid["name"] = None
+    name_wandb_run(cli.trainer, cli.model, cli.config, tmp_path / "grid" / "version_3")  # a grid cell's folder
+    assert init_grid["name"] == "syntheticmvtec-AnoVL-TTA-r4-v3"
+    assert {"TTA-r4", "x" * 55 + "#" + hashlib.sha256(long_label.encode()).hexdigest()[:8]} <= set(init_grid["tags"])
+    assert all(len(tag) <= 64 for tag in init_grid["tags"])
+    _, user_init = wandb_init(tmp_path, "--trainer.logger.init_args.name", "mine")
+    assert user_init["name"] == "mine"
 
 
 def test_compare_puts_variants_side_by_side(data_root, tfa_results, tmp_path, capsys):

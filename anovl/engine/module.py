@@ -82,8 +82,10 @@ class AnomalyModule(LightningModule):
         model: the method (any :class:`~anovl.models.base.AnomalyModel`, e.g. ``anovl.models.AnoVL``).
         label: the run's label in results, ``anovl compare`` and logger names; default: the model's own
             (the method plus what differs from its reference settings).
-        group: the run's group in loggers that group runs (W&B); default: the label. ``anovl grid`` puts
-            the runs of one grid into one group.
+        group: the run's group in loggers that group runs (W&B): the experiment its variants are compared in.
+            ``anovl grid`` gives the grid's name; the CLI's default is the stem of the first config file.
+        variant: the variant's short key in W&B run names and tags (``anovl grid`` gives the grid's variant
+            name); default: the model's variant (e.g. ``tta-text``), else its method.
         cflow_pro: also report the cflow-style AUPRO of the authors' evaluation (for comparison with papers).
         results_dir: where results.csv / .json / .md go (default: the run dir, i.e. the logger's folder).
 
@@ -95,7 +97,7 @@ class AnomalyModule(LightningModule):
     """
 
     def __init__(self, model: AnomalyModel, label: str | None = None, cflow_pro: bool = False,
-                 results_dir: str | None = None, group: str | None = None):
+                 results_dir: str | None = None, group: str | None = None, variant: str | None = None):
         super().__init__()
         if not isinstance(model, AnomalyModel):
             raise AnovlError(f"the model must be an anovl.models.base.AnomalyModel, got {type(model).__name__}")
@@ -104,7 +106,8 @@ class AnomalyModule(LightningModule):
                              "test and predict loops do not support yet")
         self.model = model
         self.label = check_label(label) if label is not None else model.label
-        self.group = check_label(group) if group is not None else self.label
+        self.group = check_label(group) if group is not None else None
+        self.variant = check_label(variant) if variant is not None else (model.variant or model.method or self.label)
         self.cflow_pro = cflow_pro
         self.results_dir = results_dir
         # The model's settings, not its weights, describe the run; the loggers get the whole run config from
