@@ -23,20 +23,11 @@ from typing import Any, Callable
 
 import yaml
 
+from anovl.commands import COMMANDS, DESCRIPTION
 from anovl.compare import main as compare_main
 from anovl.errors import AnovlError
 from anovl.grid import main as grid_main
 
-# Listed by `anovl --help`, in this order.
-COMMANDS = {
-    "test": "run a method on a labelled dataset: per-category metrics, results files, pictures",
-    "predict": "anomaly maps and scores for images (labels not needed)",
-    "compare": "put finished runs side by side, category by category",
-    "grid": "run variants x datasets from one YAML and write one comparison table",
-    "export": "export a model to ONNX, OpenVINO IR or TorchScript for deployment",
-    "app": "a browser demo: upload an image, see its anomaly map",
-}
-DESCRIPTION = "Zero-shot anomaly localisation with vision-language models."
 
 
 def top_level_help() -> str:

@@ -46,8 +46,15 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
-from anovl.cli import COMMANDS
-from anovl.data import AnomalyDataModule
+from anovl.commands import COMMANDS, DESCRIPTION
+# The datamodules are imported so that their short class names resolve (jsonargparse looks among loaded subclasses).
+from anovl.data import (  # noqa: F401
+    AnomalyDataModule,
+    FolderDataModule,
+    MVTecDataModule,
+    SyntheticMVTecDataModule,
+    VisADataModule,
+)
 from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
@@ -109,8 +116,7 @@ class AnovlCLI(LightningCLI):
             save_config_callback=RunTracker,
             parser_class=AnovlParser,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "anovl", "description": "Zero-shot anomaly localisation with vision-language models.",
-                           "parser_mode": PARSER_MODE},
+            parser_kwargs={"prog": "anovl", "description": DESCRIPTION, "parser_mode": PARSER_MODE},
             args=args,
             run=run,
         )

@@ -44,6 +44,18 @@ STARTUP_FILES = frozenset({CONFIG_FILE, "hparams.yaml"})
 TENSORBOARD_EVENTS = "events.out.tfevents."
 
 
+def run_directory(trainer: Trainer) -> Path:
+    """Where a run's files go: the CSV/TensorBoard logger's version folder, else <save_dir>/<name>/<version>
+    of the first logger, else the trainer's default_root_dir. Must be called on every process."""
+    logger = trainer.logger
+    if logger is None or isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        directory = trainer.log_dir  # already broadcast from rank 0 (versions are numbered there)
+    else:
+        parts = [logger.save_dir or trainer.default_root_dir, logger.name, logger.version]
+        directory = str(Path(*(str(part) for part in parts if part)))
+    return Path(trainer.strategy.broadcast(directory))
+
+
 def metric_loggers(trainer: Trainer) -> list[Logger]:
     """The loggers that take metrics: all but CSV (its metrics.csv would only repeat results.csv)."""
     return [logger for logger in trainer.loggers if not isinstance(logger, CSVLogger)]
@@ -104,8 +116,6 @@ class RunTracker(SaveConfigCallback):
         if self.already_saved:
             return
         self.run_info = {key: getattr(pl_module, key, None) for key in ("label", "variant", "group")}
-        from anovl.engine import run_directory  # here: the engine imports this module for log_metrics
-
         # The folder of the run's results (engine.results_dir where set), where --resume looks for its config.
         results_dir = getattr(pl_module, "results_dir", None)
         self.run_dir = Path(results_dir).resolve() if results_dir else run_directory(trainer).resolve()

@@ -27,7 +27,7 @@ def _to_fake_cuda(module: torch.nn.Module, mode: FakeTensorMode) -> None:
 
 @pytest.fixture
 def fake_cuda_model(tiny_model):
-    tiny_model.text_embeddings("bottle")  # encoded for real on the CPU, as the cache would hold them
+    tiny_model.text_states("bottle")  # encoded for real on the CPU, as the cache would hold them
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         _to_fake_cuda(tiny_model, mode)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anovl.models.anovl.maps import abnormal_probability, anomaly_map, image_score
+from anovl.models.components.scoring import abnormal_probability, anomaly_map, image_score
 from anovl.models.anovl.views import make_views
 from tests.reference.maps_views import numpy_map, reference_views
 

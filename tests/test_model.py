@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from anovl import AnoVL, AnovlError
-from anovl.models.anovl.maps import patch_map
+from anovl.models.components.scoring import patch_map
 from anovl.models.anovl.views import make_views
 from tests.conftest import TINY
 
@@ -18,7 +18,7 @@ def test_output_matches_a_direct_computation(tiny_model):
     out = tiny_model(images, ["bottle", "carpet"])
     assert out.anomaly_map.shape == (2, 64, 64) and out.pred_score.shape == (2,)
     clip = tiny_model.clip
-    states = torch.stack([tiny_model.text_embeddings(c).states for c in ("bottle", "carpet")])
+    states = torch.stack([tiny_model.text_states(c).states for c in ("bottle", "carpet")])
     # Image score: CLIP's own image embedding of each of the 22 views.
     views = make_views(images).reshape(22, 2, 3, 64, 64)
     global_tokens = torch.stack([clip.encode_image(v, normalize=True) for v in views])  # (22, 2, D)
@@ -59,7 +59,7 @@ def test_one_view_uses_identity_only(tiny_model):
     one_view = AnoVL(TINY, pretrained=None, num_views=1)
     one_view.load_state_dict(tiny_model.state_dict())
     one_view.text_cache = tiny_model.text_cache
-    states = torch.stack([tiny_model.text_embeddings("bottle").states] * 2)
+    states = torch.stack([tiny_model.text_states("bottle").states] * 2)
     expected = torch.softmax(torch.einsum("bd,bkd->bk", tiny_model.clip.encode_image(images, normalize=True),
                                           states), -1)[:, 1]
     torch.testing.assert_close(one_view(images, ["bottle"] * 2).pred_score, expected, rtol=1e-5, atol=1e-6)
@@ -73,7 +73,7 @@ def test_multi_layer_map_is_the_mean_of_layer_maps():
         model = AnoVL(TINY, pretrained=None, layers=(1, -1))
     images = torch.randn(1, 3, 64, 64)
     out = model(images, ["bottle"])
-    states = model.text_embeddings("bottle").states[None]
+    states = model.text_states("bottle").states[None]
     maps = [patch_map(torch.softmax(F.normalize(t, dim=-1) @ states[0].T, -1)[None, :, :, 1][0], 64)
             for t in out.patch_tokens]
     torch.testing.assert_close(out.anomaly_map, (maps[0] + maps[1]) / 2, rtol=1e-5, atol=1e-6)
@@ -129,7 +129,7 @@ def test_loading_other_weights_re_encodes_the_text(tiny_model, loader):
         tiny_model.clip.load_state_dict(other.clip.state_dict())
 
     assert tiny_model.text_cache.path(sentences) != old_file
-    torch.testing.assert_close(tiny_model.text_embeddings("bottle").sentences, other.text_embeddings("bottle").sentences)
+    torch.testing.assert_close(tiny_model.text_states("bottle").sentences, other.text_states("bottle").sentences)
     after, expected = tiny_model(images, ["bottle", "bottle"]), other(images, ["bottle", "bottle"])
     torch.testing.assert_close(after.text_states, expected.text_states)
     torch.testing.assert_close(after.anomaly_map, expected.anomaly_map)
@@ -147,4 +147,4 @@ def test_full_size_reference_backbone():
     out = model(images, ["bottle", "bottle"])
     assert out.anomaly_map.shape == (2, 240, 240) and out.patch_tokens[0].shape == (2, 225, 640)
     torch.testing.assert_close(out.global_tokens, model.clip.encode_image(images), rtol=1e-4, atol=1e-4)
-    assert model.text_embeddings("bottle").sentences.shape == (924, 640)
+    assert model.text_states("bottle").sentences.shape == (924, 640)

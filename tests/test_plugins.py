@@ -13,7 +13,7 @@ from anovl import plugins
 from anovl.cli import main, plugin_specs
 from anovl.errors import AnovlError
 from anovl.models.anovl import ADAPTERS
-from anovl.models.anovl.maps import patch_map
+from anovl.models.components.scoring import patch_map
 from tests.test_cli import REPO
 from tests.test_reliability_input import assert_one_error_line, prepare_in_process_cli, run_main, text_cache  # noqa: F401
 

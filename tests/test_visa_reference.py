@@ -126,7 +126,7 @@ def test_the_comparison_tells_a_softmax_before_stitching(text_cache, monkeypatch
     # the softmax is nearly linear. Orthogonal states and a larger step make the order of softmax and
     # stitching show.
     model = tiny(text_cache, tta=TTAConfig(adapter="linear", lr=0.05))
-    text_embeddings = model.text_embeddings
+    text_embeddings = model.text_states
 
     def orthogonal_states(category, prompt_name=None, device="cpu"):
         embeddings = text_embeddings(category, prompt_name, device)
@@ -134,7 +134,7 @@ def test_the_comparison_tells_a_softmax_before_stitching(text_cache, monkeypatch
         abnormal = F.normalize(abnormal - (abnormal @ normal) * normal, dim=0)
         return dataclasses.replace(embeddings, states=torch.stack([normal, abnormal]))
 
-    monkeypatch.setattr(model, "text_embeddings", orthogonal_states)
+    monkeypatch.setattr(model, "text_states", orthogonal_states)
     image = wide_images(112, 1, seed=3)
     output = model(image, [CATEGORY])
     expected = naive_independent_tta(model, image[0], CATEGORY, lr=0.05)

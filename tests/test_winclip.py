@@ -101,7 +101,7 @@ def test_bad_inputs_are_refused(winclip):
 
 def test_sentences_are_anomalibs_ensemble():
     prompts = WinCLIPPrompts()
-    normal, anomalous = prompts.normal_sentences("bottle"), prompts.anomalous_sentences("bottle")
+    normal, anomalous = prompts.normal_sentences("bottle"), prompts.abnormal_sentences("bottle")
     assert (len(normal), len(anomalous)) == (7 * 21, 4 * 21)
     assert normal[0] == "a cropped photo of the bottle." and anomalous[0] == "a cropped photo of the damaged bottle."
     assert normal[21] == "a cropped photo of the flawless bottle."
@@ -111,9 +111,9 @@ def test_text_states_are_the_normalised_mean_of_unnormalised_sentence_embeddings
     tokenizer = winclip.text_cache.backbone.tokenizer
     with torch.no_grad():
         normal = winclip.clip.encode_text(tokenizer(winclip.prompts.normal_sentences("screw"))).mean(0)
-        anomalous = winclip.clip.encode_text(tokenizer(winclip.prompts.anomalous_sentences("screw"))).mean(0)
+        anomalous = winclip.clip.encode_text(tokenizer(winclip.prompts.abnormal_sentences("screw"))).mean(0)
     expected = F.normalize(torch.stack([normal, anomalous]), dim=-1)
-    assert torch.allclose(winclip.text_states("screw"), expected, atol=1e-6)
+    assert torch.allclose(winclip.text_states("screw").states, expected, atol=1e-6)
 
 
 def test_window_embeddings_are_each_windows_own_and_differ(winclip):
@@ -148,12 +148,12 @@ def test_forward_composes_the_scales_and_keeps_images_independent(winclip):
 
 def test_new_weights_re_encode_the_text(winclip):
     other = make_winclip(use_text_cache=False, init_seed=1)
-    before = winclip.text_states("bottle").clone()
+    before = winclip.text_states("bottle").states.clone()
     model = make_winclip(use_text_cache=False)
-    assert torch.equal(model.text_states("bottle"), before)
+    assert torch.equal(model.text_states("bottle").states, before)
     model.load_state_dict(other.state_dict())
-    assert torch.allclose(model.text_states("bottle"), other.text_states("bottle"))
-    assert not torch.allclose(model.text_states("bottle"), before)
+    assert torch.allclose(model.text_states("bottle").states, other.text_states("bottle").states)
+    assert not torch.allclose(model.text_states("bottle").states, before)
 
 
 def test_label_names_what_differs_from_anomalibs_settings(winclip):

@@ -219,6 +219,28 @@ class ValueWiseViT(nn.Module):
             tokens = ops.forward(block, tokens, positions)
         return self.pool(tokens)
 
+    def vv_tokens(self, images: torch.Tensor, layers: Sequence[int] = (-1,),
+                  chunk_size: int | None = None) -> list[torch.Tensor]:
+        """V-V patch tokens (B, N, D) in the text space, one per requested block (in block order, each once)."""
+        return self.forward(images, layers=layers, chunk_size=chunk_size).patch_tokens
+
+    def plain_tokens(self, images: torch.Tensor, layers: Sequence[int] = (-1,),
+                     project: bool = True) -> list[torch.Tensor]:
+        """The tower's ordinary (not V-V) patch tokens after each requested block (in block order, each once):
+        (B, N, D) in the text space, each token through the pooling head as a one-token sequence (as V-V tokens
+        are, :meth:`project_local`), or (B, N, width) as the block gives them with ``project=False``."""
+        wanted = sorted({layer % self.num_layers for layer in layers})
+        h, positions = self._embed(images)
+        tokens = []
+        for index, (ops, block) in enumerate(zip(self.block_ops, self.blocks)):
+            if index > wanted[-1]:
+                break
+            h = ops.forward(block, h, positions)
+            if index in wanted:
+                patches = h[:, self.num_prefix_tokens:]
+                tokens.append(self.project_local(patches) if project else patches)
+        return tokens
+
     def forward(
         self, images: torch.Tensor, num_local: int | None = None, layers: Sequence[int] = (-1,),
         chunk_size: int | None = None, local_start: int = 0, final_norm: bool = True,

@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from anovl.callbacks.picks import Candidate, CategoryPicks
-from anovl.engine.module import category_runs, run_directory
+from anovl.engine.module import category_runs
+from anovl.tracking import run_directory
 from anovl.errors import AnovlError
 from anovl.visualization import OutputNames, denormalize, panel, panel_lines, stack_padded
 

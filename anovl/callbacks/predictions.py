@@ -17,7 +17,7 @@ from rich.console import Console
 from anovl.callbacks.calibration import calibrate_on_normal_images
 from anovl.callbacks.panels import output_names
 from anovl.data.image_io import load_rgb
-from anovl.engine.module import run_directory
+from anovl.tracking import run_directory
 from anovl.errors import AnovlError
 from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold

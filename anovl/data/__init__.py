@@ -1,61 +1,39 @@
-"""Data: robust image loading, docs/METHOD.md §1 preprocessing, corruptions, datasets and LightningDataModules."""
+"""Data: robust image loading, docs/METHOD.md §1 preprocessing, corruptions, datasets and LightningDataModules.
 
-from anovl.data.datamodule import AnomalyDataModule
-from anovl.data.dataset import AnomalyDataset, Sample, SkippedFileWarning
-from anovl.data.listing import UnusedFilesWarning
-from anovl.data.sampling import CategoryBatchSampler, collate_batch
-from anovl.data.corruptions import CORRUPTION_PRESETS, CorruptionConfig, Corruptor, image_seed, resolve_corruption
-from anovl.data.folder import FolderDataModule
-from anovl.data.image_io import IMAGE_EXTENSIONS, BadImageError, check_mask_size, is_image_file, load_mask, load_rgb
-from anovl.data.mvtec import MVTecDataModule
-from anovl.data.safe_names import safe_component
-from anovl.data.synthetic import SyntheticMVTecDataModule, generate_mvtec_like, generate_visa_like
-from anovl.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    normalize,
-    resize_image,
-    resize_mask,
-    shorter_side_size,
-    split_tiles,
-    stitch_tiles,
-    tile_offsets,
-)
-from anovl.data.visa import VisADataModule
+Names are imported on first use, so that the plain-PyTorch core (models, backbones) can use the light modules
+(transforms, image_io, corruptions) without loading Lightning, which the datamodules need."""
 
-__all__ = [
-    "AnomalyDataModule",
-    "AnomalyDataset",
-    "BadImageError",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "CORRUPTION_PRESETS",
-    "CategoryBatchSampler",
-    "CorruptionConfig",
-    "Corruptor",
-    "FolderDataModule",
-    "IMAGE_EXTENSIONS",
-    "MVTecDataModule",
-    "Sample",
-    "SkippedFileWarning",
-    "SyntheticMVTecDataModule",
-    "UnusedFilesWarning",
-    "VisADataModule",
-    "check_mask_size",
-    "collate_batch",
-    "generate_mvtec_like",
-    "generate_visa_like",
-    "image_seed",
-    "is_image_file",
-    "load_mask",
-    "load_rgb",
-    "normalize",
-    "resize_image",
-    "resize_mask",
-    "resolve_corruption",
-    "safe_component",
-    "shorter_side_size",
-    "split_tiles",
-    "stitch_tiles",
-    "tile_offsets",
-]
+from importlib import import_module
+from typing import Any
+
+_MODULES = {
+    "anovl.data.datamodule": ("AnomalyDataModule",),
+    "anovl.data.dataset": ("AnomalyDataset", "Sample", "SkippedFileWarning"),
+    "anovl.data.listing": ("UnusedFilesWarning",),
+    "anovl.data.sampling": ("CategoryBatchSampler", "collate_batch"),
+    "anovl.data.corruptions": ("CORRUPTION_PRESETS", "CorruptionConfig", "Corruptor", "image_seed",
+                               "resolve_corruption"),
+    "anovl.data.folder": ("FolderDataModule",),
+    "anovl.data.image_io": ("BadImageError", "IMAGE_EXTENSIONS", "check_mask_size", "is_image_file", "load_mask",
+                            "load_rgb"),
+    "anovl.data.mvtec": ("MVTecDataModule",),
+    "anovl.data.safe_names": ("safe_component",),
+    "anovl.data.synthetic": ("SyntheticMVTecDataModule", "generate_mvtec_like", "generate_visa_like"),
+    "anovl.data.transforms": ("CLIP_MEAN", "CLIP_STD", "normalize", "resize_image", "resize_mask", "shorter_side_size",
+                              "split_tiles", "stitch_tiles", "tile_offsets"),
+    "anovl.data.visa": ("VisADataModule",),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'anovl.data' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -27,32 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch import LightningModule
 from torch.utils.data import DistributedSampler
 
-from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
 from anovl.models.base import AnomalyModel, check_label, json_data
+from anovl.models.components.tiling import tile_batch, untile
 from anovl.models.registry import method_record
 from anovl.results import ResultsTable
-from anovl.tracking import log_metrics
+from anovl.tracking import log_metrics, run_directory
 
 # The padded copies that this warning is about are dropped by AnomalyModule (see the module docstring).
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
-
-
-def run_directory(trainer: Trainer) -> Path:
-    """Where a run's files go: the CSV/TensorBoard logger's version folder, else <save_dir>/<name>/<version>
-    of the first logger, else the trainer's default_root_dir. Must be called on every process."""
-    logger = trainer.logger
-    if logger is None or isinstance(logger, (CSVLogger, TensorBoardLogger)):
-        directory = trainer.log_dir  # already broadcast from rank 0 (versions are numbered there)
-    else:
-        parts = [logger.save_dir or trainer.default_root_dir, logger.name, logger.version]
-        directory = str(Path(*(str(part) for part in parts if part)))
-    return Path(trainer.strategy.broadcast(directory))
 
 
 def category_runs(categories: Sequence[str]) -> list[slice]:
@@ -151,12 +138,9 @@ class AnomalyModule(LightningModule):
         if height == width or self.model.handles_wide_images:
             output = self.model(images, categories, prompt_names, **extras)
             return output.anomaly_map, output.pred_score
-        tiles = split_tiles(images)
-        per_image = tiles.shape[0] // images.shape[0]
-        output = self.model(tiles, [name for name in categories for _ in range(per_image)],
-                            [name for name in prompt_names for _ in range(per_image)],
-                            **{key: split_tiles(value) for key, value in extras.items()})
-        return stitch_tiles(output.anomaly_map, height, width), output.pred_score.view(-1, per_image).mean(1)
+        tiles, _, per_tile = tile_batch(images, categories=categories, prompt_names=prompt_names, **extras)
+        output = self.model(tiles, per_tile.pop("categories"), per_tile.pop("prompt_names"), **per_tile)
+        return untile(output.anomaly_map, output.pred_score, height, width)
 
     # ----------------------------------------------------------------- test
 

@@ -12,7 +12,9 @@ from torch import nn
 
 from anovl.backbones import create_backbone
 from anovl.models.base import AnomalyModel
-from anovl.models.text_cache import TextEmbeddingCache
+from anovl.models.components.prompts import Prompts
+from anovl.models.components.text import TextStates
+from anovl.models.text_cache import TextEmbeddingCache, TextEmbeddings
 
 
 def _weights_loaded(model: "CLIPAnomalyModel", module: nn.Module, incompatible_keys: object) -> None:
@@ -48,6 +50,7 @@ class CLIPAnomalyModel(AnomalyModel):
         self.backbone_name = built.name
         self.image_size = built.image_size
         self.text_cache = TextEmbeddingCache(built, cache_dir, use_disk=use_text_cache)
+        self._prompt_states = TextStates(self.text_cache)
         # Text embeddings of other weights no longer fit, whether the model or its CLIP loads them.
         self.clip.register_load_state_dict_post_hook(functools.partial(_weights_loaded, self))
         self.eval()
@@ -59,6 +62,15 @@ class CLIPAnomalyModel(AnomalyModel):
     @property
     def device(self) -> torch.device:
         return self.encoder.device
+
+    prompts: Prompts  # set by methods with text prompts
+
+    def text_states(self, category: str, prompt_name: str | None = None,
+                    device: torch.device | str = "cpu") -> TextEmbeddings:
+        """State embeddings (``.states``: normalised [normal, abnormal], (2, D)) and per-sentence embeddings
+        (``.sentences``) of :attr:`prompts` for a category, encoded once and kept per device. The sentences name
+        ``prompt_name`` (default: :mod:`anovl.categories`' name for the category) in the category's domain."""
+        return self._prompt_states(self.prompts, category, prompt_name, device)
 
     def weights_loaded(self) -> None:
         """Forget what was computed from the old weights (subclasses add their own caches)."""

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import torch
 
-from anovl.models.anovl.maps import patch_map
 from anovl.models.base import ModelOutput
 from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.components.scoring import patch_map
 from anovl.models.registry import register_method
 
 

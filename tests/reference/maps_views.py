@@ -1,7 +1,7 @@
 """Oracles of the TFA map pipeline and of the 22 image-score views (docs/METHOD.md §4).
 
 :func:`numpy_map` writes the map's smoothing and upsampling out with loops in numpy (the oracle of
-anovl.models.anovl.maps.anomaly_map); :func:`reference_views` builds each view straight from its
+anovl.models.components.scoring.anomaly_map); :func:`reference_views` builds each view straight from its
 definition with torch's ``affine_grid``/``grid_sample`` (the oracle of anovl.models.anovl.views.make_views).
 They import numpy and torch only: keep them independent of anovl's maps and views.
 """

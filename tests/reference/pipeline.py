@@ -4,7 +4,7 @@ One image at a time, each of its views through a separate dual-path encoder call
 on that image alone, as the authors' code runs it. It shares only the encoder, the text embeddings, the views
 and the TTA module with :class:`anovl.AnoVL`; maps and image scores are recomputed here with plain torch, so
 comparing the two checks the batching, the view handling and the map pipeline (tests/test_bench.py). Keep it
-independent of anovl.models.anovl.maps and of AnoVL.forward.
+independent of anovl.models.components.scoring and of AnoVL.forward.
 
 benchmarks/bench.py times it against AnoVL (its ``reference`` section).
 """
@@ -45,7 +45,7 @@ def reference_pipeline(model, images: torch.Tensor, class_names: Sequence[str],
     maps, scores = [], []
     for image, name in zip(images, class_names):
         with stage("text"):
-            embeddings = model.text_embeddings(name)
+            embeddings = model.text_states(name)
             states = embeddings.states.to(images.device)
         with torch.no_grad():
             with stage("views"):

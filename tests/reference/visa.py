@@ -4,7 +4,8 @@ adapter per image shared by its tiles, trained with the authors' loop (reference
 own seed (independent mode). Checked against :class:`anovl.AnoVL` in tests/test_visa_reference.py.
 
 Only the encoder, the text embeddings and the per-image seed (``image_seeds``, the default TTA seed) come from
-anovl: keep it independent of anovl.models.anovl.maps, .tta, .adapters and the tiling in anovl.data.
+anovl: keep it independent of anovl.models.components (scoring, tiling), anovl.models.anovl.tta, .adapters
+and the tiling in anovl.data.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def naive_tfa(model, image: torch.Tensor, category: str):
     """Map (S, W), score, the two tiles' tokens (2, N, D) and the states (2, D) of one image of an
     :class:`anovl.AnoVL` ``model``."""
     size = image.shape[-2]
-    states = model.text_embeddings(category).states
+    states = model.text_states(category).states
     with torch.no_grad():
         encoded = model.encoder(cut_tiles(image), num_local=2)
     tokens, global_tokens = encoded.patch_tokens[-1], encoded.global_tokens

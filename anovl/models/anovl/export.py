@@ -11,8 +11,8 @@ from torch import nn
 
 from anovl.backbones.value_wise import ValueWiseViT
 from anovl.errors import AnovlError
-from anovl.models.anovl.maps import maps_and_scores
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
+from anovl.models.components.scoring import maps_and_scores
 
 
 class ExportableAnoVL(nn.Module):

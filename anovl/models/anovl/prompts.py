@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from anovl import categories
 from anovl.errors import AnovlError
+from anovl.models.components.prompts import Prompts, check_prompt_name, check_texts
 
 NORMAL_STATES = (
     "normal {}", "flawless {}", "perfect {}", "unblemished {}",
@@ -38,7 +39,7 @@ def _article(phrase: str) -> str:
 
 
 @dataclass(frozen=True)
-class PromptSet:
+class PromptSet(Prompts):
     """Everything that decides the prompt sentences; the defaults are the reference set.
 
     ``domains`` maps a domain (``anovl.categories`` gives each category one: ``object`` or ``texture``) to
@@ -53,17 +54,9 @@ class PromptSet:
         default_factory=lambda: {categories.OBJECT: OBJECT_DOMAINS, categories.TEXTURE: TEXTURE_DOMAINS})
 
     def __post_init__(self) -> None:
-        for name in ("normal_states", "abnormal_states", "templates"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not value:
-                raise AnovlError(f"prompt set: {name} must be a non-empty list of strings")
-            object.__setattr__(self, name, tuple(value))
-        for state in self.normal_states + self.abnormal_states:
-            if state.count("{}") != 1:
-                raise AnovlError(f"prompt state {state!r} must contain exactly one '{{}}' for the object name")
-        for template in self.templates:
-            if template.count("{}") != 1:
-                raise AnovlError(f"prompt template {template!r} must contain exactly one '{{}}' for the state")
+        for name, placeholder_for in (("normal_states", "the object name"), ("abnormal_states", "the object name"),
+                                      ("templates", "the state")):
+            object.__setattr__(self, name, check_texts("prompt set", name, getattr(self, name), placeholder_for))
         for domain, phrases in self.domains.items():
             if isinstance(phrases, str) or not phrases:
                 raise AnovlError(f"prompt set: domains[{domain!r}] must be a non-empty list of phrases")
@@ -76,9 +69,7 @@ class PromptSet:
         return self.domains[domain]
 
     def _sentences(self, prompt_name: str, domain: str, states: tuple[str, ...]) -> list[str]:
-        name = prompt_name.strip()
-        if not name:
-            raise AnovlError("empty prompt name; give the object name to put into the prompts")
+        name = check_prompt_name(prompt_name)
         return [
             template.format(state.format(name), domain=phrase, art=_article(phrase))
             for phrase in self.domain_phrases(domain)

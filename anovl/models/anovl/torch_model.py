@@ -11,18 +11,17 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from anovl import categories as category_registry
 from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
 from anovl.models.anovl.export import ExportableAnoVL
-from anovl.models.anovl.maps import layer_mean_map, maps_and_scores, stitched_pixel_logits
 from anovl.models.anovl.prompts import PromptSet
 from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
 from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
+from anovl.models.components.scoring import layer_mean_map, maps_and_scores, stitched_pixel_logits
+from anovl.models.components.tiling import tile_batch, untile
 from anovl.models.registry import register_method
-from anovl.models.text_cache import TextEmbeddings
 
 CPU_ENCODER_CHUNK = 32  # on CPU, passes of 32 beat one pass of 16×22 views by ~1.4× (docs/benchmarks.md)
 
@@ -110,7 +109,6 @@ class AnoVL(CLIPAnomalyModel):
                 raise AnovlError(f"layer {layer} out of range for {self.backbone_name} with "
                                  f"{self.encoder.num_layers} blocks")
         self.prompts = prompts or PromptSet()
-        self._sentences: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self.tta_config = tta
         self.tta = TestTimeAdaptation(tta) if tta is not None else None
         if encoder_chunk_size is not None and encoder_chunk_size < 1:
@@ -154,25 +152,13 @@ class AnoVL(CLIPAnomalyModel):
         """Context around one stage of ``forward``; ``stage_timer`` (name → context manager) times them."""
         return self.stage_timer(name) if self.stage_timer is not None else contextlib.nullcontext()
 
-    def text_embeddings(self, category: str, prompt_name: str | None = None,
-                        device: torch.device | str = "cpu") -> TextEmbeddings:
-        """State and per-sentence text embeddings of a category (cached). The sentences name ``prompt_name``
-        (default: :mod:`anovl.categories`' name for the category) in the category's domain phrases."""
-        name = prompt_name if prompt_name is not None else category_registry.prompt_name(category)
-        key = (name, category_registry.domain(category))
-        if key not in self._sentences:
-            # Tuples: the cache keys on them, and tuple() of a tuple costs nothing on every later image.
-            self._sentences[key] = (tuple(self.prompts.normal_sentences(*key)),
-                                    tuple(self.prompts.abnormal_sentences(*key)))
-        return self.text_cache.get(*self._sentences[key], device=device)
-
     def export_module(self, classes: Sequence[tuple[str, str | None]], num_views: int | None = None) -> ExportableAnoVL:
         """The export hook of ``anovl export``: the training-free forward for ``classes`` ((category, prompt name),
         in class-index order) with their state embeddings baked in; ``num_views`` defaults to the model's."""
         if self.tta is not None:
             raise AnovlError("test-time adaptation trains an adapter on every image and cannot be exported; export the "
                              "training-free model (remove model.init_args.tta from the config)")
-        states = torch.stack([self.text_embeddings(category, prompt_name).states.float().cpu()
+        states = torch.stack([self.text_states(category, prompt_name).states.float().cpu()
                               for category, prompt_name in classes])
         return ExportableAnoVL(self.encoder, states, self.image_size,
                                self.num_views if num_views is None else num_views, self.layers).eval()
@@ -195,17 +181,13 @@ class AnoVL(CLIPAnomalyModel):
     def _separate_tiles(self, images, categories, prompt_names, corrupted_image, seeds) -> AnoVLOutput:
         """Every tile as a square image of its own; maps stitched, scores averaged over the tiles."""
         batch, (height, width) = images.shape[0], images.shape[-2:]
-        tiles = split_tiles(images)
-        count = tiles.shape[0] // batch
-
-        def per_tile(items):
-            return None if items is None else [item for item in items for _ in range(count)]
-
-        output = self._run(tiles, per_tile(categories), per_tile(prompt_names),
-                           None if corrupted_image is None else split_tiles(corrupted_image), per_tile(seeds))
+        tiles, count, per_tile = tile_batch(images, categories=categories, prompt_names=prompt_names,
+                                            corrupted_image=corrupted_image, seeds=seeds)
+        output = self._run(tiles, **per_tile)
+        anomaly_map, pred_score = untile(output.anomaly_map, output.pred_score, height, width)
         return AnoVLOutput(
-            anomaly_map=stitch_tiles(output.anomaly_map, height, width),
-            pred_score=output.pred_score.view(batch, count).mean(1),
+            anomaly_map=anomaly_map,
+            pred_score=pred_score,
             patch_tokens=[tokens.reshape(batch, -1, tokens.shape[-1]) for tokens in output.patch_tokens],
             global_tokens=output.global_tokens.reshape(batch, count, -1),
             text_states=output.text_states[::count],
@@ -221,7 +203,7 @@ class AnoVL(CLIPAnomalyModel):
         count = tiles.shape[0] // batch
         size = self.image_size
         with self._stage("text"):
-            embeddings = [self.text_embeddings(category, name, images.device)
+            embeddings = [self.text_states(category, name, images.device)
                           for category, name in zip(categories, prompt_names)]
             states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)

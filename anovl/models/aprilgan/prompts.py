@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anovl.models.winclip.prompts import WinCLIPPrompts
+from anovl.models.components.prompts import EnsemblePrompts
 
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage")
@@ -30,7 +30,7 @@ TEMPLATES = (
 
 
 @dataclass(frozen=True)
-class AprilGANPrompts(WinCLIPPrompts):
+class AprilGANPrompts(EnsemblePrompts):
     """Everything that decides APRIL-GAN's sentences; the defaults are the authors' ensemble."""
 
     normal_states: tuple[str, ...] = NORMAL_STATES

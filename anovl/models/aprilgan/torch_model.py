@@ -203,7 +203,7 @@ class AprilGAN(CLIPAnomalyModel):
         if key not in self._text_states:
             normal = self.prompts.normal_sentences(prompt_name)
             embeddings = F.normalize(self.text_cache.sentence_embeddings(
-                [*normal, *self.prompts.anomalous_sentences(prompt_name)]), dim=-1)
+                [*normal, *self.prompts.abnormal_sentences(prompt_name)]), dim=-1)
             states = torch.stack([embeddings[:len(normal)].mean(0), embeddings[len(normal):].mean(0)])
             self._text_states[key] = F.normalize(states, dim=-1).to(device)
         return self._text_states[key]

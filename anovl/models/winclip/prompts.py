@@ -6,9 +6,9 @@ unnormalised sentence embeddings (normalised only when scored).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from anovl.errors import AnovlError
+from anovl.models.components.prompts import EnsemblePrompts
 
 NORMAL_STATES = (
     "{}", "flawless {}", "perfect {}", "unblemished {}",
@@ -28,35 +28,9 @@ TEMPLATES = (
 
 
 @dataclass(frozen=True)
-class WinCLIPPrompts:
+class WinCLIPPrompts(EnsemblePrompts):
     """Everything that decides WinCLIP's sentences; the defaults are anomalib's ensemble."""
 
     normal_states: tuple[str, ...] = NORMAL_STATES
     anomalous_states: tuple[str, ...] = ANOMALOUS_STATES
     templates: tuple[str, ...] = TEMPLATES
-
-    def __post_init__(self) -> None:
-        for name in ("normal_states", "anomalous_states", "templates"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not value:
-                raise AnovlError(f"{type(self).__name__}: {name} must be a non-empty list of strings")
-            for text in value:
-                if not isinstance(text, str) or text.count("{}") != 1:
-                    raise AnovlError(f"{type(self).__name__}: {name} entry {text!r} must contain exactly one '{{}}'")
-            object.__setattr__(self, name, tuple(value))
-
-    def _sentences(self, prompt_name: str, states: tuple[str, ...]) -> list[str]:
-        name = prompt_name.strip()
-        if not name:
-            raise AnovlError("empty prompt name; give the object name to put into the prompts")
-        # State-major order, as anomalib builds it, so that the float mean matches to the last bit.
-        return [template.format(state.format(name)) for state in states for template in self.templates]
-
-    def normal_sentences(self, prompt_name: str) -> list[str]:
-        return self._sentences(prompt_name, self.normal_states)
-
-    def anomalous_sentences(self, prompt_name: str) -> list[str]:
-        return self._sentences(prompt_name, self.anomalous_states)
-
-    def to_dict(self) -> dict:
-        return {key: list(value) for key, value in asdict(self).items()}

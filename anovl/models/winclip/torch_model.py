@@ -76,12 +76,7 @@ class WinCLIP(CLIPAnomalyModel):
         self.scales = check_scales(scales, self.grid_size)
         self.temperature = float(temperature)
         self.prompts = prompts or WinCLIPPrompts()
-        self._text_states: dict[tuple[str, str], torch.Tensor] = {}  # (prompt name, device) → (2, D)
         self.masks = [window_masks(self.grid_size, scale) for scale in self.scales]
-
-    def weights_loaded(self) -> None:
-        super().weights_loaded()
-        self._text_states.clear()
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -91,17 +86,6 @@ class WinCLIP(CLIPAnomalyModel):
 
     def reference_settings(self) -> dict[str, Any]:
         return REFERENCE_SETTINGS
-
-    def text_states(self, prompt_name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Normalised [normal, anomalous] embeddings (2, D) of ``prompt_name``: each the mean of its
-        sentences' unnormalised embeddings, as anomalib averages them."""
-        key = (prompt_name, str(device))
-        if key not in self._text_states:
-            normal = self.prompts.normal_sentences(prompt_name)
-            embeddings = self.text_cache.sentence_embeddings([*normal, *self.prompts.anomalous_sentences(prompt_name)])
-            states = torch.stack([embeddings[:len(normal)].mean(0), embeddings[len(normal):].mean(0)])
-            self._text_states[key] = F.normalize(states, dim=-1).to(device)
-        return self._text_states[key]
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -138,7 +122,9 @@ class WinCLIP(CLIPAnomalyModel):
         """
         images, prompt_names = self.check_inputs(images, categories, prompt_names)
         image_embeddings, window_embeddings = self.encode(images)
-        states = torch.stack([self.text_states(name, images.device) for name in prompt_names])
+        # anomalib's states: the normalised means of the unnormalised sentence embeddings, as text_states gives.
+        states = torch.stack([self.text_states(category, name, images.device).states
+                              for category, name in zip(categories, prompt_names)])
         states = states.to(image_embeddings.dtype)
         image_scores = self.anomalous_probability(image_embeddings, states)
         scale_maps = [

@@ -1,5 +1,6 @@
-"""Anomaly maps and image scores from tokens and state text embeddings (docs/METHOD.md §4), and the stitched
-per-pixel logits that VisA's joint tile adaptation takes its loss on (METHOD §8)."""
+"""Token-to-map scoring shared by the methods: the abnormal probability of tokens against [normal, abnormal] text
+states, patch maps at the input's resolution, image scores over views (docs/METHOD.md §4), and the stitched
+per-pixel logits that a joint adaptation of a wide image's tiles takes its loss on (METHOD §8)."""
 
 from __future__ import annotations
 
