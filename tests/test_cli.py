@@ -86,8 +86,33 @@ def test_ddp_two_processes_give_the_same_table(single_process_run, data_root, cl
     distributed = json.loads((directory / "results.json").read_text())
     assert distributed["categories"] == single["categories"]  # padding copies left out: 6 + 7 images
     assert distributed["mean"] == single["mean"]
-    for category in ("fabric", "widget"):  # the processes share the picture quota
-        assert len(list((directory / "pictures" / category).glob("*.png"))) == 3
+    # The pictures are chosen among all images (not per process) and drawn once: the same files, pixel for
+    # pixel, with the same roles in their captions, as one process writes.
+    for category in ("fabric", "widget"):
+        pictures = sorted(path.name for path in (directory / "pictures" / category).glob("*.png"))
+        assert len(pictures) == 3
+        assert pictures == sorted(path.name for path in (single_process_run[1] / "pictures" / category).glob("*.png"))
+        for name in pictures:
+            assert np.array_equal(np.asarray(Image.open(directory / "pictures" / category / name)),
+                                  np.asarray(Image.open(single_process_run[1] / "pictures" / category / name)))
+
+
+def test_ddp_predict_writes_one_scores_csv_in_dataset_order(data_root, cli_env, tmp_path):
+    outputs = {}
+    for processes in (1, 2):
+        output = tmp_path / f"out{processes}"
+        result = anovl(["predict", "--config", CONFIGS / "demo.yaml", *TINY_MODEL, "--data.init_args.root", data_root,
+                        "--data.init_args.batch_size", "2", "--predictions.output_dir", output,
+                        "--predictions.overlays", "false", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+                        "--trainer.accelerator", "cpu", "--trainer.devices", str(processes),
+                        *(["--trainer.strategy", "ddp"] if processes > 1 else [])], cli_env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        outputs[processes] = output
+    single, distributed = (list(csv.DictReader((outputs[n] / "scores.csv").open())) for n in (1, 2))
+    assert len(single) == 13 and len({row["image_path"] for row in single}) == 13
+    assert distributed == single  # the same rows, in the dataset's order, each image once
+    assert sorted(path.name for path in outputs[2].iterdir()) == sorted(path.name for path in outputs[1].iterdir())
+    assert not list(outputs[2].glob("scores.rank*.csv"))  # the parts are merged and removed
 
 
 def test_cli_predict_writes_maps_for_unlabelled_images(cli_env, data_root, tmp_path):

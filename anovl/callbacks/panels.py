@@ -55,8 +55,9 @@ class PanelWriter(Callback):
     choice needs all scores of the category, so each role keeps its best ``max_per_category`` candidates
     (memory bounded by ``6 · max_per_category`` images) and the panels are written when the category is
     finished. Ties are broken by image path, so the choice depends neither on batch size nor on data order.
-    Under DDP each process chooses from its own share of the images and writes every ``world_size``-th of its
-    choices (so ``max_per_category`` in all); the set can then differ from a single process's.
+    Under DDP the choice is global: at the end every process sends its candidates of each category to rank 0
+    (at most ``6 · max_per_category`` images per category and process), which chooses among them all and
+    writes the panels, so the pictures and captions are those of a single process.
 
     Args:
         max_per_category: panels per category; 0 = none.
@@ -71,6 +72,7 @@ class PanelWriter(Callback):
         self.directory = Path(".")
         self._names = OutputNames()
         self._keys: dict[str, str] = {}
+        self._categories: list[str] = []  # of the whole dataset, in its order (the same on every process)
         self._pending: dict[str, CategoryPicks] = {}
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -80,6 +82,7 @@ class PanelWriter(Callback):
             self._names = output_names(trainer)
             samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
             self._keys = {str(sample.image_path): sample.key for sample in samples}
+            self._categories = list(dict.fromkeys(sample.category for sample in samples))
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -90,25 +93,46 @@ class PanelWriter(Callback):
             picks = self._pending.setdefault(categories[run.start], CategoryPicks(self.max_per_category))
             for index in range(run.start, run.stop):
                 path = outputs["image_path"][index]
-                picks.offer(path, self._keys.get(path, path), int(outputs["label"][index]),
-                            float(outputs["pred_score"][index]), lambda index=index: self._capture(outputs, index))
+                key = self._keys.get(path, path)
+                picks.offer(path, key, int(outputs["label"][index]), float(outputs["pred_score"][index]),
+                            lambda index=index, key=key: self._capture(outputs, index, key))
+        if trainer.world_size > 1:
+            return  # categories are finished together at the end (see on_test_end)
         finished = getattr(getattr(pl_module, "results", None), "rows", {})
         for category in [category for category in self._pending if category in finished]:
-            self._write(trainer, pl_module, category)
+            self._write(trainer, pl_module, category, self._pending.pop(category).choose())
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for category in list(self._pending):
-            self._write(trainer, pl_module, category)
+        if trainer.world_size == 1:
+            for category in list(self._pending):
+                self._write(trainer, pl_module, category, self._pending.pop(category).choose())
+            return
+        if not self.max_per_category:
+            return
+        import torch.distributed as dist  # initialised: the trainer runs several processes
+
+        # Every process takes part in every category's gather, in the dataset's order, even with no share of it.
+        for category in self._categories:
+            picks = self._pending.pop(category, None)
+            mine = picks.candidates() if picks is not None else []
+            gathered: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero else None
+            dist.gather_object(mine, gathered, dst=0)
+            if gathered is None:
+                continue
+            merged = CategoryPicks(self.max_per_category)
+            for candidate in (candidate for part in gathered for candidate in part):
+                merged.add(candidate)
+            self._write(trainer, pl_module, category, merged.choose())
 
     @staticmethod
-    def _capture(outputs: dict[str, Any], index: int) -> Candidate:
+    def _capture(outputs: dict[str, Any], index: int, key: str) -> Candidate:
         mask = outputs["mask"][index].detach().cpu().numpy() > 0.5 if bool(outputs["has_mask"][index]) else None
-        return Candidate(outputs["image_path"][index], int(outputs["label"][index]),
-                          float(outputs["pred_score"][index]), denormalize(outputs["image"][index]),
-                          outputs["anomaly_map"][index].detach().float().cpu().numpy(), mask)
+        return Candidate(outputs["image_path"][index], key, int(outputs["label"][index]),
+                         float(outputs["pred_score"][index]), denormalize(outputs["image"][index]),
+                         outputs["anomaly_map"][index].detach().float().cpu().numpy(), mask)
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, category: str) -> None:
-        chosen = self._pending.pop(category).choose()[trainer.global_rank :: trainer.world_size]
+    def _write(self, trainer: Trainer, pl_module: LightningModule, category: str,
+               chosen: list[tuple[str, Candidate]]) -> None:
         if not chosen:
             return
         results = getattr(pl_module, "results", None)

@@ -17,6 +17,7 @@ class Candidate:
     """One test image kept for a panel, on the CPU."""
 
     image_path: str
+    key: str  # the sample's key: the "sample" roles rank by it
     label: int
     score: float
     rgb: np.ndarray
@@ -65,6 +66,15 @@ class CategoryPicks:
                 heapq.heappush(heap, entry)
             else:
                 heapq.heapreplace(heap, entry)
+
+    def candidates(self) -> list[Candidate]:
+        """The distinct images kept for any role: what the process that chooses needs from this one (under DDP,
+        the union of every process's candidates holds the best ``count`` of each role over all images)."""
+        return list({entry[2].image_path: entry[2] for heap in self.heaps for entry in heap}.values())
+
+    def add(self, candidate: Candidate) -> None:
+        """Offer a candidate another process kept."""
+        self.offer(candidate.image_path, candidate.key, candidate.label, candidate.score, lambda: candidate)
 
     def choose(self) -> list[tuple[str, Candidate]]:
         """Up to ``count`` distinct images: the roles take turns, each its best image not yet taken."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from anovl.callbacks.panels import output_names
 from anovl.data.image_io import load_rgb
 from anovl.tracking import run_directory
 from anovl.errors import AnovlError
-from anovl.results import RANDOM_WEIGHTS_WARNING
+from anovl.results import RANDOM_WEIGHTS_WARNING, atomic_write_text
 from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold
 from anovl.visualization import OutputNames, denormalize, map_to_png16, mask_to_png, overlay, resize_map
 
@@ -49,8 +50,9 @@ class AnomalyMapWriter(BasePredictionWriter):
     at the image's original size (the model's map resized back bilinearly; EXIF orientation applied), or at
     the model's input size with ``resolution: model``. ``<output_dir>/scores.csv`` gets one row per image
     (:data:`SCORE_COLUMNS`: the output name, the score, the thresholds, the predicted label where a threshold
-    is set, the true label where the data has one; under DDP one file per process, ``scores.rank<N>.csv``),
-    and ``<output_dir>/thresholds.json`` the thresholds used per category and their source.
+    is set, the true label where the data has one), in the dataset's order whatever the number of processes
+    (under DDP each process writes ``scores.rank<N>.csv``, and rank 0 merges them into scores.csv at the end and
+    removes them), and ``<output_dir>/thresholds.json`` the thresholds used per category and their source.
     ``<name>`` is unique per category folder (see :class:`~anovl.visualization.OutputNames`).
 
     Thresholds (see :mod:`anovl.thresholds`): from a test run's results.json (``thresholds``), a quantile of
@@ -160,6 +162,12 @@ class AnomalyMapWriter(BasePredictionWriter):
         return resize_map(anomaly_map, size), rgb
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size > 1:
+            trainer.strategy.barrier()  # every part is written
+            if trainer.is_global_zero:
+                samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
+                merge_score_parts(self.directory, trainer.world_size,
+                                  {str(sample.image_path): index for index, sample in enumerate(samples)})
         if not trainer.is_global_zero:
             return
         for category in getattr(trainer.datamodule, "categories", None) or []:
@@ -175,6 +183,26 @@ class AnomalyMapWriter(BasePredictionWriter):
         console.print(f"Anomaly maps and scores written to {self.directory}", markup=False)
         if getattr(pl_module, "random_weights", False):
             console.print(RANDOM_WEIGHTS_WARNING, style="bold red")
+
+
+def merge_score_parts(directory: Path, parts: int, order: dict[str, int]) -> None:
+    """Merge ``scores.rank<N>.csv`` (N < ``parts``) into one scores.csv: the rows in dataset order (``order``:
+    image path -> position), each image once, then remove the parts. An image the dataset does not list (not
+    expected) keeps its place after the listed ones."""
+    files = [directory / f"scores.rank{rank}.csv" for rank in range(parts)]
+    rows: dict[tuple[str, str], list[str]] = {}
+    for path in files:
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            next(reader, None)  # the header
+            for row in reader:
+                rows.setdefault((row[0], row[1]), row)  # the first copy of an image: no padding duplicates
+    ordered = sorted(rows.values(), key=lambda row: order.get(row[0], len(order)))
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([SCORE_COLUMNS, *ordered])
+    atomic_write_text(directory / "scores.csv", text.getvalue())
+    for path in files:
+        path.unlink()
 
 
 def _cell(value: float | None) -> str:
