@@ -103,3 +103,23 @@ def test_training_step_benchmark_runs():
     kwargs = dict(backbone=tiny_backbone(), pretrained=None, image_size=SIZE, layers=(0, 2), dpam_blocks=2, depth=2)
     (row,) = method_rows("anomalyclip", kwargs, [2], "cpu", repeats=1, threads=None, isolate=False)
     assert row[1] == "2" and float(row[2]) > 0 and float(row[3]) > 0 and "×" in row[4]
+
+
+def test_config_gives_the_published_settings(capsys, monkeypatch):
+    import sys
+
+    import yaml
+
+    from anovl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", "configs/anomalyclip.yaml", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "anovl.models.anomalyclip.torch_model.AnomalyCLIP"
+    arguments = config["model"]["init_args"]
+    assert (arguments["backbone"], arguments["pretrained"], arguments["image_size"], arguments["layers"]) == \
+        ("ViT-L-14-336", "openai", 518, [5, 11, 17, 23])
+    assert (arguments["dpam_blocks"], arguments["n_ctx"], arguments["depth"], arguments["t_n_ctx"]) == (19, 12, 9, 4)
+    assert config["data"]["init_args"]["batch_size"] == 8
