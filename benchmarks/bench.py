@@ -699,6 +699,7 @@ def testrun_section(config: BenchConfig, device: torch.device, workdir: Path) ->
 
 def precision_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:
     from anovl.data import MVTecDataModule
+    from anovl.data.transforms import prepare_batch
 
     batch = max(config.batch_sizes)
     model = build_model(config.backbone, config.pretrained, NUM_REFERENCE_VIEWS, TTAConfig(),
@@ -708,7 +709,7 @@ def precision_section(config: BenchConfig, device: torch.device, workdir: Path) 
     datamodule = MVTecDataModule(root, image_size=model.image_size, batch_size=batch)
     outputs: dict[str, dict[str, list[torch.Tensor]]] = {"fp32": {}, config.precision: {}}
     truth: dict[str, list[torch.Tensor]] = {"masks": [], "labels": []}
-    for batch_data in datamodule.test_dataloader():
+    for batch_data in map(prepare_batch, datamodule.test_dataloader()):
         images = batch_data["image"].to(device)
         truth["masks"].append(batch_data["mask"])
         truth["labels"].append(batch_data["label"])

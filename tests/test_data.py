@@ -23,12 +23,14 @@ from anovl.data import (
     generate_visa_like,
 )
 from anovl.data.synthetic import DEFECT_TYPES
+from anovl.data.transforms import prepare_batch
+from anovl.metrics.functional import region_size_map
 from anovl.errors import AnovlError
 
-from tests.reference.preprocessing import reference_mask
+from tests.reference.preprocessing import reference_image, reference_mask
 from tests.test_data_io import _fuzz_files
 
-BATCH_KEYS = {"image", "mask", "has_mask", "label", "category", "prompt_name", "image_path"}
+BATCH_KEYS = {"image", "mask", "region_sizes", "has_mask", "label", "category", "prompt_name", "image_path"}
 SIZE = 32
 
 
@@ -80,8 +82,11 @@ def test_mvtec_batches_follow_the_contract(mvtec_root):
     for batch in batches:
         assert set(batch) == BATCH_KEYS
         count = len(batch["label"])
-        assert batch["image"].shape == (count, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
-        assert batch["mask"].shape == (count, SIZE, SIZE) and batch["mask"].dtype == torch.float32
+        assert batch["image"].shape == (count, 3, SIZE, SIZE) and batch["image"].dtype == torch.uint8
+        assert batch["mask"].shape == (count, SIZE, SIZE) and batch["mask"].dtype == torch.bool
+        assert torch.equal(batch["region_sizes"] > 0, batch["mask"])
+        prepared = prepare_batch(batch)
+        assert prepared["image"].dtype == torch.float32 and prepared["mask"].dtype == torch.float32
         assert batch["has_mask"].dtype == torch.bool and batch["label"].dtype == torch.long
         assert len(set(batch["category"])) == 1
         assert isinstance(batch["image_path"][0], str)
@@ -101,7 +106,7 @@ def test_mvtec_masks_match_the_generated_defects(mvtec_root):
         else:
             expected = reference_mask(sample.mask_path, (SIZE, SIZE))
             assert expected.any()
-            assert torch.equal(mask, expected)
+            assert torch.equal(mask.float(), expected)
 
 
 def test_mvtec_category_selection_and_prompt_names(mvtec_root):
@@ -312,7 +317,7 @@ def test_visa_batches_and_zero_one_masks(visa_root, mode):
     for mask, sample in zip(concat(batches, "mask"), datamodule.samples):
         if sample.label == 1:
             expected = reference_mask(sample.mask_path, size_hw, nonzero=True)
-            assert expected.any() and torch.equal(mask, expected)  # 0/1 masks are anomalous where nonzero
+            assert expected.any() and torch.equal(mask.float(), expected)  # 0/1 masks are anomalous where nonzero
         else:
             assert sample.has_mask and not mask.any()
 
@@ -414,7 +419,7 @@ def test_labelled_folder_with_masks(tmp_path):
     assert all(s.has_mask for s in datamodule.samples)
     batch = all_batches(datamodule)[0]
     assert batch["label"].tolist() == [0, 1, 1, 0]
-    assert batch["mask"][[1, 2]].sum(dim=(1, 2)).tolist() == [SIZE * SIZE / 2] * 2 and not batch["mask"][[0, 3]].any()
+    assert batch["mask"][[1, 2]].sum(dim=(1, 2)).float().tolist() == [SIZE * SIZE / 2] * 2 and not batch["mask"][[0, 3]].any()
 
 
 def test_folder_errors(tmp_path):
@@ -478,3 +483,45 @@ def test_synthetic_datamodule_generates_once(tmp_path):
         SyntheticMVTecDataModule(tmp_path / "absent", generate=False).samples
     with pytest.raises(AnovlError, match="styles"):
         generate_mvtec_like(tmp_path / "x", ("bottle",))
+
+
+@pytest.mark.parametrize("layout", ["mvtec", "visa"])
+def test_the_loader_path_gives_the_reference_preprocessing_and_maps(mvtec_root, visa_root, tiny_model, layout):
+    """uint8 from the workers, normalised after the transfer (prepare_batch): the model sees the images of
+    torchvision's pipeline, so its maps are those of the old float path (here on the CPU: bit for bit)."""
+    from anovl.engine.module import AnomalyModule
+
+    size = tiny_model.image_size
+    datamodule = (MVTecDataModule(mvtec_root, image_size=size, batch_size=4, num_workers=1) if layout == "mvtec"
+                  else VisADataModule(visa_root, image_size=size, batch_size=4, num_workers=1))
+    module = AnomalyModule(tiny_model)
+    batch = module.on_after_batch_transfer(next(iter(datamodule.test_dataloader())), 0)
+    expected = torch.stack([reference_image(path, size) for path in batch["image_path"]])
+    assert torch.equal(batch["image"], expected)
+    with torch.no_grad():
+        maps, _ = module.anomaly_maps(batch)
+        reference_maps, _ = module.anomaly_maps({**batch, "image": expected})
+    assert (maps - reference_maps).abs().max() <= 1e-5
+    regions = torch.from_numpy(region_size_map(batch["mask"].numpy()))
+    assert torch.equal(batch["region_sizes"], regions) and batch["mask"].dtype == torch.float32
+
+
+def test_a_bad_file_read_in_a_worker_is_one_line(mvtec_copy):
+    broken = mvtec_copy / "widget" / "test" / "good" / "000.png"
+    broken.write_bytes(b"not a png")
+    datamodule = MVTecDataModule(mvtec_copy, categories=["widget"], image_size=SIZE, num_workers=1)
+    assert datamodule.loader_workers() == 1
+    with pytest.raises(BadImageError) as error:
+        list(datamodule.test_dataloader())
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"Cannot read image {broken}") and "on_bad_image='skip'" in message
+
+
+def test_auto_workers_leave_a_core_to_the_model(mvtec_root, monkeypatch):
+    from anovl.data import datamodule as module
+
+    for cores, expected in ((1, 0), (2, 1), (8, 7), (64, module.MAX_AUTO_WORKERS)):
+        monkeypatch.setattr(module, "available_cores", lambda cores=cores: cores)
+        assert MVTecDataModule(mvtec_root).loader_workers() == expected
+    with pytest.raises(AnovlError, match="num_workers='many' must be an integer >= 0 or 'auto'"):
+        MVTecDataModule(mvtec_root, num_workers="many")

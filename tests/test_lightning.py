@@ -14,6 +14,7 @@ from anovl import AnovlError, TTAConfig
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.data import (MVTecDataModule, VisADataModule, collate_batch, generate_mvtec_like,
                         generate_visa_like)
+from anovl.data.transforms import prepare_batch
 from anovl.metrics import AnomalyMetrics
 from anovl.engine import AnomalyModule
 from anovl.models import AnoVL
@@ -72,7 +73,7 @@ def test_metrics_equal_direct_computation(mvtec_root, shared_cache, tmp_path):
 
     direct, counts = {}, {}
     with torch.no_grad():
-        for batch in data.test_dataloader():
+        for batch in map(prepare_batch, data.test_dataloader()):
             output = module.model(batch["image"], batch["category"], batch["prompt_name"])
             category = batch["category"][0]  # batches never mix categories
             direct.setdefault(category, AnomalyMetrics()).update(
@@ -120,7 +121,7 @@ def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
     data = VisADataModule(root, image_size=SIZE, mode="tile", batch_size=2)
     module = AnomalyModule(FrameworkTiledAnoVL(TINY, pretrained=None, image_size=SIZE, cache_dir=str(shared_cache),
                                                num_views=2))
-    batch = next(iter(data.test_dataloader()))
+    batch = prepare_batch(next(iter(data.test_dataloader())))
     maps, scores = module.anomaly_maps(batch)
     assert maps.shape == (2, SIZE, SIZE + 32)
 
@@ -181,3 +182,19 @@ def test_predict_writes_maps(mvtec_root, shared_cache, tmp_path):
     rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
     assert len(rows) == 1 + 6
     assert rows[0] == "image_path,category,output,score,image_threshold,pixel_threshold,predicted_label,true_label"
+
+
+def test_tf32_is_set_for_the_run_and_recorded(mvtec_root, shared_cache, tmp_path):
+    module = AnomalyModule(tiny_module(shared_cache).model, tf32=True)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    seen = []
+
+    class Probe(Callback):
+        def on_test_start(self, trainer, pl_module):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    trainer(tmp_path, callbacks=[Probe()], limit_test_batches=1).test(
+        module, datamodule=MVTecDataModule(mvtec_root, image_size=SIZE, categories=["fabric"], num_workers=0))
+    assert seen == [(True, True)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert module.results.config["evaluation"]["precision"] == "32-true with TF32"

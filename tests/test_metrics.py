@@ -257,8 +257,10 @@ def test_invalid_inputs_raise():
     batch = make_batch(seed=0, count=3, height=4, width=4)
     with pytest.raises(ValueError, match="B×H×W"):
         AnomalyMetrics().update(**{**batch, "masks": batch["masks"][:, :2]})
+    metrics = AnomalyMetrics()
+    metrics.update(**{**batch, "labels": torch.tensor([0, 2, 1])})  # checked on the host, in compute
     with pytest.raises(ValueError, match="labels"):
-        AnomalyMetrics().update(**{**batch, "labels": torch.tensor([0, 2, 1])})
+        metrics.compute()
     with pytest.raises(ValueError, match="pred_scores"):
         AnomalyMetrics().update(**{**batch, "pred_scores": torch.zeros(2)})
     with pytest.raises(ValueError, match="fpr_limit"):
@@ -295,3 +297,53 @@ def test_two_process_ddp_equals_single_process(tmp_path):
         single = anomaly_metrics(ddp_batches()[::-1], cflow_pro=True)  # other concatenation order than the ranks
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
+
+
+def naive_region_size_map(mask: np.ndarray) -> np.ndarray:
+    """Flood fill, 8-connected: per pixel the size of its region, 0 outside."""
+    sizes = np.zeros(mask.shape, dtype=np.int64)
+    seen = np.zeros(mask.shape, dtype=bool)
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        region, stack = [], [start]
+        seen[start] = True
+        while stack:
+            row, column = stack.pop()
+            region.append((row, column))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    r, c = row + dr, column + dc
+                    if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c] and not seen[r, c]:
+                        seen[r, c] = True
+                        stack.append((r, c))
+        for pixel in region:
+            sizes[pixel] = len(region)
+    return sizes
+
+
+def test_region_size_map_matches_a_flood_fill():
+    _, masks = random_maps(seed=9, count=4, height=12, width=11)
+    stacked = functional.region_size_map(masks > 0.5)
+    for mask, sizes in zip(masks > 0.5, stacked):
+        assert np.array_equal(functional.region_size_map(mask), naive_region_size_map(mask))
+        assert np.array_equal(sizes, naive_region_size_map(mask))  # no region crosses images of a stack
+
+
+def test_region_sizes_from_the_loader_give_the_same_metrics():
+    batches = [make_batch(seed=21, count=6, height=9, width=9), make_batch(seed=22, count=4, height=7, width=12)]
+    reference = anomaly_metrics(batches, cflow_pro=True)
+    with_regions = [{**batch, "region_sizes": torch.from_numpy(functional.region_size_map(batch["masks"].numpy() > 0.5))}
+                    for batch in batches]
+    assert anomaly_metrics(with_regions, cflow_pro=True) == reference
+
+
+def test_update_with_loader_regions_needs_no_values():
+    # Tensors on the meta device have no values: anything that reads one (.item(), a selection through a boolean
+    # index, .cpu(), a Python `if` on a tensor) raises. On CUDA each of those would be a host round trip.
+    batch = {key: value.to("meta") for key, value in make_batch(seed=1, count=4, height=8, width=8).items()}
+    metrics = AnomalyMetrics().to("meta")
+    metrics.update(**batch, region_sizes=torch.zeros(4, 8, 8, dtype=torch.int32, device="meta"))
+    assert [state[0].device.type for state in (metrics.pixel_scores, metrics.pixel_regions)] == ["meta", "meta"]
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the fallback labels regions on the host
+        AnomalyMetrics().to("meta").update(**batch)

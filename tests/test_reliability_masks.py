@@ -148,7 +148,8 @@ def thin_jpeg_visa(root: Path, width: int = 20000, height: int = 1) -> Path:
 def test_a_20000x1_jpeg_in_tile_mode_fails_fast_with_one_clear_error(tmp_path):
     image = thin_jpeg_visa(tmp_path)
     assert image.stat().st_size < 100_000
-    datamodule = VisADataModule(tmp_path, image_size=240, mode="tile", batch_size=1)
+    # num_workers=0: the decoding is traced in this process.
+    datamodule = VisADataModule(tmp_path, image_size=240, mode="tile", batch_size=1, num_workers=0)
     tracemalloc.start()
     try:
         with pytest.raises(BadImageError) as error:

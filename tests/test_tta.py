@@ -241,3 +241,18 @@ def test_image_corruption_branch(tta_models):
     corrupted = images + 0.5 * torch.randn_like(images)
     from_images = image(images, ["bottle"] * 2, corrupted_image=corrupted)
     assert not torch.allclose(from_images.anomaly_map, token(images, ["bottle"] * 2).anomaly_map, atol=1e-6)
+
+
+@pytest.mark.parametrize(("adapter", "labels"), [("text", "reference"), ("linear", "tfa_threshold"), ("lowrank", "reference")])
+def test_adaptation_steps_need_no_values(adapter, labels):
+    """On the meta device nothing has a value: .item(), .cpu(), a selection through a boolean index or a Python
+    `if` on a tensor would raise; on CUDA each of those would stop the host until the device caught up, at every
+    step. (An assignment through a boolean index passes here; pseudo_labels uses torch.where instead.)"""
+    config = TTAConfig(adapter=adapter, steps=2, pseudo_labels=labels)
+    tta = TestTimeAdaptation(config)
+    tokens, states, sentences = (torch.randn(shape, device="meta") for shape in ((2, 16, 8), (2, 2, 8), (2, 6, 8)))
+    module = create_adapter(adapter, 8, sentences, None)
+    with torch.enable_grad():
+        adapted, losses = tta._train(module, tta._optimizer(module), tokens, states, None,
+                                     lambda: torch.randn_like(tokens), None)
+    assert adapted.shape == (2, 16, 8) and losses.shape == (2, 2)

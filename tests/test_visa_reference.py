@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from anovl import AnoVL, AnovlError, TTAConfig
 from anovl.data import VisADataModule, collate_batch, generate_visa_like
+from anovl.data.transforms import prepare_batch
 from anovl.engine import AnomalyModule
 from tests.conftest import TINY
 from tests.reference.visa import naive_independent_tta, naive_reference_tta, naive_tfa
@@ -185,7 +186,7 @@ def test_the_module_hands_whole_wide_images_to_anovl(visa_root, text_cache, tmp_
     assert module.results.image_counts == {CATEGORY: 5} and len(whole.outputs) == 5
     dataset = VisADataModule(visa_root, image_size=S, mode="tile")
     dataset.setup("test")
-    for item in dataset.dataset:  # one at a time, straight to the model: the same maps as in batches of 3
+    for item in map(prepare_batch, dataset.dataset):  # one at a time, straight to the model: as in batches of 3
         output = module.model(item["image"][None], [item["category"]])
         anomaly_map, score = whole.outputs[item["image_path"]]
         assert anomaly_map.shape == (S, WIDTHS[0])

@@ -42,8 +42,9 @@ def calibrate_on_normal_images(trainer: Trainer, pl_module: LightningModule, nor
     image_scores, pixel_values = [], []
     with trainer.precision_plugin.predict_step_context():
         for batch in DataLoader(dataset, batch_size=data.batch_size, collate_fn=collate_batch):
-            batch = {key: value.to(pl_module.device) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
+            batch = pl_module.on_after_batch_transfer(
+                {key: value.to(pl_module.device) if isinstance(value, torch.Tensor) else value
+                 for key, value in batch.items()}, 0)
             maps, scores = pl_module.anomaly_maps(batch)
             image_scores.append(scores.detach().float().cpu().numpy())
             pixel_values.append(maps.detach().float().cpu().numpy().ravel())

@@ -19,15 +19,19 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
+import PIL
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from anovl.data.corruptions import Corruptor
+from anovl.data.decoded_cache import DecodedCache
 from anovl.data.image_io import BadImageError, check_mask_size, check_pixel_budget, load_mask, load_rgb
-from anovl.data.transforms import normalize, resize_image, resize_mask, shorter_side_size
+from anovl.data.transforms import resize_image, resize_mask, shorter_side_size
+from anovl.metrics.functional import region_size_map
 
 OnBadImage = Literal["error", "skip"]
 ResizeMode = Literal["resize", "tile"]
@@ -38,6 +42,9 @@ MASK_FALLBACK = "use such images without pixel ground truth"
 # Tile mode keeps the aspect ratio, so the input grows with it (a 20000×1 image would be 4.8 M pixels wide at
 # S = 240); beyond this ratio an image is refused. VisA's are below 2:1.
 MAX_TILE_ASPECT = 8
+
+# Part of every decoded-cache key: raise it when the loader's output for the same file and settings changes.
+CACHE_FORMAT = 1
 
 
 class SkippedFileWarning(UserWarning):
@@ -58,11 +65,18 @@ class Sample:
 
 
 class AnomalyDataset(Dataset):
-    """Turns samples into batch items with the keys of docs/ARCHITECTURE.md.
+    """Turns samples into batch items with the keys of docs/ARCHITECTURE.md, as the loader carries them.
+
+    The work that needs the host is done here, in the loader's workers: decoding, the Pillow resize (bit for bit
+    the reference's), corruptions, and the masks' connected components (``region_sizes``, for the AUPRO). Images
+    stay ``uint8 3×H×W`` and masks ``bool``; :func:`~anovl.data.transforms.prepare_batch` normalises them where
+    the model runs.
 
     ``mode="resize"`` gives S×S images; ``"tile"`` resizes the shorter side to S and keeps the aspect ratio
     (to be cut with :func:`~anovl.data.transforms.split_tiles`), up to :data:`MAX_TILE_ASPECT`. VisA-style masks
-    storing class indices use ``nonzero_masks=True`` (see :func:`~anovl.data.image_io.load_mask`).
+    storing class indices use ``nonzero_masks=True`` (see :func:`~anovl.data.image_io.load_mask`). With a
+    :class:`~anovl.data.decoded_cache.DecodedCache`, resized images and masks are read from it when their files
+    and settings are unchanged.
     """
 
     def __init__(
@@ -73,11 +87,13 @@ class AnomalyDataset(Dataset):
         nonzero_masks: bool = False,
         on_bad_image: OnBadImage = "error",
         corruptor: Corruptor | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.image_size = image_size
         self.mode = mode
         self.nonzero_masks = nonzero_masks
         self.corruptor = corruptor
+        self.cache = cache
         self.samples, self.skipped = self._usable_samples(samples) if on_bad_image == "skip" else (list(samples), [])
         for problem in self.skipped:
             warnings.warn(problem, SkippedFileWarning, stacklevel=2)
@@ -88,20 +104,19 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         try:
-            rgb = load_rgb(sample.image_path)
-            out_hw = self.output_size(sample, *rgb.shape[:2])
+            resized, image_hw = self._resized_image(sample)
         except BadImageError as error:
             raise BadImageError(f"{error}, or set on_bad_image='skip' to {IMAGE_FALLBACK}") from error
-        mask = np.zeros(out_hw, dtype=bool)
+        mask = np.zeros(resized.shape[:2], dtype=bool)
         if sample.mask_path is not None:
             try:
-                mask = resize_mask(self.read_mask(sample, rgb.shape[:2]), out_hw)
+                mask = self._resized_mask(sample, image_hw, resized.shape[:2])
             except BadImageError as error:
                 raise BadImageError(f"{error}, or set on_bad_image='skip' to {MASK_FALLBACK}") from error
-        resized = resize_image(rgb, out_hw)
         item = {
-            "image": normalize(resized),
-            "mask": torch.from_numpy(mask).float(),
+            "image": _channels_first(resized),
+            "mask": torch.from_numpy(mask),
+            "region_sizes": torch.from_numpy(region_size_map(mask)),
             "has_mask": torch.tensor(sample.has_mask),
             "label": torch.tensor(sample.label, dtype=torch.long),
             "category": sample.category,
@@ -109,8 +124,37 @@ class AnomalyDataset(Dataset):
             "image_path": str(sample.image_path),
         }
         if self.corruptor is not None:
-            item["corrupted_image"] = normalize(self.corruptor(resized, sample.key))
+            item["corrupted_image"] = _channels_first(self.corruptor(resized, sample.key))
         return item
+
+    def _resized_image(self, sample: Sample) -> tuple[np.ndarray, tuple[int, int]]:
+        """The model-sized ``uint8 H×W×3`` image and the size of the file's image."""
+
+        def decode() -> tuple[np.ndarray, tuple[int, int]]:
+            rgb = load_rgb(sample.image_path)
+            return resize_image(rgb, self.output_size(sample, *rgb.shape[:2])), rgb.shape[:2]
+
+        return self._cached(sample.image_path, ("image", self.mode, self.image_size, Image.MAX_IMAGE_PIXELS), decode)
+
+    def _resized_mask(self, sample: Sample, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+        """The model-sized ``bool H×W`` mask."""
+        mask, _ = self._cached(sample.mask_path, ("mask", self.nonzero_masks, sample.label, image_hw, out_hw),
+                               lambda: (resize_mask(self.read_mask(sample, image_hw), out_hw), image_hw))
+        return mask > 0
+
+    def _cached(self, path: Path, settings: tuple, compute: Callable[[], tuple[np.ndarray, tuple[int, int]]]
+                ) -> tuple[np.ndarray, tuple[int, int]]:
+        """``compute()`` (an array and its source size), or the decoded cache's entry for the file and settings."""
+        if self.cache is None:
+            return compute()
+        key = self.cache.key(path, CACHE_FORMAT, PIL.__version__, *settings)
+        cached = self.cache.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        array, source_hw = compute()
+        if key is not None:
+            self.cache.put(key, array, source_hw)
+        return array, source_hw
 
     def output_size(self, sample: Sample, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the model input made from a ``height×width`` image; BadImageError if too large."""
@@ -160,3 +204,8 @@ class AnomalyDataset(Dataset):
             results = list(pool.map(check, samples))
         usable = [sample for sample, _ in results if sample is not None]
         return usable, [problem for _, problem in results if problem is not None]
+
+
+def _channels_first(rgb: np.ndarray) -> torch.Tensor:
+    """``uint8 H×W×3`` -> ``uint8 3×H×W`` (a view; collation makes the batch contiguous)."""
+    return torch.from_numpy(rgb).permute(2, 0, 1)

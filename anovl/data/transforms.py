@@ -7,7 +7,9 @@ use Pillow and the same tensor arithmetic, so their output equals torchvision's 
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +43,40 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 def normalize(rgb: np.ndarray) -> torch.Tensor:
     """``uint8 H×W×3`` -> CLIP-normalised ``float 3×H×W`` (ToTensor then Normalize)."""
-    tensor = torch.tensor(rgb).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(-1, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return normalize_images(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """``uint8 …×3×H×W`` -> CLIP-normalised float32, on the images' device (ToTensor then Normalize).
+
+    The same float32 operations in the same order as torchvision, so the CPU result is bit for bit theirs.
+    """
+    mean, std = _clip_statistics(images.device)
+    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _clip_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as 3×1×1 tensors on ``device``, made once per device (no copy per batch)."""
+    return tuple(torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device) for values in (CLIP_MEAN, CLIP_STD))
+
+
+def prepare_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model-side half of the data path: a batch as the loader gives it (uint8 images, bool masks: a
+    quarter of the bytes to move) -> the batch of docs/ARCHITECTURE.md (normalised float images, float masks).
+
+    Run it where the batch already is (the engine calls it after the transfer to the model's device); entries
+    already in float are left as they are, so it may run twice.
+    """
+    prepared = dict(batch)
+    for key in ("image", "corrupted_image"):
+        value = prepared.get(key)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+            prepared[key] = normalize_images(value)
+    mask = prepared.get("mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        prepared["mask"] = mask.to(torch.float32)
+    return prepared
 
 
 def tile_offsets(length: int, size: int) -> list[int]:

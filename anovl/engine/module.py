@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DistributedSampler
 
+from anovl.data.transforms import prepare_batch
 from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
 from anovl.models.base import AnomalyModel, check_label, json_data
@@ -75,6 +76,9 @@ class AnomalyModule(LightningModule):
             name); default: the model's variant (e.g. ``tta-text``), else its method.
         cflow_pro: also report the cflow-style AUPRO of the authors' evaluation (for comparison with papers).
         results_dir: where results.csv / .json / .md go (default: the run dir, i.e. the logger's folder).
+        tf32: let float32 matrix products and convolutions on CUDA use TF32 tensor cores (PyTorch's default is
+            off): faster fp32, with maps that move slightly (docs/benchmarks.md); the run's recorded precision
+            says so. Set for the run only, restored afterwards.
 
     In VisA's tile mode (images wider than tall) each image is cut into square tiles, the tiles are run
     separately and their maps stitched back (overlaps averaged); the image score is the tiles' mean; a model
@@ -84,7 +88,8 @@ class AnomalyModule(LightningModule):
     """
 
     def __init__(self, model: AnomalyModel, label: str | None = None, cflow_pro: bool = False,
-                 results_dir: str | None = None, group: str | None = None, variant: str | None = None):
+                 results_dir: str | None = None, group: str | None = None, variant: str | None = None,
+                 tf32: bool = False):
         super().__init__()
         if not isinstance(model, AnomalyModel):
             raise AnovlError(f"the model must be an anovl.models.base.AnomalyModel, got {type(model).__name__}")
@@ -97,6 +102,8 @@ class AnomalyModule(LightningModule):
         self.variant = check_label(variant) if variant is not None else (model.variant or model.method or self.label)
         self.cflow_pro = cflow_pro
         self.results_dir = results_dir
+        self.tf32 = tf32
+        self._tf32_before: tuple[bool, bool] | None = None
         # The model's settings, not its weights, describe the run; the loggers get the whole run config from
         # the CLI's RunTracker instead (anovl.tracking).
         self.save_hyperparameters({"model": {**method_record(model), "settings": model.settings()},
@@ -116,6 +123,23 @@ class AnomalyModule(LightningModule):
         return self.model.settings().get("pretrained", "") is None
 
     # ----------------------------------------------------------------- running the model
+
+    def setup(self, stage: str) -> None:
+        self._tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+
+    def teardown(self, stage: str) -> None:
+        if self._tf32_before is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_before
+            self._tf32_before = None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the loader's uint8 images where the model runs (:func:`~anovl.data.transforms.prepare_batch`);
+        floating entries then follow the trainer's precision as they would have on the way in."""
+        if not isinstance(batch, dict):
+            return batch
+        prepared = prepare_batch(batch)
+        return self.trainer.precision_plugin.convert_input(prepared) if self._trainer is not None else prepared
 
     def anomaly_maps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps (B×H×W, the size of the batch images) and image scores (B) of a batch."""
@@ -149,7 +173,9 @@ class AnomalyModule(LightningModule):
         fingerprint = getattr(datamodule, "fingerprint", None)
         data = fingerprint() if fingerprint is not None else {"class": type(datamodule).__name__}
         model = {**method_record(self.model), **self.model.settings()}
-        evaluation = {"cflow_pro": self.cflow_pro, "precision": str(self.trainer.precision)}
+        # TF32 joins the precision (rather than a key of its own) so that earlier results.json files still resume.
+        precision = str(self.trainer.precision) + (" with TF32" if self.tf32 else "")
+        evaluation = {"cflow_pro": self.cflow_pro, "precision": precision}
         return json_data({"model": model, "data": data, "evaluation": evaluation})
 
     def resume(self, earlier: ResultsTable) -> None:
@@ -231,8 +257,9 @@ class AnomalyModule(LightningModule):
             if self.trainer.world_size == 1 and self._open_category not in (None, category):
                 self._finish_category(self._open_category)
             self._open_category = category
+            regions = batch.get("region_sizes")
             self._metrics[category].update(maps[run], batch["mask"][run], scores[run], batch["label"][run],
-                                           batch["has_mask"][run])
+                                           batch["has_mask"][run], None if regions is None else regions[run])
             self._image_counts[category] += run.stop - run.start
             if self.trainer.world_size == 1 and self._image_counts[category] == self._expected_counts.get(category):
                 # Written now, so that a failure in the next category cannot lose it.

@@ -30,6 +30,18 @@ def region_sizes(anomalous: np.ndarray) -> np.ndarray:
     return np.bincount(anomalous_labels)[anomalous_labels]
 
 
+def region_size_map(anomalous: np.ndarray) -> np.ndarray:
+    """Per pixel of a bool H×W mask (or B×H×W stack): the size of its 8-connected region, 0 outside (int32).
+
+    The loader computes it where the mask is decoded, so that the metrics never label regions on the host.
+    """
+    structure = _PER_IMAGE_8_CONNECTIVITY if anomalous.ndim == 3 else _PER_IMAGE_8_CONNECTIVITY[1]
+    labels, _ = ndimage.label(anomalous, structure=structure)
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0  # the background
+    return counts.astype(np.int32)[labels]
+
+
 def split_pixels(anomaly_maps: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anomalous pixel scores, their ground-truth region sizes, and normal pixel scores (bool ``anomalous``)."""
     return anomaly_maps[anomalous], region_sizes(anomalous), anomaly_maps[~anomalous]

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anovl.backbones import Backbone
+from anovl.cache import cache_root
 from anovl.backbones.tokenizers import KnownTokenizer
 from anovl.data.safe_names import safe_component
 
@@ -33,10 +34,7 @@ CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("ANOVL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "anovl"
-    )
-    return Path(root) / "text_embeddings"
+    return cache_root() / "text_embeddings"
 
 
 @dataclass
