@@ -19,8 +19,9 @@ _MODULES = {
     "anovl.data.mvtec": ("MVTecDataModule",),
     "anovl.data.safe_names": ("safe_component",),
     "anovl.data.synthetic": ("SyntheticMVTecDataModule", "generate_mvtec_like", "generate_visa_like"),
-    "anovl.data.transforms": ("CLIP_MEAN", "CLIP_STD", "normalize", "resize_image", "resize_mask", "shorter_side_size",
-                              "split_tiles", "stitch_tiles", "tile_offsets"),
+    "anovl.data.decoded_cache": ("DecodedCache",),
+    "anovl.data.transforms": ("CLIP_MEAN", "CLIP_STD", "normalize", "normalize_images", "prepare_batch", "resize_image",
+                              "resize_mask", "shorter_side_size", "split_tiles", "stitch_tiles", "tile_offsets"),
     "anovl.data.visa": ("VisADataModule",),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
