@@ -32,6 +32,7 @@ import inspect
 import io
 import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -460,12 +461,26 @@ def missing_package_error(error: BaseException) -> AnovlError | None:
     return None
 
 
+def show_anovl_info() -> None:
+    """anovl's own informational log lines (e.g. that text embeddings came from the cache) on stderr, as
+    Lightning's are, on the first process only."""
+    logger = logging.getLogger("anovl")
+    if logger.handlers or any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK")):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler (set up by a library) would print it again
+
+
 def run_lightning_cli(args: list[str] | None, plugins: list[str]) -> None:
     """Run ``anovl test`` / ``anovl predict`` (``args``: the command line; None reads sys.argv) with the user's
     plugins imported first."""
     filter_third_party_noise()
     # The seed is fixed by default (seed_everything: 0) and recorded in the saved config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    show_anovl_info()
     load_plugins(plugins)
     try:
         AnovlCLI(args=args, plugins=plugins)

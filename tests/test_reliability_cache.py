@@ -3,6 +3,7 @@
 import errno
 import logging
 import shutil
+import time
 from dataclasses import replace
 
 import pytest
@@ -121,3 +122,35 @@ def test_odd_backbone_names_stay_inside_the_cache_folder(backbone, tmp_path, nam
     encodings.clear()
     TextEmbeddingCache(oddly_named, tmp_path / "cache").sentence_embeddings(NORMAL)
     assert encodings == []
+
+
+def test_a_cache_hit_is_logged_once(backbone, tmp_path, encodings, caplog):
+    cache = TextEmbeddingCache(backbone, tmp_path)
+    with caplog.at_level(logging.INFO, logger="anovl.models.text_cache"):
+        cache.sentence_embeddings(NORMAL)  # encoded and written: no hit
+        assert not [record for record in caplog.records if "read from the cache" in record.getMessage()]
+        for sentences in (NORMAL, NORMAL, OTHER, NORMAL):
+            cache.sentence_embeddings(sentences)
+        cache.sentence_embeddings(OTHER)
+    hits = [record.getMessage() for record in caplog.records if "read from the cache" in record.getMessage()]
+    assert hits == [f"text embeddings read from the cache in {tmp_path} (not encoded again; later reads are not "
+                    "logged)"]
+    assert encodings == [NORMAL, OTHER]
+
+
+def test_slow_text_encoding_shows_a_progress_bar_and_quick_encoding_none(backbone, monkeypatch, capsys):
+    sentences = [f"a photo of a flawless object number {index}" for index in range(6)]
+    real_encode = backbone.clip.encode_text
+
+    def slow_encode(tokens):
+        time.sleep(0.15)  # a large text tower on a CPU
+        return real_encode(tokens)
+
+    expected = text_cache_module.encode_sentences(backbone, sentences, batch_size=2)
+    assert capsys.readouterr().err == ""  # quick: nothing printed
+    monkeypatch.setattr(backbone.clip, "encode_text", slow_encode)
+    monkeypatch.setattr(text_cache_module, "PROGRESS_AFTER_S", 0.1)
+    encoded = text_cache_module.encode_sentences(backbone, sentences, batch_size=2)
+    err = capsys.readouterr().err
+    assert "Encoding 6 prompt sentences" in err and "cached afterwards" in err and "6/6" in err
+    torch.testing.assert_close(encoded, expected, rtol=0, atol=0)  # the bar changes nothing

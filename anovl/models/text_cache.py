@@ -15,12 +15,15 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -54,14 +57,55 @@ class TextEmbeddings:
         return cls(F.normalize(states, dim=-1), F.normalize(torch.cat([normal, abnormal]), dim=-1))
 
 
+PROGRESS_AFTER_S = 2.0  # an encoding that is still running after this long shows a progress bar
+
+
+class DelayedProgress:
+    """A progress bar (rich, on stderr) that appears only once the work has taken ``delay`` seconds, so quick
+    work prints nothing; only on the first process of a distributed run (``RANK`` / ``LOCAL_RANK`` 0)."""
+
+    def __init__(self, description: str, total: int, delay: float | None = None):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True))
+        self.task = self.progress.add_task(description, total=total)
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(PROGRESS_AFTER_S if delay is None else delay, self._show)
+        self._timer.daemon = True
+
+    def _show(self) -> None:
+        with self._lock:
+            if not self._done:
+                self.progress.start()
+
+    def advance(self, amount: int) -> None:
+        self.progress.advance(self.task, amount)
+
+    def __enter__(self) -> "DelayedProgress":
+        if all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK")):
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            if self.progress.live.is_started:
+                self.progress.stop()
+
+
 @torch.no_grad()
 def encode_sentences(backbone: Backbone, sentences: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Unnormalised CLIP text embeddings, (len(sentences), D) in float32 on the CPU."""
+    """Unnormalised CLIP text embeddings, (len(sentences), D) in float32 on the CPU; a progress bar appears
+    when this takes more than a few seconds (a large text tower on a CPU)."""
     device = next(backbone.clip.parameters()).device
     chunks = []
-    for start in range(0, len(sentences), batch_size):
-        tokens = backbone.tokenizer(sentences[start:start + batch_size]).to(device)
-        chunks.append(backbone.clip.encode_text(tokens).float().cpu())
+    description = f"Encoding {len(sentences)} prompt sentences ({backbone.name}; cached afterwards)"
+    with DelayedProgress(description, len(sentences)) as progress:
+        for start in range(0, len(sentences), batch_size):
+            tokens = backbone.tokenizer(sentences[start:start + batch_size]).to(device)
+            chunks.append(backbone.clip.encode_text(tokens).float().cpu())
+            progress.advance(len(tokens))
     return torch.cat(chunks)
 
 
@@ -80,6 +124,7 @@ class TextEmbeddingCache:
         self._memory: dict[tuple[tuple[str, ...], tuple[str, ...]], TextEmbeddings] = {}
         self._on_device: dict[tuple, TextEmbeddings] = {}  # copies moved once per device, not per batch
         self._token_digests: dict[tuple[str, ...], str] = {}  # of callables that are not KnownTokenizers
+        self._hit_logged = False  # the first read from disk is logged, the others would only repeat it
 
     def key(self, sentences: Sequence[str]) -> dict[str, str]:
         return {
@@ -120,6 +165,10 @@ class TextEmbeddingCache:
         """Unnormalised text embeddings (len(sentences), D), float32 on the CPU: from disk, or encoded and saved."""
         sentences = list(sentences)
         embeddings = self._load(sentences)
+        if embeddings is not None and not self._hit_logged:
+            self._hit_logged = True
+            log.info("text embeddings read from the cache in %s (not encoded again; later reads are not logged)",
+                     self.cache_dir)
         if embeddings is None:
             embeddings = encode_sentences(self.backbone, sentences)
             if self.use_disk:
