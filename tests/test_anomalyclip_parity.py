@@ -63,15 +63,17 @@ def model(reference, tmp_path_factory):
     torch.save(authors_checkpoint(reference), checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AnomalyCLIP(str(config), pretrained=str(weights), image_size=48, checkpoint=str(checkpoint),
-                           use_text_cache=False)
+        return AnomalyCLIP(str(config), pretrained=str(weights), image_size=int(reference["image_size"]),
+                           checkpoint=str(checkpoint), use_text_cache=False)
 
 
 def test_defaults_are_the_published_ones(model):
     # The model above differs from the reference only in its backbone.
-    assert model.label == "AnomalyCLIP[backbone=anomalyclip-parity-vit;image_size=48;pretrained=#" + \
+    assert model.label == "AnomalyCLIP[backbone=anomalyclip-parity-vit;image_size=64;pretrained=#" + \
         model.label.split("pretrained=#")[1]
     assert (model.layers, model.dpam_blocks, model.n_ctx, model.depth, model.t_n_ctx) == ((5, 11, 17, 23), 19, 12, 9, 4)
+    # Built at its native 48 px and resized to 64 px bilinearly, as the authors' CLIP does.
+    assert model.clip.visual.positional_embedding.shape == (1 + 8 * 8, 128)
 
 
 def test_maps_and_scores_equal_the_authors(model, reference):
@@ -125,7 +127,12 @@ def test_training_step_equals_the_authors(model, reference):
         relative_error(prompts.deep_tokens.grad, grads["deep_tokens"], 2e-3)
         optimizer.step()
         updated = convert_authors_state_dict(authors_checkpoint(reference, "updated/"))
-        relative_error(prompts.context, updated["context"], 1e-5)
-        relative_error(prompts.deep_tokens, updated["deep_tokens"], 1e-5)
+        for name in ("context", "deep_tokens"):
+            # Adam's first step moves every element by ±lr whatever its gradient's size, so an element whose
+            # gradient is at float noise level (their sum cancels to ~1e-5 of the largest) gets a step of either
+            # sign; those few are left out.
+            decided = grads[name].abs() > 1e-4 * grads[name].abs().max()
+            assert decided.float().mean() > 0.99
+            relative_error(getattr(prompts, name)[decided], updated[name][decided], 1e-5)
     finally:
         prompts.load_state_dict(convert_authors_state_dict(authors_checkpoint(reference)))

@@ -120,6 +120,7 @@ def create_backbone(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     tokenizer: str | os.PathLike | Tokenizer | None = None,
+    position_interpolation: str = "bicubic",
 ) -> Backbone:
     """Create a frozen, eval-mode CLIP with the V-V encoder of its vision tower (docs/backbones.md).
 
@@ -128,7 +129,9 @@ def create_backbone(
     for random weights (only meaningful for tests). ``image_size`` may differ from the native size:
     positional embeddings are interpolated and the patch grid follows. ``tokenizer``: None for the
     model's own, or a local tokenizer directory / ``tokenizer.json`` (for towers whose tokenizer lives on
-    the Hugging Face hub), or a callable texts → token ids.
+    the Hugging Face hub), or a callable texts → token ids. ``position_interpolation``: how loaded weights'
+    positional embedding is resized to another ``image_size``: ``bicubic`` (open_clip's) or ``bilinear``
+    (align_corners=False, as AnomalyCLIP's code does at its first forward; open_clip ViTs with a class token).
 
     Unsupported towers, missing packages and missing tokenizers stop here, before weights are built.
     """
@@ -144,7 +147,12 @@ def create_backbone(
         )
     text_tokenizer = resolve_tokenizer(name, config, tokenizer)
     # pretrained_text=False: never fetch a Hugging Face text tower's own weights, the CLIP weights hold them
-    kwargs = dict(force_image_size=image_size, device=device, weights_only=True, pretrained_text=False)
+    if position_interpolation not in ("bicubic", "bilinear"):
+        raise AnovlError(f"position_interpolation must be 'bicubic' or 'bilinear', got {position_interpolation!r}")
+    native = _native_image_size(name)
+    # Bilinear: load the weights at their own size, then resize the positions here.
+    build_size = native if position_interpolation == "bilinear" and pretrained is not None else image_size
+    kwargs = dict(force_image_size=build_size, device=device, weights_only=True, pretrained_text=False)
     if pretrained is None:
         warnings.warn(f"{name} has random weights: its anomaly scores mean nothing", stacklevel=2)
         clip = _build(name, kwargs)
@@ -170,11 +178,30 @@ def create_backbone(
                 "download them elsewhere and pass the local file as pretrained"
             ) from error
         fingerprint = f"tag-{pretrained}"
+    if build_size != image_size:
+        _resize_positions_bilinear(clip.visual, image_size, name)
     clip.eval().requires_grad_(False)
     visual = check_supported(clip.visual, name)(clip.visual)
     if fingerprint is None:
         fingerprint = f"random-{_hash_parameters(clip)}"
     return Backbone(clip, visual, text_tokenizer, name, image_size, fingerprint)
+
+
+@torch.no_grad()
+def _resize_positions_bilinear(visual: nn.Module, image_size: int, name: str) -> None:
+    """Resize an open_clip ViT's class-token positional embedding to ``image_size`` bilinearly (align_corners=False)."""
+    positions = getattr(visual, "positional_embedding", None)
+    grid = getattr(visual, "grid_size", None)
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or positions is None or \
+            positions.shape[0] != grid[0] * grid[1] + 1:
+        raise AnovlError(f"bilinear position interpolation needs an open_clip ViT with a class token; {name} "
+                         "has another vision tower (use position_interpolation='bicubic')")
+    side = image_size // visual.patch_size[0]
+    width = positions.shape[1]
+    patches = positions[1:].reshape(1, grid[0], grid[1], width).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches, (side, side), mode="bilinear")
+    visual.positional_embedding = nn.Parameter(torch.cat([positions[:1], patches.reshape(width, -1).t()]))
+    visual.grid_size, visual.image_size = (side, side), (image_size, image_size)
 
 
 def _build(name: str, kwargs: dict, pretrained: str | None = None) -> nn.Module:

@@ -34,15 +34,18 @@ class CLIPAnomalyModel(AnomalyModel):
             Hugging Face hub (SigLIP, SigLIP2, CLIPA), which cannot be downloaded offline.
         cache_dir: where text embeddings are cached (default ``$ANOVL_CACHE_DIR`` or ``~/.cache/anovl``).
         use_text_cache: read and write the on-disk text-embedding cache.
+        position_interpolation: how loaded weights' positional embedding is resized to ``image_size``
+            (``bicubic``: open_clip's; ``bilinear``: see :func:`~anovl.backbones.create_backbone`).
     """
 
     def __init__(self, backbone: str, pretrained: str | None, image_size: int | None = None, init_seed: int = 0,
                  tokenizer: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 use_text_cache: bool = True):
+                 use_text_cache: bool = True, position_interpolation: str = "bicubic"):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            built = create_backbone(backbone, pretrained, image_size, tokenizer=tokenizer)
+            built = create_backbone(backbone, pretrained, image_size, tokenizer=tokenizer,
+                                    position_interpolation=position_interpolation)
         self.pretrained = pretrained
         self.init_seed = init_seed
         self.clip = built.clip

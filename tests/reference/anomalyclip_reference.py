@@ -6,7 +6,8 @@
 ``loss.py`` are imported from there; nothing of it is copied here). The script runs, on the CPU in float32:
 
 1. open_clip's model for :data:`CONFIG` (a small ViT with the published depth: 24 visual blocks, DPAM on 19,
-   maps of blocks 6/12/18/24; 12 text blocks, deep tokens in 9) with seeded random weights, every
+   maps of blocks 6/12/18/24; 12 text blocks, deep tokens in 9), run at :data:`IMAGE_SIZE`, above its native
+   size, so that their bilinear resize of the positional embedding is compared too; seeded random weights, every
    parameter perturbed so no bias or norm stays at its default; its state dict is converted once to the
    authors' CLIP (``AnomalyCLIP_lib.build_model``) — both follow OpenAI's parameter names;
 2. the authors' prompt learner (n_ctx 12, depth 9, t_n_ctx 4), seeded;
@@ -37,6 +38,9 @@ CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 12},
 }
 CONFIG_NAME = "anomalyclip-parity-vit"
+# Run above the native 48 px (6×6 → 8×8 positions), as the published 518 px on ViT-L/14@336: their CLIP
+# resizes the positional embedding bilinearly at its first forward.
+IMAGE_SIZE = 64
 SEED = 0
 BATCH = 4
 LABELS = [1, 0, 1, 0]
@@ -70,13 +74,13 @@ def weights_checksum(state_dict) -> str:
 def make_batch():
     """Images, masks (a rectangle on each anomalous image) and labels, seeded."""
     generator = torch.Generator().manual_seed(SEED + 2)
-    size = CONFIG["vision_cfg"]["image_size"]
+    size = IMAGE_SIZE
     images = torch.randn(BATCH, 3, size, size, generator=generator)
     masks = torch.zeros(BATCH, size, size)
     for index, label in enumerate(LABELS):
         if label:
-            top, left = 5 + 7 * index, 3 + 5 * index
-            masks[index, top:top + 14, left:left + 18] = 1
+            top, left = 5 + 9 * index, 3 + 7 * index
+            masks[index, top:top + 18, left:left + 24] = 1
     return images, masks, torch.tensor(LABELS)
 
 
@@ -113,7 +117,7 @@ def main(repo: Path, out: Path) -> None:
     # open_clip keeps OpenAI's names; its logit_bias / attn_mask have no counterpart in the authors' CLIP.
     authors_state = {key: value for key, value in state.items() if key not in ("logit_bias", "attn_mask")}
     model = build_model("parity", authors_state, DESIGN).float().eval()
-    size = CONFIG["vision_cfg"]["image_size"]
+    size = IMAGE_SIZE
     images, masks, labels = make_batch()
 
     torch.manual_seed(SEED + 3)
@@ -166,7 +170,7 @@ def main(repo: Path, out: Path) -> None:
                if key.startswith(("ctx_", "compound_prompts_text"))}
 
     arrays = {
-        "config": np.array(json.dumps(CONFIG)), "weights_sha256": np.array(checksum),
+        "config": np.array(json.dumps(CONFIG)), "image_size": np.array(IMAGE_SIZE), "weights_sha256": np.array(checksum),
         "images": images.numpy(), "masks": masks.numpy(), "labels": labels.numpy(),
         "pred_score": torch.cat(scores).numpy(), "anomaly_map_raw": torch.stack(raw_maps).numpy(),
         "anomaly_map": torch.stack(smoothed_maps).float().numpy(),

@@ -87,6 +87,8 @@ class AnomalyCLIP(CLIPAnomalyModel):
         checkpoint: learned prompts to load: an ``anovl fit`` checkpoint (``.ckpt``) or the authors' release
             (``{"prompt_learner": state_dict}``, :func:`convert_authors_state_dict`).
         learning_rate, betas: Adam's, for training.
+        position_interpolation: how loaded weights' positional embedding is resized to ``image_size``:
+            ``bilinear`` as the authors' code (open_clip ViTs with a class token), or open_clip's ``bicubic``.
     """
 
     method = "AnomalyCLIP"
@@ -114,6 +116,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
         tokenizer: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
         use_text_cache: bool = True,
+        position_interpolation: str = "bilinear",
     ):
         name = resolve_model_name(backbone)
         check_prompt_text_tower(name, open_clip.get_model_config(name), "AnomalyCLIP's deep text prompts")
@@ -128,7 +131,9 @@ class AnomalyCLIP(CLIPAnomalyModel):
             raise AnovlError("layers must name at least one block, e.g. [5, 11, 17, 23] (the reference)")
         if temperature <= 0 or sigma < 0:
             raise AnovlError(f"temperature must be positive and sigma not negative, got {temperature} and {sigma}")
-        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
+        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache,
+                         position_interpolation)
+        self.position_interpolation = position_interpolation
         blocks = self.encoder.num_layers
         if dpam_blocks > blocks:
             raise AnovlError(f"dpam_blocks {dpam_blocks} exceeds the {blocks} blocks of {self.backbone_name}")
@@ -273,7 +278,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
                 "dpam_blocks": self.dpam_blocks, "n_ctx": self.n_ctx, "depth": self.depth, "t_n_ctx": self.t_n_ctx,
                 "sigma": self.sigma, "temperature": self.temperature, "object_name": self.object_name,
                 "deep_tokens_float16": self.deep_tokens_float16, "image_norm": self.image_norm,
-                "prompt_seed": self.prompt_seed}
+                "prompt_seed": self.prompt_seed, "position_interpolation": self.position_interpolation}
 
     def settings(self) -> dict[str, Any]:
         return json_data({**self.backbone_settings(), **self._method_settings(),
@@ -285,7 +290,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
             "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
             "layers": list(REFERENCE_LAYERS), "dpam_blocks": 19, "n_ctx": 12, "depth": 9, "t_n_ctx": 4,
             "sigma": 4.0, "temperature": 0.07, "object_name": "object", "deep_tokens_float16": True,
-            "image_norm": False, "prompt_seed": self.prompt_seed,
+            "image_norm": False, "prompt_seed": self.prompt_seed, "position_interpolation": "bilinear",
             # learned weights are not a setting: the label does not name them
             "prompt_weights": self.prompt_fingerprint(),
         })
