@@ -81,6 +81,7 @@ def test_maps_and_scores_against_a_naive_restatement(model):
     (dict(dpam_blocks=5), "dpam_blocks 5 exceeds the 4 blocks"),
     (dict(n_ctx=0), "n_ctx must be an integer of at least 1"),
     (dict(temperature=0.0), "temperature must be positive"),
+    (dict(betas=(0.5, 1.0)), r"betas two numbers in \[0, 1\)"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(AnovlError, match=message):

@@ -131,6 +131,9 @@ class AnomalyCLIP(CLIPAnomalyModel):
             raise AnovlError("layers must name at least one block, e.g. [5, 11, 17, 23] (the reference)")
         if temperature <= 0 or sigma < 0:
             raise AnovlError(f"temperature must be positive and sigma not negative, got {temperature} and {sigma}")
+        if learning_rate <= 0 or len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise AnovlError(f"learning_rate must be positive and betas two numbers in [0, 1), got {learning_rate!r} "
+                             f"and {betas!r}")
         super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache,
                          position_interpolation)
         self.position_interpolation = position_interpolation
@@ -250,18 +253,15 @@ class AnomalyCLIP(CLIPAnomalyModel):
         if masks.shape != (images.shape[0], *images.shape[-2:]):
             raise AnovlError(f"masks must be B×S×S like the images, got {tuple(masks.shape)} for "
                              f"{tuple(images.shape)} images")
-        encoded = self.encode_images(images)
-        states = self.text_states()
+        out = self._outputs(images, self.text_states())
         target = (masks > 0.5).to(images.dtype)
         labels = target.flatten(1).amax(1).long()
-        probabilities = [layer_probabilities(tokens.float(), states, self.image_size, self.temperature)
-                         for tokens in encoded.patch_tokens]
-        image_logits = F.normalize(encoded.global_tokens.float(), dim=-1) @ states.t() / self.temperature
+        probabilities = out.layer_probabilities
         return {
             "focal": MAP_LOSS_WEIGHT * sum(focal_loss(p, target) for p in probabilities),
             "dice": MAP_LOSS_WEIGHT * sum(binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target)
                                           for p in probabilities),
-            "image": F.cross_entropy(image_logits, labels),
+            "image": F.cross_entropy(out.image_logits, labels),
         }
 
     # --- settings -------------------------------------------------------------------------------------------
