@@ -17,8 +17,17 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench import PeakMemory, Section, interleaved_minimum, megabytes, ratio, run_isolated, seconds, \
-    setup_process, target
+from benchmarks.bench import (
+    PeakMemory,
+    Section,
+    interleaved_minimum,
+    megabytes,
+    ratio,
+    run_isolated,
+    seconds,
+    setup_process,
+    target,
+)
 
 TARGET = 1.5
 # The published settings (docs/METHOD.md, AnomalyCLIP) and a small stand-in that a CPU runs in seconds.

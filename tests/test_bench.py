@@ -1,4 +1,4 @@
-"""The benchmark (benchmarks/bench.py): its unoptimised baselines give what the optimised code gives, and it runs.
+"""The benchmark (benchmarks/bench.py, benchmarks/common.py, benchmarks/sections/): its unoptimised baselines give what the optimised code gives, and it runs.
 
 No timing is asserted: the figures depend on the machine.
 """
@@ -15,7 +15,9 @@ import torch
 import anovl
 from anovl import AnoVL, TTAConfig
 from anovl.metrics import AnomalyMetrics, functional
-from benchmarks import bench
+from benchmarks import bench, common
+from benchmarks.sections import metrics as metrics_section
+from benchmarks.sections import pipeline, precision, throughput
 from tests.conftest import TINY
 from tests.reference.pipeline import reference_pipeline
 
@@ -69,33 +71,33 @@ def test_staged_forward_is_the_forward():
     images = torch.randn(2, 3, 64, 64)
     names = ["bottle", "carpet"]
     metrics = AnomalyMetrics()
-    targets = bench.metric_targets(2, 64, torch.device("cpu"))
-    timer = bench.StageTimer(torch.device("cpu"))
-    maps, scores = bench.staged_forward(model, images, names, timer, metrics, targets)
+    targets = common.metric_targets(2, 64, torch.device("cpu"))
+    timer = common.StageTimer(torch.device("cpu"))
+    maps, scores = common.staged_forward(model, images, names, timer, metrics, targets)
     output = model(images, names)
     torch.testing.assert_close(maps, output.anomaly_map)
     torch.testing.assert_close(scores, output.pred_score)
-    assert set(timer.seconds) == set(bench.STAGES)
+    assert set(timer.seconds) == set(common.STAGES)
     assert metrics.compute()["pixel_auroc"] == pytest.approx(
         functional.auroc(functional.RankedScores.from_maps(maps.numpy(), targets[0].numpy())))
 
 
 def test_threshold_pro_baseline_agrees_with_the_metrics():
-    masks, _ = bench.synthetic_masks(24, 64, seed=1)
-    maps = bench.synthetic_maps(masks, seed=1).numpy()
+    masks, _ = common.synthetic_masks(24, 64, seed=1)
+    maps = common.synthetic_maps(masks, seed=1).numpy()
     masks = masks.numpy()
     scores = functional.RankedScores.from_maps(maps, masks)
-    fprs, pros = bench.threshold_pro_curve(maps, masks)
+    fprs, pros = metrics_section.threshold_pro_curve(maps, masks)
     assert fprs.shape == pros.shape == (200,)
     # Same thresholds, same rule: the cflow-style figure is the same number.
-    assert bench.cflow_pro_from_curve(fprs, pros) == pytest.approx(functional.cflow_pro(scores), abs=1e-9)
+    assert metrics_section.cflow_pro_from_curve(fprs, pros) == pytest.approx(functional.cflow_pro(scores), abs=1e-9)
     # 200 evenly spaced thresholds sample the exact curve: close, not equal.
-    assert bench.aupro_from_curve(fprs, pros) == pytest.approx(functional.aupro(scores), abs=0.01)
+    assert metrics_section.aupro_from_curve(fprs, pros) == pytest.approx(functional.aupro(scores), abs=0.01)
 
 
 def test_synthetic_maps_look_like_a_test_set():
-    masks, labels = bench.synthetic_masks(60, 64)
-    maps = bench.synthetic_maps(masks)
+    masks, labels = common.synthetic_masks(60, 64)
+    maps = common.synthetic_maps(masks)
     assert masks[labels == 0].sum() == 0 and all(m.any() for m in masks[labels == 1])
     assert 0.1 < labels.float().mean() < 0.6
     assert ((maps >= 0) & (maps <= 1)).all()
@@ -103,7 +105,7 @@ def test_synthetic_maps_look_like_a_test_set():
 
 
 def test_peak_memory_sees_fresh_pages():
-    meter = bench.PeakMemory()
+    meter = common.PeakMemory()
     meter.start()
     # An anonymous mapping is always new memory; a malloc'ed block may reuse pages this long-lived test
     # process already holds (the reason the benchmark measures in fresh processes).
@@ -117,24 +119,35 @@ def test_peak_memory_sees_fresh_pages():
 
 
 def test_benchmark_runs_end_to_end():
-    config = bench.quick_config(
+    config = common.quick_config(
         backbone=TINY, encoder_backbone=TINY, batch_sizes=(1, 2), repeats=1, encoder_repeats=1, reference_images=1,
         num_maps=12, map_size=32, baseline_maps=4, test_categories=1, test_good=1, test_defect=1,
         precision_categories=1, precision_good=1, precision_defect=1, threads=None, isolate=False,
+        sections=tuple(name for name in common.SECTIONS if name != "pipeline"),  # its own (slow) test below
     )
     emitted = []
     report = bench.run_benchmark(config, emitted.append)
-    assert len(emitted) == 1 + 6  # header and every section but 'precision' (fp32)
+    assert len(emitted) == 1 + 6  # header and every section but 'precision' (fp32) and 'pipeline'
     for title in ("TFA forward vs plain CLIP encode_image", "Throughput and stage split", "one-image-at-a-time",
                   "Text-embedding start-up", "Pixel metrics over 12 maps", "Lightning test run"):
         assert title in report
-    for pipeline, _, _ in bench.PIPELINES:
-        assert report.count(f"| {pipeline} |") == 2  # one row per batch size
+    for name, _, _ in throughput.PIPELINES:
+        assert report.count(f"| {name} |") == 2  # one row per batch size
     assert "nan" not in report.lower()
 
 
 def test_precision_section_reports_the_change(tmp_path):
-    config = bench.quick_config(backbone=TINY, batch_sizes=(2,), repeats=1, precision="bf16", precision_categories=1,
+    config = common.quick_config(backbone=TINY, batch_sizes=(2,), repeats=1, precision="bf16", precision_categories=1,
                                 precision_good=1, precision_defect=1, threads=None)
-    text = bench.precision_section(config, torch.device("cpu"), tmp_path).markdown()
+    text = precision.precision_section(config, torch.device("cpu"), tmp_path).markdown()
     assert "max abs Δ, TFA map" in text and "pixel AUROC, TTA" in text and "forward time, batch 2" in text
+
+
+@pytest.mark.slow  # two `anovl test` runs in child processes
+def test_pipeline_section_runs_the_cli_and_reports_every_ratio(tmp_path):
+    config = common.quick_config(backbone=TINY, batch_sizes=(2,), repeats=1, pipeline_categories=1, pipeline_good=12,
+                                 pipeline_defect=1, pipeline_size=96, pipeline_views=(1,), threads=None)
+    text = pipeline.pipeline_section(config, torch.device("cpu"), tmp_path).markdown()
+    for row in ("`anovl test`, 1 view", "data path, CPU ms/image", "loader, 1 worker", "decoded cache, second pass"):
+        assert row in text
+    assert "hit rate 100%" in text and "nan" not in text.lower()
