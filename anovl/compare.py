@@ -114,6 +114,18 @@ def to_markdown(tables) -> str:
     return "\n".join(lines)
 
 
+def _rich_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> list[Table]:
+    rich_tables = []
+    for title, headers, rows in tables:
+        table = Table(title=title)
+        for index, header in enumerate(headers):
+            table.add_column(escape(header), justify="left" if index == 0 else "right")
+        for index, row in enumerate(rows):
+            table.add_row(escape(row[0]), *row[1:], style="bold" if index == len(rows) - 1 else None)
+        rich_tables.append(table)
+    return rich_tables
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anovl compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (or results.json files); the first is the baseline")
@@ -124,15 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     runs = [load_run(directory) for directory in args.runs]
     labels = _unique_labels(runs, args.runs, args.labels)
     tables = build_tables(runs, labels, args.metrics)
-    rich_tables = []
-    for title, headers, rows in tables:
-        table = Table(title=title)
-        for index, header in enumerate(headers):
-            table.add_column(escape(header), justify="left" if index == 0 else "right")
-        for index, row in enumerate(rows):
-            table.add_row(escape(row[0]), *row[1:], style="bold" if index == len(rows) - 1 else None)
-        rich_tables.append(table)
+    rich_tables = _rich_tables(tables)
     console = console_for(*rich_tables)
+    options = console.options.update_width(10_000)
+    if max(console.measure(table, options=options).maximum for table in rich_tables) > console.width:
+        # Labels as wide as the terminal would be cut short in the headers: number the runs, name them above.
+        keys = [f"run {index}" for index in range(1, len(labels) + 1)]
+        for key, label in zip(keys, labels):
+            console.print(f"[bold]{key}[/bold]: {escape(label)}", overflow="fold", highlight=False)
+        rich_tables = _rich_tables(build_tables(runs, keys, args.metrics))
     for table in rich_tables:
         console.print(table)
     if any(run.random_weights for run in runs):

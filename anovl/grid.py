@@ -58,7 +58,8 @@ GRID_KEYS = {"name", "variants", "datasets", "args", "metrics"}
 CELL_RECORD = "grid-cell.json"  # in a version folder: the settings that version ran with
 VERSION = re.compile(r"version_(\d+)")
 # Options that change how a run goes, not its numbers (model and data init_args of anovl's classes).
-RUNTIME_OPTIONS = frozenset({"batch_size", "num_workers", "cache_dir", "use_text_cache", "encoder_chunk_size"})
+RUNTIME_OPTIONS = frozenset({"batch_size", "num_workers", "decoded_cache_gb", "cache_dir", "use_text_cache",
+                             "encoder_chunk_size"})
 # Trainer options that change the numbers (precision) or which images are seen.
 NUMBER_TRAINER_OPTIONS = ("precision", "limit_test_batches", "fast_dev_run")
 
@@ -158,7 +159,8 @@ def cell_settings(config: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
     return json.loads(json.dumps({
         "model": _without_runtime_options(config.get("model")),
         "data": _without_runtime_options(config.get("data")),
-        "evaluation": {"cflow_pro": engine.get("cflow_pro"), "seed_everything": config.get("seed_everything"),
+        "evaluation": {"cflow_pro": engine.get("cflow_pro"), "tf32": engine.get("tf32"),
+                       "seed_everything": config.get("seed_everything"),
                        **{key: trainer.get(key) for key in NUMBER_TRAINER_OPTIONS}},
         "plugins": plugin_hashes(plugins),
     }))

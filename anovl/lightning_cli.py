@@ -152,8 +152,10 @@ class AnovlCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # The options are listed below, grouped; a usage line of every option would be ~100 lines.
-        parser.usage = f"anovl {subcommand} [-c CONFIG ...] [--print_config] [options]"
-        parser.description = COMMANDS[subcommand]
+        parser.usage = f"anovl {subcommand} [-c CONFIG ...] [--exported FILE] [--print_config] [options]"
+        # --exported is read by the dispatcher (anovl.cli.exported_model_arguments), so it is described here.
+        parser.description = (f"{COMMANDS[subcommand]}. --exported FILE runs a model written by `anovl export` "
+                              "(short for --model anovl.deploy.ExportedModel --model.init_args.path FILE).")
         if subcommand == "test":
             parser.add_argument("--resume", type=Optional[str], default=None,
                                 help="continue the interrupted run in this folder (the one holding its results.json): "

@@ -145,12 +145,14 @@ def contour_thickness(height: int, width: int) -> int:
 
 def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None = None) -> np.ndarray:
     """The jet heatmap of a map (fixed [0, 1] scale) blended over an ``uint8 H×W×3`` image of the same size;
-    with a pixel threshold, the outline of ``map >= threshold`` is drawn on it in white."""
+    with a pixel threshold, the outline of ``map >= threshold`` is drawn on it in white (not where the whole map
+    is at or above it: that outline would only frame the image)."""
     heat = jet(anomaly_map).astype(np.float64)
     blended = ((1 - OVERLAY_ALPHA) * rgb.astype(np.float64) + OVERLAY_ALPHA * heat).round().astype(np.uint8)
     if pixel_threshold is not None:
-        outline = contour(anomaly_map >= pixel_threshold, contour_thickness(*anomaly_map.shape))
-        blended[outline] = CONTOUR_COLOUR
+        above = anomaly_map >= pixel_threshold
+        if not above.all():
+            blended[contour(above, contour_thickness(*anomaly_map.shape))] = CONTOUR_COLOUR
     return blended
 
 
@@ -210,7 +212,14 @@ def panel_lines(category: str, name: str, label: int, score: float, image_thresh
         verdict = "anomalous" if score >= image_threshold else "normal"
         relation = ">=" if score >= image_threshold else "<"
         decision = f"score {score:.4f} {relation} threshold {image_threshold:.4f}: {verdict}"
-    pixel = "" if pixel_threshold is None else f"  outline: map >= {pixel_threshold:.4f}"
+    if pixel_threshold is None:
+        pixel = ""
+    elif map_range[0] >= pixel_threshold:  # nothing to outline: say so rather than promise an outline
+        pixel = f"  all of it >= {pixel_threshold:.4f}: no outline"
+    elif map_range[1] < pixel_threshold:
+        pixel = f"  all of it < {pixel_threshold:.4f}: no outline"
+    else:
+        pixel = f"  outline: map >= {pixel_threshold:.4f}"
     lines = [f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}", decision,
              f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}"]
     return lines + ([f"picked as: {picked_as}"] if picked_as else [])
@@ -225,7 +234,10 @@ def panel(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, lin
              else np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=2))
     tiles = [rgb, truth, overlay(rgb, anomaly_map, pixel_threshold)]
     bar = colour_bar(height, pixel_threshold)
-    tiles_width = len(tiles) * width + (len(tiles) - 1) * PANEL_GAP
+    # A column is as wide as its tile or the widest title (small images: 64 px is narrower than "ground truth"),
+    # the tile and the title centred in it, so that titles never run into each other.
+    column = max(width, *(_text_width(title) for title in COLUMN_TITLES))
+    tiles_width = len(tiles) * column + (len(tiles) - 1) * PANEL_GAP
     text_height = LINE_HEIGHT * (len(lines) + 1)  # the last line holds the column titles
     canvas_width = max(tiles_width + PANEL_GAP + bar.width, max(_text_width(line) for line in lines) + 4)
     canvas = Image.new("RGB", (canvas_width, text_height + height), "white")
@@ -233,12 +245,12 @@ def panel(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, lin
     for index, line in enumerate(lines):
         draw.text((2, 1 + index * LINE_HEIGHT), line, fill="black", font=_font())
     for index, (tile, title) in enumerate(zip(tiles, COLUMN_TITLES)):
-        left = index * (width + PANEL_GAP)
-        canvas.paste(Image.fromarray(tile), (left, text_height))
-        draw.text((left + max(0, (width - _text_width(title)) // 2), text_height - LINE_HEIGHT), title,
+        left = index * (column + PANEL_GAP)
+        canvas.paste(Image.fromarray(tile), (left + (column - width) // 2, text_height))
+        draw.text((left + (column - _text_width(title)) // 2, text_height - LINE_HEIGHT), title,
                   fill="black", font=_font())
         if mask is None and title == "ground truth":
-            draw.text((left + 4, text_height + 4), "none", fill="white", font=_font())
+            draw.text((left + (column - width) // 2 + 4, text_height + 4), "none", fill="white", font=_font())
     canvas.paste(bar, (tiles_width + PANEL_GAP, text_height))
     draw.text((tiles_width + PANEL_GAP, text_height - LINE_HEIGHT), "P(anom.)", fill="black", font=_font())
     return canvas

@@ -13,7 +13,7 @@ from PIL import Image
 from anovl import AnoVL, AnovlError
 from anovl.cli import main
 from anovl.deploy import export_model, load_exported, predict
-from anovl.deploy.app import Analyzer
+from anovl.deploy.app import Analyzer, build_app
 from anovl.visualization import overlay
 from tests.conftest import TINY
 
@@ -49,6 +49,13 @@ def test_analysis_is_the_model_prediction(model, tmp_path):
     assert np.array_equal(np.asarray(Image.open(result["mask_file"])), result["mask"])
     verdict = "anomalous" if expected.pred_score >= 0.3 else "normal"
     assert result["score"] == f"{expected.pred_score:.4f} ({verdict})"
+
+
+def test_random_weights_are_announced(model, tmp_path):
+    photo = random_png(tmp_path / "photo.png")
+    analyzer = Analyzer(model, pixel_threshold=0.5, output_dir=tmp_path)
+    assert analyzer.random_weights and "random weights" in analyzer(str(photo), "bottle")["status"]
+    assert "random-weights" in str(build_app(analyzer).config)  # the page says it before any upload
 
 
 def test_a_typed_class_never_chooses_where_the_mask_goes(model, tmp_path):

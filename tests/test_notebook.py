@@ -1,5 +1,7 @@
 """notebooks/quickstart.ipynb runs from top to bottom and shows a heatmap."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -18,3 +20,10 @@ def test_quickstart_notebook_runs(tmp_path):
     assert not [output for output in outputs if output.output_type == "error"]
     assert any("image/png" in output.get("data", {}) for output in outputs)
     assert (tmp_path / "quickstart_run" / "results.json").is_file()
+    # What it writes next to itself (it runs in notebooks/) is git-ignored.
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == ["quickstart_data", "quickstart_run"]
+    if shutil.which("git") and (NOTEBOOK.parent.parent / ".git").exists():
+        for name in written:
+            assert subprocess.run(["git", "check-ignore", "-q", f"notebooks/{name}/x"],
+                                  cwd=NOTEBOOK.parent.parent).returncode == 0, name

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -172,3 +173,27 @@ def test_rows_of_unknown_categories_are_refused(tmp_path):
     with pytest.raises(AnovlError, match="'invented'"):
         read.check_categories(["bottle", "cable"])
     assert table.rows  # the check reads, never drops rows
+
+
+def test_compare_never_cuts_labels_short_in_a_120_column_terminal(tmp_path, capsys, monkeypatch):
+    labels = ["AnoVL-tfa[backbone=anovl-small-vit;image_size=224;init_seed=0;pretrained=None]",
+              "AnoVL-tta-text[backbone=anovl-small-vit;image_size=224;init_seed=0;pretrained=None]",
+              "AnoVL-tta-lowrank[backbone=anovl-small-vit;image_size=224;init_seed=0;lr=0.01;pretrained=None;rank=16]"]
+    folders = []
+    for index, label in enumerate(labels):
+        table = ResultsTable(tmp_path / str(index), "run", False, 1, label, config={"a": 1})
+        table.add("bottle", {**METRICS, "pixel_auroc": 0.1 * (index + 1)}, 1)
+        folders.append(str(tmp_path / str(index)))
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich takes stdout for a terminal of COLUMNS columns
+    monkeypatch.setenv("COLUMNS", "120")
+    compare.main([*folders, "--metrics", "pixel_auroc"])
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # bold
+    assert "…" not in out and max(map(len, out.splitlines())) <= 120
+    for number, label in enumerate(labels, 1):
+        assert f"run {number}: {label}" in out  # named in full above the tables, which number the runs
+    assert "run 3" in next(line for line in out.splitlines() if "category" in line)
+    # Where the labels fit, they are the column names.
+    monkeypatch.setenv("COLUMNS", "400")
+    compare.main([*folders, "--metrics", "pixel_auroc"])
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert labels[2] in next(line for line in out.splitlines() if "category" in line) and "run 1:" not in out

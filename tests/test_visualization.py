@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from anovl import AnovlError
 from anovl.data.transforms import normalize
@@ -70,6 +70,18 @@ def test_overlay_outlines_the_thresholded_region():
     assert not (overlay(rgb, anomaly_map, pixel_threshold=0.81) == 255).all(axis=2).any()
 
 
+def test_no_outline_is_claimed_where_the_whole_map_is_on_one_side_of_the_threshold():
+    rgb = np.zeros((12, 12, 3), dtype=np.uint8)
+    anomaly_map = np.full((12, 12), 0.6)
+    anomaly_map[4:8, 4:8] = 0.9
+    # All of the map is at or above 0.5: no outline (it would only frame the image), and the text says so.
+    assert not (overlay(rgb, anomaly_map, pixel_threshold=0.5) == 255).all(axis=2).any()
+    assert "all of it >= 0.5000: no outline" in panel_lines("b", "x", 1, 0.7, 0.5, 0.5, (0.6, 0.9))[2]
+    assert "all of it < 0.9500: no outline" in panel_lines("b", "x", 1, 0.7, 0.5, 0.95, (0.6, 0.9))[2]
+    lines = panel_lines("b", "x", 1, 0.7, 0.5, 0.7, (0.6, 0.9))
+    assert "outline: map >= 0.7000" in lines[2] and (overlay(rgb, anomaly_map, 0.7) == 255).all(axis=2).any()
+
+
 @pytest.mark.parametrize(("source", "target"), [((7, 9), (427, 640)), ((224, 224), (100, 61)), ((8, 8), (8, 8))])
 def test_resize_map_equals_pillow_bilinear(source, target):
     anomaly_map = torch.rand(source, generator=torch.Generator().manual_seed(0))
@@ -106,6 +118,26 @@ def test_panel_shows_columns_text_and_bar():
     assert picture_low.getpixel((64 + 4 + 32, top + 32)) == (128, 128, 128)  # none
     unlabelled = panel_lines("parts", "a", -1, 0.4, None, None, (0.1, 0.9))
     assert "label: unlabelled" in unlabelled[0] and unlabelled[1] == "score 0.4000  (no threshold)"
+
+
+def test_panel_titles_never_overlap_on_small_images():
+    """At 64 px "ground truth" is wider than its tile: drawn together, the titles must cover as many pixels as
+    each title drawn alone (overlapping or clipped text covers fewer)."""
+    from anovl.visualization import COLUMN_TITLES, LINE_HEIGHT, _font
+
+    def dark_pixels(image):
+        return int((np.asarray(image.convert("L")) < 128).sum())
+
+    def alone(text):
+        canvas = Image.new("RGB", (400, LINE_HEIGHT), "white")
+        ImageDraw.Draw(canvas).text((10, 0), text, fill="black", font=_font())
+        return dark_pixels(canvas)
+
+    for size in (32, 64, 224):
+        rgb = np.full((size, size, 3), 200, dtype=np.uint8)
+        picture = panel(rgb, np.full((size, size), 0.5), None, ["x"])
+        titles = picture.crop((0, picture.height - size - LINE_HEIGHT, picture.width, picture.height - size))
+        assert dark_pixels(titles) == sum(alone(title) for title in (*COLUMN_TITLES, "P(anom.)")), size
 
 
 def test_png16_round_trip(tmp_path):

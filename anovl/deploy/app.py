@@ -27,6 +27,7 @@ from anovl.deploy.export_cli import MODEL_OVERRIDE_PREFIX, model_from_config, pa
 from anovl.deploy.sidecar import check_threshold
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
+from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.visualization import overlay
 
 # The demo model of configs/demo.yaml, embedded so that the app runs from an installed package too.
@@ -52,6 +53,8 @@ class Analyzer:
         self.max_upload_mb = max_upload_mb
         self.max_megapixels = max_megapixels
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="anovl-app-"))
+        settings = model.settings() if hasattr(model, "settings") else {}
+        self.random_weights = "pretrained" in settings and settings["pretrained"] is None
 
     @property
     def fixed_classes(self) -> list[str] | None:
@@ -104,6 +107,8 @@ class Analyzer:
         Image.fromarray(mask).save(mask_path)
         status = f"**{category}**: image score {result.pred_score:.4f}{verdict}, " \
                  f"{int(result.pred_mask.sum())} of {mask.size} pixels at or above {pixel_threshold:g}."
+        if self.random_weights:
+            notes.append(f"**{RANDOM_WEIGHTS_WARNING}**")
         return {"status": "  \n".join([status, *notes]), "score": f"{result.pred_score:.4f}{verdict}",
                 "overlay": overlay(result.image, result.anomaly_map), "mask": mask, "mask_file": str(mask_path)}
 
@@ -118,6 +123,8 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = ()):
     with gr.Blocks(title="anovl: zero-shot anomaly localisation", analytics_enabled=False) as demo:
         gr.Markdown("## anovl: zero-shot anomaly localisation\nUpload an image, pick or type its class, press "
                     "**Detect anomalies**.")
+        if analyzer.random_weights:
+            gr.Markdown(f"**{RANDOM_WEIGHTS_WARNING}**", elem_id="random-weights")
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Image (PNG, JPEG, BMP, TIFF)", type="filepath", elem_id="upload")
