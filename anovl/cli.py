@@ -27,6 +27,7 @@ from anovl.commands import COMMANDS, DESCRIPTION
 from anovl.compare import main as compare_main
 from anovl.errors import AnovlError
 from anovl.grid import main as grid_main
+from anovl.signals import stop_requested
 
 
 
@@ -113,7 +114,7 @@ def help_first(command_line: list[str]) -> list[str]:
                 skip = True
         else:
             rest.append(argument)
-    head = 1 if rest[:1] in (["test"], ["predict"]) else 0  # the subcommand stays first
+    head = 1 if rest[:1] in (["fit"], ["test"], ["predict"]) else 0  # the subcommand stays first
     return [*rest[:head], *moved, *rest[head:]]
 
 
@@ -170,14 +171,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class _StopSignals:
     """SIGTERM and SIGINT stop a run at once, as an interrupt: Lightning tears the run down, the results files
     keep every category finished before (they are written as each one ends), and the exit status is
-    128 + the signal, so that a scheduler never takes a pre-empted run for a finished one."""
+    128 + the signal, so that a scheduler never takes a pre-empted run for a finished one.
 
-    def __init__(self) -> None:
+    ``fit`` (``training``) stops at the next batch boundary instead, after saving a checkpoint of that state
+    (anovl.engine.training.TrainingRun); a second signal stops it at once."""
+
+    def __init__(self, training: bool = False) -> None:
+        self.training = training
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
+        if self.training and self.received is None:
+            self.received = signum
+            stop_requested.set()
+            return
+        if self.received is None or self.training:
             self.received = signum
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -190,9 +199,11 @@ class _StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         if self.received is not None and kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit)):
-            print(f"anovl: error: stopped by {signal.Signals(self.received).name}; the results of finished "
-                  "categories are kept; continue with anovl test --config RUN/config.yaml --resume RUN",
-                  file=sys.stderr)
+            kept = ("a checkpoint of the last finished batch is in RUN/checkpoints/interrupted.ckpt (of the last "
+                    "finished epoch: last.ckpt); continue with anovl fit --config RUN/config.yaml --ckpt_path CKPT"
+                    if self.training else "the results of finished categories are kept; continue with anovl test "
+                    "--config RUN/config.yaml --resume RUN")
+            print(f"anovl: error: stopped by {signal.Signals(self.received).name}; {kept}", file=sys.stderr)
             raise SystemExit(128 + self.received) from None
         return False
 
@@ -217,7 +228,7 @@ def main(args: list[str] | None = None) -> None:
             sys.argv[1:] = arguments
         run_lightning_cli(None if args is None else arguments, plugin_specs(arguments))
 
-    with _StopSignals():
+    with _StopSignals(training=command_line[:1] == ["fit"]):
         status = _run_user_command(run)
     if status:
         raise SystemExit(status)

@@ -4,6 +4,7 @@ importing the other."""
 
 # Listed by `anovl --help`, in this order.
 COMMANDS = {
+    "fit": "train a method's heads or prompts on labelled images with masks (auxiliary data)",
     "test": "run a method on a labelled dataset: per-category metrics, results files, pictures",
     "predict": "anomaly maps and scores for images (labels not needed)",
     "compare": "put finished runs side by side, category by category",

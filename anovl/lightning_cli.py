@@ -60,6 +60,9 @@ from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
 from anovl.models.registry import METHODS, class_path, normalised_record
+
+
+from anovl.models.checkpoints import METADATA_KEY, check_compatible, read_checkpoint, trained_prefix
 from anovl.plugins import load_plugins, loaded_note
 from anovl.results import ResultsTable
 from anovl.tracking import RunTracker
@@ -76,6 +79,8 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": RUNS_DIR, "name": "anovl"},
     },
 }
+# `fit` trains: checkpoints at every epoch's end; the authors' 3 epochs of APRIL-GAN on MVTec unless set.
+FIT_TRAINER_DEFAULTS = {"enable_checkpointing": True, "max_epochs": 3}
 STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI itself, not by the user
 RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
 DEFAULT_MODEL = "anovl.models.AnoVL"
@@ -143,13 +148,20 @@ class AnovlCLI(LightningCLI):
     def add_trainer_arguments(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items()})
+        if self._preparing == "fit":
+            parser.set_defaults({f"trainer.{key}": value for key, value in FIT_TRAINER_DEFAULTS.items()})
+            _retitle(parser, "trainer", "Lightning's Trainer (max_epochs, devices, strategy, precision, logger, ...)")
+            return
         for action in parser._actions:
             if action.dest.removeprefix("trainer.") in TRAINING_ONLY_TRAINER_FLAGS:
                 action.help = argparse.SUPPRESS
         _retitle(parser, "trainer", "Lightning's Trainer (devices, precision, logger, ...); its training-only flags "
                                     "are accepted but not listed")
 
+    _preparing = ""  # the subcommand whose parser is being built
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        self._preparing = subcommand
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # The options are listed below, grouped; a usage line of every option would be ~100 lines.
         parser.usage = f"anovl {subcommand} [-c CONFIG ...] [--exported FILE] [--print_config] [options]"
@@ -165,9 +177,15 @@ class AnovlCLI(LightningCLI):
                                      "TensorBoard logger's files) instead of a new <save_dir>/<name>/version_N")
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would turn a checkpoint's hyperparameters into config; anovl's record the model's settings,
+        # not its arguments. The run's config says what to build; fit and test check that the checkpoint fits it.
+        return
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"test": set(STAGE_ARGUMENTS), "predict": set(STAGE_ARGUMENTS)}
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "test": set(STAGE_ARGUMENTS), "predict": set(STAGE_ARGUMENTS)}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
@@ -226,7 +244,24 @@ class AnovlCLI(LightningCLI):
         trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunTracker))
         return trainer
 
+    def fit(self, **kwargs: Any) -> None:
+        model = self.model.model
+        trained_prefix(model)  # a training-free method: one line before anything runs
+        if kwargs.get("ckpt_path") not in (None, "last", "hpc", "registry"):
+            check_checkpoint_file(kwargs["ckpt_path"], model)
+        self._before_run()
+        with warnings.catch_warnings():
+            if kwargs.get("ckpt_path"):
+                warnings.filterwarnings("ignore", message=r".*exists and is not empty")
+            self.trainer.fit(**kwargs)
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.last_model_path:
+            rank_zero_info(f"Trained {model.label}: {callback.last_model_path}; test it with anovl test --config ... "
+                           f"--ckpt_path {callback.last_model_path}")
+
     def test(self, **kwargs: Any) -> None:
+        if kwargs.get("ckpt_path"):
+            check_checkpoint_file(kwargs["ckpt_path"], self.model.model)
         if self.finished_run is not None:
             rank_zero_info(f"All categories of {self.resume_dir} are finished; nothing to resume.")
             self.finished_run.print()
@@ -289,6 +324,12 @@ def method_arguments(arguments: list[str]) -> list[str]:
 PARSER_MODE = "anovl-yaml"
 _read_yaml = get_loader("yaml")
 set_loader(PARSER_MODE, lambda text: with_class_paths(_read_yaml(text)), exceptions=(yaml.YAMLError,))
+
+
+def check_checkpoint_file(path: str, model: AnomalyModel) -> None:
+    """A --ckpt_path that cannot be read, or is of another method or backbone: one line before the trainer starts."""
+    trained_prefix(model)
+    check_compatible(read_checkpoint(path).get(METADATA_KEY), model, str(path))
 
 
 def _retitle(parser: LightningArgumentParser, key: str, title: str) -> None:

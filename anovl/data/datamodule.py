@@ -212,6 +212,11 @@ class AnomalyDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._dataloader()
 
+    def train_dataloader(self) -> DataLoader:
+        # `anovl fit` trains on these labelled images (the auxiliary-data protocol trains on a test split with
+        # masks); the module orders and augments them (anovl.engine.AnomalyModule.train_dataloader).
+        return self.trainer.lightning_module.train_dataloader()
+
     def predict_dataloader(self) -> DataLoader:
         return self._dataloader()
 

@@ -27,14 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
-from torch.utils.data import DistributedSampler
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler
 
+from anovl.data.sampling import collate_batch
 from anovl.data.transforms import prepare_batch
+from anovl.engine.training import TrainingData, TrainingRun, TrainingSampler, check_training_samples, learning_rate
 from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
 from anovl.models.base import AnomalyModel, check_label, json_data
 from anovl.models.components.tiling import tile_batch, untile
+from anovl.models.checkpoints import (METADATA_KEY, MODEL_PREFIX, check_compatible, checkpoint_metadata,
+                                      lightning_trained_state, load_trained_state, trained_prefix)
 from anovl.models.registry import method_record
 from anovl.results import ResultsTable
 from anovl.tracking import log_metrics, run_directory
@@ -79,6 +84,8 @@ class AnomalyModule(LightningModule):
         tf32: let float32 matrix products and convolutions on CUDA use TF32 tensor cores (PyTorch's default is
             off): faster fp32, with maps that move slightly (docs/benchmarks.md); the run's recorded precision
             says so. Set for the run only, restored afterwards.
+        mosaic_rate: ``fit`` only: the share of training images replaced by APRIL-GAN's 2×2 mosaic of four
+            images of their category (the authors: 0.2 on MVTec, 0 on VisA); see :mod:`anovl.engine.training`.
 
     In VisA's tile mode (images wider than tall) each image is cut into square tiles, the tiles are run
     separately and their maps stitched back (overlaps averaged); the image score is the tiles' mean; a model
@@ -89,7 +96,7 @@ class AnomalyModule(LightningModule):
 
     def __init__(self, model: AnomalyModel, label: str | None = None, cflow_pro: bool = False,
                  results_dir: str | None = None, group: str | None = None, variant: str | None = None,
-                 tf32: bool = False):
+                 tf32: bool = False, mosaic_rate: float = 0.0):
         super().__init__()
         if not isinstance(model, AnomalyModel):
             raise AnovlError(f"the model must be an anovl.models.base.AnomalyModel, got {type(model).__name__}")
@@ -104,6 +111,13 @@ class AnomalyModule(LightningModule):
         self.results_dir = results_dir
         self.tf32 = tf32
         self._tf32_before: tuple[bool, bool] | None = None
+        if not (isinstance(mosaic_rate, (int, float)) and 0 <= mosaic_rate <= 1):
+            raise AnovlError(f"mosaic_rate must lie in [0, 1] (the authors: 0.2 on MVTec, 0 on VisA), got {mosaic_rate!r}")
+        self.mosaic_rate = float(mosaic_rate)
+        # Checkpoints hold only the trained part (the frozen CLIP is rebuilt from its settings), so loading one
+        # must not ask for the CLIP's tensors; on_load_checkpoint checks the trained part instead.
+        self.strict_loading = False
+        self._training_data: TrainingData | None = None
         # The model's settings, not its weights, describe the run; the loggers get the whole run config from
         # the CLI's RunTracker instead (anovl.tracking).
         self.save_hyperparameters({"model": {**method_record(model), "settings": model.settings()},
@@ -305,3 +319,62 @@ class AnomalyModule(LightningModule):
             "image_path": list(batch["image_path"]),
             "category": list(batch["category"]),
         }
+
+    # ----------------------------------------------------------------- fit (methods trained on auxiliary data)
+
+    def train_dataloader(self) -> DataLoader:
+        """The datamodule's labelled images (its test split with masks), in :class:`TrainingSampler`'s order."""
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "dataset", None)
+        if dataset is None or not hasattr(dataset, "samples"):
+            raise AnovlError("fit needs one of anovl's datamodules (MVTec, VisA, Folder, synthetic), whose labelled "
+                             "images with masks are the training data")
+        if getattr(datamodule, "mode", "resize") != "resize":
+            raise AnovlError("fit trains on square images: set the data's mode to 'resize' (tile mode is for test)")
+        check_training_samples(dataset.samples, type(datamodule).__name__)
+        seed = torch.initial_seed() % 2 ** 31  # the run's seed_everything
+        self._training_data = TrainingData(dataset, seed)
+        sampler = TrainingSampler(self._training_data, self.trainer.world_size, self.trainer.global_rank, seed,
+                                  self.mosaic_rate)
+        return DataLoader(self._training_data, batch_size=datamodule.batch_size, sampler=sampler,
+                          num_workers=datamodule.num_workers, collate_fn=collate_batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trained_prefix(self.model)  # a training-free method stops here with a clear error
+        return self.model.configure_optimizer(self.model.trained_module().parameters())
+
+    def configure_callbacks(self) -> list[Callback]:
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return []
+        # Every epoch's end is a checkpoint (last.ckpt), so a killed run resumes from its last finished epoch.
+        return [ModelCheckpoint(dirpath=run_directory(self.trainer) / "checkpoints", save_last=True,
+                                save_top_k=0 if self.trainer.val_dataloaders is None else 1),
+                TrainingRun()]
+
+    def on_train_epoch_start(self) -> None:
+        if self._training_data is not None:
+            self._training_data.epoch = self.current_epoch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.model.training_losses(batch["image"], batch["mask"], list(batch["category"]),
+                                            list(batch["prompt_name"]))
+        loss = sum(losses.values())
+        size = len(batch["category"])
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size,
+                 sync_dist=True)
+        self.log("train/lr", learning_rate(self.trainer), on_step=True, on_epoch=True, batch_size=size)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only the trained part: the frozen CLIP is rebuilt from the settings recorded next to it.
+        prefix = MODEL_PREFIX + trained_prefix(self.model)
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
+                                    if key.startswith(prefix)}
+        checkpoint[METADATA_KEY] = checkpoint_metadata(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = "the checkpoint (ckpt_path)"
+        check_compatible(checkpoint.get(METADATA_KEY), self.model, source)
+        load_trained_state(self.model, lightning_trained_state(self.model, checkpoint.get("state_dict") or {}), source)
