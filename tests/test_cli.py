@@ -194,12 +194,8 @@ def test_configs_print(configs, capsys, monkeypatch):
         assert config["data"]["init_args"]["root"] == "data/mvtec"
 
 
-def test_short_override_and_no_fit(capsys, monkeypatch):
+def test_short_override(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["anovl"])
     with pytest.raises(SystemExit):
         main(["test", "--config", str(CONFIGS / "mvtec.yaml"), "--data.root", "/elsewhere", "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["root"] == "/elsewhere"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIGS / "mvtec.yaml")])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'fit'" in capsys.readouterr().err

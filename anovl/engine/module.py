@@ -346,9 +346,9 @@ class AnomalyModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         if self._trainer is None or self.trainer.state.fn != "fit":
             return []
-        # Every epoch's end is a checkpoint (last.ckpt), so a killed run resumes from its last finished epoch.
-        return [ModelCheckpoint(dirpath=run_directory(self.trainer) / "checkpoints", save_last=True,
-                                save_top_k=0 if self.trainer.val_dataloaders is None else 1),
+        # Every epoch's end is a checkpoint (last.ckpt, and the latest epoch=N file, without which Lightning saves
+        # no last.ckpt), so a killed run resumes from its last finished epoch.
+        return [ModelCheckpoint(dirpath=run_directory(self.trainer) / "checkpoints", save_last=True, save_top_k=1),
                 TrainingRun()]
 
     def on_train_epoch_start(self) -> None:

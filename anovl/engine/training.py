@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset, DistributedSampler
 
 from anovl import signals
@@ -126,9 +127,18 @@ class TrainingRun(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if signals.stop_requested.is_set():
-            self.checkpoint_path = str(interrupted_checkpoint(trainer))
-            trainer.save_checkpoint(self.checkpoint_path)
+            self._save(trainer)
             raise KeyboardInterrupt("stop requested")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # A stop request that Lightning saw first (its own SIGTERM check at an epoch's end) also stops at a loop
+        # boundary, so that state is consistent too.
+        if signals.stop_requested.is_set() and self.checkpoint_path is None and isinstance(exception, SIGTERMException):
+            self._save(trainer)
+
+    def _save(self, trainer: Trainer) -> None:
+        self.checkpoint_path = str(interrupted_checkpoint(trainer))
+        trainer.save_checkpoint(self.checkpoint_path)
 
 
 def interrupted_checkpoint(trainer: Trainer) -> Path:

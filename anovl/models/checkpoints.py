@@ -1,7 +1,7 @@
 """Checkpoints of methods trained on auxiliary data (``anovl fit``): only the trained part, plus what it depends on.
 
 ``fit`` writes Lightning checkpoints whose ``state_dict`` holds only the trained module's tensors (the frozen
-CLIP is rebuilt from its settings) and whose ``anovl`` entry records the method, its class, backbone and
+CLIP is rebuilt from its settings) and whose ``anovl`` entry records the method (its registered name), backbone and
 settings. The same file loads into a plain model (a model argument such as ``AprilGAN(checkpoint=...)``) and into
 ``anovl test --ckpt_path``; a checkpoint of another method or backbone is refused, naming both. A method may
 also read its authors' release format (:meth:`~anovl.models.base.AnomalyModel.foreign_trained_state`).
@@ -18,6 +18,7 @@ from torch import nn
 
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel, json_data
+from anovl.models.registry import method_record
 
 METADATA_KEY = "anovl"
 MODEL_PREFIX = "model."  # where AnomalyModule keeps the method: its state-dict keys start with it
@@ -40,8 +41,8 @@ def trained_prefix(model: AnomalyModel) -> str:
 
 def checkpoint_metadata(model: AnomalyModel) -> dict[str, Any]:
     settings = model.settings()
-    return json_data({"method": model.method or type(model).__name__,
-                      "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+    # The registered name (or class path) identifies the method, so that moving its file keeps checkpoints valid.
+    return json_data({"method": model.method or type(model).__name__, "record": method_record(model),
                       "settings": {key: settings.get(key) for key in COMPATIBILITY_KEYS if key in settings},
                       "training": model.training_settings(), "trained_prefix": trained_prefix(model)})
 
@@ -57,7 +58,7 @@ def check_compatible(metadata: Any, model: AnomalyModel, source: str) -> None:
         raise AnovlError(f"{source} is not a checkpoint written by anovl fit (no '{METADATA_KEY}' record)")
     ours = checkpoint_metadata(model)
     theirs_settings = {key: metadata["settings"].get(key) for key in ours["settings"]}
-    if metadata.get("class_path") != ours["class_path"] or theirs_settings != ours["settings"]:
+    if metadata.get("record") != ours["record"] or theirs_settings != ours["settings"]:
         raise AnovlError(f"{source} is a checkpoint of {_describe(str(metadata.get('method')), metadata['settings'])}; "
                          f"it cannot be loaded into {_describe(ours['method'], ours['settings'])}")
 

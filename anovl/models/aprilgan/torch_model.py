@@ -30,6 +30,7 @@ from anovl.models.aprilgan.prompts import AprilGANPrompts
 from anovl.models.base import ModelOutput
 from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.components.losses import binary_dice_loss, focal_loss
+from anovl.models.registry import register_method
 
 LOGIT_SCALE = 100.0  # the authors' fixed scale of cosine similarities (not the CLIP's logit_scale)
 # The authors' published zero-shot setting (train.sh / test_zero_shot.sh).
@@ -57,6 +58,7 @@ def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> tuple[in
     return layers
 
 
+@register_method("aprilgan")
 class AprilGAN(CLIPAnomalyModel):
     """APRIL-GAN on a frozen CLIP, zero-shot with trained heads, optionally few-shot (see the module docstring).
 

@@ -1,0 +1,188 @@
+"""`anovl fit`: what trains and what stays frozen, checkpoints, resume, processes, precision, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+
+from anovl.cli import main
+from anovl.data import SyntheticMVTecDataModule
+from anovl.data.synthetic import generate_mvtec_like
+from anovl.engine import AnomalyModule
+from anovl.models import AprilGAN
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--model", "anovl.models.AprilGAN", "--model.init_args.backbone", "anovl-tiny-vit",
+        "--model.init_args.pretrained", "null", "--model.init_args.image_size", "64",
+        "--model.init_args.layers", "[1, 2, 3]", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One category of 6 images: 2 normal, 4 anomalous with masks."""
+    return generate_mvtec_like(tmp_path_factory.mktemp("data"), ("widget",), n_good=2, n_defect=1, image_size=64)
+
+
+def tiny_aprilgan(**kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AprilGAN("anovl-tiny-vit", None, 64, layers=(1, 2, 3), use_text_cache=False, **kwargs)
+
+
+def datamodule(root, batch_size=2):
+    return SyntheticMVTecDataModule(root, generate=False, categories=["widget"], image_size=64, batch_size=batch_size)
+
+
+def fit(root, save_dir, epochs, ckpt_path=None, batch_size=2, mosaic_rate=0.0, **trainer_args):
+    seed_everything(0)
+    module = AnomalyModule(tiny_aprilgan(), mosaic_rate=mosaic_rate)
+    trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(save_dir, name="fit"),
+                      enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                      log_every_n_steps=1, **trainer_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=datamodule(root, batch_size), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def heads(module):
+    return {key: value.clone() for key, value in module.model.heads.state_dict().items()}
+
+
+def test_fit_trains_only_the_heads_and_checkpoints_hold_only_them(data_root, tmp_path):
+    module, trainer = fit(data_root, tmp_path, epochs=2, mosaic_rate=0.5)
+    model = module.model
+    assert all(not parameter.requires_grad and parameter.grad is None for parameter in model.clip.parameters())
+    trained = {id(parameter) for parameter in model.heads.parameters()}
+    optimizer = trainer.optimizers[0]
+    assert {id(parameter) for group in optimizer.param_groups for parameter in group["params"]} == trained
+    assert set(optimizer.state) and all(id(parameter) in trained for parameter in optimizer.state)
+    path = Path(trainer.checkpoint_callback.last_model_path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == {f"model.heads.{key}" for key in model.heads.state_dict()}
+    assert checkpoint["anovl"]["record"] == {"method": "aprilgan"}
+    assert path.stat().st_size < 200_000  # the heads (6 k numbers) and their Adam state, not the CLIP (1.8 M)
+    # The loss terms, learning rate and epoch time reached the logger.
+    logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/focal_epoch", "train/dice_epoch", "train/loss_epoch", "train/lr_epoch", "train/epoch_time_s"):
+        assert name in logged
+    # A plain model loads the checkpoint (a model argument) to the same heads.
+    loaded = tiny_aprilgan(checkpoint=path)
+    for key, value in heads(module).items():
+        torch.testing.assert_close(loaded.heads.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(data_root, tmp_path):
+    uninterrupted, _ = fit(data_root, tmp_path / "whole", epochs=3, mosaic_rate=0.5)
+    # A run stopped after its first epoch (a SIGKILL later loses only the unfinished epoch), resumed from last.ckpt.
+    _, first = fit(data_root, tmp_path / "part", epochs=1, mosaic_rate=0.5)
+    resumed, _ = fit(data_root, tmp_path / "part", epochs=3, mosaic_rate=0.5,
+                     ckpt_path=first.checkpoint_callback.last_model_path)
+    for key, value in heads(uninterrupted).items():
+        torch.testing.assert_close(heads(resumed)[key], value, rtol=0, atol=0)
+    # ... and training moved the heads at all.
+    assert any(not torch.equal(value, heads(fit(data_root, tmp_path / "one", epochs=1)[0])[key])
+               for key, value in heads(uninterrupted).items())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains(data_root, tmp_path, precision):
+    module, trainer = fit(data_root, tmp_path, epochs=1, precision=precision)
+    assert all(torch.isfinite(value).all() for value in heads(module).values())
+    assert module.model.heads[0].weight.dtype == torch.float32  # master weights stay float32
+
+
+def cli_env(tmp_path):
+    return {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
+            "ANOVL_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def fit_args(data_root, save_dir, *extra):
+    return ["fit", *TINY, "--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),
+            "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
+            "--data.init_args.batch_size", "2", "--trainer.logger", "CSVLogger",
+            "--trainer.logger.init_args.save_dir", str(save_dir), *extra]
+
+
+def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_path):
+    env = cli_env(tmp_path)
+    runs = {}
+    for name, extra in (("one", ["--data.init_args.batch_size", "4"]),
+                        ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator",
+                                 "cpu"])):
+        result = subprocess.run([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / name, *extra),
+                                 "--trainer.max_epochs", "1"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (checkpoint,) = (tmp_path / name).glob("*/version_0/checkpoints/last.ckpt")
+        runs[name] = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for key, value in runs["one"].items():
+        # float tolerance: the reductions differ in order; Adam divides by small gradients
+        torch.testing.assert_close(runs["two"][key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path, "--trainer.max_epochs",
+                                                                             "1000")],
+                               env=cli_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("*/version_0/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "interrupted.ckpt" in stderr
+    (saved,) = tmp_path.glob("*/version_0/checkpoints/interrupted.ckpt")
+    tiny_aprilgan(checkpoint=saved)  # a complete, loadable checkpoint
+
+
+def run_main(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_input_gets_one_line(data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),
+            "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    # A training-free method.
+    code, err = run_main(["fit", "--model", "winclip", "--model.init_args.backbone", "anovl-tiny-vit",
+                          "--model.init_args.pretrained", "null", *data], capsys)
+    assert code == 2 and "WinCLIP is training-free" in err and "Traceback" not in err
+    # Data without masks: a folder of unlabelled images.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((data_root / "widget" / "test").rglob("*.png"))[:3]:
+        (folder / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    code, err = run_main(["fit", *TINY, "--data", "anovl.data.FolderDataModule", "--data.init_args.path", str(folder),
+                          "--trainer.logger", "false"], capsys)
+    assert code == 2 and "fit trains on labelled images with pixel masks" in err and "Traceback" not in err
+    # Checkpoints: corrupt, truncated, of another method.
+    module, trainer = fit(data_root, tmp_path / "good", epochs=1)
+    good = Path(trainer.checkpoint_callback.last_model_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    for path in (truncated, corrupt):
+        code, err = run_main(["test", *TINY, *data, "--ckpt_path", str(path)], capsys)
+        assert code == 2 and "corrupt, truncated" in err and "Traceback" not in err, err
+    other = torch.load(good, weights_only=True)
+    other["anovl"] = {**other["anovl"], "method": "AnomalyCLIP", "record": {"method": "anomalyclip"},
+                      "settings": {**other["anovl"]["settings"], "backbone": "ViT-L-14-336"}}
+    torch.save(other, tmp_path / "other.ckpt")
+    code, err = run_main(["test", *TINY, *data, "--ckpt_path", str(tmp_path / "other.ckpt")], capsys)
+    assert code == 2 and "AnomalyCLIP on ViT-L-14-336" in err and "APRIL-GAN on anovl-tiny-vit" in err
