@@ -31,6 +31,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
+from anovl.data.datamodule import OneLineErrorsLoader
 from anovl.data.sampling import collate_batch
 from anovl.data.transforms import prepare_batch
 from anovl.engine.training import TrainingData, TrainingRun, TrainingSampler, check_training_samples, learning_rate
@@ -117,7 +118,6 @@ class AnomalyModule(LightningModule):
         # Checkpoints hold only the trained part (the frozen CLIP is rebuilt from its settings), so loading one
         # must not ask for the CLIP's tensors; on_load_checkpoint checks the trained part instead.
         self.strict_loading = False
-        self._training_data: TrainingData | None = None
         # The model's settings, not its weights, describe the run; the loggers get the whole run config from
         # the CLI's RunTracker instead (anovl.tracking).
         self.save_hyperparameters({"model": {**method_record(model), "settings": model.settings()},
@@ -333,11 +333,12 @@ class AnomalyModule(LightningModule):
             raise AnovlError("fit trains on square images: set the data's mode to 'resize' (tile mode is for test)")
         check_training_samples(dataset.samples, type(datamodule).__name__)
         seed = torch.initial_seed() % 2 ** 31  # the run's seed_everything
-        self._training_data = TrainingData(dataset, seed)
-        sampler = TrainingSampler(self._training_data, self.trainer.world_size, self.trainer.global_rank, seed,
-                                  self.mosaic_rate)
-        return DataLoader(self._training_data, batch_size=datamodule.batch_size, sampler=sampler,
-                          num_workers=datamodule.num_workers, collate_fn=collate_batch)
+        data = TrainingData(dataset, seed)
+        sampler = TrainingSampler(data, self.trainer.world_size, self.trainer.global_rank, seed, self.mosaic_rate)
+        workers = datamodule.loader_workers()
+        return OneLineErrorsLoader(data, batch_size=datamodule.batch_size, sampler=sampler, num_workers=workers,
+                                   collate_fn=collate_batch, persistent_workers=workers > 0,
+                                   pin_memory=self.trainer.strategy.root_device.type == "cuda")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trained_prefix(self.model)  # a training-free method stops here with a clear error
@@ -350,10 +351,6 @@ class AnomalyModule(LightningModule):
         # no last.ckpt), so a killed run resumes from its last finished epoch.
         return [ModelCheckpoint(dirpath=run_directory(self.trainer) / "checkpoints", save_last=True, save_top_k=1),
                 TrainingRun()]
-
-    def on_train_epoch_start(self) -> None:
-        if self._training_data is not None:
-            self._training_data.epoch = self.current_epoch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.model.training_losses(batch["image"], batch["mask"], list(batch["category"]),

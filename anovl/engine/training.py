@@ -54,30 +54,30 @@ def check_training_samples(samples: Sequence[Any], data_name: str) -> None:
 
 class TrainingSampler(DistributedSampler):
     """A seeded permutation per epoch, shared out among processes (see the module docstring). Each item is
-    ``(index, mosaic)``: the dataset index and whether that position becomes a mosaic."""
+    ``(index, position, epoch)``: the dataset index, and the position in the epoch if it becomes a mosaic
+    (else -1); the epoch travels with it, so loader workers need no state of their own."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, mosaic_rate: float = 0.0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.mosaic_rate = mosaic_rate
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         order += order[:self.total_size - len(order)]  # padded as DistributedSampler pads
         mosaic = (torch.rand(len(order), generator=generator) < self.mosaic_rate).tolist()
         positions = range(self.rank, self.total_size, self.num_replicas)
         # The position in the epoch seeds the mosaic's draws: the same in any number of processes.
-        return iter([(order[position], position if mosaic[position] else -1) for position in positions])
+        return iter([(order[position], position if mosaic[position] else -1, self.epoch) for position in positions])
 
 
 class TrainingData(Dataset):
     """A datamodule's labelled images for training: items as the datamodule gives them, or mosaics of four.
-    Indexed by :class:`TrainingSampler`'s ``(index, mosaic position)`` pairs."""
+    Indexed by :class:`TrainingSampler`'s ``(index, mosaic position, epoch)``."""
 
     def __init__(self, dataset: Any, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
         # The authors draw a defect type (the image's folder), then an image of it, per category.
         groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for index, sample in enumerate(dataset.samples):
@@ -87,12 +87,12 @@ class TrainingData(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, plan: tuple[int, int]) -> dict[str, Any]:
-        index, position = plan
+    def __getitem__(self, plan: tuple[int, int, int]) -> dict[str, Any]:
+        index, position, epoch = plan
         item = self.dataset[index]
         if position < 0:
             return item
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + position)
         folders = self.groups[self.dataset.samples[index].category]
         parts = []
         for _ in range(4):
