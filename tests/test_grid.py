@@ -188,3 +188,20 @@ def test_cell_settings_leave_out_runtime_options_and_hash_plugins(tmp_path):
     assert setting_changes(settings, cell_settings(config, [str(plugin)])) == [f"plugin {plugin} edited"]
     edited = cell_settings(config, [str(plugin)])
     assert setting_changes(edited, cell_settings(config, [str(plugin), "json"])) == ["plugin json added"]
+
+
+def test_a_variant_given_inline_imports_its_plugins(data_roots, tmp_path, capfd):
+    """A variant whose inline mapping names a plugin and its class: the grid resolves it (the plugin imported
+    first), as the `anovl test` of the cell does."""
+    patch_norm = CONFIGS.parent / "examples" / "plugins" / "patch_norm.py"
+    variant = {"plugins": [str(patch_norm)], "model": {"class_path": "patch_norm.PatchNorm",
+                                                       "init_args": {"backbone": "anovl-tiny-vit"}}}
+    path = write_grid(tmp_path, {"B": data_roots["B"]}, variants={"PatchNorm": [variant]})
+    document = yaml.safe_load(path.read_text())
+    document["args"] = []  # the tiny model's options include AnoVL's num_views, which PatchNorm does not take
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grid", "--config", str(path), "--output", str(tmp_path / "out"), "--dry_run"])
+    captured = capfd.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    assert "B × PatchNorm: new -> test" in captured.out and "patch_norm.PatchNorm" in captured.out
