@@ -1,5 +1,6 @@
 """The decoded-image cache: what it serves equals decoding, a changed file is decoded again, the size limit holds."""
 
+import hashlib
 import os
 import time
 
@@ -41,13 +42,15 @@ def test_cached_items_equal_decoded_ones_and_need_no_decoding(tmp_path, layout, 
     assert_same_items(items(first), decoded)
     assert first.dataset.cache.hits == 0 and first.dataset.cache.misses > 0
     # The second run reads only cache entries: decoding would fail now.
-    monkeypatch.setattr("anovl.data.dataset.load_rgb", None)
+    monkeypatch.setattr("anovl.data.dataset.load_rgb_resized", None)
     monkeypatch.setattr("anovl.data.dataset.load_mask", None)
+    monkeypatch.setattr("anovl.data.decoded_cache.hashlib.file_digest", None)  # nor hash unchanged files again
     second = make(decoded_cache_gb=1)
     assert_same_items(items(second), decoded)
     masks = sum(sample.mask_path is not None for sample in second.samples)
     assert (second.dataset.cache.hits, second.dataset.cache.misses) == (len(decoded) + masks, 0)
     # Another size is another entry, which needs decoding (here: fails).
+    monkeypatch.setattr("anovl.data.decoded_cache.hashlib.file_digest", hashlib.file_digest)
     with pytest.raises(TypeError, match="not callable"):
         items(make(SIZE + 16, decoded_cache_gb=1))
 

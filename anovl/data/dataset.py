@@ -29,8 +29,9 @@ from torch.utils.data import Dataset
 
 from anovl.data.corruptions import Corruptor
 from anovl.data.decoded_cache import DecodedCache
-from anovl.data.image_io import BadImageError, check_mask_size, check_pixel_budget, load_mask, load_rgb
-from anovl.data.transforms import resize_image, resize_mask, shorter_side_size
+from anovl.data.image_io import (BadImageError, check_mask_size, check_pixel_budget, load_mask, load_rgb,
+                                 load_rgb_resized)
+from anovl.data.transforms import resize_mask, shorter_side_size
 from anovl.metrics.functional import region_size_map
 
 OnBadImage = Literal["error", "skip"]
@@ -131,8 +132,7 @@ class AnomalyDataset(Dataset):
         """The model-sized ``uint8 H×W×3`` image and the size of the file's image."""
 
         def decode() -> tuple[np.ndarray, tuple[int, int]]:
-            rgb = load_rgb(sample.image_path)
-            return resize_image(rgb, self.output_size(sample, *rgb.shape[:2])), rgb.shape[:2]
+            return load_rgb_resized(sample.image_path, lambda height, width: self.output_size(sample, height, width))
 
         return self._cached(sample.image_path, ("image", self.mode, self.image_size, Image.MAX_IMAGE_PIXELS), decode)
 

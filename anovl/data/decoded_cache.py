@@ -3,11 +3,13 @@
 A grid runs several variants over the same images; with this cache only the first decodes PNGs. An entry is
 what the loader would compute (``uint8 H×W×3`` resized image, or ``H×W`` resized mask as 0/1) plus the size of
 the file it came from, keyed by a SHA-256 of the file's content and every setting of the preprocessing, so a
-changed file or setting is a miss, never a stale hit. Entries are read memory-mapped.
+changed file or setting is a miss, never a stale hit. Entries are read memory-mapped. A file's digest is
+remembered under its status (inode, size, modification and change times), so a second run does not read
+the files it hits, only their status.
 
 The folder is ``$ANOVL_CACHE_DIR/decoded`` (default ``~/.cache/anovl/decoded``). Writes are atomic (a
 temporary file renamed into place), so loader workers and parallel runs may share it. When a datamodule is
-set up the folder is pruned to its size limit, least recently used entries first (a run then adds at most
+set up the folder is pruned to its size limit, least recently used entries (and digests) first (a run then adds at most
 its own images). A damaged entry is a miss and is rewritten.
 """
 
@@ -25,6 +27,7 @@ from anovl.cache import cache_root
 MAGIC = b"ANOVLDC1"
 _HEADER = np.dtype([("magic", "S8"), ("source_hw", "<u4", 2), ("shape", "<u4", 3)])
 ENTRY_SUFFIX = ".u8"
+MEMO_SUFFIX = ".sha256"  # a file's content digest, named after its status (see DecodedCache._content_digest)
 
 
 class DecodedCache:
@@ -39,17 +42,38 @@ class DecodedCache:
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def key(path: Path, *settings: object) -> str | None:
+    def key(self, path: Path, *settings: object) -> str | None:
         """SHA-256 of the file's content and the settings; None if the file cannot be read (the loader then
         reports the problem as usual)."""
-        digest = hashlib.sha256(repr(settings).encode())
+        content = self._content_digest(path)
+        if content is None:
+            return None
+        return hashlib.sha256(repr(settings).encode() + bytes.fromhex(content)).hexdigest()
+
+    def _content_digest(self, path: Path) -> str | None:
+        """SHA-256 of a file's content, remembered under its status (device, inode, size, modification and
+        change times in ns): an unchanged file is not read again. Any write changes the change time, which
+        no user call can set back, so a stale digest is never used."""
+        try:
+            status = os.stat(path)
+            signature = (os.path.realpath(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+                         status.st_ctime_ns)
+        except (OSError, ValueError):
+            return None
+        memo = self.directory / f"{hashlib.sha256(repr(signature).encode()).hexdigest()}{MEMO_SUFFIX}"
+        try:
+            remembered = memo.read_text(encoding="ascii")
+            if len(remembered) == 64 and all(character in "0123456789abcdef" for character in remembered):
+                return remembered
+        except (OSError, UnicodeDecodeError):
+            pass
         try:
             with open(path, "rb") as handle:
-                digest.update(hashlib.file_digest(handle, "sha256").digest())
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
         except OSError:
             return None
-        return digest.hexdigest()
+        self._write(memo, digest.encode("ascii"))
+        return digest
 
     def get(self, key: str) -> tuple[np.ndarray, tuple[int, int]] | None:
         """(array, source height and width) of an entry, or None."""
@@ -74,14 +98,17 @@ class DecodedCache:
         data = np.ascontiguousarray(array, dtype=np.uint8)
         data = data[..., None] if data.ndim == 2 else data
         header = np.array([(MAGIC, source_hw, data.shape)], dtype=_HEADER)
+        self._write(self.directory / f"{key}{ENTRY_SUFFIX}", header.tobytes() + data.tobytes())
+
+    def _write(self, path: Path, content: bytes) -> None:
+        """Write atomically (a temporary file renamed into place); a failed write (a full disk) loses only it."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(handle, "wb") as file:
-                    file.write(header.tobytes())
-                    file.write(data.tobytes())
-                os.replace(temporary, self.directory / f"{key}{ENTRY_SUFFIX}")
+                    file.write(content)
+                os.replace(temporary, path)
             except BaseException:
                 os.unlink(temporary)
                 raise
@@ -93,7 +120,7 @@ class DecodedCache:
         try:
             entries = [(entry.stat().st_mtime_ns, entry.stat().st_size, Path(entry.path))
                        for entry in os.scandir(self.directory)
-                       if entry.name.endswith(ENTRY_SUFFIX) and entry.is_file(follow_symlinks=False)]
+                       if entry.name.endswith((ENTRY_SUFFIX, MEMO_SUFFIX)) and entry.is_file(follow_symlinks=False)]
         except OSError:
             return
         total = sum(size for _, size, _ in entries)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -64,17 +65,38 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image as an upright ``uint8 H×W×3`` RGB array; raises :class:`BadImageError` if unusable."""
     with _open_upright(path, "image") as image:
         try:
-            if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
-                gray = _high_depth_to_uint8(image)
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            if image.mode == "P":
-                # Going through RGBA keeps Pillow from warning about palette transparency; alpha is then dropped.
-                image = image.convert("RGBA")
-            if image.mode != "RGB":  # convert() copies even an RGB image
-                image = image.convert("RGB")
-            return np.array(image, dtype=np.uint8)
+            return np.array(_rgb_image(image), dtype=np.uint8)
         except Exception as error:
             raise _bad_file_error(path, "image", error) from error
+
+
+def load_rgb_resized(path: str | Path, size_for: Callable[[int, int], tuple[int, int]]
+                     ) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_rgb` then :func:`~anovl.data.transforms.resize_image` to ``size_for(height, width)``, the same
+    pixels, without the full-size array in between (a loader worker's two largest copies); returns the resized
+    ``uint8 H×W×3`` array and the image's own (height, width). ``size_for`` may raise :class:`BadImageError`."""
+    with _open_upright(path, "image") as image:
+        try:
+            rgb = _rgb_image(image)
+        except Exception as error:
+            raise _bad_file_error(path, "image", error) from error
+        height, width = rgb.height, rgb.width
+        out_height, out_width = size_for(height, width)
+        try:
+            return np.array(rgb.resize((out_width, out_height), Image.Resampling.BILINEAR), dtype=np.uint8), (height, width)
+        except Exception as error:
+            raise _bad_file_error(path, "image", error) from error
+
+
+def _rgb_image(image: Image.Image) -> Image.Image:
+    """The RGB image of any mode by the module's conversion rules."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        gray = _high_depth_to_uint8(image)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode == "P":
+        # Going through RGBA keeps Pillow from warning about palette transparency; alpha is then dropped.
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
 
 
 def load_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
