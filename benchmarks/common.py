@@ -23,12 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from anovl.metrics import AnomalyMetrics, functional
-from anovl.models.anovl.prompts import (
-    ABNORMAL_STATES,
-    NORMAL_STATES,
-    TEMPLATES,
-    PromptSet,
-)
+from anovl.models.anovl.prompts import (ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, PromptSet)
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.tta import TTAConfig
 from anovl.results import markdown_table

@@ -9,19 +9,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import (
-    CLASS_NAME,
-    FEW_PROMPTS,
-    BenchConfig,
-    Section,
-    autocast,
-    build_model,
-    interleaved_minimum,
-    random_images,
-    ratio,
-    seconds,
-    target,
-)
+from benchmarks.common import (CLASS_NAME, FEW_PROMPTS, BenchConfig, Section, autocast, build_model,
+                               interleaved_minimum, random_images, ratio, seconds, target)
 
 
 def encoder_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:

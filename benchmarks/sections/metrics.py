@@ -12,18 +12,8 @@ import torch
 from scipy import ndimage
 
 from anovl.metrics import AnomalyMetrics, functional
-from benchmarks.common import (
-    BenchConfig,
-    PeakMemory,
-    Section,
-    megabytes,
-    ratio,
-    run_isolated,
-    seconds,
-    synthetic_maps,
-    synthetic_masks,
-    target,
-)
+from benchmarks.common import (BenchConfig, PeakMemory, Section, megabytes, ratio, run_isolated, seconds,
+                               synthetic_maps, synthetic_masks, target)
 
 
 def threshold_pro_curve(maps: np.ndarray, masks: np.ndarray,

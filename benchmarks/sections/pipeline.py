@@ -30,21 +30,9 @@ from torch.utils.data import DataLoader
 from anovl.data import AnomalyDataset, MVTecDataModule, collate_batch
 from anovl.data.datamodule import available_cores
 from anovl.data.decoded_cache import DecodedCache
-from benchmarks.common import (
-    CLASS_NAME,
-    LIGHTNING_PRECISION,
-    BenchConfig,
-    Section,
-    autocast,
-    build_model,
-    generate_test_set,
-    interleaved_minimum,
-    random_images,
-    ratio,
-    seconds,
-    target,
-    time_call,
-)
+from benchmarks.common import (CLASS_NAME, LIGHTNING_PRECISION, BenchConfig, Section, autocast, build_model,
+                               generate_test_set, interleaved_minimum, random_images, ratio, seconds, target,
+                               time_call)
 
 CPU = torch.device("cpu")
 TIMER_FILE = "ANOVL_BENCH_LOOP_TIMES"

@@ -10,18 +10,8 @@ import torch
 from anovl.metrics import functional
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
-from benchmarks.common import (
-    CLASS_NAME,
-    BenchConfig,
-    Section,
-    autocast,
-    build_model,
-    generate_test_set,
-    interleaved_minimum,
-    random_images,
-    ratio,
-    seconds,
-)
+from benchmarks.common import (CLASS_NAME, BenchConfig, Section, autocast, build_model, generate_test_set,
+                               interleaved_minimum, random_images, ratio, seconds)
 
 
 def precision_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:

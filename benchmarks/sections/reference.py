@@ -10,18 +10,8 @@ import torch
 
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
-from benchmarks.common import (
-    CLASS_NAME,
-    STAGES,
-    BenchConfig,
-    Section,
-    StageTimer,
-    autocast,
-    build_model,
-    random_images,
-    ratio,
-    staged_forward,
-)
+from benchmarks.common import (CLASS_NAME, STAGES, BenchConfig, Section, StageTimer, autocast, build_model,
+                               random_images, ratio, staged_forward)
 from tests.reference.pipeline import reference_pipeline
 
 

@@ -12,17 +12,8 @@ import torch
 
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
-from benchmarks.common import (
-    LIGHTNING_PRECISION,
-    MVTEC_TEST_IMAGES,
-    BenchConfig,
-    PeakMemory,
-    Section,
-    generate_test_set,
-    megabytes,
-    run_isolated,
-    seconds,
-)
+from benchmarks.common import (LIGHTNING_PRECISION, MVTEC_TEST_IMAGES, BenchConfig, PeakMemory, Section,
+                               generate_test_set, megabytes, run_isolated, seconds)
 
 
 def _test_run_child(meter: PeakMemory, settings: dict[str, Any]) -> dict[str, Any]:

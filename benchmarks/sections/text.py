@@ -7,16 +7,7 @@ from pathlib import Path
 import torch
 
 from anovl.models.text_cache import TextEmbeddingCache, encode_sentences
-from benchmarks.common import (
-    CLASS_NAME,
-    BenchConfig,
-    Section,
-    build_model,
-    ratio,
-    seconds,
-    target,
-    time_call,
-)
+from benchmarks.common import (CLASS_NAME, BenchConfig, Section, build_model, ratio, seconds, target, time_call)
 
 
 def text_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:

@@ -12,20 +12,8 @@ from anovl.metrics import AnomalyMetrics
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
-from benchmarks.common import (
-    CLASS_NAME,
-    STAGES,
-    BenchConfig,
-    Section,
-    StageTimer,
-    autocast,
-    build_model,
-    metric_targets,
-    random_images,
-    ratio,
-    staged_forward,
-    time_call,
-)
+from benchmarks.common import (CLASS_NAME, STAGES, BenchConfig, Section, StageTimer, autocast, build_model,
+                               metric_targets, random_images, ratio, staged_forward, time_call)
 
 PIPELINES = (("TFA, 1 view", 1, False), (f"TFA, {NUM_REFERENCE_VIEWS} views", NUM_REFERENCE_VIEWS, False),
              (f"TFA+TTA (5 steps), {NUM_REFERENCE_VIEWS} views", NUM_REFERENCE_VIEWS, True))
