@@ -28,7 +28,7 @@ from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.tta import TTAConfig
 from anovl.results import markdown_table
 
-SECTIONS = ("pipeline", "throughput", "reference", "encoder", "text", "metrics", "testrun", "precision")  # headline first
+SECTIONS = ("pipeline", "throughput", "reference", "encoder", "text", "metrics", "testrun", "precision", "fit")  # headline first
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # tf32: see bench.run_benchmark
 LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 STAGES = ("text", "views", "encoder", "maps", "tta", "metrics")

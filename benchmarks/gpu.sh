@@ -41,7 +41,7 @@ run() {
 }
 # Headline: a whole `anovl test` (1,725 generated 1024 px PNGs) against the model alone, bf16, batch 64;
 # the data path against Pillow's decoding, loader scaling over the machine's cores, the decoded-image cache.
-run pipeline-bf16 170 --precision bf16 --batch-sizes 64 --sections pipeline
+run pipeline-bf16 160 --precision bf16 --batch-sizes 64 --sections pipeline
 # Images/s and the stage split (incl. the metrics update, with the loader's region sizes) per batch size.
 run throughput-bf16 50 --precision bf16 --batch-sizes 1 64 --sections throughput
 run throughput-fp32 45 --precision fp32 --batch-sizes 1 16 --sections throughput
@@ -53,7 +53,9 @@ run encoder-bf16 30 --precision bf16 --batch-sizes 1 16 --sections encoder
 run precision-bf16 35 --precision bf16 --batch-sizes 16 --sections precision
 run precision-tf32 35 --precision tf32 --batch-sizes 16 --sections precision
 # Exact metrics against the threshold baseline (on the CPU; the baseline on 345 of 1,725 maps, extrapolated).
-run metrics 30 --baseline-maps 345 --sections metrics
+run metrics 20 --baseline-maps 345 --sections metrics
 # Memory of a Lightning test run (256 px images, 1,725 of them).
-run testrun-bf16 30 --precision bf16 --batch-sizes 64 --sections testrun
+run testrun-bf16 25 --precision bf16 --batch-sizes 64 --sections testrun
+# Trained methods (APRIL-GAN, AnomalyCLIP, published settings): one training step against the test forward.
+run fit-bf16 25 --precision bf16 --batch-sizes 8 --sections fit
 exit $status

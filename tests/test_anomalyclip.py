@@ -98,14 +98,6 @@ def test_hugging_face_text_tower_refused_before_weights(monkeypatch):
         AnomalyCLIP("roberta-ViT-B-32", pretrained=None)
 
 
-def test_training_step_benchmark_runs():
-    from benchmarks.trained_methods import method_rows
-
-    kwargs = dict(backbone=tiny_backbone(), pretrained=None, image_size=SIZE, layers=(0, 2), dpam_blocks=2, depth=2)
-    (row,) = method_rows("anomalyclip", kwargs, [2], "cpu", repeats=1, threads=None, isolate=False)
-    assert row[1] == "2" and float(row[2]) > 0 and float(row[3]) > 0 and "×" in row[4]
-
-
 def test_config_gives_the_published_settings(capsys, monkeypatch):
     import sys
 
@@ -124,3 +116,56 @@ def test_config_gives_the_published_settings(capsys, monkeypatch):
         ("ViT-L-14-336", "openai", 518, [5, 11, 17, 23])
     assert (arguments["dpam_blocks"], arguments["n_ctx"], arguments["depth"], arguments["t_n_ctx"]) == (19, 12, 9, 4)
     assert config["data"]["init_args"]["batch_size"] == 8
+
+
+def test_fit_then_test_on_demo_data(tmp_path):
+    """`anovl fit` trains the prompts of a tiny AnomalyCLIP on generated data, `anovl test` runs the checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from anovl.data.synthetic import generate_mvtec_like
+
+    data_root = generate_mvtec_like(tmp_path / "data", ("widget",), n_good=2, n_defect=1, image_size=SIZE)
+    backbone = tmp_path / "anovl-tiny-vit-text3.json"
+    config = copy.deepcopy(open_clip.get_model_config("anovl-tiny-vit"))
+    config["vision_cfg"]["layers"], config["text_cfg"]["layers"] = 4, 3
+    backbone.write_text(json.dumps(config))
+    model = ["--model", "anomalyclip", "--model.init_args.backbone", str(backbone), "--model.init_args.pretrained",
+             "null", "--model.init_args.image_size", str(SIZE), "--model.init_args.layers", "[0, 2]",
+             "--model.init_args.dpam_blocks", "2", "--model.init_args.n_ctx", "4", "--model.init_args.depth", "2",
+             "--model.init_args.t_n_ctx", "2"]
+    data = ["--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),
+            "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
+            "--data.init_args.batch_size", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
+           "ANOVL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def anovl(*args):
+        result = subprocess.run([sys.executable, "-m", "anovl.cli", *args], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    anovl("fit", *model, *data, "--trainer.max_epochs", "4")
+    (checkpoint,) = (tmp_path / "runs").glob("*/version_0/checkpoints/last.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert set(saved["state_dict"]) == {"model.prompts.context", "model.prompts.deep_tokens"}  # no CLIP weights
+    assert saved["anovl"]["record"] == {"method": "anomalyclip"}
+    # The loss terms were logged every epoch, and the sum fell.
+    rows = [line.split(",") for line in (checkpoint.parent.parent / "metrics.csv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    assert {"train/focal_epoch", "train/dice_epoch", "train/image_epoch"} <= set(header)
+    losses = [float(row[header.index("train/loss_epoch")]) for row in rows if row[header.index("train/loss_epoch")]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    anovl("test", *model, *data, "--ckpt_path", str(checkpoint))
+    (results,) = [path for path in (tmp_path / "runs").glob("*/version_*/results.json")]
+    recorded = json.loads(results.read_text())
+    trained = make()
+    trained.prompts.load_state_dict({key.removeprefix("model.prompts."): value
+                                     for key, value in saved["state_dict"].items()})
+    assert recorded["config"]["model"]["prompt_weights"] == trained.prompt_fingerprint() != make().prompt_fingerprint()
+    assert recorded["complete"] and recorded["mean"]["pixel_auroc"] is not None

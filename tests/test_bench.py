@@ -14,6 +14,7 @@ import torch
 
 import anovl
 from anovl import AnoVL, TTAConfig
+from anovl.models import AnomalyCLIP, AprilGAN
 from anovl.metrics import AnomalyMetrics, functional
 from benchmarks import bench, common
 from benchmarks.sections import metrics as metrics_section
@@ -127,13 +128,16 @@ def test_benchmark_runs_end_to_end():
     )
     emitted = []
     report = bench.run_benchmark(config, emitted.append)
-    assert len(emitted) == 1 + 6  # header and every section but 'precision' (fp32) and 'pipeline'
+    assert len(emitted) == 1 + 7  # header and every section but 'precision' (fp32) and 'pipeline'
     for title in ("TFA forward vs plain CLIP encode_image", "Throughput and stage split", "one-image-at-a-time",
-                  "Text-embedding start-up", "Pixel metrics over 12 maps", "Lightning test run"):
+                  "Text-embedding start-up", "Pixel metrics over 12 maps", "Lightning test run",
+                  "one training step against the test forward"):
         assert title in report
     for name, _, _ in throughput.PIPELINES:
         assert report.count(f"| {name} |") == 2  # one row per batch size
     assert "nan" not in report.lower()
+    for method in (AprilGAN, AnomalyCLIP):
+        assert report.count(f"| {method.method}[") == 2  # one row per batch size
 
 
 def test_precision_section_reports_the_change(tmp_path):

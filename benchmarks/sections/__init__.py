@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.common import SECTIONS, BenchConfig, Section
 from benchmarks.sections.encoder import encoder_section
+from benchmarks.sections.fit import fit_section
 from benchmarks.sections.metrics import metrics_section
 from benchmarks.sections.pipeline import pipeline_section
 from benchmarks.sections.precision import precision_section
@@ -27,6 +28,6 @@ SectionFunction = Callable[[BenchConfig, torch.device, Path], Section]
 SECTION_FUNCTIONS: dict[str, SectionFunction] = {
     "pipeline": pipeline_section, "throughput": throughput_section, "reference": reference_section,
     "encoder": encoder_section, "text": text_section, "metrics": metrics_section, "testrun": testrun_section,
-    "precision": precision_section,
+    "precision": precision_section, "fit": fit_section,
 }
 assert tuple(SECTION_FUNCTIONS) == SECTIONS, "benchmarks.common.SECTIONS lists the sections in report order"
