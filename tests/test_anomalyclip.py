@@ -107,7 +107,7 @@ def test_config_gives_the_published_settings(capsys, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["anovl"])
     with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--config", "configs/anomalyclip.yaml", "--print_config"])
+        main(["test", "--config", "configs/mvtec.yaml", "--config", "configs/anomalyclip.yaml", "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "anovl.models.anomalyclip.torch_model.AnomalyCLIP"
@@ -116,6 +116,7 @@ def test_config_gives_the_published_settings(capsys, monkeypatch):
         ("ViT-L-14-336", "openai", 518, [5, 11, 17, 23])
     assert (arguments["dpam_blocks"], arguments["n_ctx"], arguments["depth"], arguments["t_n_ctx"]) == (19, 12, 9, 4)
     assert config["data"]["init_args"]["batch_size"] == 8
+    assert "num_views" not in arguments  # AnoVL's own argument from configs/mvtec.yaml does not carry over
 
 
 def test_fit_then_test_on_demo_data(tmp_path):
