@@ -27,6 +27,7 @@ from anovl.commands import COMMANDS, DESCRIPTION
 from anovl.compare import main as compare_main
 from anovl.errors import AnovlError
 from anovl.grid import main as grid_main
+from anovl.protocol import main as protocol_main
 from anovl.signals import stop_requested
 
 
@@ -217,6 +218,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(_run_user_command(lambda: compare_main(command_line[1:])))
     if command_line[:1] == ["grid"]:
         raise SystemExit(_run_user_command(lambda: grid_main(command_line[1:])))
+    if command_line[:1] == ["protocol"]:
+        raise SystemExit(_run_user_command(lambda: protocol_main(command_line[1:])))
     if command_line[:1] in (["export"], ["app"]):  # anovl.deploy imports torch: only for these commands
         raise SystemExit(_run_user_command(lambda: import_module("anovl.deploy").main(command_line[0],
                                                                                       command_line[1:])))

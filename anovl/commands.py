@@ -9,6 +9,7 @@ COMMANDS = {
     "predict": "anomaly maps and scores for images (labels not needed)",
     "compare": "put finished runs side by side, category by category",
     "grid": "run variants x datasets from one YAML and write one comparison table",
+    "protocol": "train on one dataset, test on another (cross-dataset zero-shot protocol), one table",
     "export": "export a model to ONNX, OpenVINO IR or TorchScript for deployment",
     "app": "a browser demo: upload an image, see its anomaly map",
 }
