@@ -17,9 +17,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -29,7 +30,6 @@ from anovl.errors import AnovlError
 from anovl.grid import main as grid_main
 from anovl.protocol import main as protocol_main
 from anovl.signals import stop_requested
-
 
 
 def top_level_help() -> str:
@@ -191,7 +191,7 @@ class _StopSignals:
             self.received = signum
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
@@ -223,7 +223,9 @@ def main(args: list[str] | None = None) -> None:
     if command_line[:1] in (["export"], ["app"]):  # anovl.deploy imports torch: only for these commands
         raise SystemExit(_run_user_command(lambda: import_module("anovl.deploy").main(command_line[0],
                                                                                       command_line[1:])))
-    from anovl.lightning_cli import run_lightning_cli  # torch and Lightning: only for test / predict
+    from anovl.lightning_cli import (
+        run_lightning_cli,  # torch and Lightning: only for test / predict
+    )
 
     def run() -> None:
         arguments = help_first(exported_model_arguments(command_line))

@@ -48,6 +48,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.commands import COMMANDS, DESCRIPTION
+
 # The datamodules are imported so that their short class names resolve (jsonargparse looks among loaded subclasses).
 from anovl.data import (  # noqa: F401
     AnomalyDataModule,
@@ -59,10 +60,13 @@ from anovl.data import (  # noqa: F401
 from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
+from anovl.models.checkpoints import (
+    METADATA_KEY,
+    check_compatible,
+    read_checkpoint,
+    trained_prefix,
+)
 from anovl.models.registry import METHODS, class_path, normalised_record
-
-
-from anovl.models.checkpoints import METADATA_KEY, check_compatible, read_checkpoint, trained_prefix
 from anovl.plugins import load_plugins, loaded_note
 from anovl.results import ResultsTable
 from anovl.tracking import RunTracker

@@ -38,7 +38,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from rich.console import Console
@@ -135,7 +134,7 @@ def _configs(*groups: list[str]) -> list[str]:
 
 def _run(command: list[str], what: str) -> None:
     print(f"anovl protocol: {what}", flush=True)
-    result = subprocess.run([sys.executable, "-m", "anovl.cli", *command])
+    result = subprocess.run([sys.executable, "-m", "anovl.cli", *command], check=False)
     if result.returncode:
         raise AnovlError(f"{what} failed (exit {result.returncode}); see its output above")
 
@@ -183,8 +182,9 @@ def protocol_table(protocol: Protocol, runs: dict[tuple[str, str, str], Path]) -
     """Markdown and CSV: a row per pair, per method its mean metrics (percent)."""
     methods = list(protocol.methods)
     titles = [f"{method} {ALL_METRIC_TITLES[metric]}" for method in methods for metric in protocol.metrics]
-    lines = [f"# Protocol {protocol.name}", "", "Trained methods learn on the first dataset and are tested on the "
-             "second; training-free methods are tested only. Mean over the test dataset's categories, × 100.", "",
+    note = ("Trained methods learn on the first dataset and are tested on the second; training-free methods are "
+            "tested only. Mean over the test dataset's categories, × 100.")
+    lines = [f"# Protocol {protocol.name}", "", note, "",
              "| train → test | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
     csv = ["train,test,method,metric,value"]
     for train, test in protocol.pairs:

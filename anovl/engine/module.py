@@ -34,13 +34,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 from anovl.data.datamodule import OneLineErrorsLoader
 from anovl.data.sampling import collate_batch
 from anovl.data.transforms import prepare_batch
-from anovl.engine.training import TrainingData, TrainingRun, TrainingSampler, check_training_samples, learning_rate
+from anovl.engine.training import (
+    TrainingData,
+    TrainingRun,
+    TrainingSampler,
+    check_training_samples,
+    learning_rate,
+)
 from anovl.errors import AnovlError
 from anovl.metrics import AnomalyMetrics
 from anovl.models.base import AnomalyModel, check_label, json_data
+from anovl.models.checkpoints import (
+    METADATA_KEY,
+    MODEL_PREFIX,
+    check_compatible,
+    checkpoint_metadata,
+    lightning_trained_state,
+    load_trained_state,
+    trained_prefix,
+)
 from anovl.models.components.tiling import tile_batch, untile
-from anovl.models.checkpoints import (METADATA_KEY, MODEL_PREFIX, check_compatible, checkpoint_metadata,
-                                      lightning_trained_state, load_trained_state, trained_prefix)
 from anovl.models.registry import method_record
 from anovl.results import ResultsTable
 from anovl.tracking import log_metrics, run_directory

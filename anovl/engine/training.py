@@ -21,8 +21,9 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ class AprilGAN(CLIPAnomalyModel):
         self._memory: dict[str, list[torch.Tensor]] = {}  # category → per few-shot block, (M, width) normalised
         self.checkpoint = None
         if checkpoint is not None:
-            from anovl.models.checkpoints import load_trained_weights  # noqa: PLC0415 - the checkpoints import models
+            from anovl.models.checkpoints import load_trained_weights
 
             load_trained_weights(self, checkpoint)
             self.checkpoint = str(checkpoint)
