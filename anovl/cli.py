@@ -223,9 +223,7 @@ def main(args: list[str] | None = None) -> None:
     if command_line[:1] in (["export"], ["app"]):  # anovl.deploy imports torch: only for these commands
         raise SystemExit(_run_user_command(lambda: import_module("anovl.deploy").main(command_line[0],
                                                                                       command_line[1:])))
-    from anovl.lightning_cli import (
-        run_lightning_cli,  # torch and Lightning: only for test / predict
-    )
+    from anovl.lightning_cli import run_lightning_cli  # torch and Lightning: only for fit / test / predict
 
     def run() -> None:
         arguments = help_first(exported_model_arguments(command_line))
