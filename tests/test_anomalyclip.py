@@ -16,7 +16,7 @@ from anovl.errors import AnovlError
 from anovl.models.anomalyclip import AnomalyCLIP
 
 SIZE = 64
-TINY = dict(pretrained=None, image_size=SIZE, layers=(0, 2), dpam_blocks=2, n_ctx=4, depth=2, t_n_ctx=2,
+TINY = dict(pretrained=None, image_size=SIZE, layers=(1, 3), dpam_blocks=2, n_ctx=4, depth=2, t_n_ctx=2,
             use_text_cache=False)
 
 
@@ -38,12 +38,12 @@ def model():
 
 
 def test_label_names_what_differs_from_the_published_settings(model):
-    differences = "backbone=anovl-tiny-vit-text3;depth=2;dpam_blocks=2;image_size=64;init_seed=0;layers=0,2;n_ctx=4;" \
+    differences = "backbone=anovl-tiny-vit-text3;depth=2;dpam_blocks=2;image_size=64;init_seed=0;layers=1,3;n_ctx=4;" \
                   "pretrained=None;t_n_ctx=2"
     assert model.label == f"AnomalyCLIP[{differences}]"
     assert make(sigma=0.0, deep_tokens_float16=False).label == (
         "AnomalyCLIP[backbone=anovl-tiny-vit-text3;deep_tokens_float16=False;depth=2;dpam_blocks=2;image_size=64;"
-        "init_seed=0;layers=0,2;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]")
+        "init_seed=0;layers=1,3;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]")
     # Learned weights are no setting of the label, but results.json records them.
     before = model.settings()["prompt_weights"]
     trained = make()
@@ -77,7 +77,8 @@ def test_maps_and_scores_against_a_naive_restatement(model):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(t_n_ctx=5), r"t_n_ctx \(5\) cannot exceed n_ctx \(4\)"),
     (dict(depth=4), "depth 4 exceeds the 3 text blocks"),
-    (dict(layers=(4,)), "layer 4 out of range"),
+    (dict(layers=(5,)), r"layers must be distinct block numbers from 1 to 4 .* got \[5\]"),
+    (dict(layers=(0, 2)), r"got \[0, 2\]"),
     (dict(dpam_blocks=5), "dpam_blocks 5 exceeds the 4 blocks"),
     (dict(n_ctx=0), "n_ctx must be an integer of at least 1"),
     (dict(temperature=0.0), "temperature must be positive"),
@@ -113,7 +114,7 @@ def test_config_gives_the_published_settings(capsys, monkeypatch):
     assert config["model"]["class_path"] == "anovl.models.anomalyclip.torch_model.AnomalyCLIP"
     arguments = config["model"]["init_args"]
     assert (arguments["backbone"], arguments["pretrained"], arguments["image_size"], arguments["layers"]) == \
-        ("ViT-L-14-336", "openai", 518, [5, 11, 17, 23])
+        ("ViT-L-14-336", "openai", 518, [6, 12, 18, 24])
     assert (arguments["dpam_blocks"], arguments["n_ctx"], arguments["depth"], arguments["t_n_ctx"]) == (19, 12, 9, 4)
     assert config["data"]["init_args"]["batch_size"] == 8
     assert "num_views" not in arguments  # AnoVL's own argument from configs/mvtec.yaml does not carry over
@@ -135,7 +136,7 @@ def test_fit_then_test_on_demo_data(tmp_path):
     config["vision_cfg"]["layers"], config["text_cfg"]["layers"] = 4, 3
     backbone.write_text(json.dumps(config))
     model = ["--model", "anomalyclip", "--model.init_args.backbone", str(backbone), "--model.init_args.pretrained",
-             "null", "--model.init_args.image_size", str(SIZE), "--model.init_args.layers", "[0, 2]",
+             "null", "--model.init_args.image_size", str(SIZE), "--model.init_args.layers", "[1, 3]",
              "--model.init_args.dpam_blocks", "2", "--model.init_args.n_ctx", "4", "--model.init_args.depth", "2",
              "--model.init_args.t_n_ctx", "2"]
     data = ["--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),

@@ -71,7 +71,7 @@ def test_defaults_are_the_published_ones(model):
     # The model above differs from the reference only in its backbone.
     assert model.label == "AnomalyCLIP[backbone=anomalyclip-parity-vit;image_size=64;pretrained=#" + \
         model.label.split("pretrained=#")[1]
-    assert (model.layers, model.dpam_blocks, model.n_ctx, model.depth, model.t_n_ctx) == ((5, 11, 17, 23), 19, 12, 9, 4)
+    assert (model.layers, model.dpam_blocks, model.n_ctx, model.depth, model.t_n_ctx) == ((6, 12, 18, 24), 19, 12, 9, 4)
     # Built at its native 48 px and resized to 64 px bilinearly, as the authors' CLIP does.
     assert model.clip.visual.positional_embedding.shape == (1 + 8 * 8, 128)
 

@@ -197,11 +197,11 @@ def test_anomalyclip_runs_on_the_family(family):
         warnings.simplefilter("ignore")
         name = tiny_name_with_text_blocks(family)
         size = 4 * create_backbone(name).visual.patch_size
-        model = AnomalyCLIP(name, pretrained=None, image_size=size, layers=(0, 1), dpam_blocks=1, n_ctx=3, depth=2,
+        model = AnomalyCLIP(name, pretrained=None, image_size=size, layers=(1, 2), dpam_blocks=1, n_ctx=3, depth=2,
                             t_n_ctx=2, sigma=1.0, use_text_cache=False)
     enlarge_tiny_scales(model.clip.visual)
     images = torch.randn(2, 3, size, size)
-    # DPAM: the local stream branches off at the last block; block 0's tokens are the original stream's.
+    # DPAM: the local stream branches off at the last block; block 1's tokens are the original stream's.
     expected = naive_local_tokens(model.encoder.visual, images, start=1)
     with torch.no_grad():
         encoded = model.encode_images(images)

@@ -24,7 +24,7 @@ from anovl.models.registry import register_method
 
 # The authors' published run: ViT-L/14@336px (OpenAI weights) at 518 px, maps of blocks 6/12/18/24.
 REFERENCE_BACKBONE = ("ViT-L-14-336", "openai", 518)
-REFERENCE_LAYERS = (5, 11, 17, 23)  # block indices from 0
+REFERENCE_LAYERS = (6, 12, 18, 24)  # block numbers counted from 1, as the authors (and APRIL-GAN's) do
 PLACEHOLDER = "X"  # the word the learned context vectors stand in for while tokenizing
 MAP_LOSS_WEIGHT = 4.0  # the authors' weight of the map losses against the image loss (train.py's lam)
 
@@ -70,7 +70,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
     Args:
         backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache: the frozen CLIP
             (see :class:`~anovl.models.clip_model.CLIPAnomalyModel`); its text tower must be open_clip's own.
-        layers: blocks (from 0; negative from the end) whose DPAM patch tokens make the maps (summed).
+        layers: blocks, numbered from 1 as the authors count them, whose DPAM patch tokens make the maps (summed).
         dpam_blocks: the last blocks whose local stream takes the V-V attention (the authors'
             ``DPAM_layer=20`` replaces the attention of the last 19 blocks, 6 to 24 of ViT-L).
         n_ctx: learned context vectors of each prompt ("X X ... X object." / "X ... X damaged object.").
@@ -127,8 +127,6 @@ class AnomalyCLIP(CLIPAnomalyModel):
         if t_n_ctx > n_ctx:
             raise AnovlError(f"t_n_ctx ({t_n_ctx}) cannot exceed n_ctx ({n_ctx}): the deep tokens replace context "
                              "positions")
-        if not layers:
-            raise AnovlError("layers must name at least one block, e.g. [5, 11, 17, 23] (the reference)")
         if temperature <= 0 or sigma < 0:
             raise AnovlError(f"temperature must be positive and sigma not negative, got {temperature} and {sigma}")
         if learning_rate <= 0 or len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
@@ -140,14 +138,17 @@ class AnomalyCLIP(CLIPAnomalyModel):
         blocks = self.encoder.num_layers
         if dpam_blocks > blocks:
             raise AnovlError(f"dpam_blocks {dpam_blocks} exceeds the {blocks} blocks of {self.backbone_name}")
-        for layer in layers:
-            if not -blocks <= layer < blocks:
-                raise AnovlError(f"layer {layer} out of range for {self.backbone_name} with {blocks} blocks")
+        layers = tuple(layers)
+        if not layers or len(set(layers)) != len(layers) or \
+                not all(isinstance(layer, int) and 1 <= layer <= blocks for layer in layers):
+            raise AnovlError(f"layers must be distinct block numbers from 1 to {blocks} (the depth of "
+                             f"{self.backbone_name}), counted from 1 as the authors do (6, 12, 18, 24 for ViT-L), "
+                             f"got {list(layers)}")
         self.text_tower = PromptTextTower(self.clip)
         if depth > self.text_tower.num_layers:
             raise AnovlError(f"depth {depth} exceeds the {self.text_tower.num_layers} text blocks of "
                              f"{self.backbone_name}")
-        self.layers = tuple(layers)
+        self.layers = layers
         self.dpam_blocks, self.n_ctx, self.depth, self.t_n_ctx = dpam_blocks, n_ctx, depth, t_n_ctx
         self.sigma, self.temperature, self.object_name = float(sigma), float(temperature), object_name
         self.deep_tokens_float16, self.image_norm, self.prompt_seed = deep_tokens_float16, image_norm, prompt_seed
@@ -200,7 +201,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
     def encode_images(self, images: torch.Tensor):
         """The frozen visual side: DPAM patch tokens of ``layers`` and the image embedding (no gradients)."""
         with torch.no_grad():
-            return self.encoder(images, layers=self.layers, local_start=self.encoder.num_layers - self.dpam_blocks,
+            return self.encoder(images, layers=[layer - 1 for layer in self.layers], local_start=self.encoder.num_layers - self.dpam_blocks,
                                 final_norm=self.image_norm)
 
     def forward(self, images: torch.Tensor, categories: Sequence[str],
@@ -274,7 +275,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
         return digest.hexdigest()[:16]
 
     def _method_settings(self) -> dict[str, Any]:
-        return {"layers": [layer % self.encoder.num_layers for layer in self.layers],
+        return {"layers": list(self.layers),
                 "dpam_blocks": self.dpam_blocks, "n_ctx": self.n_ctx, "depth": self.depth, "t_n_ctx": self.t_n_ctx,
                 "sigma": self.sigma, "temperature": self.temperature, "object_name": self.object_name,
                 "deep_tokens_float16": self.deep_tokens_float16, "image_norm": self.image_norm,
