@@ -1,4 +1,5 @@
-"""The benchmark (benchmarks/bench.py, benchmarks/common.py, benchmarks/sections/): its unoptimised baselines give what the optimised code gives, and it runs.
+"""The benchmark (benchmarks/bench.py, common.py, sections/): its unoptimised baselines give what the optimised
+code gives, and it runs.
 
 No timing is asserted: the figures depend on the machine.
 """

@@ -2,7 +2,7 @@
 cflow-ad / APRIL-GAN 200-threshold PRO loop, and F1-max from sklearn's precision-recall curve.
 
 Written from the definitions with numpy, scipy's connected components and sklearn: keep them independent of
-anovl.metrics. (benchmarks/bench.py's ``threshold_pro_curve`` is the benchmark's timed baseline, checked
+anovl.metrics. (benchmarks/sections/metrics.py's ``threshold_pro_curve`` is the benchmark's timed baseline, checked
 against anovl.metrics in tests/test_bench.py.)
 """
 

@@ -6,7 +6,7 @@ and the TTA module with :class:`anovl.AnoVL`; maps and image scores are recomput
 comparing the two checks the batching, the view handling and the map pipeline (tests/test_bench.py). Keep it
 independent of anovl.models.components.scoring and of AnoVL.forward.
 
-benchmarks/bench.py times it against AnoVL (its ``reference`` section).
+benchmarks/sections/reference.py times it against AnoVL (the benchmark's ``reference`` section).
 """
 
 from __future__ import annotations
