@@ -225,7 +225,10 @@ class AnovlCLI(LightningCLI):
         if self.data_size_given not in (None, model_size):
             raise AnovlError(f"data.init_args.image_size is {self.data_size_given} but the model expects {model_size} "
                              "px; the data is resized to the model's size, so set model.init_args.image_size only")
-        self.model = AnomalyModule(self.model, **config.engine.as_dict())
+        engine = config.engine.as_dict()
+        if engine.get("validation"):  # fit's validation data: a datamodule of its own (engine is not instantiated)
+            engine["validation"] = instantiate_datamodule(engine["validation"])
+        self.model = AnomalyModule(self.model, **engine)
         name_wandb_run(self.trainer, self.model, config, self.given_run_dir)
         # Listing the data here turns a wrong root into a clear error before the trainer starts (and, under
         # DDP, launches its processes); synthetic data is generated here, once.
@@ -328,6 +331,19 @@ def method_arguments(arguments: list[str]) -> list[str]:
 PARSER_MODE = "anovl-yaml"
 _read_yaml = get_loader("yaml")
 set_loader(PARSER_MODE, lambda text: with_class_paths(_read_yaml(text)), exceptions=(yaml.YAMLError,))
+
+
+def instantiate_datamodule(spec: dict[str, Any]) -> AnomalyDataModule:
+    """A datamodule from ``{class_path, init_args}`` (fit's ``engine.validation``)."""
+    module, _, name = str(spec.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise AnovlError(f"engine.validation: unknown datamodule {spec.get('class_path')!r}; give e.g. "
+                         "anovl.data.MVTecDataModule") from None
+    if not (isinstance(cls, type) and issubclass(cls, AnomalyDataModule)):
+        raise AnovlError(f"engine.validation: {spec.get('class_path')} is not an anovl datamodule")
+    return cls(**(spec.get("init_args") or {}))
 
 
 def check_checkpoint_file(path: str, model: AnomalyModel) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
@@ -131,8 +132,11 @@ def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_p
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path):
+    # With a validation split (the same images here): its test metrics are logged at each epoch's end.
+    validation = yaml.safe_dump({"class_path": "anovl.data.MVTecDataModule",
+                                 "init_args": {"root": str(data_root), "batch_size": 4}})
     process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path, "--trainer.max_epochs",
-                                                                             "1000")],
+                                                                             "1000", "--engine.validation", validation)],
                                env=cli_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 300
@@ -144,6 +148,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path):
     assert "interrupted.ckpt" in stderr
     (saved,) = tmp_path.glob("*/version_0/checkpoints/interrupted.ckpt")
     tiny_aprilgan(checkpoint=saved)  # a complete, loadable checkpoint
+    (metrics,) = tmp_path.glob("*/version_0/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"val/pixel_auroc", "val/image_auroc", "val/pixel_aupro"} <= set(header)
 
 
 def run_main(args, capsys):
@@ -186,3 +193,30 @@ def test_bad_input_gets_one_line(data_root, tmp_path, capsys, monkeypatch):
     torch.save(other, tmp_path / "other.ckpt")
     code, err = run_main(["test", *TINY, *data, "--ckpt_path", str(tmp_path / "other.ckpt")], capsys)
     assert code == 2 and "AnomalyCLIP on ViT-L-14-336" in err and "APRIL-GAN on anovl-tiny-vit" in err
+
+
+@pytest.mark.slow  # three fit processes: about a minute alone, several on a busy machine
+def test_sigkill_then_resume_equals_an_uninterrupted_run(data_root, tmp_path):
+    env = cli_env(tmp_path)
+    options = ["--trainer.max_epochs", "60", "--engine.mosaic_rate", "0.5", "--trainer.deterministic", "true"]
+    whole = subprocess.run([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "whole", *options)],
+                           check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = subprocess.Popen([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "killed", *options)],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("killed/*/version_0/checkpoints/epoch=2-*.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
+    (last,) = tmp_path.glob("killed/*/version_0/checkpoints/last.ckpt")
+    resumed = subprocess.run([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "killed", *options),
+                              "--ckpt_path", str(last)], check=False, env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (expected,) = tmp_path.glob("whole/*/version_0/checkpoints/last.ckpt")
+    (final,) = tmp_path.glob("killed/*/version_1/checkpoints/last.ckpt")
+    expected, final = (torch.load(path, weights_only=True) for path in (expected, final))
+    assert final["epoch"] == expected["epoch"]
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0)

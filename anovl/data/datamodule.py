@@ -217,6 +217,10 @@ class AnomalyDataModule(LightningDataModule):
         # masks); the module orders and augments them (anovl.engine.AnomalyModule.train_dataloader).
         return self.trainer.lightning_module.train_dataloader()
 
+    def val_dataloader(self) -> DataLoader:
+        # fit's optional validation data is another datamodule (AnomalyModule's `validation`); none by default.
+        return self.trainer.lightning_module.val_dataloader()
+
     def predict_dataloader(self) -> DataLoader:
         return self._dataloader()
 

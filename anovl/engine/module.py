@@ -31,7 +31,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
-from anovl.data.datamodule import OneLineErrorsLoader
+from anovl.data.datamodule import AnomalyDataModule, OneLineErrorsLoader
 from anovl.data.sampling import collate_batch
 from anovl.data.transforms import prepare_batch
 from anovl.engine.training import (
@@ -98,6 +98,9 @@ class AnomalyModule(LightningModule):
         tf32: let float32 matrix products and convolutions on CUDA use TF32 tensor cores (PyTorch's default is
             off): faster fp32, with maps that move slightly (docs/benchmarks.md); the run's recorded precision
             says so. Set for the run only, restored afterwards.
+        validation: ``fit`` only: a datamodule whose test split is run at every epoch's end, reported as
+            ``val/<metric>`` (the mean over its categories of the metrics ``test`` reports), e.g. another dataset
+            of the protocol or held-out categories. One process only.
         mosaic_rate: ``fit`` only: the share of training images replaced by APRIL-GAN's 2×2 mosaic of four
             images of their category (the authors: 0.2 on MVTec, 0 on VisA); see :mod:`anovl.engine.training`.
 
@@ -110,7 +113,7 @@ class AnomalyModule(LightningModule):
 
     def __init__(self, model: AnomalyModel, label: str | None = None, cflow_pro: bool = False,
                  results_dir: str | None = None, group: str | None = None, variant: str | None = None,
-                 tf32: bool = False, mosaic_rate: float = 0.0):
+                 tf32: bool = False, mosaic_rate: float = 0.0, validation: AnomalyDataModule | None = None):
         super().__init__()
         if not isinstance(model, AnomalyModel):
             raise AnovlError(f"the model must be an anovl.models.base.AnomalyModel, got {type(model).__name__}")
@@ -128,6 +131,8 @@ class AnomalyModule(LightningModule):
         if not (isinstance(mosaic_rate, (int, float)) and 0 <= mosaic_rate <= 1):
             raise AnovlError(f"mosaic_rate must lie in [0, 1] (the authors: 0.2 on MVTec, 0 on VisA), got {mosaic_rate!r}")
         self.mosaic_rate = float(mosaic_rate)
+        self.validation = validation
+        self._val_metrics: dict[str, AnomalyMetrics] = {}
         # Checkpoints hold only the trained part (the frozen CLIP is rebuilt from its settings), so loading one
         # must not ask for the CLIP's tensors; on_load_checkpoint checks the trained part instead.
         self.strict_loading = False
@@ -352,6 +357,40 @@ class AnomalyModule(LightningModule):
         return OneLineErrorsLoader(data, batch_size=datamodule.batch_size, sampler=sampler, num_workers=workers,
                                    collate_fn=collate_batch, persistent_workers=workers > 0,
                                    pin_memory=self.trainer.strategy.root_device.type == "cuda")
+
+    def val_dataloader(self) -> Any:
+        if self.validation is None:
+            return []
+        if self.trainer.world_size > 1:
+            raise AnovlError("fit's validation data runs in one process; leave engine.validation out under DDP "
+                             "and test the checkpoint afterwards")
+        self.validation.image_size = self.model.preprocessing().image_size
+        self.validation.prepare_data()
+        self.validation.trainer = self.trainer
+        return self.validation.test_dataloader()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_metrics = {}
+        self._current_category = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with torch.no_grad():
+            maps, scores = self.anomaly_maps(batch)
+        categories = list(batch["category"])
+        for run in category_runs(categories):
+            metrics = self._val_metrics.setdefault(categories[run.start], AnomalyMetrics().to(self.device))
+            regions = batch.get("region_sizes")
+            metrics.update(maps[run], batch["mask"][run], scores[run], batch["label"][run], batch["has_mask"][run],
+                           None if regions is None else regions[run])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._val_metrics:
+            return
+        per_category = [metrics.compute() for metrics in self._val_metrics.values()]
+        for name in per_category[0]:
+            values = [row[name] for row in per_category if row[name] == row[name]]  # NaN: undefined, left out
+            if values:
+                self.log(f"val/{name}", 100 * sum(values) / len(values), on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trained_prefix(self.model)  # a training-free method stops here with a clear error
