@@ -34,6 +34,9 @@ def protocol_file(folder: Path, mvtec: Path, visa: Path) -> Path:
                                                  "init_args": {**TINY, "layers": [1, 2, 3]}}}],
                           "fit": {"MVTec": [{"engine": {"mosaic_rate": 0.2}, "trainer": {"max_epochs": 2}}],
                                   "VisA": [{"trainer": {"max_epochs": 1}}]}},
+            "AnomalyCLIP": {"configs": [{"model": {"class_path": "anomalyclip", "init_args": {
+                **TINY, "layers": [1, 2, 3], "dpam_blocks": 2, "n_ctx": 4, "depth": 2, "t_n_ctx": 2}}}],
+                            "fit": {"MVTec": [{"trainer": {"max_epochs": 1}}], "VisA": [{"trainer": {"max_epochs": 1}}]}},
         },
         "metrics": ["pixel_auroc", "image_auroc"],
         "args": ["--config", yaml.safe_dump(QUIET)],
@@ -43,7 +46,7 @@ def protocol_file(folder: Path, mvtec: Path, visa: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # nine fit/test processes: about 4 minutes on 2 cores
+@pytest.mark.slow  # thirteen fit/test processes: about 6 minutes on 2 cores
 def test_protocol_trains_on_one_dataset_and_tests_on_the_other(tmp_path):
     mvtec = generate_mvtec_like(tmp_path / "mvtec", ("widget",), n_good=2, n_defect=1, image_size=64)
     visa = generate_visa_like(tmp_path / "visa", {"macaroni1": "washer"}, n_good=2, n_defect=1, image_size=(64, 64))
@@ -54,15 +57,16 @@ def test_protocol_trains_on_one_dataset_and_tests_on_the_other(tmp_path):
                "--output", str(output)]
     result = subprocess.run(command, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    # APRIL-GAN was fitted once per training dataset; its tests loaded those checkpoints.
+    # APRIL-GAN and AnomalyCLIP were fitted once per training dataset; their tests loaded those checkpoints.
     for train in ("MVTec", "VisA"):
-        assert list((output / "fit" / train / "APRIL-GAN").glob("version_0/checkpoints/last.ckpt"))
+        for method in ("APRIL-GAN", "AnomalyCLIP"):
+            assert list((output / "fit" / train / method).glob("version_0/checkpoints/last.ckpt"))
     table = (output / "protocol.md").read_text()
     assert "| MVTec → VisA |" in table and "| VisA → MVTec |" in table
-    for method in ("AnoVL", "WinCLIP", "APRIL-GAN"):
+    for method in ("AnoVL", "WinCLIP", "APRIL-GAN", "AnomalyCLIP"):
         assert f"{method} pixel AUROC" in table
     rows = (output / "protocol.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 3 * 2  # header + pairs × methods × metrics
+    assert len(rows) == 1 + 2 * 4 * 2  # header + pairs × methods × metrics
     # Run again: everything finished is reused, nothing runs.
     again = subprocess.run(command, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "anovl protocol: fit" not in again.stdout + again.stderr
