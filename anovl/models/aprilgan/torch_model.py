@@ -112,7 +112,6 @@ class AprilGAN(CLIPAnomalyModel):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self.heads = nn.ModuleList(nn.Linear(width, embed_dim) for _ in self.layers).to(self.device)
-        self._text_states: dict[tuple[str, str], torch.Tensor] = {}  # (prompt name, device) → (2, D)
         self._memory: dict[str, list[torch.Tensor]] = {}  # category → per few-shot block, (M, width) normalised
         self.checkpoint = None
         if checkpoint is not None:
@@ -125,7 +124,6 @@ class AprilGAN(CLIPAnomalyModel):
 
     def weights_loaded(self) -> None:
         super().weights_loaded()
-        self._text_states.clear()
         self._memory.clear()
 
     def settings(self) -> dict[str, Any]:
@@ -178,7 +176,7 @@ class AprilGAN(CLIPAnomalyModel):
                              f"{tuple(images.shape)} images")
         with torch.no_grad():
             _, tokens = self.encode(images, self.layers)
-        states = self._states(prompt_names, images.device)
+        states = self.states(categories, prompt_names, images.device)
         target = (masks > 0.5).to(images.dtype)
         probabilities = self.layer_probabilities(tokens, states)
         return {"focal": sum(focal_loss(p, target) for p in probabilities),
@@ -199,20 +197,16 @@ class AprilGAN(CLIPAnomalyModel):
 
     # ----------------------------------------------------------------- inference
 
-    def text_states(self, prompt_name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Normalised [normal, abnormal] embeddings (2, D): per state, the mean of the normalised sentence
-        embeddings, normalised (the authors' ``encode_text_with_prompt_ensemble``)."""
-        key = (prompt_name, str(device))
-        if key not in self._text_states:
-            normal = self.prompts.normal_sentences(prompt_name)
-            embeddings = F.normalize(self.text_cache.sentence_embeddings(
-                [*normal, *self.prompts.abnormal_sentences(prompt_name)]), dim=-1)
-            states = torch.stack([embeddings[:len(normal)].mean(0), embeddings[len(normal):].mean(0)])
-            self._text_states[key] = F.normalize(states, dim=-1).to(device)
-        return self._text_states[key]
-
-    def _states(self, prompt_names: Sequence[str], device: torch.device) -> torch.Tensor:
-        return torch.stack([self.text_states(name, device) for name in prompt_names])
+    def states(self, categories: Sequence[str], prompt_names: Sequence[str], device: torch.device) -> torch.Tensor:
+        """(B, 2, D) normalised [normal, abnormal] embeddings per image: per state, the mean of the normalised
+        sentence embeddings, normalised (the authors' ``encode_text_with_prompt_ensemble``; WinCLIP averages the
+        unnormalised ones)."""
+        rows = []
+        for category, name in zip(categories, prompt_names):
+            sentences = self.text_states(category, name, device).sentences  # normalised, normal sentences first
+            normal = len(self.prompts.normal_sentences(name))
+            rows.append(torch.stack([sentences[:normal].mean(0), sentences[normal:].mean(0)]))
+        return F.normalize(torch.stack(rows), dim=-1)
 
     def encode(self, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The image embeddings (B, D) and the patch tokens (B, N, width) after each of ``layers`` (1-based):
@@ -265,7 +259,7 @@ class AprilGAN(CLIPAnomalyModel):
         wanted = list(dict.fromkeys([*self.layers, *(self.few_shot_layers if few_shot else ())]))
         image_embeddings, tokens = self.encode(images, wanted)
         by_layer = dict(zip(wanted, tokens))
-        states = self._states(prompt_names, images.device)
+        states = self.states(categories, prompt_names, images.device)
         probabilities = self.layer_probabilities([by_layer[layer] for layer in self.layers], states)
         anomaly_map = sum(p[:, 1] for p in probabilities)
         similarity = torch.einsum("bd,bkd->bk", F.normalize(image_embeddings, dim=-1), states)
