@@ -136,3 +136,16 @@ def test_training_step_equals_the_authors(model, reference):
             relative_error(getattr(prompts, name)[decided], updated[name][decided], 1e-5)
     finally:
         prompts.load_state_dict(convert_authors_state_dict(authors_checkpoint(reference)))
+
+
+def test_the_comparison_sees_dpam_and_the_deep_tokens(model, reference, monkeypatch):
+    """Without DPAM, or without the deep text tokens, the maps are far outside the tolerance."""
+    images = torch.from_numpy(reference["images"])
+    expected = torch.from_numpy(reference["anomaly_map"])
+    monkeypatch.setattr(model, "dpam_blocks", 0)
+    assert (model(images, ["widget"] * len(images)).anomaly_map - expected).abs().max() > 100 * MAP_TOLERANCE
+    monkeypatch.undo()
+    encode = model.text_tower.encode
+    monkeypatch.setattr(model.text_tower, "encode", lambda embeddings, ids, deep, **kwargs: encode(embeddings, ids, [],
+                                                                                                  **kwargs))
+    assert (model(images, ["widget"] * len(images)).anomaly_map - expected).abs().max() > 100 * MAP_TOLERANCE

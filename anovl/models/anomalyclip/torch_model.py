@@ -210,22 +210,25 @@ class AnomalyCLIP(CLIPAnomalyModel):
         categories are checked but do not change them."""
         images, _ = self.check_inputs(images, categories, prompt_names)
         with torch.no_grad():
-            return self._outputs(images, self.text_states())
+            states = self.text_states()
+            probabilities, image_logits = self._probabilities(images, states)
+            # The authors' map is (p_abnormal + 1 - p_normal) / 2 per layer, summed over layers.
+            summed = torch.stack([(p[:, 1] + 1 - p[:, 0]) / 2 for p in probabilities]).sum(0)
+            return AnomalyCLIPOutput(
+                anomaly_map=gaussian_blur(summed, self.sigma),
+                pred_score=image_logits.softmax(-1)[:, 1],
+                layer_probabilities=probabilities,
+                text_states=states,
+                image_logits=image_logits,
+            )
 
-    def _outputs(self, images: torch.Tensor, states: torch.Tensor) -> AnomalyCLIPOutput:
+    def _probabilities(self, images: torch.Tensor, states: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per layer the (B, 2, S, S) [normal, abnormal] probabilities, and the (B, 2) image logits."""
         encoded = self.encode_images(images)
         probabilities = [layer_probabilities(tokens.float(), states, self.image_size, self.temperature)
                          for tokens in encoded.patch_tokens]
-        # The authors' map is (p_abnormal + 1 - p_normal) / 2 per layer, summed over layers.
-        summed = torch.stack([(p[:, 1] + 1 - p[:, 0]) / 2 for p in probabilities]).sum(0)
         image_logits = F.normalize(encoded.global_tokens.float(), dim=-1) @ states.t() / self.temperature
-        return AnomalyCLIPOutput(
-            anomaly_map=gaussian_blur(summed, self.sigma),
-            pred_score=image_logits.softmax(-1)[:, 1],
-            layer_probabilities=probabilities,
-            text_states=states,
-            image_logits=image_logits,
-        )
+        return probabilities, image_logits
 
     # --- training (anovl fit) ---------------------------------------------------------------------------
 
@@ -254,15 +257,14 @@ class AnomalyCLIP(CLIPAnomalyModel):
         if masks.shape != (images.shape[0], *images.shape[-2:]):
             raise AnovlError(f"masks must be B×S×S like the images, got {tuple(masks.shape)} for "
                              f"{tuple(images.shape)} images")
-        out = self._outputs(images, self.text_states())
+        probabilities, image_logits = self._probabilities(images, self.text_states())
         target = (masks > 0.5).to(images.dtype)
         labels = target.flatten(1).amax(1).long()
-        probabilities = out.layer_probabilities
         return {
             "focal": MAP_LOSS_WEIGHT * sum(focal_loss(p, target) for p in probabilities),
             "dice": MAP_LOSS_WEIGHT * sum(binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target)
                                           for p in probabilities),
-            "image": F.cross_entropy(out.image_logits, labels),
+            "image": F.cross_entropy(image_logits, labels),
         }
 
     # --- settings -------------------------------------------------------------------------------------------
