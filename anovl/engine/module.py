@@ -60,6 +60,9 @@ from anovl.tracking import log_metrics, run_directory
 
 # The padded copies that this warning is about are dropped by AnomalyModule (see the module docstring).
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+# AnomalyModule's on_after_batch_transfer (the loader's uint8 -> normalised float) is meant to run whatever the
+# datamodule; Lightning warns about that on every run.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 
 def category_runs(categories: Sequence[str]) -> list[slice]:
