@@ -524,13 +524,26 @@ def missing_package_error(error: BaseException) -> AnovlError | None:
     return None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes (not as it was when the handler was made: a caller
+    that redirects stderr, pytest's capture say, may close the old one)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def show_anovl_info() -> None:
     """anovl's own informational log lines (e.g. that text embeddings came from the cache) on stderr, as
     Lightning's are, on the first process only."""
     logger = logging.getLogger("anovl")
     if logger.handlers or any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK")):
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

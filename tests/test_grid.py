@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -190,7 +192,7 @@ def test_cell_settings_leave_out_runtime_options_and_hash_plugins(tmp_path):
     assert setting_changes(edited, cell_settings(config, [str(plugin), "json"])) == ["plugin json added"]
 
 
-def test_a_variant_given_inline_imports_its_plugins(data_roots, tmp_path, capfd):
+def test_a_variant_given_inline_imports_its_plugins(data_roots, tmp_path):
     """A variant whose inline mapping names a plugin and its class: the grid resolves it (the plugin imported
     first), as the `anovl test` of the cell does."""
     patch_norm = CONFIGS.parent / "examples" / "plugins" / "patch_norm.py"
@@ -200,8 +202,10 @@ def test_a_variant_given_inline_imports_its_plugins(data_roots, tmp_path, capfd)
     document = yaml.safe_load(path.read_text())
     document["args"] = []  # the tiny model's options include AnoVL's num_views, which PatchNorm does not take
     path.write_text(yaml.safe_dump(document))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["grid", "--config", str(path), "--output", str(tmp_path / "out"), "--dry_run"])
-    captured = capfd.readouterr()
-    assert exit_info.value.code == 0, captured.err
-    assert "B × PatchNorm: new -> test" in captured.out and "patch_norm.PatchNorm" in captured.out
+    # In a process of its own: the plugin's import and registration must not leak into other tests.
+    result = subprocess.run([sys.executable, "-m", "anovl.cli", "grid", "--config", str(path), "--output",
+                             str(tmp_path / "out"), "--dry_run"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1",
+                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "B × PatchNorm: new -> test" in result.stdout and "patch_norm.PatchNorm" in result.stdout
