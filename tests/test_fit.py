@@ -18,6 +18,7 @@ from anovl.cli import main
 from anovl.data import SyntheticMVTecDataModule
 from anovl.data.synthetic import generate_mvtec_like
 from anovl.engine import AnomalyModule
+from anovl.errors import AnovlError
 from anovl.models import AprilGAN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,3 +221,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data_root, tmp_path):
     assert final["epoch"] == expected["epoch"]
     for key, value in expected["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0)
+
+
+def test_few_shot_from_a_folder_per_category(tmp_path):
+    root = generate_mvtec_like(tmp_path, ("widget",), n_good=1, n_defect=1, n_train=3, image_size=64)
+    model = tiny_aprilgan(few_shot_images=str(root / "{category}" / "train" / "good"), k_shot=2)
+    images = torch.randn(2, 3, 64, 64)
+    assert model(images, ["widget", "widget"]).few_shot_map is None  # no category started yet: zero-shot
+    model.start_category("widget")  # what the test loop calls before a category's first images
+    few_shot = model(images, ["widget", "widget"])
+    assert few_shot.few_shot_map is not None and model.settings()["few_shot"]["shots"] == 2
+    assert model.label.startswith("APRIL-GAN-few-shot")
+    with pytest.raises(AnovlError, match="no normal images of 'screw'"):
+        model.start_category("screw")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anovl.data.image_io import is_image_file, load_rgb
+from anovl.data.transforms import normalize, resize_image
 from anovl.errors import AnovlError
 from anovl.models.aprilgan.prompts import AprilGANPrompts
 from anovl.models.base import ModelOutput
@@ -72,6 +75,9 @@ class AprilGAN(CLIPAnomalyModel):
             (a ``.pth`` holding ``trainable_linearlayer``, their ``LinearLayer`` state dict).
         few_shot_layers: blocks whose raw tokens form the few-shot memory bank (authors: the same as
             ``layers``); used once :meth:`remember` has given a category normal images.
+        few_shot_images: few-shot from a run (``anovl test``): a folder of each category's normal images, with
+            ``{category}`` in its path (e.g. ``data/mvtec/{category}/train/good``); ``k_shot`` of them, drawn
+            with ``few_shot_seed``, become the category's memory bank when its first images come.
         lr, betas: Adam's settings for ``anovl fit`` (authors: 1e-3, (0.5, 0.999)).
         prompts: the prompt ensemble (default: the authors').
     """
@@ -86,6 +92,9 @@ class AprilGAN(CLIPAnomalyModel):
         layers: Sequence[int] = (6, 12, 18, 24),
         checkpoint: str | os.PathLike | None = None,
         few_shot_layers: Sequence[int] | None = None,
+        few_shot_images: str | None = None,
+        k_shot: int = 4,
+        few_shot_seed: int = 0,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
         prompts: AprilGANPrompts | None = None,
@@ -103,6 +112,12 @@ class AprilGAN(CLIPAnomalyModel):
                 or not all(0 <= beta < 1 for beta in betas):
             raise AnovlError(f"lr must be positive and betas two numbers in [0, 1), got lr={lr!r}, betas={betas!r}")
         self.lr, self.betas = float(lr), tuple(float(beta) for beta in betas)
+        if few_shot_images is not None and "{category}" not in str(few_shot_images):
+            raise AnovlError(f"few_shot_images must contain '{{category}}' (e.g. data/mvtec/{{category}}/train/good), "
+                             f"got {few_shot_images!r}")
+        if not (isinstance(k_shot, int) and k_shot >= 1):
+            raise AnovlError(f"k_shot must be a positive number of normal images, got {k_shot!r}")
+        self.few_shot_images, self.k_shot, self.few_shot_seed = few_shot_images, k_shot, few_shot_seed
         self.prompts = prompts or AprilGANPrompts()
         self.grid_size = self.encoder.grid_size(self.image_size)
         with torch.no_grad():
@@ -190,6 +205,22 @@ class AprilGAN(CLIPAnomalyModel):
         images, _ = self.check_inputs(images, [category] * len(images), None)
         _, tokens = self.encode(images, self.few_shot_layers)
         self._memory[category] = [F.normalize(layer.reshape(-1, layer.shape[-1]), dim=-1) for layer in tokens]
+
+    def start_category(self, category: str) -> None:
+        if self.few_shot_images is None or category in self._memory:
+            return
+        folder = Path(str(self.few_shot_images).replace("{category}", category)).expanduser()
+        files = sorted(path for path in folder.glob("*") if is_image_file(path)) \
+            if folder.is_dir() else []
+        if not files:
+            raise AnovlError(f"few-shot APRIL-GAN found no normal images of {category!r} in {folder} "
+                             "(few_shot_images)")
+        # k draws among the files (with replacement, as the authors draw), from the seed and the category alone.
+        generator = torch.Generator().manual_seed(self.few_shot_seed * 1_000_003 + sum(map(ord, category)))
+        chosen = [files[int(index)] for index in torch.randint(len(files), (self.k_shot,), generator=generator)]
+        size = (self.image_size, self.image_size)
+        self.remember(category, torch.stack([normalize(resize_image(load_rgb(path), size)) for path in chosen])
+                      .to(self.device))
 
     def forget(self) -> None:
         """Back to zero-shot: drop every category's memory bank."""
