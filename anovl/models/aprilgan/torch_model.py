@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
