@@ -404,7 +404,8 @@ class AnomalyModule(LightningModule):
             return []
         # Every epoch's end is a checkpoint (last.ckpt, and the latest epoch=N file, without which Lightning saves
         # no last.ckpt), so a killed run resumes from its last finished epoch.
-        return [ModelCheckpoint(dirpath=run_directory(self.trainer) / "checkpoints", save_last=True, save_top_k=1),
+        # Lightning puts them in the run's folder (RUN/checkpoints) once its logger has started (a W&B run's id).
+        return [ModelCheckpoint(save_last=True, save_top_k=1),
                 TrainingRun()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
