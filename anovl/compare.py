@@ -19,12 +19,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.markup import escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
-from anovl.results import (ALL_METRIC_TITLES, MEAN_ROW, RANDOM_WEIGHTS_WARNING, ResultsTable, atomic_write_text,
-                           console_for, markdown_escape, markdown_table)
+from anovl.io import csv_cell, markdown_cell, rich_text, write_file
+from anovl.results import ALL_METRIC_TITLES, MEAN_ROW, RANDOM_WEIGHTS_WARNING, ResultsTable, console_for, markdown_table
 
 DEFAULT_METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc")
 
@@ -100,7 +99,7 @@ def to_csv(records: list[dict[str, object]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in record.items()}
+    writer.writerows({key: repr(value) if isinstance(value, float) else csv_cell(value) for key, value in record.items()}
                      for record in records)
     return buffer.getvalue()
 
@@ -109,8 +108,8 @@ def to_markdown(tables) -> str:
     lines = ["# Comparison", "", "Metrics × 100; in brackets the difference to the first run.", ""]
     for title, headers, rows in tables:
         # Escaped category names cannot pose as the mean row, which is last and bold.
-        rows = [[markdown_escape(row[0]), *row[1:]] for row in rows[:-1]] + [[f"**{cell}**" for cell in rows[-1]]]
-        lines += [f"## {title}", "", *markdown_table(headers, rows), ""]
+        rows = [[markdown_cell(row[0]), *row[1:]] for row in rows[:-1]] + [[f"**{cell}**" for cell in rows[-1]]]
+        lines += [f"## {title}", "", *markdown_table([markdown_cell(header) for header in headers], rows), ""]
     return "\n".join(lines)
 
 
@@ -119,9 +118,9 @@ def _rich_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> list[T
     for title, headers, rows in tables:
         table = Table(title=title)
         for index, header in enumerate(headers):
-            table.add_column(escape(header), justify="left" if index == 0 else "right")
+            table.add_column(rich_text(header), justify="left" if index == 0 else "right")
         for index, row in enumerate(rows):
-            table.add_row(escape(row[0]), *row[1:], style="bold" if index == len(rows) - 1 else None)
+            table.add_row(rich_text(row[0]), *row[1:], style="bold" if index == len(rows) - 1 else None)
         rich_tables.append(table)
     return rich_tables
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         # Labels as wide as the terminal would be cut short in the headers: number the runs, name them above.
         keys = [f"run {index}" for index in range(1, len(labels) + 1)]
         for key, label in zip(keys, labels):
-            console.print(f"[bold]{key}[/bold]: {escape(label)}", overflow="fold", highlight=False)
+            console.print(f"[bold]{key}[/bold]: {rich_text(label)}", overflow="fold", highlight=False)
         rich_tables = _rich_tables(build_tables(runs, keys, args.metrics))
     for table in rich_tables:
         console.print(table)
@@ -152,5 +151,5 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         text = (to_csv(comparison_records(runs, labels, args.metrics)) if args.output.suffix.lower() == ".csv"
                 else to_markdown(tables))
-        atomic_write_text(args.output, text)
-        console.print(f"Comparison written to {args.output}")
+        write_file(args.output, text)
+        console.print(f"Comparison written to {rich_text(args.output)}")

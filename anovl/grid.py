@@ -43,6 +43,7 @@ import os
 import re
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ from rich.console import Console
 
 from anovl.compare import DEFAULT_METRICS, Run, build_tables, comparison_records, load_run, to_csv, to_markdown
 from anovl.errors import AnovlError
-from anovl.results import ALL_METRIC_TITLES, atomic_write_text
+from anovl.io import make_folder, markdown_cell, parse_json, read_json, read_text, read_yaml, rich_text, write_file
+from anovl.io.schemas import GridState
+from anovl.results import ALL_METRIC_TITLES
 
 GRID_KEYS = {"name", "variants", "datasets", "args", "metrics"}
 CELL_RECORD = "grid-cell.json"  # in a version folder: the settings that version ran with
@@ -103,18 +106,17 @@ def results_state(folder: Path) -> str:
     results = folder / "results.json"
     if not results.is_file():
         return "new"
-    try:
-        complete = json.loads(results.read_text(encoding="utf-8")).get("complete")
-    except (OSError, ValueError) as error:
-        raise AnovlError(f"cannot read {results} ({error}); move the folder away to run this cell again") from None
-    return "finished" if complete else "interrupted"
+    state = read_json(results, GridState, "the grid cell's results file", "move the folder away to run this cell again")
+    return "finished" if state.complete is True else "interrupted"
 
 
 def read_cell_record(folder: Path) -> dict[str, Any] | None:
     """The settings a version ran with; None where it has no readable record (then it matches nothing)."""
+    if not (folder / CELL_RECORD).is_file():
+        return None
     try:
-        record = json.loads((folder / CELL_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = parse_json(read_text(folder / CELL_RECORD, "grid cell record"), str(folder / CELL_RECORD))
+    except AnovlError:
         return None
     return record.get("settings") if isinstance(record, dict) else None
 
@@ -195,10 +197,13 @@ class Grid:
 
 
 def _name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value.strip() or any(char in value for char in "/\\\n"):
-        raise AnovlError(f"grid {what} name {value!r} must be a non-empty line without '/' or '\\' "
-                         "(it names a folder)")
-    return value.strip()
+    """A grid, variant or dataset name, validated like a run label: it names a folder, so no separators,
+    no control characters, and not ``.``, ``..`` or hidden."""
+    if (not isinstance(value, str) or not value.strip() or any(char in value for char in "/\\")
+            or not value.strip().isprintable() or value.strip().startswith(".")):
+        raise AnovlError(f"grid {what} name {value!r} must be a non-empty line without '/' or '\\', control "
+                         "characters or a leading '.' (it names a folder)")
+    return unicodedata.normalize("NFC", value.strip())
 
 
 def _config_values(entries: Any, where: str, base: Path) -> list[str]:
@@ -229,18 +234,22 @@ def _named_lists(document: dict[str, Any], key: str, path: Path) -> dict[str, li
         example = "{TFA: [], TTA-text: [tta/text.yaml]}" if key == "variants" else "{MVTec: [mvtec.yaml]}"
         raise AnovlError(f"{path}: '{key}' must map names to lists of config files or mappings, e.g. "
                          f"{key}: {example}")
-    return {_name(name, key[:-1]): _config_values(entries, f"{path} {key}.{name}", path.parent)
-            for name, entries in section.items()}
+    named = {}
+    folded: dict[str, Any] = {}
+    for name, entries in section.items():
+        clean = _name(name, key[:-1])
+        other = folded.setdefault(clean.casefold(), name)
+        if other != name:  # one folder for both, on any filesystem that folds case
+            raise AnovlError(f"{path}: the {key} {other!r} and {name!r} name the same folder; rename one")
+        named[clean] = _config_values(entries, f"{path} {key}.{name}", path.parent)
+    return named
 
 
 def load_grid(path: Path, output: Path | None) -> Grid:
     """The grid of a grid file: cells in dataset-major order, each with its --config values and folder."""
     if not path.is_file():
         raise AnovlError(f"grid file {path} not found")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise AnovlError(f"{path} is not valid YAML ({type(error).__name__})") from None
+    document = read_yaml(path, "grid file")
     if not isinstance(document, dict):
         raise AnovlError(f"{path} must be a mapping with 'variants' and 'datasets'")
     unknown = set(document) - GRID_KEYS
@@ -315,13 +324,13 @@ def comparison_csv(grid: Grid, runs: dict[tuple[str, str], Run]) -> str:
 
 
 def comparison_markdown(grid: Grid, runs: dict[tuple[str, str], Run]) -> str:
-    sections = [f"# Grid {grid.name}", ""]
+    sections = [f"# Grid {markdown_cell(grid.name)}", ""]
     for dataset in grid.datasets:
         variants = [variant for variant in grid.variants if (dataset, variant) in runs]
         if not variants:
             continue
         tables = build_tables([runs[dataset, variant] for variant in variants], variants, grid.metrics)
-        body = to_markdown(tables).replace("# Comparison", f"## {dataset}", 1).replace("\n## ", "\n### ")
+        body = to_markdown(tables).replace("# Comparison", f"## {markdown_cell(dataset)}", 1).replace("\n## ", "\n### ")
         sections.append(body)
     return "\n".join(sections)
 
@@ -344,13 +353,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         command = cell_command(grid, cell, extra)
         changes = f": {', '.join(cell.changes)}" if cell.changes else ""
-        console.print(f"[bold]{cell.dataset} × {cell.variant}[/bold]: {cell.state}{changes}"
-                      f"{'' if cell.state == 'finished' else ' -> ' + ' '.join(command[3:])}", highlight=False)
+        console.print(f"[bold]{rich_text(cell.dataset)} × {rich_text(cell.variant)}[/bold]: {cell.state}"
+                      f"{rich_text(changes)}{'' if cell.state == 'finished' else ' -> ' + rich_text(' '.join(command[3:]))}",
+                      highlight=False)
         if cell.state == "finished" or args.dry_run:
             continue
-        cell.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(cell.folder)
         # Recorded before the run, so that an interrupted run is recognised (and resumed) next time.
-        atomic_write_text(cell.folder / CELL_RECORD, json.dumps({"settings": settings[cell.dataset, cell.variant]},
+        write_file(cell.folder / CELL_RECORD, json.dumps({"settings": settings[cell.dataset, cell.variant]},
                                                                 indent=1))
         if subprocess.run(command).returncode != 0:
             failed.append(f"{cell.dataset} × {cell.variant}")
@@ -361,8 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or grid.cells[0].base.parent.parent
     if runs:
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "grid.md", comparison_markdown(grid, runs))
-        atomic_write_text(output / "grid.csv", comparison_csv(grid, runs))
+        write_file(output / "grid.md", comparison_markdown(grid, runs), root=output)
+        write_file(output / "grid.csv", comparison_csv(grid, runs), root=output)
         console.print(f"Comparison of {len(runs)} runs written to {output}/grid.md and grid.csv")
     if failed:
         raise AnovlError(f"{len(failed)} of {len(grid.cells)} runs failed ({', '.join(failed)}); their messages "

@@ -235,6 +235,8 @@ class AnovlCLI(LightningCLI):
         categories = getattr(self.datamodule, "categories", None)
         if categories is not None:
             rank_zero_info(f"{len(categories)} categories: {', '.join(categories)}")
+        if self.given_run_dir is not None and self.resume_dir is None:
+            refuse_other_run(self.model, self.trainer, self.datamodule, self.given_run_dir)
         if self.resume_dir is not None:
             earlier = continue_run(self.model, self.trainer, self.datamodule, self.resume_dir)
             if not self.datamodule.categories:
@@ -414,6 +416,20 @@ def continue_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataMod
     rank_zero_info(f"Resuming {run_dir}: {len(earlier.rows)} categories finished, "
                    f"{len(datamodule.categories)} to run: {', '.join(datamodule.categories) or 'none'}")
     return earlier
+
+
+def refuse_other_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataModule, run_dir: Path) -> None:
+    """``--run_dir`` onto a folder that holds a run's results: refused when that run had other settings (as
+    ``--resume`` would refuse them), so that finished results are never replaced by another run's."""
+    if not (run_dir / "results.json").is_file():
+        return
+    earlier = ResultsTable.read(run_dir)
+    module.trainer = trainer  # run_config reads the trainer's precision
+    differences = (["its settings are not recorded"] if earlier.config is None
+                   else config_differences(earlier.config, module.run_config(datamodule)))
+    if differences:
+        raise AnovlError(f"--run_dir {run_dir} holds the results of another run ({'; '.join(differences)}); "
+                         "choose a new folder, or continue that run with --resume and its own settings")
 
 
 def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:

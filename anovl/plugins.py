@@ -12,16 +12,22 @@ reads its configuration:
   repeated as it is;
 * those named in the environment variable ``ANOVL_PLUGINS`` (separated by ``:``).
 
-A ``.py`` file is imported as a module named after the file, so ``class_path: my_method.MyModel``
-finds a class in ``my_method.py``.
+A ``.py`` file is imported as a module of a unique name (``anovl_plugin_<stem>_<hash of its path>``), and
+also under its stem where that name is free, so ``class_path: my_method.MyModel`` finds a class in
+``my_method.py``; a ``yaml.py`` never replaces the real ``yaml``, and two files of one stem never collide
+(the second is named by its unique name only, with a warning). A plugin whose own imports are missing is one
+error line naming the missing module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterable
@@ -38,28 +44,69 @@ def load_plugin(spec: str) -> None:
     if not spec:
         raise AnovlError("empty plugin name; give a module name or a .py file")
     if spec.endswith(".py") or os.sep in spec or "/" in spec:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise AnovlError(f"plugin file not found: {path}")
-        name = path.stem
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise AnovlError(f"cannot import plugin file {path}")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # class_path: <name>.<Class> resolves to this module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception:
-            del sys.modules[name]
-            raise
+        _load_file(Path(spec).expanduser())
         return
     try:
         importlib.import_module(spec)
     except ModuleNotFoundError as error:
-        if error.name and spec.startswith(error.name):
+        if error.name and (spec == error.name or spec.startswith(error.name + ".")):
             raise AnovlError(f"plugin module {spec!r} not found; install its package or give the path to "
                              "a .py file") from None
+        raise _missing_dependency(spec, error) from None
+
+
+def _missing_dependency(plugin: str, error: ModuleNotFoundError) -> AnovlError:
+    missing = error.name or str(error)
+    return AnovlError(f"plugin {plugin} needs the module {missing!r}, which is not installed; install it "
+                      f"(pip install {missing.split('.')[0]}) or leave the plugin out")
+
+
+def _load_file(path: Path) -> None:
+    """A plugin file, imported as a module of its own unique name (``anovl_plugin_<stem>_<hash>``) so that it
+    never replaces an installed module (a ``yaml.py``) or another plugin file of the same stem. It is also
+    reachable by its stem (``class_path: my_method.MyModel``) where that name is free."""
+    if not path.is_file():
+        raise AnovlError(f"plugin file not found: {path}")
+    resolved = path.resolve()
+    identifier = re.sub(r"\W", "_", resolved.stem) or "plugin"
+    unique = f"anovl_plugin_{identifier}_{hashlib.sha256(str(resolved).encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    if unique in sys.modules:  # the same file named twice (a config and the environment, say)
+        return
+    module_spec = importlib.util.spec_from_file_location(unique, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise AnovlError(f"cannot import plugin file {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[unique] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except ModuleNotFoundError as error:
+        del sys.modules[unique]
+        raise _missing_dependency(str(path), error) from None
+    except BaseException:
+        del sys.modules[unique]
         raise
+    stem = resolved.stem
+    holder = sys.modules.get(stem)
+    if stem.isidentifier() and holder is None and _free(stem, resolved):
+        sys.modules[stem] = module  # class_path: <stem>.<Class> resolves to this module
+    elif getattr(holder, "__file__", None) != str(resolved):
+        taken = f"another plugin ({holder.__file__})" if getattr(holder, "__name__", "").startswith(
+            "anovl_plugin_") else "an installed module"
+        warnings.warn(f"plugin {path} is imported as module {unique}: the name {stem!r} is {taken}; name its "
+                      f"classes {unique}.<Class> in configs", PluginNameWarning, stacklevel=3)
+
+
+def _free(name: str, path: Path) -> bool:
+    """No installed module of this name (other than the file itself, found on the path)."""
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return found is None or (found.origin is not None and Path(found.origin).resolve() == path)
+
+
+class PluginNameWarning(UserWarning):
+    """A plugin file whose stem is taken (an installed module, another plugin) is reachable by its unique name."""
 
 
 # What the last load_plugins imported, for error messages about names a plugin should have registered.

@@ -23,16 +23,17 @@ import io
 import json
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from anovl.errors import AnovlError
+from anovl.io import csv_cell, markdown_cell, read_text, rich_text, validate, write_texts
+from anovl.io.reading import parse_json
+from anovl.io.schemas import ResultsRecord
 
 METRIC_TITLES = {
     "pixel_auroc": "pixel AUROC",
@@ -55,40 +56,6 @@ RANDOM_WEIGHTS_WARNING = (
     "WARNING: the backbone has random weights (pretrained: null), so these scores mean nothing; "
     "they only show that the pipeline runs. Set model.init_args.pretrained to real CLIP weights."
 )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write one file atomically (see :func:`atomic_write_texts`)."""
-    atomic_write_texts({Path(path): text})
-
-
-def atomic_write_texts(files: Mapping[Path, str]) -> None:
-    """Write files so that readers only ever see whole files, old or new, and a failure changes none of them.
-
-    Every file is first written and flushed to disk as a temporary file in its folder; only when all are
-    written are they renamed over the old ones. The temporary files are created with mode 0666 minus the umask,
-    as a plain ``open`` would, not 0600. Any OSError (a full disk, a read-only folder) becomes one AnovlError
-    and leaves no temporary file behind.
-    """
-    written: dict[Path, Path] = {}
-    try:
-        for path, text in files.items():
-            temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-            written[path] = temporary
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with open(descriptor, "w", encoding="utf-8", newline="") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for path, temporary in written.items():
-            os.replace(temporary, path)
-    except OSError as error:
-        raise AnovlError(f"cannot write {error.filename or path} ({error.strerror or type(error).__name__}); "
-                         "the results files written before are unchanged; free disk space or fix the folder's "
-                         "permissions") from None
-    finally:
-        for temporary in written.values():
-            temporary.unlink(missing_ok=True)
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -118,12 +85,6 @@ def console_for(*tables: Table) -> Console:
 
 def _one_decimal(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.1f}"
-
-
-def markdown_escape(text: str) -> str:
-    """Text shown literally in a Markdown table cell (a category named ``**x**`` or ``a|b``)."""
-    escaped = "".join(f"\\{char}" if char in "\\`*_[]<>|~" else char for char in text)
-    return " ".join(escaped.split())  # a line break would end the table row
 
 
 def _read_error(path: Path, problem: str) -> AnovlError:
@@ -173,10 +134,12 @@ class ResultsTable:
             raise AnovlError(f"{path} not found: give the folder of a run that finished at least one category "
                              "(runs/<name>/version_N), or start a new run without --resume")
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise _read_error(path, f"{type(error).__name__}: {error}") from None
+            document = parse_json(read_text(path, "results file"), "the file")
+        except AnovlError as error:
+            raise _read_error(path, str(error)) from None
         _check_document(path, document)
+        validate(document, ResultsRecord, f"{path} (not a results file that anovl test wrote)",
+                 "start a new run, or give the folder of another run")
         table = cls(path.parent, document["title"], document["random_weights"], label=document["label"],
                     config=document.get("config"), skipped_files=document.get("skipped_files") or [])
         for record in document["categories"]:
@@ -253,8 +216,8 @@ class ResultsTable:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["category", "images", *self.metric_names], lineterminator="\n")
         writer.writeheader()
-        writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in record.items()}
-                         for record in self.records())
+        writer.writerows({key: repr(value) if isinstance(value, float) else csv_cell(value)
+                          for key, value in record.items()} for record in self.records())
         return buffer.getvalue()
 
     def to_json(self) -> str:
@@ -299,7 +262,7 @@ class ResultsTable:
             lines += [f"_{self._status()}_", ""]
         if self.skipped_files:
             lines += [f"_{self._skipped_note()}_", ""]
-        rows = self._display_rows(markdown_escape)
+        rows = self._display_rows(markdown_cell)
         rows[-1] = [f"**{cell}**" for cell in rows[-1]]
         lines += markdown_table(self._headers(), rows)
         lines += ["", "Metrics × 100; the mean is over categories (n/a: undefined, left out of the mean)."]
@@ -314,14 +277,14 @@ class ResultsTable:
         except OSError as error:
             raise AnovlError(f"cannot create the results folder {self.directory} ({error.strerror}); "
                              "choose another output folder") from None
-        atomic_write_texts({self.directory / name: text
+        write_texts({self.directory / name: text
                             for name, text in zip(RESULT_FILES, (self.to_csv(), self.to_json(), self.to_markdown()))})
 
     def to_rich(self) -> Table:
-        table = Table(title=rich_escape(self.title) if self.title else None, caption="metrics × 100, mean over categories")
+        table = Table(title=rich_text(self.title) if self.title else None, caption="metrics × 100, mean over categories")
         for index, header in enumerate(self._headers()):
             table.add_column(header, justify="left" if index == 0 else "right")
-        rows = self._display_rows(rich_escape)  # a category named "[bold]x" is shown as it is
+        rows = self._display_rows(rich_text)  # a category named "[bold]x" or holding ESC is shown as it is
         for index, row in enumerate(rows[:-1]):
             table.add_row(*row, end_section=index == len(rows) - 2)
         table.add_row(*rows[-1], style="bold")
@@ -336,7 +299,7 @@ class ResultsTable:
         if self.skipped_files:
             console.print(self._skipped_note(), style="yellow")
         if self.directory is not None:
-            console.print(f"Results written to {self.directory}/{{{','.join(RESULT_FILES)}}}")
+            console.print(f"Results written to {rich_text(self.directory)}/{{{','.join(RESULT_FILES)}}}")
 
 
 def _read_thresholds(path: Path, document: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -12,7 +12,6 @@ Values the user gives win over the other two sources, threshold by threshold.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from anovl.errors import AnovlError
-from anovl.results import THRESHOLD_MEAN
+from anovl.io import read_text, validate
+from anovl.io.reading import parse_json
+from anovl.io.schemas import ResultsThresholds
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class Thresholds:
 
 
 def check_threshold(name: str, value: float | None) -> float | None:
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-        raise AnovlError(f"{name} must be a finite number, got {value!r}")
+    """A threshold the user gave: None, or a number in [0, 1] (maps and scores are probabilities)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not (math.isfinite(value) and 0.0 <= value <= 1.0)):
+        raise AnovlError(f"{name} must be a number in [0, 1] (maps and scores are probabilities), got {value!r}")
     return None if value is None else float(value)
 
 
@@ -76,18 +79,14 @@ class RunThresholds:
         if not path.is_file():
             raise AnovlError(f"{option}: {path} not found; give the results.json of a labelled "
                              "`anovl test` run (runs/<name>/version_N/results.json)")
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            section = document["thresholds"]
-            categories = {str(category): _threshold_pair(values) for category, values in section["categories"].items()}
-            mean = _threshold_pair(section[THRESHOLD_MEAN])
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise AnovlError(f"{option}: cannot read {path} ({error})") from None
-        except (KeyError, TypeError, AttributeError, ValueError):
+        document = parse_json(read_text(path, f"{option}:"), f"{option}: {path}")
+        if not isinstance(document, dict) or "thresholds" not in document:
             raise AnovlError(f"{option}: {path} holds no F1-max thresholds (written by `anovl test` "
                              "on labelled data since anovl saves them); run `anovl test` on labelled images first, "
-                             "or give --predictions.image_threshold / --predictions.pixel_threshold") from None
-        return cls(path, categories, mean)
+                             "or give --predictions.image_threshold / --predictions.pixel_threshold")
+        section = validate(document, ResultsThresholds, f"{option}: {path}").thresholds
+        return cls(path, {category: pair.model_dump() for category, pair in section.categories.items()},
+                   section.mean.model_dump())
 
     def for_category(self, category: str) -> Thresholds:
         """The category's thresholds if the run has them (each one defined), else the run's mean."""
@@ -104,16 +103,6 @@ class RunThresholds:
             raise AnovlError(f"predictions.thresholds: {self.path} has no defined threshold (its categories lack "
                              "normal or anomalous images); give --predictions.image_threshold / pixel_threshold")
         return Thresholds(values["image"], values["pixel"], f"F1-max of {self.path} ({'; '.join(origins)})")
-
-
-def _threshold_pair(values: Any) -> dict[str, float | None]:
-    pair = {}
-    for kind in ("image", "pixel"):
-        value = values[kind]
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ValueError(f"{kind} threshold {value!r}")
-        pair[kind] = None if value is None else float(value)
-    return pair
 
 
 def quantile_thresholds(image_scores: np.ndarray, pixel_values: np.ndarray, quantile: float, source: str) -> Thresholds:

@@ -25,6 +25,8 @@ A run that fails before it wrote any result removes the folder it created (and n
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from anovl.io import make_folder, write_file
 from anovl.results import RESULT_FILES, ResultsTable
 
 CONFIG_FILE = "config.yaml"
@@ -73,14 +76,35 @@ def log_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-def free_config_path(directory: Path) -> Path:
-    """``config.yaml`` in ``directory``, or ``config.<n>.yaml`` with the first free n where it exists (a
-    resumed run keeps the config of its first part)."""
-    path = directory / CONFIG_FILE
+def free_config_path(directory: Path, name: str = CONFIG_FILE) -> Path:
+    """``config.yaml`` (or ``name``) in ``directory``, or ``config.<n>.yaml`` with the first free n where
+    anything (a file, a link, a user's own file) is there: a resumed run keeps the config of its first part."""
+    stem, suffix = name.rsplit(".", 1)
+    path = directory / name
     index = 1
-    while path.exists():
-        path = directory / f"config.{index}.yaml"
+    while os.path.lexists(path):
+        path = directory / f"{stem}.{index}.{suffix}"
         index += 1
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters as plain YAML data (Lightning may pass its AttributeDict or objects)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def guard_hparams(logger: CSVLogger, root: Path) -> Path:
+    """Make the CSV logger write hparams.yaml through :mod:`anovl.io` (atomic, never through a link) and never
+    over a file that was there before the run (a user's own, or an earlier part's: then ``hparams.<n>.yaml``).
+    Lightning writes it on every ``log_hyperparams``, so its writer is replaced for this run."""
+    experiment = logger.experiment
+    path = free_config_path(Path(experiment.log_dir), experiment.NAME_HPARAMS_FILE)
+
+    def log_hparams(params: dict[str, Any]) -> None:
+        experiment.hparams.update(params)
+        write_file(path, yaml.safe_dump(_plain(dict(experiment.hparams)), sort_keys=False), root)
+
+    experiment.log_hparams = log_hparams
     return path
 
 
@@ -125,19 +149,19 @@ class RunTracker(SaveConfigCallback):
         folders = [*reversed(self.run_dir.parents), self.run_dir]
         existing = self.existing if self.existing is not None else {folder for folder in folders if folder.exists()}
         self.created = [folder for folder in folders if folder not in existing]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.run_dir)
         path = free_config_path(self.run_dir)
-        self.parser.save(self.config, path, overwrite=False, multifile=self.multifile)
+        write_file(path, self.parser.dump(self.config), self.run_dir)
         self.written.append(path)
         if path.name != CONFIG_FILE:
             rank_zero_info(f"{self.run_dir / CONFIG_FILE} exists (an earlier part of this run); this part's "
                            f"config is saved as {path.name}")
         config = self.full_config(trainer.state.fn.value)
         for logger in trainer.loggers:
-            logger.log_hyperparams(config)
             if isinstance(logger, CSVLogger):
-                logger.save()  # hparams.yaml now, so that a failed run's folder is recognisably its own
-                self.written.append(Path(logger.log_dir) / "hparams.yaml")
+                # hparams.yaml now, so that a failed run's folder is recognisably its own
+                self.written.append(guard_hparams(logger, self.run_dir))
+            logger.log_hyperparams(config)
 
     def full_config(self, command: str) -> dict[str, Any]:
         """The whole resolved configuration as plain data, plus the run's label and command."""

@@ -12,7 +12,7 @@ from anovl.callbacks import PanelWriter
 from anovl.data import MVTecDataModule, generate_mvtec_like
 from anovl.engine import AnomalyModule
 from anovl.models import AnoVL
-from anovl.visualization import output_stem
+from anovl.io.output_names import output_stem
 from tests.conftest import TINY
 
 SIZE = 64

@@ -178,8 +178,9 @@ def test_threshold_errors(mvtec_run, photos, tmp_path):
         AnomalyMapWriter(thresholds=str(path), normal_images=str(photos))
     with pytest.raises(AnovlError, match="between 0 and 1"):
         AnomalyMapWriter(quantile=1.5)
-    with pytest.raises(AnovlError, match="finite number"):
-        AnomalyMapWriter(image_threshold=float("nan"))
+    for bad in (float("nan"), 1e308, -5, True):
+        with pytest.raises(AnovlError, match=r"a number in \[0, 1\]"):
+            AnomalyMapWriter(image_threshold=bad)
     without = tmp_path / "old"
     ResultsTable(without, "old run").write()  # no category, so no thresholds
     with pytest.raises(AnovlError, match="holds no F1-max thresholds"):

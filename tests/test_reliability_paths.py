@@ -14,7 +14,7 @@ from PIL import Image
 
 from anovl.data import (FolderDataModule, MVTecDataModule, VisADataModule, generate_mvtec_like, generate_visa_like,
                         safe_component)
-from anovl.data.safe_names import MAX_COMPONENT_BYTES
+from anovl.io.safe_names import MAX_COMPONENT_BYTES
 from anovl.errors import AnovlError
 
 SIZE = 32

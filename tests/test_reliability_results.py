@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from anovl import compare, results
+from anovl import compare
+from anovl.io import files as io_files
 from anovl.errors import AnovlError
 from anovl.results import METRIC_TITLES, RESULT_FILES, ResultsTable
 
@@ -21,7 +22,7 @@ METRICS = dict.fromkeys(METRIC_TITLES, 0.5)
 
 
 def written_table(directory, categories=("bottle", "cable")) -> ResultsTable:
-    table = ResultsTable(directory, "run", False, len(categories) + 1, "tfa", config={"a": 1})
+    table = ResultsTable(directory, "run", False, len(categories) + 1, "tfa", config={"model": {"a": 1}})
     for index, category in enumerate(categories):
         table.add(category, {**METRICS, "pixel_auroc": 0.1 * (index + 1)}, index + 1)
     return table
@@ -39,17 +40,7 @@ def test_full_disk_is_one_error_and_keeps_the_previous_files(tmp_path, monkeypat
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    if failing_call == "write":
-        class FullDisk(io.StringIO):  # what a file on a full disk does: opens, then fails to write
-            def __init__(self, descriptor, *args, **kwargs):
-                super().__init__()
-                os.close(descriptor)
-
-            write = no_space
-
-        monkeypatch.setattr(results, "open", FullDisk, raising=False)
-    else:
-        monkeypatch.setattr(os, failing_call, no_space)
+    monkeypatch.setattr(io_files.os, failing_call, no_space)
     with pytest.raises(AnovlError) as error:
         table.add("carpet", METRICS, 3)
     message = str(error.value)

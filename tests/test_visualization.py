@@ -9,16 +9,14 @@ from PIL import Image, ImageDraw
 
 from anovl import AnovlError
 from anovl.data.transforms import normalize
+from anovl.io.output_names import OutputNames, output_component, output_stem
 from anovl.visualization import (
     BAR_WIDTH,
     OVERLAY_ALPHA,
-    OutputNames,
     colour_bar,
     denormalize,
     jet,
     map_to_png16,
-    output_component,
-    output_stem,
     overlay,
     panel,
     panel_lines,

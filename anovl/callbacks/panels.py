@@ -15,7 +15,9 @@ from anovl.callbacks.picks import Candidate, CategoryPicks
 from anovl.engine.module import category_runs
 from anovl.tracking import run_directory
 from anovl.errors import AnovlError
-from anovl.visualization import OutputNames, denormalize, panel, panel_lines, stack_padded
+from anovl.io import make_folder, write_file
+from anovl.io.output_names import OutputNames
+from anovl.visualization import denormalize, panel, panel_lines, stack_padded
 
 
 def log_gallery(trainer: Trainer, key: str, pictures: list[Image.Image], captions: list[str]) -> None:
@@ -34,6 +36,16 @@ def output_names(trainer: Trainer) -> OutputNames:
     dataset = getattr(getattr(trainer, "datamodule", None), "dataset", None)
     samples = getattr(dataset, "samples", ())
     return OutputNames((str(sample.image_path), sample.key, sample.category) for sample in samples)
+
+
+def output_root(trainer: Trainer, pl_module: LightningModule, directory: Path) -> Path:
+    """The run folder that holds ``directory`` (the results folder, else the logger's run folder), below which
+    no link is followed; ``directory`` itself when it lies elsewhere (the user chose it)."""
+    results_dir = getattr(pl_module, "results_dir", None)
+    for root in ([Path(results_dir)] if results_dir else []) + [run_directory(trainer)]:
+        if directory.absolute().is_relative_to(root.absolute()):
+            return root
+    return directory
 
 
 def _nan_to_none(value: float | None) -> float | None:
@@ -70,6 +82,7 @@ class PanelWriter(Callback):
         self.max_per_category = max_per_category
         self.output_dir = output_dir
         self.directory = Path(".")
+        self._root = self.directory
         self._names = OutputNames()
         self._keys: dict[str, str] = {}
         self._categories: list[str] = []  # of the whole dataset, in its order (the same on every process)
@@ -77,6 +90,7 @@ class PanelWriter(Callback):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.directory = Path(self.output_dir) if self.output_dir else run_directory(trainer) / "pictures"
+        self._root = output_root(trainer, pl_module, self.directory)
         self._pending = {}
         if self.max_per_category:
             self._names = output_names(trainer)
@@ -139,15 +153,14 @@ class PanelWriter(Callback):
         thresholds = getattr(results, "thresholds", {}).get(category, {})
         image_threshold = _nan_to_none(thresholds.get("image"))
         pixel_threshold = _nan_to_none(thresholds.get("pixel"))
-        folder = self.directory / self._names.folder(category)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_folder(self.directory / self._names.folder(category), self._root)
         pictures, captions = [], []
         for role, candidate in chosen:
             name = self._names.stem(candidate.image_path, category)
             lines = panel_lines(category, name, candidate.label, candidate.score, image_threshold, pixel_threshold,
                                 (float(candidate.anomaly_map.min()), float(candidate.anomaly_map.max())), role)
             picture = panel(candidate.rgb, candidate.anomaly_map, candidate.mask, lines, pixel_threshold)
-            picture.save(folder / f"{name}.png")
+            write_file(folder / f"{name}.png", picture.save, self._root)
             pictures.append(picture)
             captions.append(" | ".join(lines[:2]))
         log_gallery(trainer, f"pictures/{category}", pictures, captions)

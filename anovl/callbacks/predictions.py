@@ -16,13 +16,15 @@ from PIL import ExifTags, Image
 from rich.console import Console
 
 from anovl.callbacks.calibration import calibrate_on_normal_images
-from anovl.callbacks.panels import output_names
+from anovl.callbacks.panels import output_names, output_root
 from anovl.data.image_io import load_rgb
 from anovl.tracking import run_directory
 from anovl.errors import AnovlError
-from anovl.results import RANDOM_WEIGHTS_WARNING, atomic_write_text
+from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold
-from anovl.visualization import OutputNames, denormalize, map_to_png16, mask_to_png, overlay, resize_map
+from anovl.io import append_text, csv_cell, make_folder, terminal, write_file
+from anovl.io.output_names import OutputNames
+from anovl.visualization import denormalize, map_to_png16, mask_to_png, overlay, resize_map
 
 SCORE_COLUMNS = ("image_path", "category", "output", "score", "image_threshold", "pixel_threshold",
                  "predicted_label", "true_label")
@@ -53,7 +55,7 @@ class AnomalyMapWriter(BasePredictionWriter):
     is set, the true label where the data has one), in the dataset's order whatever the number of processes
     (under DDP each process writes ``scores.rank<N>.csv``, and rank 0 merges them into scores.csv at the end and
     removes them), and ``<output_dir>/thresholds.json`` the thresholds used per category and their source.
-    ``<name>`` is unique per category folder (see :class:`~anovl.visualization.OutputNames`).
+    ``<name>`` is unique per category folder (see :class:`~anovl.io.output_names.OutputNames`).
 
     Thresholds (see :mod:`anovl.thresholds`): from a test run's results.json (``thresholds``), a quantile of
     the scores of known-normal images (``normal_images``, ``quantile``), or given values (``image_threshold``,
@@ -93,6 +95,7 @@ class AnomalyMapWriter(BasePredictionWriter):
         self.quantile = check_quantile(quantile)
         self.directory: Path | None = None
         self._scores_file: Path | None = None
+        self._root: Path | None = None
         self._names = OutputNames()
         self._run_thresholds: RunThresholds | None = None
         self._normal_thresholds: Thresholds | None = None
@@ -106,11 +109,11 @@ class AnomalyMapWriter(BasePredictionWriter):
         self._used = {}
         self._names = output_names(trainer)
         self.directory = Path(self.output_dir) if self.output_dir else run_directory(trainer) / "predictions"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._root = output_root(trainer, pl_module, self.directory)
+        make_folder(self.directory, self._root)
         name = "scores.csv" if trainer.world_size == 1 else f"scores.rank{trainer.global_rank}.csv"
         self._scores_file = self.directory / name
-        with self._scores_file.open("w", newline="") as handle:
-            csv.writer(handle).writerow(SCORE_COLUMNS)
+        write_file(self._scores_file, _csv_rows([SCORE_COLUMNS]), self._root)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.normal_images is not None:
@@ -132,25 +135,26 @@ class AnomalyMapWriter(BasePredictionWriter):
         rows = []
         for index, (image_path, category) in enumerate(zip(prediction["image_path"], prediction["category"])):
             thresholds = self.thresholds_for(category)
-            folder = self.directory / self._names.folder(category)
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = make_folder(self.directory / self._names.folder(category), self._root)
             stem = self._names.stem(image_path, category)
             anomaly_map, rgb = self._map_and_image(prediction["anomaly_map"][index], batch["image"][index], image_path)
             values = anomaly_map.numpy()
             mask = values >= thresholds.pixel if thresholds.pixel is not None else None
+            files = {}
             if self.overlays:
-                Image.fromarray(overlay(rgb, values, thresholds.pixel)).save(folder / f"{stem}_overlay.png")
+                files[f"{stem}_overlay.png"] = Image.fromarray(overlay(rgb, values, thresholds.pixel)).save
             if self.raw_maps:
-                np.save(folder / f"{stem}_map.npy", values.astype(np.float32))
-                map_to_png16(values).save(folder / f"{stem}_map.png")
+                files[f"{stem}_map.npy"] = lambda path, values=values: np.save(path, values.astype(np.float32))
+                files[f"{stem}_map.png"] = map_to_png16(values).save
             if mask is not None:
-                mask_to_png(mask).save(folder / f"{stem}_mask.png")
+                files[f"{stem}_mask.png"] = mask_to_png(mask).save
+            for name, writer in files.items():
+                write_file(folder / name, writer, self._root)
             score = float(prediction["pred_score"][index])
             predicted = "" if thresholds.image is None else LABEL_WORDS[int(score >= thresholds.image)]
             rows.append((image_path, category, stem, repr(score), _cell(thresholds.image), _cell(thresholds.pixel),
                          predicted, LABEL_WORDS.get(int(labels[index]), "")))
-        with self._scores_file.open("a", newline="") as handle:
-            csv.writer(handle).writerows(rows)
+        append_text(self._scores_file, _csv_rows(rows), self._root)
 
     def _map_and_image(self, anomaly_map: torch.Tensor, image: torch.Tensor,
                        image_path: str) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -167,32 +171,32 @@ class AnomalyMapWriter(BasePredictionWriter):
             if trainer.is_global_zero:
                 samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
                 merge_score_parts(self.directory, trainer.world_size,
-                                  {str(sample.image_path): index for index, sample in enumerate(samples)})
+                                  {str(sample.image_path): index for index, sample in enumerate(samples)}, self._root)
         if not trainer.is_global_zero:
             return
         for category in getattr(trainer.datamodule, "categories", None) or []:
             self.thresholds_for(category)
-        (self.directory / "thresholds.json").write_text(
-            json.dumps({"rule": "anomalous where score (image) or map value (pixel) >= threshold",
-                        "categories": {category: used.as_dict() for category, used in self._used.items()}},
-                       indent=2) + "\n", encoding="utf-8")
+        write_file(self.directory / "thresholds.json", json.dumps(
+            {"rule": "anomalous where score (image) or map value (pixel) >= threshold",
+             "categories": {category: used.as_dict() for category, used in self._used.items()}},
+            indent=2) + "\n", self._root)
         console = Console()
         for category, used in self._used.items():
-            console.print(f"{category}: image threshold {_cell(used.image) or 'none'}, pixel threshold "
-                          f"{_cell(used.pixel) or 'none'} ({used.source})", markup=False)
-        console.print(f"Anomaly maps and scores written to {self.directory}", markup=False)
+            console.print(terminal(f"{category}: image threshold {_cell(used.image) or 'none'}, pixel threshold "
+                                   f"{_cell(used.pixel) or 'none'} ({used.source})"), markup=False)
+        console.print(f"Anomaly maps and scores written to {terminal(self.directory)}", markup=False)
         if getattr(pl_module, "random_weights", False):
             console.print(RANDOM_WEIGHTS_WARNING, style="bold red")
 
 
-def merge_score_parts(directory: Path, parts: int, order: dict[str, int]) -> None:
+def merge_score_parts(directory: Path, parts: int, order: dict[str, int], root: Path | None = None) -> None:
     """Merge ``scores.rank<N>.csv`` (N < ``parts``) into one scores.csv: the rows in dataset order (``order``:
     image path -> position), each image once, then remove the parts. An image the dataset does not list (not
     expected) keeps its place after the listed ones."""
     files = [directory / f"scores.rank{rank}.csv" for rank in range(parts)]
     rows: dict[tuple[str, str], list[str]] = {}
     for path in files:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:  # as append_text wrote
             reader = csv.reader(handle)
             next(reader, None)  # the header
             for row in reader:
@@ -200,9 +204,16 @@ def merge_score_parts(directory: Path, parts: int, order: dict[str, int]) -> Non
     ordered = sorted(rows.values(), key=lambda row: order.get(row[0], len(order)))
     text = io.StringIO(newline="")
     csv.writer(text).writerows([SCORE_COLUMNS, *ordered])
-    atomic_write_text(directory / "scores.csv", text.getvalue())
+    write_file(directory / "scores.csv", text.getvalue().encode("utf-8", "surrogateescape"), root)
     for path in files:
         path.unlink()
+
+
+def _csv_rows(rows: list[tuple]) -> str:
+    """CSV text of rows; text from data (paths, categories, names) cannot start a formula."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([csv_cell(value) for value in row] for row in rows)
+    return buffer.getvalue()
 
 
 def _cell(value: float | None) -> str:

@@ -17,7 +17,7 @@ _MODULES = {
     "anovl.data.image_io": ("BadImageError", "IMAGE_EXTENSIONS", "check_mask_size", "is_image_file", "load_mask",
                             "load_rgb"),
     "anovl.data.mvtec": ("MVTecDataModule",),
-    "anovl.data.safe_names": ("safe_component",),
+    "anovl.io.safe_names": ("safe_component",),
     "anovl.data.synthetic": ("SyntheticMVTecDataModule", "generate_mvtec_like", "generate_visa_like"),
     "anovl.data.decoded_cache": ("DecodedCache",),
     "anovl.data.transforms": ("CLIP_MEAN", "CLIP_STD", "normalize", "normalize_images", "prepare_batch", "resize_image",

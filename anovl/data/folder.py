@@ -7,7 +7,7 @@ from typing import Any
 
 from anovl.data.datamodule import AnomalyDataModule
 from anovl.data.dataset import Sample
-from anovl.data.listing import find_mask, index_by_stem, require_dir, warn_unused_images
+from anovl.data.listing import find_mask, index_by_stem, require_dir, warn_skipped_files, warn_unused_images
 from anovl.data.image_io import IMAGE_EXTENSIONS, has_image_extension, is_image_file
 from anovl.data.paths import check_inside, walk_files
 from anovl.errors import AnovlError
@@ -134,4 +134,5 @@ class FolderDataModule(AnomalyDataModule):
             images = loose
         if not images:
             raise AnovlError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}; expected {FOLDER_LAYOUT}")
+        warn_skipped_files(folder)
         return images

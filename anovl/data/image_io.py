@@ -64,6 +64,9 @@ def is_image_file(path: Path) -> bool:
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image as an upright ``uint8 H×W×3`` RGB array; raises :class:`BadImageError` if unusable."""
     with _open_upright(path, "image") as image:
+        if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+            # Scaling to the finite range would make every other pixel black (one inf) or fail (NaN).
+            raise BadImageError(f"image {path} has non-finite pixel values (inf or NaN); {_FIX}")
         try:
             return np.array(_rgb_image(image), dtype=np.uint8)
         except Exception as error:

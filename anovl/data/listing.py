@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anovl.data.dataset import Sample
-from anovl.data.image_io import has_image_extension
+from anovl.data.image_io import IMAGE_EXTENSIONS, has_image_extension
+from anovl.io.text import terminal
 from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
 
@@ -34,6 +35,22 @@ def warn_unused_images(paths: Sequence[Path], layout: str) -> None:
     if paths:
         shown = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
         warnings.warn(f"{len(paths)} image files are not part of the layout ({layout}) and are not used: {shown}",
+                      UnusedFilesWarning, stacklevel=3)
+
+
+def warn_skipped_files(folder: Path) -> None:
+    """The visible files below ``folder`` that are not supported images (a .gif, a .webp, notes) are named,
+    every one, in a warning: the data is never dropped silently."""
+    skipped = []
+    for directory, folders, files in os.walk(folder):  # links to folders are not followed
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        skipped += [Path(directory, name) for name in files
+                    if not name.startswith(".") and not has_image_extension(Path(name))]
+    skipped.sort()
+    if skipped:
+        warnings.warn(f"{len(skipped)} files in {terminal(folder)} are not supported images "
+                      f"({', '.join(sorted(IMAGE_EXTENSIONS))}) and are skipped: "
+                      f"{', '.join(terminal(path.relative_to(folder)) for path in skipped)}",
                       UnusedFilesWarning, stacklevel=3)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,12 +23,13 @@ import torch
 from PIL import Image
 
 from anovl.data.image_io import BadImageError, load_rgb
-from anovl.data.safe_names import safe_component
+from anovl.io.safe_names import safe_component
 from anovl.deploy.export_cli import MODEL_OVERRIDE_PREFIX, model_from_config, parse_model_overrides
-from anovl.deploy.sidecar import check_threshold
+from anovl.thresholds import check_threshold
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
 from anovl.results import RANDOM_WEIGHTS_WARNING
+from anovl.io import html_text, write_file
 from anovl.visualization import overlay
 
 # The demo model of configs/demo.yaml, embedded so that the app runs from an installed package too.
@@ -45,8 +47,8 @@ class Analyzer:
     def __init__(self, model: torch.nn.Module, image_threshold: float | None = None,
                  pixel_threshold: float | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
                  max_megapixels: float = MAX_MEGAPIXELS, output_dir: str | os.PathLike | None = None):
-        check_threshold("image", image_threshold)
-        check_threshold("pixel", pixel_threshold)
+        check_threshold("--image-threshold", image_threshold)
+        check_threshold("--pixel-threshold", pixel_threshold)
         self.model = model
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
@@ -69,21 +71,28 @@ class Analyzer:
     def load(self, path: str | None) -> np.ndarray:
         if not path:
             raise AnovlError("upload an image first")
+        if not os.path.isfile(path):
+            raise AnovlError("the upload is gone (each upload is deleted after use); upload the image again")
+        name = Path(path).name
         size = os.path.getsize(path)
         if size == 0:
-            raise AnovlError(f"{Path(path).name} is empty; upload an image file (PNG, JPEG, BMP, TIFF)")
+            raise AnovlError(f"{name} is empty; upload an image file (PNG, JPEG, BMP, TIFF)")
         if size > self.max_upload_mb * 2**20:
-            raise AnovlError(f"{Path(path).name} is {size / 2**20:.3g} MB; the demo takes images up to "
+            raise AnovlError(f"{name} is {size / 2**20:.3g} MB; the demo takes images up to "
                              f"{self.max_upload_mb:g} MB")
+        unreadable = AnovlError(f"{name} is not a readable image; upload a PNG, JPEG, BMP or TIFF file")
         try:
-            rgb = load_rgb(path)
+            with Image.open(path) as image:  # the header only: a small file may declare a huge image
+                width, height = image.size
+        except Exception:  # noqa: BLE001 - Pillow's many errors for files that are not images (bombs included)
+            raise unreadable from None
+        if width * height > self.max_megapixels * 1e6:
+            raise AnovlError(f"{name} has {width}×{height} pixels; the demo takes images up to "
+                             f"{self.max_megapixels:g} megapixels")
+        try:
+            return load_rgb(path)
         except BadImageError:  # its message names the server's temporary copy, not the user's file
-            raise AnovlError(f"{Path(path).name} is not a readable image; upload a PNG, JPEG, BMP or TIFF "
-                             "file") from None
-        if rgb.shape[0] * rgb.shape[1] > self.max_megapixels * 1e6:
-            raise AnovlError(f"{Path(path).name} has {rgb.shape[1]}×{rgb.shape[0]} pixels; the demo takes images "
-                             f"up to {self.max_megapixels:g} megapixels")
-        return rgb
+            raise unreadable from None
 
     def __call__(self, path: str | None, category: str | None) -> dict[str, Any]:
         """``status`` (Markdown), ``score`` (text), ``overlay`` and ``mask`` (uint8 arrays), ``mask_file`` (a PNG)."""
@@ -102,10 +111,12 @@ class Analyzer:
         result = predict(self.model, rgb, category, image_threshold, pixel_threshold)
         verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
         mask = (result.pred_mask.astype(np.uint8) * 255)
-        # The class comes from the page: the file name must not let it choose a folder.
-        mask_path = self.output_dir / f"{safe_component(f'{Path(path).stem}_{category}_mask')}.png"
-        Image.fromarray(mask).save(mask_path)
-        status = f"**{category}**: image score {result.pred_score:.4f}{verdict}, " \
+        # The class comes from the page: the file name must not let it choose a folder; the token keeps
+        # concurrent requests (the same image and class, say) from sharing a file.
+        stem = safe_component(f"{Path(path).stem}_{category}_mask")[:120]
+        mask_path = write_file(self.output_dir / f"{stem}_{secrets.token_hex(6)}.png", Image.fromarray(mask).save,
+                               self.output_dir)
+        status = f"**{html_text(category)}**: image score {result.pred_score:.4f}{verdict}, " \
                  f"{int(result.pred_mask.sum())} of {mask.size} pixels at or above {pixel_threshold:g}."
         if self.random_weights:
             notes.append(f"**{RANDOM_WEIGHTS_WARNING}**")
@@ -142,7 +153,10 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = ()):
             try:
                 result = analyzer(path, name)
             except AnovlError as error:
-                return f"**Error:** {error}", "", None, None, None
+                return f"**Error:** {html_text(error)}", "", None, None, None  # names from the page, escaped
+            finally:
+                if path:  # a stranger's upload is kept no longer than its analysis
+                    Path(path).unlink(missing_ok=True)
             return result["status"], result["score"], result["overlay"], result["mask"], result["mask_file"]
 
         run.click(analyze, [upload, category], [status, score, overlay_view, mask_view, mask_file])

@@ -15,6 +15,7 @@ pixel thresholds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import warnings
@@ -24,8 +25,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from anovl.deploy.sidecar import FORMATS, INPUT_NAMES, OUTPUT_NAMES, ExportClass, Sidecar, check_threshold, sidecar_path
+from anovl.deploy.sidecar import FORMATS, INPUT_NAMES, OUTPUT_NAMES, ExportClass, Sidecar, sidecar_path
 from anovl.errors import AnovlError
+from anovl.io import make_folder, refuse_links, replace_together, write_error
+from anovl.thresholds import check_threshold
 
 ONNX_OPSET = 18  # GridSample with reflection padding needs opset >= 16
 
@@ -106,8 +109,8 @@ def export_model(model: nn.Module, classes: Sequence[ExportClass | str], output:
         raise AnovlError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     classes = [(ExportClass.parse(entry) if isinstance(entry, str) else entry).resolved() for entry in classes]
     for entry in classes:
-        check_threshold("image", entry.image_threshold)
-        check_threshold("pixel", entry.pixel_threshold)
+        check_threshold(f"the image threshold of {entry.category}", entry.image_threshold)
+        check_threshold(f"the pixel threshold of {entry.category}", entry.pixel_threshold)
     module = build_exportable(model, classes, num_views)
     path = Path(output).expanduser()
     if not path.suffix:
@@ -116,15 +119,35 @@ def export_model(model: nn.Module, classes: Sequence[ExportClass | str], output:
         raise AnovlError(f"a {format} export is written as *{FORMATS[format]}, not {path.name}")
     if path.is_dir():
         raise AnovlError(f"output {path} is a folder; give a file name such as {path / ('model' + FORMATS[format])}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        WRITERS[format](module, path)
     with _views_set_to(model, module.num_views):
         label, settings = model.label, model.settings()
     sidecar = Sidecar(format=format, image_size=model.image_size, classes=list(classes), num_views=module.num_views,
                       label=label, settings=settings)
-    sidecar_path(path).write_text(sidecar.to_json(), encoding="utf-8")
+    files = [path, path.with_suffix(".bin")] if format == "openvino" else [path]
+    for file in [*files, sidecar_path(path)]:
+        refuse_links(file)
+    make_folder(path.parent)
+    # The exporter writes into a scratch folder beside the output; the model, its .bin and its sidecar then
+    # replace the old ones together (an earlier good export stays whole if anything fails).
+    try:
+        scratch_folder = tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", ignore_cleanup_errors=True)
+    except OSError as error:
+        raise write_error(path, error) from None
+    with scratch_folder as scratch:
+        try:
+            with torch.no_grad():
+                WRITERS[format](module, Path(scratch) / path.name)
+        except AnovlError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a full disk or a file-size limit surfaces as C++ errors too
+            raise write_error(path, error) from None
+        moves = {file: functools.partial(_move, Path(scratch) / file.name) for file in files}
+        replace_together({**moves, sidecar_path(path): sidecar.to_json()})
     return path
+
+
+def _move(source: Path, target: Path) -> None:
+    os.replace(source, target)
 
 
 # ----------------------------------------------------------------------------- building the model from a config

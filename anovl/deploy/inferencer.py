@@ -94,6 +94,8 @@ def _as_rgb(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise AnovlError(f"give an image as a path, a PIL image or a uint8 H×W×3 RGB array, not an array of "
                          f"{array.dtype} {array.shape}")
+    if 0 in array.shape[:2]:
+        raise AnovlError(f"the image is {array.shape[1]}×{array.shape[0]} pixels; give an image with pixels")
     return array
 
 
@@ -160,6 +162,7 @@ class ExportedModel(AnomalyModel):
             if self.backend == "torch":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the format is asked for
+                    # A TorchScript file is code, like a pickle (docs/SECURITY.md): only load files you would run.
                     self.scripted = torch.jit.load(str(self.path), map_location="cpu")
             else:
                 self._runner = (_onnxruntime_runner if self.backend == "onnxruntime" else _openvino_runner)(self.path, threads)
@@ -169,6 +172,21 @@ class ExportedModel(AnomalyModel):
             raise AnovlError(f"cannot load {self.path} with {self.backend} ({type(error).__name__}: "
                              f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); "
                              "export the model again") from None
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """Run the graph once on a blank image of the sidecar's size with its last class: a sidecar that does not
+        fit its graph (another size, more classes than the graph holds, other outputs) is refused here."""
+        size = self.image_size
+        try:
+            self._run(torch.zeros(1, 3, size, size), torch.tensor([len(self.class_index) - 1]))
+        except AnovlError as error:
+            raise AnovlError(f"the sidecar {sidecar_path(self.path)} does not fit the graph {self.path.name}: "
+                             f"{error}; export the model again") from None
+        except Exception as error:  # noqa: BLE001 - the runtimes' own error types for a graph that cannot run
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise AnovlError(f"the sidecar {sidecar_path(self.path)} does not fit the graph {self.path.name} "
+                             f"({type(error).__name__}: {first}); export the model again") from None
 
     @property
     def classes(self) -> list[str]:
@@ -215,17 +233,31 @@ class ExportedModel(AnomalyModel):
     def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
                 **extras: Any) -> ModelOutput:
         size = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise AnovlError(f"images must be a B×3×{size}×{size} tensor, got shape {tuple(images.shape)}")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise AnovlError(f"images must be a B×3×{size}×{size} tensor, got {tuple(getattr(images, 'shape', ()))}")
+        # What AnoVL refuses too: an empty batch, images that are not normalised floats, a category count mismatch.
+        if images.shape[0] == 0:
+            raise AnovlError("the batch is empty; give at least one image")
+        if not images.is_floating_point():
+            raise AnovlError(f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
+                             "anovl.data.transforms (resize_image, then normalize)")
         if len(categories) != images.shape[0]:
             raise AnovlError(f"give one category per image ({images.shape[0]}), got {len(categories)}")
         class_index = torch.tensor(self.indices(categories, prompt_names), dtype=torch.int64)
+        return self._run(images, class_index)
+
+    def _run(self, images: torch.Tensor, class_index: torch.Tensor) -> ModelOutput:
         if self.scripted is not None:
             with torch.no_grad():
                 maps, scores = self.scripted(images.float(), class_index.to(images.device))
-            return ModelOutput(maps, scores)
-        maps, scores = self._runner(images.detach().float().cpu().contiguous().numpy(), class_index.numpy())
-        return ModelOutput(torch.from_numpy(maps).to(images.device), torch.from_numpy(scores).to(images.device))
+        else:
+            maps, scores = (torch.from_numpy(np.asarray(output)).to(images.device) for output in self._runner(
+                images.detach().float().cpu().contiguous().numpy(), class_index.numpy()))
+        batch, size = images.shape[0], self.image_size
+        if tuple(maps.shape) != (batch, size, size) or tuple(scores.shape) != (batch,):
+            raise AnovlError(f"the exported graph gave outputs of shapes {tuple(maps.shape)} and {tuple(scores.shape)}, "
+                             f"not ({batch}, {size}, {size}) and ({batch},)")
+        return ModelOutput(maps, scores)
 
     def predict(self, image: str | os.PathLike | Image.Image | np.ndarray, category: str) -> Prediction:
         """One image (path, PIL image or uint8 RGB array) of ``category``, with the recorded thresholds."""

@@ -12,9 +12,13 @@ from typing import Any
 from anovl import categories as category_registry
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD
 from anovl.errors import AnovlError
+from anovl.io import read_text, validate
+from anovl.io.reading import parse_json
+from anovl.io.schemas import SidecarRecord
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
 SIDECAR_VERSION = 1
+MAX_SIDECAR_BYTES = 4 * 2**20
 INPUT_NAMES = ("images", "class_index")
 OUTPUT_NAMES = ("anomaly_map", "pred_score")
 
@@ -84,25 +88,16 @@ class Sidecar:
         if not path.is_file():
             raise AnovlError(f"the sidecar {path} of the exported model is missing; `anovl export` writes the "
                              "model and its .json side by side: keep them together or export again")
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if record.get("version") != SIDECAR_VERSION:
-                raise AnovlError(f"sidecar {path} has version {record.get('version')!r} but this anovl reads "
-                                 f"version {SIDECAR_VERSION}; export the model again")
-            preprocessing = record["preprocessing"]
-            return cls(
-                format=record["format"], classes=[ExportClass(**entry) for entry in record["classes"]],
-                num_views=int(record["num_views"]), label=record["label"], settings=record["settings"],
-                image_size=int(preprocessing["image_size"]), mean=tuple(preprocessing["mean"]),
-                std=tuple(preprocessing["std"]), interpolation=preprocessing["interpolation"],
-            )
-        except AnovlError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise AnovlError(f"sidecar {path} is not an anovl export record ({type(error).__name__}: {error}); "
-                             "export the model again") from None
-
-
-def check_threshold(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise AnovlError(f"the {name} threshold must be a probability in [0, 1], got {value!r}")
+        document = parse_json(read_text(path, "sidecar", MAX_SIDECAR_BYTES), f"sidecar {path}")
+        if isinstance(document, dict) and document.get("version") != SIDECAR_VERSION:
+            raise AnovlError(f"sidecar {path} has version {document.get('version')!r} but this anovl reads "
+                             f"version {SIDECAR_VERSION}; export the model again")
+        record = validate(document, SidecarRecord, f"sidecar {path} (not an anovl export record)", "export the model again")
+        if record.format not in FORMATS:
+            raise AnovlError(f"sidecar {path}: format {record.format!r} is not one of {', '.join(FORMATS)}; "
+                             "export the model again")
+        preprocessing = record.preprocessing
+        return cls(format=record.format, classes=[ExportClass(**entry.model_dump()) for entry in record.classes],
+                   num_views=record.num_views, label=record.label, settings=record.settings,
+                   image_size=preprocessing.image_size, mean=tuple(preprocessing.mean), std=tuple(preprocessing.std),
+                   interpolation=preprocessing.interpolation)

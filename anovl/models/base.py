@@ -237,7 +237,9 @@ def make_label(method: str, variant: str, differences: dict[str, Any]) -> str:
 
 
 def check_label(label: str) -> str:
-    """A user-given run label: non-empty, one line, no path separators (it names W&B runs and columns)."""
-    if not isinstance(label, str) or not label.strip() or any(char in label for char in "/\\\n\r\t"):
-        raise AnovlError(f"label {label!r} must be a non-empty line without '/' or '\\'")
+    """A user-given run label: non-empty, one line, no path separators or control characters (it names W&B
+    runs, columns and folders, and is printed)."""
+    if (not isinstance(label, str) or not label.strip() or any(char in label for char in "/\\")
+            or not label.isprintable()):
+        raise AnovlError(f"label {label!r} must be a non-empty line without '/', '\\' or control characters")
     return label.strip()

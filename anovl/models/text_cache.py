@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ from safetensors.torch import save_file
 from anovl.backbones import Backbone
 from anovl.cache import cache_root
 from anovl.backbones.tokenizers import KnownTokenizer
-from anovl.data.safe_names import safe_component
+from anovl.io import make_folder, write_file
+from anovl.io.safe_names import safe_component
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 3
@@ -125,6 +125,7 @@ class TextEmbeddingCache:
         self._on_device: dict[tuple, TextEmbeddings] = {}  # copies moved once per device, not per batch
         self._token_digests: dict[tuple[str, ...], str] = {}  # of callables that are not KnownTokenizers
         self._hit_logged = False  # the first read from disk is logged, the others would only repeat it
+        self._text_width: int | None = None
 
     def key(self, sentences: Sequence[str]) -> dict[str, str]:
         return {
@@ -203,24 +204,31 @@ class TextEmbeddingCache:
             log.warning("ignoring unreadable text-embedding cache %s (%s); re-encoding", path, error)
             return None
         if (metadata != self.key(sentences) or embeddings.ndim != 2 or embeddings.shape[0] != len(sentences)
-                or not embeddings.is_floating_point()):
-            log.warning("ignoring text-embedding cache %s: it holds other sentences or shapes; re-encoding", path)
+                or embeddings.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                or embeddings.shape[1] != self._width()):
+            log.warning("ignoring text-embedding cache %s: it holds other sentences, shapes or dtypes; re-encoding",
+                        path)
+            return None
+        if not torch.isfinite(embeddings).all():
+            log.warning("ignoring text-embedding cache %s: it holds NaN or infinite values; re-encoding", path)
             return None
         return embeddings.float()
 
+    def _width(self) -> int:
+        """The width of this backbone's text embeddings (one short sentence encoded, once), which an entry read
+        from disk must have."""
+        if self._text_width is None:
+            self._text_width = int(encode_sentences(self.backbone, ["a photo"]).shape[1])
+        return self._text_width
+
     def _save(self, sentences: list[str], embeddings: torch.Tensor) -> None:
         path = self.path(sentences)
-        temporary = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename so a crash or a parallel process never leaves a half-written file.
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-            os.close(handle)
-            save_file({"embeddings": embeddings.contiguous()}, temporary, metadata=self.key(sentences))
-            os.replace(temporary, path)
+            # Atomic and never through a link (anovl.io), so a crash or a parallel process never leaves a
+            # half-written file.
+            make_folder(path.parent)
+            write_file(path, lambda target: save_file({"embeddings": embeddings.contiguous()}, str(target),
+                                                      metadata=self.key(sentences)), self.cache_dir)
         except Exception as error:  # noqa: BLE001 - the cache is optional: no write error may stop a run
             log.warning("could not write text-embedding cache %s (%s: %s); continuing without it",
                         path, type(error).__name__, error)
-        finally:
-            if temporary is not None:
-                Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,98 @@
+"""Schemas (pydantic) of the JSON records anovl reads back: what :func:`anovl.io.reading.read_json`
+validates. Booleans must be booleans, counts non-negative integers, thresholds finite numbers in [0, 1],
+sizes within limits, names non-empty and unique."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+MAX_IMAGE_SIZE = 4096  # the largest model input an export may declare (in pixels per side)
+MAX_EXPORT_CLASSES = 10_000
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _no_control(text: str) -> str:
+    if any(not char.isprintable() for char in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+Probability = Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0, le=1.0)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=1000), AfterValidator(_no_control)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ThresholdPair(_Record):
+    """The F1-max thresholds of one category (null where undefined)."""
+
+    image: Optional[Probability] = None
+    pixel: Optional[Probability] = None
+
+
+class ThresholdsSection(_Record):
+    categories: dict[StrictStr, ThresholdPair]
+    mean: ThresholdPair
+
+
+class ResultsThresholds(_Record):
+    """The part of a results.json that ``predict --predictions.thresholds`` and ``export --thresholds`` read."""
+
+    thresholds: ThresholdsSection
+
+
+class ResultsRecord(_Record):
+    """What ``--resume`` needs beyond the rows (checked field by field in :mod:`anovl.results`): the config
+    as sections of settings, and the thresholds."""
+
+    config: Optional[dict[StrictStr, dict[StrictStr, Any]]] = None
+    thresholds: Optional[ThresholdsSection] = None
+
+
+class GridState(_Record):
+    """A grid cell's results.json as far as the grid reads it: only the boolean ``true`` means finished."""
+
+    complete: StrictBool = False
+
+
+class SidecarClass(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    category: Name
+    prompt_name: Optional[Name] = None
+    image_threshold: Optional[Probability] = None
+    pixel_threshold: Optional[Probability] = None
+
+
+class SidecarPreprocessing(_Record):
+    image_size: Annotated[StrictInt, Field(ge=16, le=MAX_IMAGE_SIZE)]
+    mean: Annotated[list[Annotated[StrictFloat, AfterValidator(_finite)]], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0)]],
+                   Field(min_length=3, max_length=3)]
+    interpolation: StrictStr
+
+
+class SidecarRecord(_Record):
+    version: StrictInt
+    format: StrictStr
+    preprocessing: SidecarPreprocessing
+    classes: Annotated[list[SidecarClass], Field(min_length=1, max_length=MAX_EXPORT_CLASSES)]
+    num_views: Annotated[StrictInt, Field(ge=1, le=64)]
+    label: StrictStr
+    settings: dict[StrictStr, Any]
+
+    def model_post_init(self, context: Any) -> None:
+        categories = [entry.category for entry in self.classes]
+        repeated = sorted({name for name in categories if categories.count(name) > 1})
+        if repeated:
+            raise ValueError(f"classes repeated: {', '.join(repeated)}")
