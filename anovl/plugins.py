@@ -12,11 +12,11 @@ reads its configuration:
   repeated as it is;
 * those named in the environment variable ``ANOVL_PLUGINS`` (separated by ``:``).
 
-A ``.py`` file is imported as a module of a unique name (``anovl_plugin_<stem>_<hash of its path>``), and
-also under its stem where that name is free, so ``class_path: my_method.MyModel`` finds a class in
-``my_method.py``; a ``yaml.py`` never replaces the real ``yaml``, and two files of one stem never collide
-(the second is named by its unique name only, with a warning). A plugin whose own imports are missing is one
-error line naming the missing module.
+A ``.py`` file is imported as a module named after the file, so ``class_path: my_method.MyModel`` finds a
+class in ``my_method.py``, where that name is free; where it is not (an installed module: a ``yaml.py``; or
+another plugin file of the same stem) it gets a unique name, ``anovl_plugin_<stem>_<hash of its path>``, with
+a warning, so it never replaces the other. A plugin whose own imports are missing is one error line naming
+the missing module.
 """
 
 from __future__ import annotations
@@ -62,38 +62,43 @@ def _missing_dependency(plugin: str, error: ModuleNotFoundError) -> AnovlError:
 
 
 def _load_file(path: Path) -> None:
-    """A plugin file, imported as a module of its own unique name (``anovl_plugin_<stem>_<hash>``) so that it
-    never replaces an installed module (a ``yaml.py``) or another plugin file of the same stem. It is also
-    reachable by its stem (``class_path: my_method.MyModel``) where that name is free."""
+    """A plugin file, imported as a module named after its stem (``class_path: my_method.MyModel``) where that
+    name is free, else under a unique name (``anovl_plugin_<stem>_<hash>``, with a warning), so that it never
+    replaces an installed module (a ``yaml.py``) or another plugin file of the same stem."""
     if not path.is_file():
         raise AnovlError(f"plugin file not found: {path}")
     resolved = path.resolve()
-    identifier = re.sub(r"\W", "_", resolved.stem) or "plugin"
-    unique = f"anovl_plugin_{identifier}_{hashlib.sha256(str(resolved).encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
-    if unique in sys.modules:  # the same file named twice (a config and the environment, say)
-        return
-    module_spec = importlib.util.spec_from_file_location(unique, resolved)
+    stem = resolved.stem
+    holder = sys.modules.get(stem)
+    if stem.isidentifier() and (getattr(holder, "__file__", None) == str(resolved)  # loaded before: run again
+                                or holder is None and _free(stem, resolved)):
+        name = stem
+    else:
+        digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        identifier = re.sub(r"\W", "_", stem)
+        name = f"anovl_plugin_{identifier}_{digest}"
+        taken = "not a module name" if not stem.isidentifier() else (
+            "an installed module" if holder is None or not hasattr(holder, "__anovl_plugin__")
+            else f"another plugin's ({holder.__file__})")
+        warnings.warn(f"plugin {path} is imported as module {name}: its name {stem!r} is {taken}; name its "
+                      f"classes {name}.<Class> in configs", PluginNameWarning, stacklevel=3)
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
     if module_spec is None or module_spec.loader is None:
         raise AnovlError(f"cannot import plugin file {path}")
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[unique] = module
+    module.__anovl_plugin__ = True  # type: ignore[attr-defined]
+    previous = sys.modules.get(name)
+    sys.modules[name] = module  # class_path: <name>.<Class> resolves to this module
     try:
         module_spec.loader.exec_module(module)
-    except ModuleNotFoundError as error:
-        del sys.modules[unique]
-        raise _missing_dependency(str(path), error) from None
-    except BaseException:
-        del sys.modules[unique]
+    except BaseException as error:
+        if previous is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = previous
+        if isinstance(error, ModuleNotFoundError):
+            raise _missing_dependency(str(path), error) from None
         raise
-    stem = resolved.stem
-    holder = sys.modules.get(stem)
-    if stem.isidentifier() and holder is None and _free(stem, resolved):
-        sys.modules[stem] = module  # class_path: <stem>.<Class> resolves to this module
-    elif getattr(holder, "__file__", None) != str(resolved):
-        taken = f"another plugin ({holder.__file__})" if getattr(holder, "__name__", "").startswith(
-            "anovl_plugin_") else "an installed module"
-        warnings.warn(f"plugin {path} is imported as module {unique}: the name {stem!r} is {taken}; name its "
-                      f"classes {unique}.<Class> in configs", PluginNameWarning, stacklevel=3)
 
 
 def _free(name: str, path: Path) -> bool:

@@ -12,9 +12,13 @@ class) get a message in the page; the server keeps serving.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import tempfile
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +43,7 @@ DEMO_CLASSES = ("fabric", "widget")
 DEFAULT_PIXEL_THRESHOLD = 0.5  # without a recorded threshold: the abnormal state is the more probable one
 MAX_UPLOAD_MB = 20
 MAX_MEGAPIXELS = 40
+KEEP_FILES_S = 60  # uploads and outputs are deleted once unused this long
 
 
 class Analyzer:
@@ -46,7 +51,8 @@ class Analyzer:
 
     def __init__(self, model: torch.nn.Module, image_threshold: float | None = None,
                  pixel_threshold: float | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
-                 max_megapixels: float = MAX_MEGAPIXELS, output_dir: str | os.PathLike | None = None):
+                 max_megapixels: float = MAX_MEGAPIXELS, output_dir: str | os.PathLike | None = None,
+                 keep_files_s: float = KEEP_FILES_S):
         check_threshold("--image-threshold", image_threshold)
         check_threshold("--pixel-threshold", pixel_threshold)
         self.model = model
@@ -57,6 +63,15 @@ class Analyzer:
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="anovl-app-"))
         settings = model.settings() if hasattr(model, "settings") else {}
         self.random_weights = "pretrained" in settings and settings["pretrained"] is None
+        self.keep_files_s = keep_files_s
+
+    def _remove_old_outputs(self) -> None:
+        """Mask files of earlier requests, once Gradio has served its own copy and they are old enough."""
+        cutoff = time.time() - self.keep_files_s
+        for old in self.output_dir.glob("*_mask_*.png"):
+            with contextlib.suppress(OSError):  # another request's sweep got there first
+                if old.lstat().st_mtime < cutoff:
+                    old.unlink()
 
     @property
     def fixed_classes(self) -> list[str] | None:
@@ -72,7 +87,7 @@ class Analyzer:
         if not path:
             raise AnovlError("upload an image first")
         if not os.path.isfile(path):
-            raise AnovlError("the upload is gone (each upload is deleted after use); upload the image again")
+            raise AnovlError("the upload is gone (uploads are deleted a while after use); upload the image again")
         name = Path(path).name
         size = os.path.getsize(path)
         if size == 0:
@@ -82,9 +97,14 @@ class Analyzer:
                              f"{self.max_upload_mb:g} MB")
         unreadable = AnovlError(f"{name} is not a readable image; upload a PNG, JPEG, BMP or TIFF file")
         try:
-            with Image.open(path) as image:  # the header only: a small file may declare a huge image
-                width, height = image.size
-        except Exception:  # noqa: BLE001 - Pillow's many errors for files that are not images (bombs included)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                with Image.open(path) as image:  # the header only: a small file may declare a huge image
+                    width, height = image.size
+        except Image.DecompressionBombError:
+            raise AnovlError(f"{name} declares more pixels than Pillow's decompression-bomb limit; the demo takes "
+                             f"images up to {self.max_megapixels:g} megapixels") from None
+        except Exception:  # noqa: BLE001 - Pillow's many errors for files that are not images
             raise unreadable from None
         if width * height > self.max_megapixels * 1e6:
             raise AnovlError(f"{name} has {width}×{height} pixels; the demo takes images up to "
@@ -102,6 +122,7 @@ class Analyzer:
         if self.fixed_classes is not None and category not in self.fixed_classes:
             raise AnovlError(f"this exported model knows the classes {', '.join(self.fixed_classes)}, "
                              f"not {category!r}")
+        self._remove_old_outputs()
         rgb = self.load(path)
         image_threshold, pixel_threshold = self.thresholds(category)
         notes = []
@@ -124,13 +145,45 @@ class Analyzer:
                 "overlay": overlay(result.image, result.anomaly_map), "mask": mask, "mask_file": str(mask_path)}
 
 
-def build_app(analyzer: Analyzer, classes: Sequence[str] = ()):
+class UploadJanitor:
+    """Deletes each upload once it has not been used for ``keep_s`` seconds. Not at once: Gradio keeps identical
+    uploads under one content-hashed path, which a queued request may still need; and not by age since upload
+    (Gradio's ``delete_cache``), which would delete the upload of a request still waiting in the queue."""
+
+    def __init__(self, keep_s: float):
+        self.keep_s = keep_s
+        self.last_use: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def used(self, path: str | None) -> None:
+        if path:
+            with self.lock:
+                self.last_use[path] = time.monotonic()
+        self.sweep()
+        if self.keep_s > 0:
+            timer = threading.Timer(self.keep_s, self.sweep)
+            timer.daemon = True
+            timer.start()
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            old = [path for path, last in self.last_use.items() if now - last >= self.keep_s]
+            for path in old:
+                del self.last_use[path]
+        for path in old:
+            with contextlib.suppress(OSError):
+                Path(path).unlink(missing_ok=True)
+
+
+def build_app(analyzer: Analyzer, classes: Sequence[str] = (), keep_files_s: int = KEEP_FILES_S):
     """The Gradio page around ``analyzer`` (``classes`` are offered in the class box; any may be typed
     unless the model is an export)."""
     import gradio as gr
 
     fixed = analyzer.fixed_classes
     choices = list(fixed if fixed is not None else classes)
+    uploads = UploadJanitor(keep_files_s)
     with gr.Blocks(title="anovl: zero-shot anomaly localisation", analytics_enabled=False) as demo:
         gr.Markdown("## anovl: zero-shot anomaly localisation\nUpload an image, pick or type its class, press "
                     "**Detect anomalies**.")
@@ -155,8 +208,7 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = ()):
             except AnovlError as error:
                 return f"**Error:** {html_text(error)}", "", None, None, None  # names from the page, escaped
             finally:
-                if path:  # a stranger's upload is kept no longer than its analysis
-                    Path(path).unlink(missing_ok=True)
+                uploads.used(path)
             return result["status"], result["score"], result["overlay"], result["mask"], result["mask_file"]
 
         run.click(analyze, [upload, category], [status, score, overlay_view, mask_view, mask_file])

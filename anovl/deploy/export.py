@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import tempfile
 import warnings
@@ -92,7 +93,11 @@ def _write_torchscript(module: nn.Module, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on shapes read as Python numbers (they are fixed by S)
         traced = torch.jit.trace(module, example_inputs(module), check_trace=False)
-    traced.save(str(path))
+    # Saved to memory first: TorchScript's C++ writer aborts the process (no exception) when a write fails
+    # (a full disk, a file-size limit); Python's write reports it.
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 WRITERS = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}

@@ -26,7 +26,7 @@ from anovl.data.image_io import load_rgb
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD, normalize, resize_image
 from anovl.deploy.sidecar import FORMATS, INPUT_NAMES, Sidecar, sidecar_path
 from anovl.errors import AnovlError
-from anovl.models.base import AnomalyModel, ModelOutput, Preprocessing
+from anovl.models.base import AnomalyModel, ModelOutput, Preprocessing, check_image_batch
 
 BACKENDS = ("onnxruntime", "openvino", "torch")
 DEFAULT_BACKEND = {".onnx": "onnxruntime", ".xml": "openvino", ".pt": "torch"}
@@ -232,15 +232,10 @@ class ExportedModel(AnomalyModel):
 
     def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
                 **extras: Any) -> ModelOutput:
+        check_image_batch(images)  # what AnoVL refuses too (uint8 pixels, an empty batch)
         size = self.image_size
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise AnovlError(f"images must be a B×3×{size}×{size} tensor, got {tuple(getattr(images, 'shape', ()))}")
-        # What AnoVL refuses too: an empty batch, images that are not normalised floats, a category count mismatch.
-        if images.shape[0] == 0:
-            raise AnovlError("the batch is empty; give at least one image")
-        if not images.is_floating_point():
-            raise AnovlError(f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
-                             "anovl.data.transforms (resize_image, then normalize)")
+        if tuple(images.shape[1:]) != (3, size, size):
+            raise AnovlError(f"images must be a B×3×{size}×{size} tensor, got {tuple(images.shape)}")
         if len(categories) != images.shape[0]:
             raise AnovlError(f"give one category per image ({images.shape[0]}), got {len(categories)}")
         class_index = torch.tensor(self.indices(categories, prompt_names), dtype=torch.int64)

@@ -88,7 +88,8 @@ class Sidecar:
         if not path.is_file():
             raise AnovlError(f"the sidecar {path} of the exported model is missing; `anovl export` writes the "
                              "model and its .json side by side: keep them together or export again")
-        document = parse_json(read_text(path, "sidecar", MAX_SIDECAR_BYTES), f"sidecar {path}")
+        document = parse_json(read_text(path, "sidecar", MAX_SIDECAR_BYTES),
+                              f"sidecar {path} (not an anovl export record: export the model again)")
         if isinstance(document, dict) and document.get("version") != SIDECAR_VERSION:
             raise AnovlError(f"sidecar {path} has version {document.get('version')!r} but this anovl reads "
                              f"version {SIDECAR_VERSION}; export the model again")

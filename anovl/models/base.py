@@ -109,13 +109,7 @@ class AnomalyModel(nn.Module):
                      prompt_names: Sequence[str] | None) -> tuple[torch.Tensor, list[str]]:
         """Validate a forward's inputs, with one clear error for each kind of mistake. Returns the images as
         float32 (half, bfloat16 and double images are accepted) and the prompt names (see :func:`prompt_names_for`)."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            raise AnovlError(f"images must be a B×3×S×S tensor, got {tuple(getattr(images, 'shape', ())) or type(images)}")
-        if images.shape[0] == 0:
-            raise AnovlError("the batch is empty; give at least one image")
-        if not images.is_floating_point():
-            raise AnovlError(f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
-                             "anovl.data.transforms (resize_image, then normalize)")
+        check_image_batch(images)
         if images.device != self.device:
             raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
                              "move them with images.to(model.device)")
@@ -234,6 +228,18 @@ def make_label(method: str, variant: str, differences: dict[str, Any]) -> str:
     if differences:
         label += "[" + ";".join(f"{key}={short_value(value)}" for key, value in differences.items()) + "]"
     return label
+
+
+def check_image_batch(images: Any) -> None:
+    """What every model refuses in a batch of images (AnoVL, an exported model): not a B×3×H×W tensor, an empty
+    batch, or images that are not normalised floats (uint8 pixels, say)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise AnovlError(f"images must be a B×3×S×S tensor, got {tuple(getattr(images, 'shape', ())) or type(images)}")
+    if images.shape[0] == 0:
+        raise AnovlError("the batch is empty; give at least one image")
+    if not images.is_floating_point():
+        raise AnovlError(f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
+                         "anovl.data.transforms (resize_image, then normalize)")
 
 
 def check_label(label: str) -> str:

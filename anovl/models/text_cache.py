@@ -215,10 +215,12 @@ class TextEmbeddingCache:
         return embeddings.float()
 
     def _width(self) -> int:
-        """The width of this backbone's text embeddings (one short sentence encoded, once), which an entry read
-        from disk must have."""
+        """The width of this backbone's text embeddings, which an entry read from disk must have: the joint
+        space's (the visual tower's output), else one short sentence encoded, once."""
         if self._text_width is None:
-            self._text_width = int(encode_sentences(self.backbone, ["a photo"]).shape[1])
+            width = getattr(getattr(self.backbone.clip, "visual", None), "output_dim", None)
+            self._text_width = int(width) if isinstance(width, int) else int(
+                encode_sentences(self.backbone, ["a photo"]).shape[1])
         return self._text_width
 
     def _save(self, sentences: list[str], embeddings: torch.Tensor) -> None:
