@@ -27,6 +27,7 @@ import yaml
 from anovl.commands import COMMANDS, DESCRIPTION
 from anovl.compare import main as compare_main
 from anovl.errors import AnovlError
+from anovl.io import parse_yaml, read_yaml
 from anovl.grid import main as grid_main
 from anovl.protocol import main as protocol_main
 from anovl.signals import stop_requested
@@ -58,12 +59,18 @@ def exported_model_arguments(command_line: list[str]) -> list[str]:
 
 
 def _config_document(value: str) -> Any:
-    """The YAML document a ``--config`` value gives: a file's content, or the value itself (inline YAML, as
-    ``anovl grid`` passes a variant's mapping); None where it cannot be read (the CLI's parser reports that)."""
+    """The YAML document a ``--config`` value gives: a file's content, read by anovl's bounded reader (a key
+    given twice, which the parser would drop silently, is one error line), or the value itself (inline YAML, as
+    ``anovl grid`` passes a variant's mapping; None where it is not YAML: the CLI's parser reports that)."""
     try:
-        text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
-        return yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError):  # UnicodeDecodeError is a ValueError; a name too long: OSError
+        is_file = Path(value).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        is_file = False
+    if is_file:
+        return read_yaml(value, "config file")
+    try:
+        return parse_yaml(value, "--config")
+    except AnovlError:
         return None
 
 

@@ -315,7 +315,10 @@ def test_twenty_parallel_requests_on_loopback_are_all_answered(model, tmp_path):
         jobs = [client.submit(gradio_client.handle_file(str(photo)), "bottle", fn_index=0) for photo in photos]
 
         def collect(index: int) -> None:
-            answers[index] = jobs[index].result(timeout=300)
+            try:
+                answers[index] = jobs[index].result(timeout=300)
+            except Exception as error:  # noqa: BLE001 - shown in the assertion below
+                answers[index] = (f"{type(error).__name__}: {error}",)
 
         threads = [threading.Thread(target=collect, args=(index,)) for index in range(20)]
         for thread in threads:
@@ -355,3 +358,15 @@ def test_a_grid_named_dot_dot_writes_nothing_above_its_output(tmp_path, capsys, 
     status, _, err = run_main(["grid", "--config", grid, "--output", tmp_path / "deep" / "out"], capsys)
     assert_one_error_line(status, err, "leading '.'")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["deep"]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model:\n  init_args:\n    num_views: 1\n    num_views: 22\n", "the key 'num_views' appears twice"),
+    ("data: " + "[" * 100 + "]" * 100 + "\n", "nested more than"),
+])
+def test_a_config_file_with_a_repeated_key_or_deep_nesting_is_one_line(data, tmp_path, capsys, text, fragment):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    status, _, err = run_main(cli_args(data, tmp_path / "runs", "--config", config), capsys)
+    assert_one_error_line(status, err, fragment)
+    assert not (tmp_path / "runs").exists()

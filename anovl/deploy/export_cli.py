@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from anovl.deploy.export import export_model
 from anovl.deploy.sidecar import FORMATS, ExportClass, Sidecar, sidecar_path
 from anovl.errors import AnovlError
+from anovl.io import read_yaml
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.thresholds import RunThresholds, Thresholds
 
@@ -25,7 +26,6 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
     Random weights (``pretrained: null``) come from AnoVL's ``init_seed``, so the exported demo model is the
     one that ``anovl test --config`` runs.
     """
-    import yaml
     from jsonargparse import ArgumentParser
 
     if isinstance(config, dict):
@@ -34,10 +34,7 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
         path = Path(config).expanduser()
         if not path.is_file():
             raise AnovlError(f"config file not found: {path}")
-        try:
-            document = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise AnovlError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        document = read_yaml(path, "config")
         source = str(path)
     section = (document or {}).get("model") if isinstance(document, dict) else None
     if not isinstance(section, dict):
