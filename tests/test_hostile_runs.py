@@ -312,26 +312,34 @@ def test_twenty_parallel_requests_on_loopback_are_all_answered(model, tmp_path):
             Image.new("RGB", (40, 40), (index * 10, 0, 0)).save(photos[-1])
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         answers: list = [None] * 20
-        jobs = [client.submit(gradio_client.handle_file(str(photo)), "bottle", fn_index=0) for photo in photos]
+        retried: list[str] = []
 
         def collect(index: int) -> None:
-            try:
-                answers[index] = jobs[index].result(timeout=300)
-            except Exception as error:  # noqa: BLE001 - shown in the assertion below
-                answers[index] = (f"{type(error).__name__}: {error}",)
+            for attempt in range(2):
+                try:
+                    job = client.submit(gradio_client.handle_file(str(photos[index])), "bottle", fn_index=0)
+                    answers[index] = job.result(timeout=300)
+                    return
+                except Exception as error:  # noqa: BLE001 - shown in the assertion below
+                    answers[index] = (f"{type(error).__name__}: {error}",)
+                    # httpx reusing a keep-alive connection that uvicorn closes at that moment (a client-side
+                    # race under load, before the request reaches the app): sent again once, and reported.
+                    if "peer closed connection" not in str(error):
+                        return
+                    retried.append(str(error))
 
         threads = [threading.Thread(target=collect, args=(index,)) for index in range(20)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=400)
+            thread.join(timeout=700)
         rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
         uploads_left = [path for path in uploads_seen if os.path.exists(path)]
     finally:
         demo.close()
     failed = [answer for answer in answers if answer is None or "image score" not in answer[0]]
     assert failed == [], failed
-    assert len(uploads_seen) == 20 and len(set(masks_written)) == 20  # every request answered, each its own mask
+    assert len(uploads_seen) == 20 and len(set(masks_written)) == 20, retried  # every request answered, own mask
     assert uploads_left == []  # the strangers' uploads are deleted
     assert rss_growth_mb < 500, rss_growth_mb  # bounded: requests are queued, not all decoded at once
 

@@ -172,7 +172,7 @@ def test_compare_never_cuts_labels_short_in_a_120_column_terminal(tmp_path, caps
               "AnoVL-tta-lowrank[backbone=anovl-small-vit;image_size=224;init_seed=0;lr=0.01;pretrained=None;rank=16]"]
     folders = []
     for index, label in enumerate(labels):
-        table = ResultsTable(tmp_path / str(index), "run", False, 1, label, config={"a": 1})
+        table = ResultsTable(tmp_path / str(index), "run", False, 1, label, config={"model": {"a": 1}})
         table.add("bottle", {**METRICS, "pixel_auroc": 0.1 * (index + 1)}, 1)
         folders.append(str(tmp_path / str(index)))
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich takes stdout for a terminal of COLUMNS columns
