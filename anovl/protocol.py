@@ -33,19 +33,18 @@ side.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
 from anovl.compare import DEFAULT_METRICS, load_run
 from anovl.errors import AnovlError
-from anovl.grid import _config_values, _name
-from anovl.results import ALL_METRIC_TITLES, atomic_write_text
+from anovl.grid import _config_values, _name, results_state
+from anovl.io import read_yaml, write_file
+from anovl.results import ALL_METRIC_TITLES
 
 PROTOCOL_KEYS = {"name", "datasets", "pairs", "methods", "metrics", "args"}
 
@@ -71,10 +70,7 @@ class Protocol:
 def load_protocol(path: Path, output: Path | None) -> Protocol:
     if not path.is_file():
         raise AnovlError(f"protocol file {path} not found")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise AnovlError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    document = read_yaml(path, "protocol file")
     if not isinstance(document, dict):
         raise AnovlError(f"{path} must be a mapping with datasets, pairs and methods")
     unknown = sorted(set(document) - PROTOCOL_KEYS)
@@ -166,7 +162,7 @@ def test_run(protocol: Protocol, method: str, train: str, test: str, checkpoint:
     folder = protocol.output / "test" / f"{train}-to-{test}" / method
     for version in sorted(folder.glob("version_*")):
         results = version / "results.json"
-        if results.is_file() and json.loads(results.read_text()).get("complete"):
+        if results_state(version) == "finished":  # only a boolean true counts (anovl.io.schemas.GridState)
             return version
     entry = protocol.methods[method]
     loaded = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
@@ -213,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[train, test, method] = test_run(protocol, method, train, test, checkpoint, arguments.extra)
     markdown, csv = protocol_table(protocol, runs)
     protocol.output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(protocol.output / "protocol.md", markdown)
-    atomic_write_text(protocol.output / "protocol.csv", csv)
+    write_file(protocol.output / "protocol.md", markdown, protocol.output)
+    write_file(protocol.output / "protocol.csv", csv, protocol.output)
     Console().print(markdown)
     print(f"Written to {protocol.output}/protocol.md and protocol.csv")
