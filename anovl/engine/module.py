@@ -98,9 +98,7 @@ class AnomalyModule(LightningModule):
             name); default: the model's variant (e.g. ``tta-text``), else its method.
         cflow_pro: also report the cflow-style AUPRO of the authors' evaluation (for comparison with papers).
         results_dir: where results.csv / .json / .md go (default: the run dir, i.e. the logger's folder).
-        tf32: let float32 matrix products and convolutions on CUDA use TF32 tensor cores (PyTorch's default is
-            off): faster fp32, with maps that move slightly (docs/benchmarks.md); the run's recorded precision
-            says so. Set for the run only, restored afterwards.
+        tf32: TF32 for float32 on CUDA: faster, maps move slightly; the recorded precision names it.
         validation: ``fit`` only: a datamodule whose test split is run at every epoch's end, reported as
             ``val/<metric>`` (the mean over its categories of the metrics ``test`` reports), e.g. another dataset
             of the protocol or held-out categories. One process only.
@@ -160,6 +158,7 @@ class AnomalyModule(LightningModule):
     # ----------------------------------------------------------------- running the model
 
     def setup(self, stage: str) -> None:
+        # TF32 (PyTorch's default: off) is set for the run only and restored in teardown.
         self._tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
 
