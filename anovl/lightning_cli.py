@@ -84,6 +84,7 @@ TRAINER_DEFAULTS = {
     },
 }
 # `fit` trains: checkpoints at every epoch's end; the authors' 3 epochs of APRIL-GAN on MVTec unless set.
+FIT_ONLY_ENGINE_OPTIONS = ("engine.mosaic_rate", "engine.validation")
 FIT_TRAINER_DEFAULTS = {"enable_checkpointing": True, "max_epochs": 3}
 STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI itself, not by the user
 RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
@@ -196,6 +197,10 @@ class AnovlCLI(LightningCLI):
         parser.add_argument("--plugins", type=list[str], default=[],
                             help="modules or .py files to import first (your own models, adapters, datasets)")
         parser.add_class_arguments(AnomalyModule, "engine", instantiate=False, skip={"model"}, fail_untyped=False)
+        if self._preparing != "fit":  # fit's engine options are accepted everywhere but listed by `fit --help` only
+            for action in parser._actions:
+                if action.dest.startswith(FIT_ONLY_ENGINE_OPTIONS):
+                    action.help = argparse.SUPPRESS
         # The data is resized to what the model expects: the size is set once, on the model.
         parser.link_arguments("model", "data.init_args.image_size", compute_fn=model_input_size,
                               apply_on="instantiate")
