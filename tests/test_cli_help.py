@@ -41,7 +41,7 @@ def test_test_help_leads_with_anovl_options_and_hides_training_flags(capsys):
     assert positions == sorted(positions)
     for flag in TRAINING_ONLY_TRAINER_FLAGS & {"max_epochs", "gradient_clip_val", "check_val_every_n_epoch"}:
         assert f"--trainer.{flag}" not in help_text
-    assert len(help_text.splitlines()) < 420
+    assert len(help_text.splitlines()) < 450  # 425 with fit's engine options (validation, mosaic_rate)
     # --exported is handled before the LightningCLI parses, and still listed.
     assert "[--exported FILE]" in help_text.splitlines()[0] and "--exported FILE runs a model written by" in help_text
 
