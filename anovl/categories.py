@@ -12,6 +12,7 @@ methods take the domain from here by category, so renaming ``carpet`` to ``rug``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from anovl.errors import AnovlError
@@ -56,3 +57,9 @@ def register_category(category: str, prompt_name: str | None = None, domain: str
     if not category or not name:
         raise AnovlError(f"register_category needs a non-empty category and prompt name, got {category!r}, {prompt_name!r}")
     CATEGORIES.register(category, CategoryInfo(name, domain))
+
+
+def category_runs(categories: Sequence[str]) -> list[slice]:
+    """Slices of consecutive equal categories."""
+    starts = [index for index, category in enumerate(categories) if index == 0 or category != categories[index - 1]]
+    return [slice(start, end) for start, end in zip(starts, starts[1:] + [len(categories)])]

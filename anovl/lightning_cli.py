@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import inspect
 import io
-import json
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,8 +40,6 @@ from typing import Any, NoReturn, Optional
 import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.commands import COMMANDS, DESCRIPTION
@@ -57,7 +52,9 @@ from anovl.data import (  # noqa: F401
     SyntheticMVTecDataModule,
     VisADataModule,
 )
-from anovl.engine import AnomalyModule
+from anovl.engine import AnomalyModule, Engine
+from anovl.engine.engine import RUNS_DIR, model_input_size, run_folders
+from anovl.engine.engine import TRAINER_DEFAULTS as ENGINE_TRAINER_DEFAULTS
 from anovl.errors import AnovlError
 from anovl.models.base import AnomalyModel
 from anovl.models.checkpoints import (
@@ -66,18 +63,12 @@ from anovl.models.checkpoints import (
     read_checkpoint,
     trained_prefix,
 )
-from anovl.models.registry import METHODS, class_path, normalised_record
+from anovl.models.registry import METHODS, class_path
 from anovl.plugins import load_plugins, loaded_note
-from anovl.results import ResultsTable
 from anovl.tracking import RunTracker
 
-RUNS_DIR = "runs"
 TRAINER_DEFAULTS = {
-    "inference_mode": False,  # test-time adaptation needs autograd
-    "accelerator": "auto",
-    "devices": 1,
-    "enable_checkpointing": False,
-    "default_root_dir": RUNS_DIR,
+    **ENGINE_TRAINER_DEFAULTS,
     "logger": {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": RUNS_DIR, "name": "anovl"},
@@ -89,7 +80,6 @@ FIT_TRAINER_DEFAULTS = {"enable_checkpointing": True, "max_epochs": 3}
 STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI itself, not by the user
 RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
 DEFAULT_MODEL = "anovl.models.AnoVL"
-VERSION = re.compile(r"version_\d+")
 # Trainer flags that only `fit`/`validate` use: accepted (older configs list them) but left out of the help.
 TRAINING_ONLY_TRAINER_FLAGS = frozenset({
     "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
@@ -213,12 +203,7 @@ class AnovlCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.plugins = list(dict.fromkeys([*self.plugin_specs, *(config.get("plugins") or [])]))
         config.engine.group = config.engine.get("group") or default_group(config)  # saved: a rerun keeps it
-        self.resume_dir = Path(config.resume).expanduser().resolve() if config.get("resume") else None
-        self.finished_run: ResultsTable | None = None  # set when --resume finds nothing left to run
-        run_dir = config.get("run_dir")
-        if self.resume_dir is not None and run_dir:
-            raise AnovlError("give --resume RUN_DIR or --run_dir RUN_DIR, not both (--resume continues its folder)")
-        self.given_run_dir = self.resume_dir or (Path(run_dir).expanduser().resolve() if run_dir else None)
+        self.resume_dir, self.given_run_dir = run_folders(config.get("resume"), config.get("run_dir"))
         if self.given_run_dir is not None:
             write_into_run(config, self.given_run_dir)
         self.data_size_given = data_size_given(config.data)
@@ -233,24 +218,11 @@ class AnovlCLI(LightningCLI):
         engine = config.engine.as_dict()
         if engine.get("validation"):  # fit's validation data: a datamodule of its own (engine is not instantiated)
             engine["validation"] = instantiate_datamodule(engine["validation"])
-        self.model = AnomalyModule(self.model, **engine)
-        name_wandb_run(self.trainer, self.model, config, self.given_run_dir)
-        # Listing the data here turns a wrong root into a clear error before the trainer starts (and, under
-        # DDP, launches its processes); synthetic data is generated here, once.
-        categories = getattr(self.datamodule, "categories", None)
-        if categories is not None:
-            rank_zero_info(f"{len(categories)} categories: {', '.join(categories)}")
-        if self.given_run_dir is not None and self.resume_dir is None:
-            refuse_other_run(self.model, self.trainer, self.datamodule, self.given_run_dir)
-        if self.resume_dir is not None:
-            earlier = continue_run(self.model, self.trainer, self.datamodule, self.resume_dir)
-            if not self.datamodule.categories:
-                self.finished_run = earlier
-
-    def _before_run(self) -> None:
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, RunTracker):
-                callback.before_run(self.trainer)
+        # The Engine runs it; preparing now turns a wrong root or an unresumable run into a clear error before the
+        # trainer starts (and, under DDP, launches its processes); synthetic data is generated here, once.
+        self.engine = Engine(self.trainer, resume=self.resume_dir,
+                             run_dir=self.given_run_dir if self.resume_dir is None else None, **engine)
+        self.model = self.engine.prepare(self.model, self.datamodule, self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
@@ -263,10 +235,7 @@ class AnovlCLI(LightningCLI):
         trained_prefix(model)  # a training-free method: one line before anything runs
         if kwargs.get("ckpt_path") not in (None, "last", "hpc", "registry"):
             check_checkpoint_file(kwargs["ckpt_path"], model)
-        self._before_run()
-        with warnings.catch_warnings():
-            if kwargs.get("ckpt_path"):
-                warnings.filterwarnings("ignore", message=r".*exists and is not empty")
+        with self.engine.running(reuses_folder=bool(kwargs.get("ckpt_path"))):
             self.trainer.fit(**kwargs)
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.last_model_path:
@@ -276,24 +245,10 @@ class AnovlCLI(LightningCLI):
     def test(self, **kwargs: Any) -> None:
         if kwargs.get("ckpt_path"):
             check_checkpoint_file(kwargs["ckpt_path"], self.model.model)
-        if self.finished_run is not None:
-            rank_zero_info(f"All categories of {self.resume_dir} are finished; nothing to resume.")
-            self.finished_run.print()
-            return
-        self._before_run()
-        with warnings.catch_warnings():
-            if self.given_run_dir is not None:
-                # A resumed run (or one given its folder) uses that folder on purpose: results, config and
-                # pictures stay in one place.
-                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            self.trainer.test(**kwargs)
+        self.engine.test(**kwargs)
 
     def predict(self, **kwargs: Any) -> None:
-        # The writer saves every map; keeping them all in memory as well would only cost RAM.
-        if kwargs.get("return_predictions") is None:
-            kwargs["return_predictions"] = False
-        self._before_run()
-        self.trainer.predict(**kwargs)
+        self.engine.predict(**kwargs)
 
 
 def method_path(value: Any) -> Any:
@@ -366,10 +321,6 @@ def _retitle(parser: LightningArgumentParser, key: str, title: str) -> None:
         group.title = title
 
 
-def model_input_size(model: AnomalyModel) -> int:
-    return model.preprocessing().image_size
-
-
 def data_size_given(data: Any) -> int | None:
     """The data's image size if the configuration sets it to other than its default (the link overrides it)."""
     given = data.init_args.get("image_size") if data.get("init_args") else None
@@ -396,59 +347,6 @@ def write_into_run(config: Any, run_dir: Path) -> None:
         logger.init_args.version = run_dir.name
 
 
-def continue_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataModule, run_dir: Path) -> ResultsTable:
-    """Check that ``run_dir`` was run with this configuration and set the module and data up to finish it:
-    the categories already in its results are left out. Returns the earlier table."""
-    if module.model.order_dependent:
-        raise AnovlError(f"a run of {module.label} cannot be resumed: its results depend on the images that came "
-                         "before (e.g. tta.mode 'reference' carries optimiser state and random draws from image to "
-                         "image); run it again from the start without --resume")
-    earlier = ResultsTable.read(run_dir)
-    if earlier.config is None:
-        raise AnovlError(f"{run_dir}/results.json has no record of the run's configuration (an older anovl wrote "
-                         "it), so it cannot be resumed safely; start a new run without --resume")
-    earlier.check_categories(datamodule.categories)
-    module.trainer = trainer  # run_config reads the trainer's precision
-    current = module.run_config(datamodule)
-    differences = config_differences({**earlier.config, "model": normalised_record(earlier.config.get("model") or {})},
-                                     current)
-    if differences:
-        raise AnovlError(f"cannot resume {run_dir}: its configuration differs in {'; '.join(differences)}; resume "
-                         f"with the run's own settings (anovl test --config {run_dir}/config.yaml --resume "
-                         f"{run_dir}) or start a new run without --resume")
-    module.resume(earlier)
-    datamodule.exclude_categories(earlier.rows)
-    rank_zero_info(f"Resuming {run_dir}: {len(earlier.rows)} categories finished, "
-                   f"{len(datamodule.categories)} to run: {', '.join(datamodule.categories) or 'none'}")
-    return earlier
-
-
-def refuse_other_run(module: AnomalyModule, trainer: Any, datamodule: AnomalyDataModule, run_dir: Path) -> None:
-    """``--run_dir`` onto a folder that holds a run's results: refused when that run had other settings (as
-    ``--resume`` would refuse them), so that finished results are never replaced by another run's."""
-    if not (run_dir / "results.json").is_file():
-        return
-    earlier = ResultsTable.read(run_dir)
-    module.trainer = trainer  # run_config reads the trainer's precision
-    differences = (["its settings are not recorded"] if earlier.config is None
-                   else config_differences(earlier.config, module.run_config(datamodule)))
-    if differences:
-        raise AnovlError(f"--run_dir {run_dir} holds the results of another run ({'; '.join(differences)}); "
-                         "choose a new folder, or continue that run with --resume and its own settings")
-
-
-def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``section.key: <earlier> in the run, <current> now`` for every setting that differs."""
-    differences = []
-    for section in sorted(set(earlier) | set(current)):
-        before, now = earlier.get(section) or {}, current.get(section) or {}
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                differences.append(f"{section}.{key}: {json.dumps(before.get(key))} in the run, "
-                                   f"{json.dumps(now.get(key))} now")
-    return differences
-
-
 def default_group(config: Any) -> str:
     """The experiment a run belongs to when ``engine.group`` is not given: the stem of its first config file
     (``mvtec`` for ``--config configs/mvtec.yaml --config configs/tta/text.yaml``), else its dataset."""
@@ -459,47 +357,6 @@ def default_group(config: Any) -> str:
 def dataset_key(config: Any) -> str:
     """The dataset in run names and tags: the datamodule's class without ``DataModule``, lower case."""
     return str(config.data.class_path).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
-
-
-WANDB_TAG_LENGTH = 64  # W&B refuses longer tags
-
-
-def wandb_tag(text: str) -> str:
-    """``text``, or where W&B would refuse it as too long, its start and a hash of the whole."""
-    if len(text) <= WANDB_TAG_LENGTH:
-        return text
-    return f"{text[:WANDB_TAG_LENGTH - 9]}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def name_wandb_run(trainer: Any, module: AnomalyModule, config: Any, run_dir: Path | None) -> None:
-    """Name, group and tag W&B runs so that an experiment's variants sit side by side; the user's own name,
-    group and tags win.
-
-    * name: ``<dataset>-<method>-<variant>`` (``syntheticmvtec-AnoVL-tta-text``), with ``-v<N>`` where the
-      run's folder is ``version_<N>`` (a grid's cells); the full label is in the config (``run.label``) and a tag;
-    * group: ``engine.group`` (a grid's name) or the first config file's stem, so the runs of one experiment
-      share it;
-    * tags: the method, the variant, the backbone, the dataset, the label, and ``random-weights`` where the
-      weights are random."""
-    data = dataset_key(config)
-    method = module.model.method or type(module.model).__name__
-    version = run_dir.name.removeprefix("version_") if run_dir is not None and VERSION.fullmatch(run_dir.name) else None
-    name = "-".join(part for part in (data, method, "" if module.variant == method else module.variant,
-                                      f"v{version}" if version else "") if part)
-    backbone = module.model.settings().get("backbone")
-    tags = {data, method, module.variant, module.label, *([str(backbone)] if backbone else []),
-            *(["random-weights"] if module.random_weights else [])}
-    for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger):
-            continue
-        init = logger._wandb_init  # read when the W&B run starts, which is later (on first use)
-        init["name"] = init.get("name") or name
-        init["group"] = init.get("group") or module.group
-        if init.get("anonymous") is None:
-            init.pop("anonymous", None)  # wandb warns that the setting is deprecated whenever it is passed
-        init["tags"] = sorted({*(init.get("tags") or []), *map(wandb_tag, tags)})
-
-
 
 
 # Third-party messages that say nothing to an anovl user (anovl's own warnings stay).

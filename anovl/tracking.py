@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.io import make_folder, write_file
+from anovl.models.base import json_data
 from anovl.results import RESULT_FILES, ResultsTable
 
 CONFIG_FILE = "config.yaml"
@@ -115,14 +116,15 @@ def _remove_if_empty(directory: Path, stop: Path) -> None:
         directory = directory.parent
 
 
-class RunTracker(SaveConfigCallback):
-    """The CLI's config callback: saves the run's config.yaml in the run's own folder, logs the full config,
-    the results table and the results files to every logger, and cleans up after a run that failed before
-    any result (see the module docstring)."""
+class RunRecorder(Callback):
+    """Saves the run's config.yaml in the run's own folder, logs the full config, the results table and the
+    results files to every logger, and cleans up after a run that failed before any result (see the module
+    docstring). ``config`` is what it records (plain data, nulls kept); the CLI's :class:`RunTracker` records
+    the parsed configuration instead."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs["overwrite"] = False  # a run's config is never overwritten (config.<n>.yaml beside it instead)
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: dict[str, Any] | None = None):
+        self.record = json_data(config or {})
+        self.already_saved = False
         self.run_dir: Path | None = None
         self.written: list[Path] = []  # files this run wrote before its results
         self.created: list[Path] = []  # folders this run created, outermost first
@@ -151,7 +153,7 @@ class RunTracker(SaveConfigCallback):
         self.created = [folder for folder in folders if folder not in existing]
         make_folder(self.run_dir)
         path = free_config_path(self.run_dir)
-        write_file(path, self.parser.dump(self.config), self.run_dir)
+        self.save_config(path)
         self.written.append(path)
         if path.name != CONFIG_FILE:
             rank_zero_info(f"{self.run_dir / CONFIG_FILE} exists (an earlier part of this run); this part's "
@@ -163,11 +165,17 @@ class RunTracker(SaveConfigCallback):
                 self.written.append(guard_hparams(logger, self.run_dir))
             logger.log_hyperparams(config)
 
+    def save_config(self, path: Path) -> None:
+        assert self.run_dir is not None  # set by setup
+        write_file(path, yaml.safe_dump(self.record, sort_keys=False), self.run_dir)
+
+    def configuration(self) -> dict[str, Any]:
+        """The recorded configuration as plain data (every value, nulls included)."""
+        return dict(self.record)
+
     def full_config(self, command: str) -> dict[str, Any]:
-        """The whole resolved configuration as plain data, plus the run's label and command."""
-        config = yaml.safe_load(self.parser.dump(self.config))
-        config.pop("config", None)  # the config files' paths; their content is what follows
-        return {**config, "run": {**self.run_info, "command": command}}
+        """The whole configuration, plus the run's label and command: what the loggers get."""
+        return {**self.configuration(), "run": {**self.run_info, "command": command}}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results: ResultsTable | None = getattr(pl_module, "results", None)
@@ -219,3 +227,22 @@ def log_wandb_results(logger: WandbLogger, results: ResultsTable, files: list[Pa
     for path in files:
         artifact.add_file(str(path), name=path.name)
     run.log_artifact(artifact)
+
+
+class RunTracker(RunRecorder, SaveConfigCallback):
+    """The CLI's config callback: a :class:`RunRecorder` of the whole parsed configuration. Nulls are kept
+    (``pretrained: null`` among them), so that ``anovl test --config RUN/config.yaml`` repeats the run."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["overwrite"] = False  # a run's config is never overwritten (config.<n>.yaml beside it instead)
+        SaveConfigCallback.__init__(self, *args, **kwargs)
+        RunRecorder.__init__(self)
+
+    def save_config(self, path: Path) -> None:
+        assert self.run_dir is not None  # set by setup
+        write_file(path, self.parser.dump(self.config, skip_unset=False), self.run_dir)
+
+    def configuration(self) -> dict[str, Any]:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
+        config.pop("config", None)  # the config files' paths; their content is what follows
+        return config

@@ -2,7 +2,7 @@
 
 Every config in ``open_clip.list_models()`` is classified by building its vision tower on the ``meta``
 device (no weights). For one sample per family (same encoder, block, attention and pooling), a tiny
-random-weight variant (anovl.backbones.tiny) is built and run once: the dual path, and its global token
+random-weight variant (anovl.testing.tiny) is built and run once: the dual path, and its global token
 against open_clip's ``encode_image``. The table states only what this run did.
 
     PYTHONPATH=. python benchmarks/backbone_support.py            # rewrites docs/backbones.md
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from anovl.backbones import create_backbone
 from anovl.backbones.registry import meta_tower, unsupported_reasons
-from anovl.backbones.tiny import register_tiny
+from anovl.testing.tiny import register_tiny
 from anovl.errors import AnovlError
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "backbones.md"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anovl.backbones import create_backbone, register_model_config
-from anovl.backbones.tiny import register_tiny, tiny_config
+from anovl.testing.tiny import register_tiny, tiny_config
 from anovl.errors import AnovlError
 
 REPO = Path(__file__).resolve().parent.parent

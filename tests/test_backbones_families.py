@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from anovl import AnoVL
 from anovl.backbones import create_backbone, register_model_config
-from anovl.backbones.tiny import tiny_timm_name, register_tiny, tiny_config
+from anovl.testing.tiny import tiny_timm_name, register_tiny, tiny_config
 from anovl.errors import AnovlError
 from anovl.models import WinCLIP
 from anovl.models.anomalyclip import AnomalyCLIP
@@ -186,7 +186,7 @@ def tiny_name_with_text_blocks(family: str, text_layers: int = 2) -> str:
     config = tiny_config(base, simple_tokenizer=True)
     config["vision_cfg"].update(vision_options)
     config["text_cfg"]["layers"] = text_layers
-    # open_clip picks SigLIP's hub tokenizer by the model name alone (anovl.backbones.tiny.register_tiny)
+    # open_clip picks SigLIP's hub tokenizer by the model name alone (anovl.testing.tiny.register_tiny)
     return register_model_config(config, name=f"anovl-tiny-text{text_layers}:{family.replace('SigLIP', 'Sig-LIP')}")
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from anovl import AnovlError
 from anovl.backbones import create_backbone
-from anovl.backbones.tiny import register_tiny
+from anovl.testing.tiny import register_tiny
 from anovl.models import WinCLIP
 from anovl.models.components.prompts import EnsemblePrompts, check_texts
 from anovl.models.components.tiling import tile_batch, untile

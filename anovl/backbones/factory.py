@@ -91,6 +91,7 @@ class Backbone:
     name: str
     image_size: int
     weights_fingerprint: str
+    config_fingerprint: str | None = None  # of a config registered through anovl (a user's JSON), see below
 
     def refresh_fingerprint(self) -> None:
         """Fingerprint the weights the model holds now (after a ``load_state_dict``)."""
@@ -184,7 +185,16 @@ def create_backbone(
     visual = check_supported(clip.visual, name)(clip.visual)
     if fingerprint is None:
         fingerprint = f"random-{_hash_parameters(clip)}"
-    return Backbone(clip, visual, text_tokenizer, name, image_size, fingerprint)
+    return Backbone(clip, visual, text_tokenizer, name, image_size, fingerprint, config_fingerprint(name))
+
+
+def config_fingerprint(name: str) -> str | None:
+    """A hash of the model config registered as ``name`` through :func:`register_model_config` (a user's JSON or
+    dict), which a run records beside the name, so that another config under the same name is told apart; None
+    for open_clip's and the bundled configs, which the name fixes."""
+    if name not in MODEL_CONFIGS:
+        return None
+    return hashlib.sha256(json.dumps(MODEL_CONFIGS[name], sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -12,11 +12,11 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from anovl.callbacks.picks import Candidate, CategoryPicks
-from anovl.engine.module import category_runs
-from anovl.tracking import run_directory
+from anovl.categories import category_runs
 from anovl.errors import AnovlError
 from anovl.io import make_folder, write_file
 from anovl.io.output_names import OutputNames
+from anovl.tracking import run_directory
 from anovl.visualization import denormalize, panel, panel_lines, stack_padded
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
+from anovl.categories import category_runs
 from anovl.data.datamodule import AnomalyDataModule, OneLineErrorsLoader
 from anovl.data.sampling import collate_batch
 from anovl.data.transforms import prepare_batch
@@ -63,12 +63,6 @@ warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the 
 # AnomalyModule's on_after_batch_transfer (the loader's uint8 -> normalised float) is meant to run whatever the
 # datamodule; Lightning warns about that on every run.
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
-
-
-def category_runs(categories: Sequence[str]) -> list[slice]:
-    """Slices of consecutive equal categories."""
-    starts = [index for index, category in enumerate(categories) if index == 0 or category != categories[index - 1]]
-    return [slice(start, end) for start, end in zip(starts, starts[1:] + [len(categories)])]
 
 
 def _distributed_sampler(dataloader: Any) -> DistributedSampler | None:

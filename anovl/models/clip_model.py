@@ -51,6 +51,7 @@ class CLIPAnomalyModel(AnomalyModel):
         self.clip = built.clip
         self.encoder = built.visual
         self.backbone_name = built.name
+        self.backbone_config = built.config_fingerprint
         self.image_size = built.image_size
         self.text_cache = TextEmbeddingCache(built, cache_dir, use_disk=use_text_cache)
         self._prompt_states = TextStates(self.text_cache)
@@ -80,9 +81,12 @@ class CLIPAnomalyModel(AnomalyModel):
         self.text_cache.weights_changed()
 
     def backbone_settings(self) -> dict[str, Any]:
-        """The backbone part of :meth:`settings`: name, weights (a local file by its resolved path), size, seed."""
+        """The backbone part of :meth:`settings`: name (and a user's config by its hash), weights (a local file by
+        its resolved path), size, seed."""
         pretrained = self.pretrained
         if pretrained is not None and Path(pretrained).expanduser().is_file():
             pretrained = str(Path(pretrained).expanduser().resolve())  # the same file, however it is named
-        return {"backbone": self.backbone_name, "pretrained": pretrained, "image_size": self.image_size,
+        # A user's model config is recorded by a hash of its content too: the name alone may be reused.
+        config = {"backbone_config": self.backbone_config} if self.backbone_config is not None else {}
+        return {"backbone": self.backbone_name, **config, "pretrained": pretrained, "image_size": self.image_size,
                 "init_seed": self.init_seed if pretrained is None else None}

@@ -7,6 +7,7 @@ over stacked parameters equals one optimiser per image).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -34,6 +35,21 @@ def register_adapter(name: str) -> Callable[[A], A]:
 def create_adapter(name: str, dim: int, sentences: torch.Tensor,
                    generators: Sequence[torch.Generator] | None = None, **kwargs: Any) -> "Adapter":
     return ADAPTERS.lookup(name)(dim, sentences, generators, **kwargs)
+
+
+def check_adapter_args(name: str, args: dict[str, Any]) -> None:
+    """One clear error where ``args`` do not fit the adapter's constructor (checked with the config, before any
+    data is read, instead of a traceback at the first batch)."""
+    cls = ADAPTERS.lookup(name)
+    if not isinstance(args, dict):
+        raise AnovlError(f"tta.adapter_args must be a mapping of argument names to values, got {args!r}")
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[4:]  # after self, dim, sentences, generators
+    takes = ", ".join(parameter.name for parameter in parameters
+                      if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)) or "no arguments"
+    try:
+        inspect.signature(cls.__init__).bind(None, 0, None, None, **args)
+    except TypeError as error:
+        raise AnovlError(f"tta.adapter_args do not fit the {name!r} adapter ({error}); it takes: {takes}") from None
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator | None) -> None:

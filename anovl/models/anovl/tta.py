@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from anovl.errors import AnovlError
-from anovl.models.anovl.adapters import ADAPTERS, Adapter, create_adapter
+from anovl.models.anovl.adapters import ADAPTERS, Adapter, check_adapter_args, create_adapter
 
 Mode = Literal["independent", "reference"]
 Corruption = Literal["token", "image"]
@@ -84,6 +84,7 @@ class TTAConfig:
         for ok, message in checks:
             if not ok:
                 raise AnovlError(message)
+        check_adapter_args(self.adapter, self.adapter_args)
 
 
 PixelLogits = Callable[[torch.Tensor], torch.Tensor]  # per-token logits (B, N, 2) → per-pixel logits (B, P, 2)
