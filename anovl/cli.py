@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -143,7 +143,7 @@ def _misconfiguration_exception() -> tuple[type, ...]:
     return (module.MisconfigurationException,) if module is not None else ()
 
 
-def _user_error(error: BaseException) -> AnovlError | None:
+def _user_error(error: BaseException | None) -> AnovlError | None:
     """The user error behind an exception (jsonargparse wraps errors raised while instantiating classes):
     an AnovlError; Lightning's refusal of a setting (an accelerator the machine lacks, say); or a file-system
     error on a path the user gave (an output folder that is a file, a read-only folder, a full disk)."""
@@ -203,7 +203,7 @@ class _StopSignals:
             self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
-    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> Literal[False]:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         if self.received is not None and kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit)):

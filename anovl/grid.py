@@ -52,6 +52,7 @@ import yaml
 from rich.console import Console
 
 from anovl.compare import DEFAULT_METRICS, Run, build_tables, comparison_records, load_run, to_csv, to_markdown
+from anovl.configs import read_yaml_mapping
 from anovl.errors import AnovlError
 from anovl.io import make_folder, markdown_cell, parse_json, read_json, read_text, read_yaml, rich_text, write_file
 from anovl.io.schemas import GridState
@@ -247,11 +248,7 @@ def _named_lists(document: dict[str, Any], key: str, path: Path) -> dict[str, li
 
 def load_grid(path: Path, output: Path | None) -> Grid:
     """The grid of a grid file: cells in dataset-major order, each with its --config values and folder."""
-    if not path.is_file():
-        raise AnovlError(f"grid file {path} not found")
-    document = read_yaml(path, "grid file")
-    if not isinstance(document, dict):
-        raise AnovlError(f"{path} must be a mapping with 'variants' and 'datasets'")
+    document = read_yaml_mapping(path, "grid file", "'variants' and 'datasets'")
     unknown = set(document) - GRID_KEYS
     if unknown:
         raise AnovlError(f"{path}: unknown keys {sorted(unknown)}; a grid file has {sorted(GRID_KEYS)}")

@@ -43,6 +43,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.commands import COMMANDS, DESCRIPTION
+from anovl.configs import method_path, with_class_paths
 
 # The datamodules are imported so that their short class names resolve (jsonargparse looks among loaded subclasses).
 from anovl.data import (  # noqa: F401
@@ -108,7 +109,7 @@ class AnovlCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True, plugins: Sequence[str] = ()):
         self.plugin_specs = list(plugins)
         super().__init__(
-            AnomalyModel,
+            AnomalyModel,  # type: ignore[arg-type]  # a plain nn.Module; add_core_arguments_to_parser handles it
             AnomalyDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -134,9 +135,8 @@ class AnovlCLI(LightningCLI):
         # The trainer comes last (add_arguments_to_parser), so that the help leads with anovl's own options.
         parser.add_subclass_arguments(AnomalyModel, "model", fail_untyped=False, required=True)
         parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
-        _retitle(parser, "model", "The method (--model NAME or model.class_path): anovl (default), winclip, a "
-                                  "plugin's registered name or any AnomalyModel's class path; `--model.help CLASS` "
-                                  "lists its options")
+        _retitle(parser, "model", "The method (--model NAME or CLASS_PATH): anovl (default), winclip, a plugin's; "
+                                  "`--model.help CLASS` lists its options")
         _retitle(parser, "data", "The data (data.class_path): anovl.data.MVTecDataModule, VisADataModule, "
                                  "FolderDataModule, SyntheticMVTecDataModule; `--data.help CLASS` lists its options")
 
@@ -222,12 +222,12 @@ class AnovlCLI(LightningCLI):
         # trainer starts (and, under DDP, launches its processes); synthetic data is generated here, once.
         self.engine = Engine(self.trainer, resume=self.resume_dir,
                              run_dir=self.given_run_dir if self.resume_dir is None else None, **engine)
-        self.model = self.engine.prepare(self.model, self.datamodule, self.subcommand)
+        self.model = self.engine.prepare(self.model, self.datamodule, str(self.subcommand))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
         # The tracker first: it records which folders the run creates before the other callbacks write there.
-        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunTracker))
+        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunTracker))  # type: ignore[attr-defined]
         return trainer
 
     def fit(self, **kwargs: Any) -> None:
@@ -249,30 +249,6 @@ class AnovlCLI(LightningCLI):
 
     def predict(self, **kwargs: Any) -> None:
         self.engine.predict(**kwargs)
-
-
-def method_path(value: Any) -> Any:
-    """The class path of a registered method name; a lower-case word that names none is an unknown method (class
-    paths have dots, class names capitals); anything else is left to jsonargparse."""
-    if isinstance(value, str) and "." not in value and value.islower():
-        return class_path(METHODS.lookup(value))
-    return value
-
-
-def with_class_paths(document: Any) -> Any:
-    """A config document with method names (``model: anovl``, ``model: {class_path: winclip}``) replaced by their
-    class paths, which is what jsonargparse resolves."""
-    if not isinstance(document, dict):
-        return document
-    document = dict(document)
-    model = document.get("model")
-    if isinstance(model, dict) and "class_path" in model:
-        document["model"] = {**model, "class_path": method_path(model["class_path"])}
-    elif "model" in document:
-        document["model"] = method_path(model)
-    if isinstance(document.get("class_path"), str) and document["class_path"] in METHODS:  # a --model value
-        document["class_path"] = class_path(METHODS[document["class_path"]])
-    return document
 
 
 def method_arguments(arguments: list[str]) -> list[str]:
@@ -387,7 +363,7 @@ def filter_third_party_noise() -> None:
             logger.addFilter(_DropMessages(fragment))
 
 
-def missing_package_error(error: BaseException) -> AnovlError | None:
+def missing_package_error(error: BaseException | None) -> AnovlError | None:
     """A logger (or other class) of the config that needs a package which is not installed, as one line;
     jsonargparse wraps the ImportError of a class it instantiates, so the chain of causes is searched."""
     seen = set()
@@ -445,7 +421,7 @@ def run_lightning_cli(args: list[str] | None, plugins: list[str]) -> None:
         raise user_error from error
 
 
-def unknown_name_error(error: BaseException) -> AnovlError | None:
+def unknown_name_error(error: BaseException | None) -> AnovlError | None:
     """An "unknown ..." AnovlError (a backbone, say, that a plugin should have registered), however wrapped,
     with the plugins that were loaded added; None where there is none or no plugin was named."""
     seen = set()

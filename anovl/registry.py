@@ -23,7 +23,7 @@ def _describe(entry: Any) -> str:
     return getattr(entry, "__qualname__", None) or type(entry).__qualname__
 
 
-class Registry(dict, Generic[K, V]):  # type: ignore[type-arg]  # a dict: tests and users may monkeypatch entries
+class Registry(dict[K, V], Generic[K, V]):  # a dict: tests and users may monkeypatch entries
     """Entries of one ``kind`` (a word for messages: ``"method"``, ``"TTA adapter"``) by name."""
 
     def __init__(self, kind: str, hint: str = ""):

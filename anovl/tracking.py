@@ -15,7 +15,7 @@
   Markdown table as text; other loggers have the config and metrics only.
 
 The config's ``run`` section holds the run's full label, its variant key, its group and the command. W&B runs
-are named, grouped and tagged by the CLI (:func:`anovl.lightning_cli.name_wandb_run`).
+are named, grouped and tagged by the Engine (:func:`anovl.engine.engine.name_wandb_run`).
 
 The CSV logger gets no metrics: results.csv already holds one row per category with all its metrics (and the
 mean), which a metrics.csv of one sparse row per logging call only repeated less readably.
@@ -53,7 +53,7 @@ def run_directory(trainer: Trainer) -> Path:
     of the first logger, else the trainer's default_root_dir. Must be called on every process."""
     logger = trainer.logger
     if logger is None or isinstance(logger, (CSVLogger, TensorBoardLogger)):
-        directory = trainer.log_dir  # already broadcast from rank 0 (versions are numbered there)
+        directory = str(trainer.log_dir)  # already broadcast from rank 0 (versions are numbered there)
     else:
         parts = [logger.save_dir or trainer.default_root_dir, logger.name, logger.version]
         directory = str(Path(*(str(part) for part in parts if part)))
@@ -135,7 +135,7 @@ class RunRecorder(Callback):
         """Note which folders exist before the trainer starts: Lightning lets a CSV or TensorBoard logger create
         its folder before any callback runs. (Other loggers' run folders are named by a new run id.)"""
         if isinstance(trainer.logger, (CSVLogger, TensorBoardLogger)):
-            directory = Path(trainer.log_dir).resolve()
+            directory = Path(str(trainer.log_dir)).resolve()
             self.existing = {folder for folder in [directory, *directory.parents] if folder.exists()}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -153,19 +153,19 @@ class RunRecorder(Callback):
         self.created = [folder for folder in folders if folder not in existing]
         make_folder(self.run_dir)
         path = free_config_path(self.run_dir)
-        self.save_config(path)
+        self.write_config(path)
         self.written.append(path)
         if path.name != CONFIG_FILE:
             rank_zero_info(f"{self.run_dir / CONFIG_FILE} exists (an earlier part of this run); this part's "
                            f"config is saved as {path.name}")
-        config = self.full_config(trainer.state.fn.value)
+        config = self.full_config(str(getattr(stage, "value", stage)))  # "test" or "predict"
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 # hparams.yaml now, so that a failed run's folder is recognisably its own
                 self.written.append(guard_hparams(logger, self.run_dir))
             logger.log_hyperparams(config)
 
-    def save_config(self, path: Path) -> None:
+    def write_config(self, path: Path) -> None:
         assert self.run_dir is not None  # set by setup
         write_file(path, yaml.safe_dump(self.record, sort_keys=False), self.run_dir)
 
@@ -181,7 +181,9 @@ class RunRecorder(Callback):
         results: ResultsTable | None = getattr(pl_module, "results", None)
         if not trainer.is_global_zero or results is None:
             return
-        files = [*(Path(results.directory or self.run_dir) / name for name in RESULT_FILES), *self.written]
+        directory = results.directory or self.run_dir
+        assert directory is not None  # setup has set the run's folder
+        files = [*(Path(directory) / name for name in RESULT_FILES), *self.written]
         for logger in metric_loggers(trainer):
             if isinstance(logger, WandbLogger):
                 log_wandb_results(logger, results, [path for path in files if path.is_file()],
@@ -238,7 +240,7 @@ class RunTracker(RunRecorder, SaveConfigCallback):
         SaveConfigCallback.__init__(self, *args, **kwargs)
         RunRecorder.__init__(self)
 
-    def save_config(self, path: Path) -> None:
+    def write_config(self, path: Path) -> None:
         assert self.run_dir is not None  # set by setup
         write_file(path, self.parser.dump(self.config, skip_unset=False), self.run_dir)
 

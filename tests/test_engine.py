@@ -119,3 +119,22 @@ def test_bad_adapter_args_fail_in_one_line_before_any_data_is_read(adapter_args,
                                                                        "adapter_args": adapter_args})], capsys)
     assert_one_error_line(status, stderr, "tta.adapter_args do not fit the 'lowrank' adapter", fragment)
     assert not missing.exists()
+
+
+def test_export_reads_configs_as_the_cli_does(tmp_path):
+    from anovl.configs import read_config
+    from anovl.deploy.export_cli import model_from_config
+    from anovl.models import AnoVL
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "anovl", "init_args": {
+        "backbone": TINY, "pretrained": None, "image_size": 64, "num_views": 2}}}))
+    assert read_config(config)["model"]["class_path"] == "anovl.models.anovl.torch_model.AnoVL"
+    model = model_from_config(config)
+    assert type(model) is AnoVL and model.num_views == 2
+    config.write_text("model: winclp\n")
+    with pytest.raises(AnovlError, match="unknown method 'winclp'; did you mean winclip"):
+        read_config(config)
+    config.write_text("- a list\n")
+    with pytest.raises(AnovlError, match="must be a mapping"):
+        read_config(config)

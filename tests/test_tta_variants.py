@@ -8,7 +8,7 @@ import pytest
 
 from anovl.cli import AnovlCLI, main
 from anovl.data import generate_mvtec_like
-from anovl.lightning_cli import name_wandb_run
+from anovl.engine.engine import name_wandb_run
 from tests.test_cli import CONFIGS, TINY_MODEL
 
 # The label's variant and the settings that differ from the reference TTA of that adapter.
@@ -102,7 +102,7 @@ def test_wandb_runs_are_named_by_variant_grouped_by_experiment_and_tagged(tmp_pa
     init_grid = cli.trainer.logger._wandb_init
     assert init_grid["name"] == "syntheticmvtec-AnoVL-TTA-r4" and init_grid["group"] == "sweep"
     init_grid["name"] = None
-    name_wandb_run(cli.trainer, cli.model, cli.config, tmp_path / "grid" / "version_3")  # a grid cell's folder
+    name_wandb_run(cli.trainer, cli.model, "syntheticmvtec", tmp_path / "grid" / "version_3")  # a grid cell's folder
     assert init_grid["name"] == "syntheticmvtec-AnoVL-TTA-r4-v3"
     assert {"TTA-r4", "x" * 55 + "#" + hashlib.sha256(long_label.encode()).hexdigest()[:8]} <= set(init_grid["tags"])
     assert all(len(tag) <= 64 for tag in init_grid["tags"])

@@ -59,6 +59,7 @@ def check_supported(visual: nn.Module, name: str = "backbone") -> type[ValueWise
     if reasons:
         raise AnovlError(f"{name} is not supported by the V-V path: {'; '.join(reasons)}; "
                          "choose a ViT backbone such as ViT-B-16-plus-240 (docs/backbones.md lists them)")
+    assert encoder is not None  # no reasons: some encoder takes it
     return encoder
 
 

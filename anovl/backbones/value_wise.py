@@ -24,7 +24,7 @@ norm, projection) applied to the token. The image score keeps using the tower's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,11 @@ class VisualTokens:
     patch_tokens: list[torch.Tensor]  # per requested layer, (num_local, N, D): V-V local patch tokens
 
 
+# What a tower's blocks need to place tokens, beyond the tokens themselves: None (positions are in the tokens), a
+# rotary table (a tensor), or a tower's own record (timm's relative positions); each tower's BlockOps reads its own.
+Positions = Any
+
+
 class BlockOps:
     """How one block type computes attention, split so the V-V attention can reuse the block's weights.
 
@@ -56,7 +61,8 @@ class BlockOps:
     def attention_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def qkv(self, block: nn.Module, y: torch.Tensor, positions, num_prefix: int):
+    def qkv(self, block: nn.Module, y: torch.Tensor, positions: Positions,
+            num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v), each (B, heads, L, head_dim); q scaled so that SDPA's default 1/√d gives the block's logits.
 
         ``positions``: what the tower's ``_embed`` or ``_positions`` gave for these tokens (the rotary table
@@ -65,7 +71,7 @@ class BlockOps:
         """
         raise NotImplementedError
 
-    def attention_bias(self, block: nn.Module, positions) -> torch.Tensor | None:
+    def attention_bias(self, block: nn.Module, positions: Positions) -> torch.Tensor | None:
         """An additive bias on the block's q·k logits (relative positions), (1, heads, L, L); None: none."""
         return None
 
@@ -80,11 +86,11 @@ class BlockOps:
     def mlp_residual(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, block: nn.Module, x: torch.Tensor, positions) -> torch.Tensor:
+    def forward(self, block: nn.Module, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         """The block's own forward (the original stream)."""
         return block(x) if positions is None else block(x, rope=positions)
 
-    def dual_attention(self, block: nn.Module, x: torch.Tensor, num_local: int, positions,
+    def dual_attention(self, block: nn.Module, x: torch.Tensor, num_local: int, positions: Positions,
                        num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Original attention for all of ``x`` and V-V attention for its first ``num_local`` rows.
 
@@ -170,12 +176,12 @@ class ValueWiseViT(nn.Module):
         """Tokens before the patch tokens in :meth:`embed`'s output (class and register tokens)."""
         raise NotImplementedError
 
-    def _embed(self, images: torch.Tensor):
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Positions]:
         """Input tokens of the first block, and the positions its blocks apply to all of them (None for
         towers whose positions are in the tokens)."""
         raise NotImplementedError
 
-    def _positions(self, patch_positions: torch.Tensor | None, num_patches: int):
+    def _positions(self, patch_positions: torch.Tensor | None, num_patches: int) -> Positions:
         """The positions the blocks apply to the prefix tokens and the given patches (None: all patches)."""
         return None
 

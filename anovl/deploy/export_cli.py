@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from anovl.configs import read_config, with_class_paths
 from anovl.deploy.export import export_model
 from anovl.deploy.sidecar import FORMATS, ExportClass, Sidecar, sidecar_path
 from anovl.errors import AnovlError
@@ -29,13 +30,9 @@ def model_from_config(config: str | os.PathLike | dict, overrides: dict[str, Any
     from jsonargparse import ArgumentParser
 
     if isinstance(config, dict):
-        document, source = config, "the config"
+        document, source = with_class_paths(config), "the config"
     else:
-        path = Path(config).expanduser()
-        if not path.is_file():
-            raise AnovlError(f"config file not found: {path}")
-        document = read_yaml(path, "config")
-        source = str(path)
+        document, source = read_config(config), str(Path(config).expanduser())
     section = (document or {}).get("model") if isinstance(document, dict) else None
     if not isinstance(section, dict):
         raise AnovlError(f"{source} has no model: section with class_path and init_args")

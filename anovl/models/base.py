@@ -5,7 +5,7 @@ Any method that implements :class:`AnomalyModel` runs under the generic Lightnin
 results files, pictures, ``--resume`` and loggers as every other method. A method is a plain
 ``nn.Module`` that knows nothing of Lightning:
 
-* ``forward(images, categories, prompt_names, **extras) -> ModelOutput`` gives per-pixel maps and image
+* ``forward(images, categories, prompt_names, ...) -> ModelOutput`` gives per-pixel maps and image
   scores. ``categories`` are the dataset's category names (which the metrics group by), ``prompt_names``
   the object names to put into text prompts (``anovl.categories`` maps one to the other). Batch entries
   named in :attr:`AnomalyModel.batch_extras` (e.g. ``corrupted_image``) are passed as keyword arguments.
@@ -74,7 +74,8 @@ class AnomalyModel(nn.Module):
     image_size: int
 
     def forward(self, images: torch.Tensor, categories: Sequence[str],
-                prompt_names: Sequence[str] | None = None, **extras: Any) -> ModelOutput:
+                prompt_names: Sequence[str] | None = None) -> ModelOutput:
+        # Methods add the batch_extras they name as keyword arguments with defaults.
         raise NotImplementedError
 
     def preprocessing(self) -> Preprocessing:

@@ -32,7 +32,8 @@ def register_method(name: str) -> Callable[[M], M]:
     def register(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, AnomalyModel)):
             raise AnovlError(f"@register_method({name!r}) needs an AnomalyModel subclass, got {cls!r}")
-        return METHODS.register(name, cls, stacklevel=2)
+        METHODS.register(name, cls, stacklevel=2)
+        return cls
 
     return register
 

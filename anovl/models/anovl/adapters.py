@@ -27,7 +27,8 @@ def register_adapter(name: str) -> Callable[[A], A]:
 
     def decorator(cls: A) -> A:
         cls.name = name
-        return ADAPTERS.register(name, cls, stacklevel=2)
+        ADAPTERS.register(name, cls, stacklevel=2)
+        return cls
 
     return decorator
 
@@ -93,7 +94,7 @@ class Adapter(nn.Module):
         self.batch = sentences.shape[0]
         self.dim = dim
 
-    def reset_parameters(self, generators: Sequence[torch.Generator] | None = None) -> None:
+    def reset_parameters(self, generators: Sequence[torch.Generator | None] | None = None) -> None:
         generators = generators if generators is not None else [None] * self.batch
         for module in self.modules():
             if isinstance(module, BatchedLinear):

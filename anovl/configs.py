@@ -1,0 +1,58 @@
+"""Reading anovl configs, one way for every command: ``anovl test`` / ``anovl predict`` (jsonargparse reads their
+``--config`` files through :func:`with_class_paths`) and ``anovl export`` (:func:`read_config`).
+
+A config is a YAML mapping. A registered method's name stands for its class wherever a config names the model:
+``model: anovl``, ``model: {class_path: winclip, init_args: ...}`` (:mod:`anovl.models.registry`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from anovl.errors import AnovlError
+from anovl.io import read_yaml
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, holds: str) -> dict[str, Any]:
+    """The YAML mapping in the file ``path``; one clear error, naming it as ``what`` (``config file``, ``grid
+    file``) and saying what it ``holds``, for a missing file, YAML that does not parse, or another document."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AnovlError(f"{what} not found: {path}")
+    document = read_yaml(path, what)  # bounded, repeated keys refused (anovl.io)
+    if not isinstance(document, dict):
+        raise AnovlError(f"{what} {path} must be a mapping with {holds}")
+    return document
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config file at ``path`` as data, with method names resolved."""
+    return with_class_paths(read_yaml_mapping(path, "config file", "sections such as model: and data:"))
+
+
+def method_path(value: Any, strict: bool = True) -> Any:
+    """The class path of a registered method name; with ``strict``, a lower-case word that names none is an unknown
+    method (class paths have dots, class names capitals); anything else is left as it is."""
+    from anovl.models.registry import METHODS, class_path  # torch: only where a config names a method
+
+    if isinstance(value, str) and "." not in value and value.islower() and (strict or value in METHODS):
+        return class_path(METHODS.lookup(value))
+    return value
+
+
+def with_class_paths(document: Any) -> Any:
+    """A config document with method names (``model: anovl``, ``model: {class_path: winclip}``) replaced by their
+    class paths, which is what jsonargparse resolves."""
+    if not isinstance(document, dict):
+        return document
+    document = dict(document)
+    model = document.get("model")
+    if isinstance(model, dict) and "class_path" in model:
+        document["model"] = {**model, "class_path": method_path(model["class_path"])}
+    elif "model" in document:
+        document["model"] = method_path(model)
+    if "class_path" in document:  # a --model value given as a mapping (or another class's, left alone)
+        document["class_path"] = method_path(document["class_path"], strict=False)
+    return document
