@@ -40,6 +40,7 @@ from typing import Any, NoReturn, Optional
 import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.commands import COMMANDS, DESCRIPTION
@@ -64,7 +65,6 @@ from anovl.models.checkpoints import (
     read_checkpoint,
     trained_prefix,
 )
-from anovl.models.registry import METHODS, class_path
 from anovl.plugins import load_plugins, loaded_note
 from anovl.tracking import RunTracker
 
@@ -238,9 +238,10 @@ class AnovlCLI(LightningCLI):
         with self.engine.running(reuses_folder=bool(kwargs.get("ckpt_path"))):
             self.trainer.fit(**kwargs)
         callback = self.trainer.checkpoint_callback
-        if callback is not None and callback.last_model_path:
-            rank_zero_info(f"Trained {model.label}: {callback.last_model_path}; test it with anovl test --config ... "
-                           f"--ckpt_path {callback.last_model_path}")
+        last = getattr(callback, "last_model_path", None)  # a ModelCheckpoint's
+        if last:
+            rank_zero_info(f"Trained {model.label}: {last}; test it with anovl test --config ... "
+                           f"--ckpt_path {last}")
 
     def test(self, **kwargs: Any) -> None:
         if kwargs.get("ckpt_path"):
