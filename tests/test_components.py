@@ -148,3 +148,13 @@ def test_plain_tokens_are_the_towers_own_intermediate_tokens():
         raw = timm_tower.plain_tokens(images, layers=[1], project=False)[0]
         reference = trunk.forward_intermediates(images, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
         torch.testing.assert_close(raw, reference)
+
+
+@pytest.mark.parametrize("module, forbidden", [("anovl/lightning_cli.py", "anovl.cli"),
+                                               ("anovl/tracking.py", "anovl.engine"),
+                                               ("anovl/callbacks/panels.py", "anovl.engine")])
+def test_no_import_cycles_closed_by_deferred_imports(module, forbidden):
+    # cli imports lightning_cli (deferred, only for test/predict/fit), and the engine imports tracking and the
+    # callbacks: none of them may import back, at the top or inside a function.
+    imported = imported_modules(REPO / module)
+    assert not [name for name in imported if name == forbidden or name.startswith(forbidden + ".")]
