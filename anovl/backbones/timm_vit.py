@@ -25,7 +25,10 @@ from timm.layers.attention import Attention, AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer_relpos import (
-    RelPosAttention, RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos,
+    RelPosAttention,
+    RelPosBlock,
+    ResPostRelPosBlock,
+    VisionTransformerRelPos,
 )
 from torch import nn
 from torch.nn import functional as F

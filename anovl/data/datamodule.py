@@ -18,12 +18,11 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from anovl.categories import category_info
 from anovl.data.corruptions import CorruptionSpec, Corruptor, resolve_corruption
-from anovl.data.decoded_cache import DecodedCache
 from anovl.data.dataset import MASK_FALLBACK, AnomalyDataset, OnBadImage, ResizeMode, Sample, SkippedFileWarning
+from anovl.data.decoded_cache import DecodedCache
 from anovl.data.listing import refuse_repeated_files
 from anovl.data.sampling import CategoryBatchSampler, collate_batch
 from anovl.errors import AnovlError
-
 
 # More workers than this rarely pay: a worker decodes and resizes ~30 MVTec-sized PNGs per second, and 16 of
 # them feed a GPU faster than its model runs (docs/benchmarks.md).

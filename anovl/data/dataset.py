@@ -19,7 +19,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import PIL
@@ -29,8 +29,14 @@ from torch.utils.data import Dataset
 
 from anovl.data.corruptions import Corruptor
 from anovl.data.decoded_cache import DecodedCache
-from anovl.data.image_io import (BadImageError, check_mask_size, check_pixel_budget, load_mask, load_rgb,
-                                 load_rgb_resized)
+from anovl.data.image_io import (
+    BadImageError,
+    check_mask_size,
+    check_pixel_budget,
+    load_mask,
+    load_rgb,
+    load_rgb_resized,
+)
 from anovl.data.transforms import resize_mask, shorter_side_size
 from anovl.metrics.functional import region_size_map
 

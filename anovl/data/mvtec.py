@@ -7,8 +7,8 @@ from typing import Any
 
 from anovl.data.datamodule import AnomalyDataModule
 from anovl.data.dataset import Sample
-from anovl.data.listing import category_selection, find_mask, index_by_stem, require_dir, warn_unused_images
 from anovl.data.image_io import has_image_extension
+from anovl.data.listing import category_selection, find_mask, index_by_stem, require_dir, warn_unused_images
 from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
 

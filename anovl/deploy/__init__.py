@@ -1,8 +1,8 @@
 """Deployment: export (ONNX, OpenVINO IR, TorchScript), inference on the exported models, a browser demo."""
 
 from anovl.deploy.export import build_exportable, export_model
-from anovl.deploy.sidecar import ExportClass, Sidecar, sidecar_path
 from anovl.deploy.inferencer import ExportedModel, Prediction, load_exported, predict
+from anovl.deploy.sidecar import ExportClass, Sidecar, sidecar_path
 from anovl.models.anovl.export import ExportableAnoVL
 
 __all__ = ["main", "ExportClass", "ExportableAnoVL", "ExportedModel", "Prediction", "Sidecar", "build_exportable",
