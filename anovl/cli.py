@@ -27,8 +27,8 @@ import yaml
 from anovl.commands import COMMANDS, DESCRIPTION
 from anovl.compare import main as compare_main
 from anovl.errors import AnovlError
-from anovl.io import parse_yaml, read_yaml
 from anovl.grid import main as grid_main
+from anovl.io import parse_yaml, read_yaml
 from anovl.protocol import main as protocol_main
 from anovl.signals import stop_requested
 

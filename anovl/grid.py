@@ -54,7 +54,7 @@ from rich.console import Console
 from anovl.compare import DEFAULT_METRICS, Run, build_tables, comparison_records, load_run, to_csv, to_markdown
 from anovl.configs import read_yaml_mapping
 from anovl.errors import AnovlError
-from anovl.io import make_folder, markdown_cell, parse_json, read_json, read_text, read_yaml, rich_text, write_file
+from anovl.io import make_folder, markdown_cell, parse_json, read_json, read_text, rich_text, write_file
 from anovl.io.schemas import GridState
 from anovl.results import ALL_METRIC_TITLES
 

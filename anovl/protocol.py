@@ -161,7 +161,6 @@ def test_run(protocol: Protocol, method: str, train: str, test: str, checkpoint:
     """The finished test run of ``method`` on ``test`` (trained on ``train`` where it trains)."""
     folder = protocol.output / "test" / f"{train}-to-{test}" / method
     for version in sorted(folder.glob("version_*")):
-        results = version / "results.json"
         if results_state(version) == "finished":  # only a boolean true counts (anovl.io.schemas.GridState)
             return version
     entry = protocol.methods[method]

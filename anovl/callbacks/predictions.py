@@ -19,10 +19,10 @@ from anovl.callbacks.calibration import calibrate_on_normal_images
 from anovl.callbacks.panels import output_names, output_root
 from anovl.data.image_io import load_rgb
 from anovl.errors import AnovlError
-from anovl.results import RANDOM_WEIGHTS_WARNING
-from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold
 from anovl.io import append_text, csv_cell, make_folder, terminal, write_file
 from anovl.io.output_names import OutputNames
+from anovl.results import RANDOM_WEIGHTS_WARNING
+from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold
 from anovl.tracking import run_directory
 from anovl.visualization import denormalize, map_to_png16, mask_to_png, overlay, resize_map
 

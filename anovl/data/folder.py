@@ -7,8 +7,8 @@ from typing import Any
 
 from anovl.data.datamodule import AnomalyDataModule
 from anovl.data.dataset import Sample
-from anovl.data.listing import find_mask, index_by_stem, require_dir, warn_skipped_files, warn_unused_images
 from anovl.data.image_io import IMAGE_EXTENSIONS, has_image_extension, is_image_file
+from anovl.data.listing import find_mask, index_by_stem, require_dir, warn_skipped_files, warn_unused_images
 from anovl.data.paths import check_inside, walk_files
 from anovl.errors import AnovlError
 

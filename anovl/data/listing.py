@@ -10,9 +10,9 @@ from pathlib import Path
 
 from anovl.data.dataset import Sample
 from anovl.data.image_io import IMAGE_EXTENSIONS, has_image_extension
-from anovl.io.text import terminal
 from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
+from anovl.io.text import terminal
 
 
 class UnusedFilesWarning(UserWarning):

@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 
 from anovl.data.image_io import BadImageError, load_rgb
-from anovl.io.safe_names import safe_component
 from anovl.deploy.export_cli import MODEL_OVERRIDE_PREFIX, model_from_config, parse_model_overrides
-from anovl.thresholds import check_threshold
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
-from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.io import html_text, write_file
+from anovl.io.safe_names import safe_component
+from anovl.results import RANDOM_WEIGHTS_WARNING
+from anovl.thresholds import check_threshold
 from anovl.visualization import overlay
 
 # The demo model of configs/demo.yaml, embedded so that the app runs from an installed package too.

@@ -11,7 +11,6 @@ from anovl.configs import read_config, with_class_paths
 from anovl.deploy.export import export_model
 from anovl.deploy.sidecar import FORMATS, ExportClass, Sidecar, sidecar_path
 from anovl.errors import AnovlError
-from anovl.io import read_yaml
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.thresholds import RunThresholds, Thresholds
 

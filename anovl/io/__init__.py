@@ -8,7 +8,16 @@
 It imports neither Lightning nor torch.
 """
 
-from anovl.io.files import append_text, create_new, make_folder, refuse_links, replace_together, write_error, write_file, write_texts
+from anovl.io.files import (
+           append_text,
+           create_new,
+           make_folder,
+           refuse_links,
+           replace_together,
+           write_error,
+           write_file,
+           write_texts,
+)
 from anovl.io.output_names import OutputNames, output_component, output_stem
 from anovl.io.reading import parse_json, parse_yaml, read_json, read_text, read_yaml, validate
 from anovl.io.safe_names import safe_component

@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anovl.backbones import Backbone
-from anovl.cache import cache_root
 from anovl.backbones.tokenizers import KnownTokenizer
+from anovl.cache import cache_root
 from anovl.io import make_folder, write_file
 from anovl.io.safe_names import safe_component
 
