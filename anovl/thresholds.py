@@ -23,7 +23,7 @@ import numpy as np
 from anovl.errors import AnovlError
 from anovl.io import read_text, validate
 from anovl.io.reading import parse_json
-from anovl.io.schemas import ResultsThresholds
+from anovl.io.schemas import MAX_SCORE, ResultsThresholds
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,12 @@ class Thresholds:
 
 
 def check_threshold(name: str, value: float | None) -> float | None:
-    """A threshold the user gave: None, or a number in [0, 1] (maps and scores are probabilities)."""
+    """A threshold the user gave: None, or a number in [0, MAX_SCORE] (probabilities for most methods; sums over
+    blocks, up to a few units, for APRIL-GAN and AnomalyCLIP)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not (math.isfinite(value) and 0.0 <= value <= 1.0)):
-        raise AnovlError(f"{name} must be a number in [0, 1] (maps and scores are probabilities), got {value!r}")
+                              or not (math.isfinite(value) and 0.0 <= value <= MAX_SCORE)):
+        raise AnovlError(f"{name} must be a number in [0, {MAX_SCORE:g}] (a method's maps and scores: probabilities, "
+                         f"or sums over blocks), got {value!r}")
     return None if value is None else float(value)
 
 

@@ -25,7 +25,10 @@ def _no_control(text: str) -> str:
     return text
 
 
-Probability = Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0, le=1.0)]
+# A threshold on a method's maps or scores: probabilities for AnoVL and WinCLIP, sums over blocks for APRIL-GAN
+# and AnomalyCLIP (up to a few units), so non-negative and finite, bounded far above any method's range.
+MAX_SCORE = 1e6
+Score = Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0, le=MAX_SCORE)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=1000), AfterValidator(_no_control)]
 
 
@@ -36,8 +39,8 @@ class _Record(BaseModel):
 class ThresholdPair(_Record):
     """The F1-max thresholds of one category (null where undefined)."""
 
-    image: Optional[Probability] = None
-    pixel: Optional[Probability] = None
+    image: Optional[Score] = None
+    pixel: Optional[Score] = None
 
 
 class ThresholdsSection(_Record):
@@ -70,8 +73,8 @@ class SidecarClass(BaseModel):
 
     category: Name
     prompt_name: Optional[Name] = None
-    image_threshold: Optional[Probability] = None
-    pixel_threshold: Optional[Probability] = None
+    image_threshold: Optional[Score] = None
+    pixel_threshold: Optional[Score] = None
 
 
 class SidecarPreprocessing(_Record):
