@@ -134,7 +134,7 @@ def test_tta_cannot_be_exported(tmp_path):
     (["=x"], "onnx", "m.onnx", "has no name"),
     (["bottle"], "tflite", "m.onnx", "unknown export format 'tflite'"),
     (["bottle"], "onnx", "m.xml", r"written as \*.onnx"),
-    ([ExportClass("bottle", "bottle", image_threshold=1.5)], "onnx", "m.onnx", "must be a number in"),
+    ([ExportClass("bottle", "bottle", image_threshold=1.5e7)], "onnx", "m.onnx", "must be a number in"),
 ])
 def test_bad_export_requests(tmp_path, classes, fmt, output, message):
     with pytest.raises(AnovlError, match=message):
