@@ -9,6 +9,7 @@ import pytest
 from anovl.cli import AnovlCLI, main
 from anovl.data import generate_mvtec_like
 from anovl.engine.engine import name_wandb_run
+from anovl.io import markdown_cell
 from tests.test_cli import CONFIGS, TINY_MODEL
 
 # The label's variant and the settings that differ from the reference TTA of that adapter.
@@ -119,7 +120,9 @@ def test_compare_puts_variants_side_by_side(data_root, tfa_results, tmp_path, ca
         main(["compare", str(tfa_dir), str(tta_dir), "--metrics", "pixel_auroc", "--output", str(output)])
     assert exit_info.value.code == 0
     table = output.read_text()
-    assert f"| category | {tfa_results[1]['label']} | {tta_results['label']} |" in table
+    # Labels are shown literally: their brackets are escaped so that Markdown never reads them as links.
+    labels = [markdown_cell(tfa_results[1]["label"]), markdown_cell(tta_results["label"])]
+    assert "\\[" in labels[1] and f"| category | {labels[0]} | {labels[1]} |" in table
     tfa_mean, tta_mean = tfa_results[1]["mean"]["pixel_auroc"], tta_results["mean"]["pixel_auroc"]
     assert f"| **mean (all categories)** | **{tfa_mean:.1f}** | **{tta_mean:.1f} ({tta_mean - tfa_mean:+.1f})** |" in table
     assert "random weights" in capsys.readouterr().out
