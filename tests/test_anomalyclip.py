@@ -38,12 +38,14 @@ def model():
 
 
 def test_label_names_what_differs_from_the_published_settings(model):
-    differences = "backbone=anovl-tiny-vit-text3;depth=2;dpam_blocks=2;image_size=64;init_seed=0;layers=1,3;n_ctx=4;" \
-                  "pretrained=None;t_n_ctx=2"
+    # A registered config is named with a hash of its content too (CLIPAnomalyModel.backbone_settings).
+    config = f"backbone_config={model.backbone_config};"
+    differences = f"backbone=anovl-tiny-vit-text3;{config}depth=2;dpam_blocks=2;image_size=64;init_seed=0;" \
+                  "layers=1,3;n_ctx=4;pretrained=None;t_n_ctx=2"
     assert model.label == f"AnomalyCLIP[{differences}]"
     assert make(sigma=0.0, deep_tokens_float16=False).label == (
-        "AnomalyCLIP[backbone=anovl-tiny-vit-text3;deep_tokens_float16=False;depth=2;dpam_blocks=2;image_size=64;"
-        "init_seed=0;layers=1,3;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]")
+        f"AnomalyCLIP[backbone=anovl-tiny-vit-text3;{config}deep_tokens_float16=False;depth=2;dpam_blocks=2;"
+        "image_size=64;init_seed=0;layers=1,3;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]")
     # Learned weights are no setting of the label, but results.json records them.
     before = model.settings()["prompt_weights"]
     trained = make()

@@ -69,7 +69,8 @@ def model(reference, tmp_path_factory):
 
 def test_defaults_are_the_published_ones(model):
     # The model above differs from the reference only in its backbone.
-    assert model.label == "AnomalyCLIP[backbone=anomalyclip-parity-vit;image_size=64;pretrained=#" + \
+    assert model.label == f"AnomalyCLIP[backbone=anomalyclip-parity-vit;backbone_config={model.backbone_config};" \
+        "image_size=64;pretrained=#" + \
         model.label.split("pretrained=#")[1]
     assert (model.layers, model.dpam_blocks, model.n_ctx, model.depth, model.t_n_ctx) == ((6, 12, 18, 24), 19, 12, 9, 4)
     # Built at its native 48 px and resized to 64 px bilinearly, as the authors' CLIP does.
@@ -104,7 +105,8 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path, model):
         load_trained_weights(model, truncated)
     small = tmp_path / "small.pth"
     torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 8, 128), "ctx_neg": torch.zeros(1, 1, 8, 128)}}, small)
-    with pytest.raises(AnovlError, match=r"does not fit AnomalyCLIP's trained part: .*other shapes \['context', 'deep_tokens'\]"):
+    shapes = r"other shapes \['context', 'deep_tokens'\]"
+    with pytest.raises(AnovlError, match=rf"does not fit AnomalyCLIP's trained part: .*{shapes}"):
         load_trained_weights(model, small)
 
 

@@ -170,7 +170,8 @@ def main(repo: Path, out: Path) -> None:
                if key.startswith(("ctx_", "compound_prompts_text"))}
 
     arrays = {
-        "config": np.array(json.dumps(CONFIG)), "image_size": np.array(IMAGE_SIZE), "weights_sha256": np.array(checksum),
+        "config": np.array(json.dumps(CONFIG)), "image_size": np.array(IMAGE_SIZE),
+        "weights_sha256": np.array(checksum),
         "images": images.numpy(), "masks": masks.numpy(), "labels": labels.numpy(),
         "pred_score": torch.cat(scores).numpy(), "anomaly_map_raw": torch.stack(raw_maps).numpy(),
         "anomaly_map": torch.stack(smoothed_maps).float().numpy(),

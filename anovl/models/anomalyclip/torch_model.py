@@ -201,7 +201,8 @@ class AnomalyCLIP(CLIPAnomalyModel):
     def encode_images(self, images: torch.Tensor):
         """The frozen visual side: DPAM patch tokens of ``layers`` and the image embedding (no gradients)."""
         with torch.no_grad():
-            return self.encoder(images, layers=[layer - 1 for layer in self.layers], local_start=self.encoder.num_layers - self.dpam_blocks,
+            return self.encoder(images, layers=[layer - 1 for layer in self.layers],
+                                local_start=self.encoder.num_layers - self.dpam_blocks,
                                 final_norm=self.image_norm)
 
     def forward(self, images: torch.Tensor, categories: Sequence[str],
