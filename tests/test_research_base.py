@@ -10,6 +10,7 @@ from anovl.cli import main
 from anovl.data import generate_mvtec_like
 from anovl.engine import AnomalyModule
 from anovl.errors import AnovlError
+from anovl.io import markdown_cell
 from anovl.models import AnoVL, WinCLIP
 from anovl.models.base import AnomalyModel, ModelOutput, make_label, setting_differences
 from tests.test_cli import CONFIGS, TINY_MODEL
@@ -52,7 +53,8 @@ def test_three_methods_run_and_compare_under_distinct_labels(runs, tmp_path, cap
         main(["compare", *(str(folder) for folder in runs.values()), "--output", str(output)])
     assert exit_info.value.code == 0
     table = output.read_text()
-    assert f"| category | {labels['tfa']} | {labels['tta']} | {labels['winclip']} |" in table
+    shown = {name: markdown_cell(label) for name, label in labels.items()}  # brackets escaped in Markdown
+    assert f"| category | {shown['tfa']} | {shown['tta']} | {shown['winclip']} |" in table
 
     with pytest.raises(SystemExit):
         main(["compare", *(str(folder) for folder in runs.values()), "--labels", "TFA", "TTA", "WinCLIP",
