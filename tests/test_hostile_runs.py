@@ -339,7 +339,10 @@ def test_twenty_parallel_requests_on_loopback_are_all_answered(model, tmp_path):
         demo.close()
     failed = [answer for answer in answers if answer is None or "image score" not in answer[0]]
     assert failed == [], failed
-    assert len(uploads_seen) == 20 and len(set(masks_written)) == 20, retried  # every request answered, own mask
+    # Every request answered, each with its own mask. A request sent again after "peer closed connection" may have
+    # reached the app the first time too, so it can be counted twice.
+    assert 20 <= len(uploads_seen) <= 20 + len(retried), retried
+    assert len(set(masks_written)) == len(masks_written), retried
     assert uploads_left == []  # the strangers' uploads are deleted
     assert rss_growth_mb < 500, rss_growth_mb  # bounded: requests are queued, not all decoded at once
 

@@ -125,11 +125,12 @@ def test_plugin_specs_come_from_inline_and_repeated_configs(tmp_path):
                          "--config", "plugins: [a.py, d]"]) == ["a.py", "c.py", "b", "d"]
 
 
+# A backbone name no other test registers: model configs are registered process-wide (test_engine.py uses my-vit).
 MY_VIT_PLUGIN = f'''
     import json
     from anovl import register_model_config
 
-    register_model_config(json.load(open({str(REPO / "anovl" / "model_configs" / "anovl-tiny-vit.json")!r})), name="my-vit")
+    register_model_config(json.load(open({str(REPO / "anovl" / "model_configs" / "anovl-tiny-vit.json")!r})), name="inline-plugin-vit")
 '''
 
 
@@ -144,15 +145,15 @@ def test_inline_configs_import_their_plugins_and_the_run_records_them_all(data_r
               "--data.init_args.categories", "[widget]", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     # Before: an inline config's plugins were not imported, and the backbone they register was "unknown".
     status, _, stderr = run_main([*common, "--config", yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
-                                  "--model.init_args.backbone", "my-vit"], capsys)
-    assert_one_error_line(status, stderr, "unknown backbone 'my-vit'", f"plugins loaded: {tmp_path / 'other.py'}")
+                                  "--model.init_args.backbone", "inline-plugin-vit"], capsys)
+    assert_one_error_line(status, stderr, "unknown backbone 'inline-plugin-vit'", f"plugins loaded: {tmp_path / 'other.py'}")
     status, _, stderr = run_main([*common, "--config", yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
                                   "--config", yaml.safe_dump({"plugins": [str(plugin)]}),
-                                  "--model.init_args.backbone", "my-vit"], capsys)
+                                  "--model.init_args.backbone", "inline-plugin-vit"], capsys)
     assert status == 0, stderr
     (config,) = (tmp_path / "runs").glob("demo/*/config.yaml")
     saved = yaml.safe_load(config.read_text())
-    assert saved["model"]["init_args"]["backbone"] == "my-vit"
+    assert saved["model"]["init_args"]["backbone"] == "inline-plugin-vit"
     # A later config's plugins: replaces an earlier one's in the parsed config; the record keeps both.
     assert saved["plugins"] == [str(tmp_path / "other.py"), str(plugin)]
 
