@@ -6,9 +6,23 @@ from typing import Any
 from anovl.errors import AnovlError
 
 __version__ = "0.1.0"
-__all__ = ["AnoVL", "AnoVLOutput", "AnomalyCLIP", "AnomalyModel", "AnovlError", "AprilGAN", "PromptSet", "TTAConfig",
-           "WinCLIP", "create_method", "list_methods", "register_adapter", "register_category", "register_method",
-           "register_model_config"]
+__all__ = [
+    "AnoVL",
+    "AnoVLOutput",
+    "AnomalyCLIP",
+    "AnomalyModel",
+    "AnovlError",
+    "AprilGAN",
+    "PromptSet",
+    "TTAConfig",
+    "WinCLIP",
+    "create_method",
+    "list_methods",
+    "register_adapter",
+    "register_category",
+    "register_method",
+    "register_model_config",
+]
 
 # The public API is imported on first use, so that `anovl --help` (and `anovl compare`) start without torch.
 _LAZY = {

@@ -8,5 +8,7 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ANOVL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "anovl"))
+    return Path(
+        os.environ.get("ANOVL_CACHE_DIR")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "anovl")
+    )

@@ -30,11 +30,13 @@ class CategoryInfo:
 
 # docs/METHOD.md §3: MVTec's five textures get the texture domain; VisA's two macaroni sets are both "macaroni".
 CATEGORIES: Registry[str, CategoryInfo] = Registry("category", "anovl.categories.register_category")
-CATEGORIES.update({
-    **{name: CategoryInfo(name, TEXTURE) for name in ("carpet", "grid", "leather", "tile", "wood")},
-    "macaroni1": CategoryInfo("macaroni"),
-    "macaroni2": CategoryInfo("macaroni"),
-})
+CATEGORIES.update(
+    {
+        **{name: CategoryInfo(name, TEXTURE) for name in ("carpet", "grid", "leather", "tile", "wood")},
+        "macaroni1": CategoryInfo("macaroni"),
+        "macaroni2": CategoryInfo("macaroni"),
+    }
+)
 
 
 def category_info(category: str) -> CategoryInfo:
@@ -55,7 +57,9 @@ def register_category(category: str, prompt_name: str | None = None, domain: str
     category again replaces it with a warning (a notebook cell run twice)."""
     name = (prompt_name if prompt_name is not None else category).strip()
     if not category or not name:
-        raise AnovlError(f"register_category needs a non-empty category and prompt name, got {category!r}, {prompt_name!r}")
+        raise AnovlError(
+            f"register_category needs a non-empty category and prompt name, got {category!r}, {prompt_name!r}"
+        )
     CATEGORIES.register(category, CategoryInfo(name, domain))
 
 

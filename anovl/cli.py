@@ -37,8 +37,11 @@ def top_level_help() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: anovl <command> [options]", "", DESCRIPTION, "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    lines += ["", "Run `anovl <command> --help` for a command's options, e.g. `anovl test --help`;",
-              "`anovl test --model.help anovl.models.WinCLIP` describes a model's options."]
+    lines += [
+        "",
+        "Run `anovl <command> --help` for a command's options, e.g. `anovl test --help`;",
+        "`anovl test --model.help anovl.models.WinCLIP` describes a model's options.",
+    ]
     return "\n".join(lines)
 
 
@@ -207,10 +210,13 @@ class _StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         if self.received is not None and kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit)):
-            kept = ("a checkpoint of the last finished batch is in RUN/checkpoints/interrupted.ckpt (of the last "
-                    "finished epoch: last.ckpt); continue with anovl fit --config RUN/config.yaml --ckpt_path CKPT"
-                    if self.training else "the results of finished categories are kept; continue with anovl test "
-                    "--config RUN/config.yaml --resume RUN")
+            kept = (
+                "a checkpoint of the last finished batch is in RUN/checkpoints/interrupted.ckpt (of the last "
+                "finished epoch: last.ckpt); continue with anovl fit --config RUN/config.yaml --ckpt_path CKPT"
+                if self.training
+                else "the results of finished categories are kept; continue with anovl test "
+                "--config RUN/config.yaml --resume RUN"
+            )
             print(f"anovl: error: stopped by {signal.Signals(self.received).name}; {kept}", file=sys.stderr)
             raise SystemExit(128 + self.received) from None
         return False
@@ -228,8 +234,9 @@ def main(args: list[str] | None = None) -> None:
     if command_line[:1] == ["protocol"]:
         raise SystemExit(_run_user_command(lambda: protocol_main(command_line[1:])))
     if command_line[:1] in (["export"], ["app"]):  # anovl.deploy imports torch: only for these commands
-        raise SystemExit(_run_user_command(lambda: import_module("anovl.deploy").main(command_line[0],
-                                                                                      command_line[1:])))
+        raise SystemExit(
+            _run_user_command(lambda: import_module("anovl.deploy").main(command_line[0], command_line[1:]))
+        )
     from anovl.lightning_cli import run_lightning_cli  # torch and Lightning: only for fit / test / predict
 
     def run() -> None:

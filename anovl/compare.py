@@ -42,8 +42,9 @@ def load_run(directory: str | Path) -> Run:
     if not (folder / "results.json").is_file():
         raise AnovlError(f"no results.json in {folder}; give the run directories of finished `anovl test` runs")
     table = ResultsTable.read(folder)
-    return Run(label=table.label or folder.name, rows=table.rows, mean=table.mean(),
-               random_weights=table.random_weights)
+    return Run(
+        label=table.label or folder.name, rows=table.rows, mean=table.mean(), random_weights=table.random_weights
+    )
 
 
 def _unique_labels(runs: list[Run], directories: list[str], given: list[str] | None) -> list[str]:
@@ -76,11 +77,15 @@ def _cell(value: float, baseline: float, with_delta: bool) -> str:
     return f"{value:.1f} ({value - baseline:+.1f})"
 
 
-def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list[tuple[str, list[str], list[list[str]]]]:
+def build_tables(
+    runs: list[Run], labels: list[str], metrics: list[str]
+) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     for metric in metrics:
-        rows = [[category] + [_cell(value, values[0], index > 0) for index, value in enumerate(values)]
-                for category, values in zip([*_categories(runs), MEAN_ROW], comparison_rows(runs, metric))]
+        rows = [
+            [category] + [_cell(value, values[0], index > 0) for index, value in enumerate(values)]
+            for category, values in zip([*_categories(runs), MEAN_ROW], comparison_rows(runs, metric))
+        ]
         tables.append((ALL_METRIC_TITLES.get(metric, metric), ["category", *labels], rows))
     return tables
 
@@ -88,19 +93,29 @@ def build_tables(runs: list[Run], labels: list[str], metrics: list[str]) -> list
 def comparison_records(runs: list[Run], labels: list[str], metrics: list[str]) -> list[dict[str, object]]:
     """One record per run and category (sorted, the mean last): variant (the column name), the run's own
     label, the category and each metric in percent (NaN where missing or undefined)."""
-    return [{"variant": name, "label": run.label, "category": category,
-             **{metric: values.get(metric, math.nan) for metric in metrics}}
-            for name, run in zip(labels, runs)
-            for category, values in [*((category, run.rows.get(category, {})) for category in _categories(runs)),
-                                     (MEAN_ROW, run.mean)]]
+    return [
+        {
+            "variant": name,
+            "label": run.label,
+            "category": category,
+            **{metric: values.get(metric, math.nan) for metric in metrics},
+        }
+        for name, run in zip(labels, runs)
+        for category, values in [
+            *((category, run.rows.get(category, {})) for category in _categories(runs)),
+            (MEAN_ROW, run.mean),
+        ]
+    ]
 
 
 def to_csv(records: list[dict[str, object]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows({key: repr(value) if isinstance(value, float) else csv_cell(value) for key, value in record.items()}
-                     for record in records)
+    writer.writerows(
+        {key: repr(value) if isinstance(value, float) else csv_cell(value) for key, value in record.items()}
+        for record in records
+    )
     return buffer.getvalue()
 
 
@@ -149,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(run.random_weights for run in runs):
         console.print(RANDOM_WEIGHTS_WARNING, style="bold red")
     if args.output:
-        text = (to_csv(comparison_records(runs, labels, args.metrics)) if args.output.suffix.lower() == ".csv"
-                else to_markdown(tables))
+        text = (
+            to_csv(comparison_records(runs, labels, args.metrics))
+            if args.output.suffix.lower() == ".csv"
+            else to_markdown(tables)
+        )
         write_file(args.output, text)
         console.print(f"Comparison written to {rich_text(args.output)}")

@@ -62,8 +62,9 @@ GRID_KEYS = {"name", "variants", "datasets", "args", "metrics"}
 CELL_RECORD = "grid-cell.json"  # in a version folder: the settings that version ran with
 VERSION = re.compile(r"version_(\d+)")
 # Options that change how a run goes, not its numbers (model and data init_args of anovl's classes).
-RUNTIME_OPTIONS = frozenset({"batch_size", "num_workers", "decoded_cache_gb", "cache_dir", "use_text_cache",
-                             "encoder_chunk_size"})
+RUNTIME_OPTIONS = frozenset(
+    {"batch_size", "num_workers", "decoded_cache_gb", "cache_dir", "use_text_cache", "encoder_chunk_size"}
+)
 # Trainer options that change the numbers (precision) or which images are seen.
 NUMBER_TRAINER_OPTIONS = ("precision", "limit_test_batches", "fast_dev_run")
 
@@ -159,14 +160,21 @@ def cell_settings(config: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
     options that change numbers, and the plugins with their files' hashes."""
     trainer = config.get("trainer") or {}
     engine = config.get("engine") or {}
-    return json.loads(json.dumps({
-        "model": _without_runtime_options(config.get("model")),
-        "data": _without_runtime_options(config.get("data")),
-        "evaluation": {"cflow_pro": engine.get("cflow_pro"), "tf32": engine.get("tf32"),
-                       "seed_everything": config.get("seed_everything"),
-                       **{key: trainer.get(key) for key in NUMBER_TRAINER_OPTIONS}},
-        "plugins": plugin_hashes(plugins),
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "model": _without_runtime_options(config.get("model")),
+                "data": _without_runtime_options(config.get("data")),
+                "evaluation": {
+                    "cflow_pro": engine.get("cflow_pro"),
+                    "tf32": engine.get("tf32"),
+                    "seed_everything": config.get("seed_everything"),
+                    **{key: trainer.get(key) for key in NUMBER_TRAINER_OPTIONS},
+                },
+                "plugins": plugin_hashes(plugins),
+            }
+        )
+    )
 
 
 def setting_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -177,8 +185,10 @@ def setting_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     # Plugin keys are file names and module paths, whose dots are not levels of settings.
     plugins_before, plugins_now = before.pop("plugins", {}) or {}, now.pop("plugins", {}) or {}
     new, old = setting_differences(now, before), setting_differences(before, now)
-    changes = [f"{key} {short_value(old.get(key, '-'))} → {short_value(new.get(key, '-'))}"
-               for key in sorted(set(new) | set(old))]
+    changes = [
+        f"{key} {short_value(old.get(key, '-'))} → {short_value(new.get(key, '-'))}"
+        for key in sorted(set(new) | set(old))
+    ]
     for spec in sorted(set(plugins_before) | set(plugins_now)):
         if spec not in plugins_before or spec not in plugins_now:
             changes.append(f"plugin {spec} {'added' if spec in plugins_now else 'removed'}")
@@ -200,10 +210,17 @@ class Grid:
 def _name(value: Any, what: str) -> str:
     """A grid, variant or dataset name, validated like a run label: it names a folder, so no separators,
     no control characters, and not ``.``, ``..`` or hidden."""
-    if (not isinstance(value, str) or not value.strip() or any(char in value for char in "/\\")
-            or not value.strip().isprintable() or value.strip().startswith(".")):
-        raise AnovlError(f"grid {what} name {value!r} must be a non-empty line without '/' or '\\', control "
-                         "characters or a leading '.' (it names a folder)")
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or any(char in value for char in "/\\")
+        or not value.strip().isprintable()
+        or value.strip().startswith(".")
+    ):
+        raise AnovlError(
+            f"grid {what} name {value!r} must be a non-empty line without '/' or '\\', control "
+            "characters or a leading '.' (it names a folder)"
+        )
     return unicodedata.normalize("NFC", value.strip())
 
 
@@ -221,8 +238,10 @@ def _config_values(entries: Any, where: str, base: Path) -> list[str]:
             path = Path(entry).expanduser()
             path = path if path.is_absolute() else base / path
             if not path.is_file():
-                raise AnovlError(f"{where}: config file {entry} not found (relative paths are relative to the "
-                                 f"grid file's folder {base})")
+                raise AnovlError(
+                    f"{where}: config file {entry} not found (relative paths are relative to the "
+                    f"grid file's folder {base})"
+                )
             values.append(str(path))
         else:
             raise AnovlError(f"{where}: give config files or config mappings, got {entry!r}")
@@ -233,8 +252,7 @@ def _named_lists(document: dict[str, Any], key: str, path: Path) -> dict[str, li
     section = document.get(key)
     if not isinstance(section, dict) or not section:
         example = "{TFA: [], TTA-text: [tta/text.yaml]}" if key == "variants" else "{MVTec: [mvtec.yaml]}"
-        raise AnovlError(f"{path}: '{key}' must map names to lists of config files or mappings, e.g. "
-                         f"{key}: {example}")
+        raise AnovlError(f"{path}: '{key}' must map names to lists of config files or mappings, e.g. {key}: {example}")
     named = {}
     folded: dict[str, Any] = {}
     for name, entries in section.items():
@@ -263,8 +281,11 @@ def load_grid(path: Path, output: Path | None) -> Grid:
     if unknown_metrics:
         raise AnovlError(f"{path}: unknown metrics {unknown_metrics}; choose from {sorted(ALL_METRIC_TITLES)}")
     output = output or Path("runs") / "grid" / name
-    cells = [Cell(dataset, variant, [*dataset_configs, *variant_configs], output / dataset / variant)
-             for dataset, dataset_configs in datasets.items() for variant, variant_configs in variants.items()]
+    cells = [
+        Cell(dataset, variant, [*dataset_configs, *variant_configs], output / dataset / variant)
+        for dataset, dataset_configs in datasets.items()
+        for variant, variant_configs in variants.items()
+    ]
     return Grid(name, cells, [str(arg) for arg in args], list(metrics), list(datasets), list(variants))
 
 
@@ -306,8 +327,17 @@ def plan_cells(grid: Grid, extra: list[str]) -> dict[tuple[str, str], dict[str, 
 def cell_command(grid: Grid, cell: Cell, extra: list[str]) -> list[str]:
     """The ``anovl test`` command line of a cell: a fresh run into its folder, or ``--resume`` of it."""
     where = ["--resume", str(cell.folder)] if cell.state == "interrupted" else ["--run_dir", str(cell.folder)]
-    return [sys.executable, "-m", "anovl.cli", *test_arguments(grid, cell, extra), "--engine.group", grid.name,
-            "--engine.variant", cell.variant, *where]
+    return [
+        sys.executable,
+        "-m",
+        "anovl.cli",
+        *test_arguments(grid, cell, extra),
+        "--engine.group",
+        grid.name,
+        "--engine.variant",
+        cell.variant,
+        *where,
+    ]
 
 
 def comparison_csv(grid: Grid, runs: dict[tuple[str, str], Run]) -> str:
@@ -315,8 +345,10 @@ def comparison_csv(grid: Grid, runs: dict[tuple[str, str], Run]) -> str:
     records = []
     for dataset in grid.datasets:
         variants = [variant for variant in grid.variants if (dataset, variant) in runs]
-        records += [{"dataset": dataset, **record} for record in
-                    comparison_records([runs[dataset, variant] for variant in variants], variants, grid.metrics)]
+        records += [
+            {"dataset": dataset, **record}
+            for record in comparison_records([runs[dataset, variant] for variant in variants], variants, grid.metrics)
+        ]
     return to_csv(records)
 
 
@@ -333,14 +365,17 @@ def comparison_markdown(grid: Grid, runs: dict[tuple[str, str], Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="anovl grid", description=__doc__.split("\n\n")[0].replace("``", "'"),
-                                     epilog="Options after -- go to every `anovl test` run.")
+    parser = argparse.ArgumentParser(
+        prog="anovl grid",
+        description=__doc__.split("\n\n")[0].replace("``", "'"),
+        epilog="Options after -- go to every `anovl test` run.",
+    )
     parser.add_argument("-c", "--config", type=Path, required=True, help="the grid file (YAML)")
     parser.add_argument("--output", type=Path, help="folder of the runs and tables (default: runs/grid/<name>)")
     parser.add_argument("--dry_run", action="store_true", help="print each run's state and command, run nothing")
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     grid = load_grid(args.config, args.output)
     console = Console()
     settings = plan_cells(grid, extra)
@@ -350,21 +385,25 @@ def main(argv: list[str] | None = None) -> None:
             continue
         command = cell_command(grid, cell, extra)
         changes = f": {', '.join(cell.changes)}" if cell.changes else ""
-        console.print(f"[bold]{rich_text(cell.dataset)} × {rich_text(cell.variant)}[/bold]: {cell.state}"
-                      f"{rich_text(changes)}{'' if cell.state == 'finished' else ' -> ' + rich_text(' '.join(command[3:]))}",
-                      highlight=False)
+        console.print(
+            f"[bold]{rich_text(cell.dataset)} × {rich_text(cell.variant)}[/bold]: {cell.state}"
+            f"{rich_text(changes)}{'' if cell.state == 'finished' else ' -> ' + rich_text(' '.join(command[3:]))}",
+            highlight=False,
+        )
         if cell.state == "finished" or args.dry_run:
             continue
         make_folder(cell.folder)
         # Recorded before the run, so that an interrupted run is recognised (and resumed) next time.
-        write_file(cell.folder / CELL_RECORD, json.dumps({"settings": settings[cell.dataset, cell.variant]},
-                                                                indent=1))
+        write_file(cell.folder / CELL_RECORD, json.dumps({"settings": settings[cell.dataset, cell.variant]}, indent=1))
         if subprocess.run(command).returncode != 0:
             failed.append(f"{cell.dataset} × {cell.variant}")
     if args.dry_run:
         return
-    runs = {(cell.dataset, cell.variant): load_run(cell.folder) for cell in grid.cells
-            if (cell.dataset, cell.variant) in settings and (cell.folder / "results.json").is_file()}
+    runs = {
+        (cell.dataset, cell.variant): load_run(cell.folder)
+        for cell in grid.cells
+        if (cell.dataset, cell.variant) in settings and (cell.folder / "results.json").is_file()
+    }
     output = args.output or grid.cells[0].base.parent.parent
     if runs:
         output.mkdir(parents=True, exist_ok=True)
@@ -372,5 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         write_file(output / "grid.csv", comparison_csv(grid, runs), root=output)
         console.print(f"Comparison of {len(runs)} runs written to {output}/grid.md and grid.csv")
     if failed:
-        raise AnovlError(f"{len(failed)} of {len(grid.cells)} runs failed ({', '.join(failed)}); their messages "
-                         "are above; run the same `anovl grid` command again to retry them (finished runs are kept)")
+        raise AnovlError(
+            f"{len(failed)} of {len(grid.cells)} runs failed ({', '.join(failed)}); their messages "
+            "are above; run the same `anovl grid` command again to retry them (finished runs are kept)"
+        )

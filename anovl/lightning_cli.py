@@ -82,13 +82,30 @@ STAGE_ARGUMENTS = {"model", "dataloaders", "datamodule"}  # given by the CLI its
 RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose folder is <save_dir>/<name>/<version>
 DEFAULT_MODEL = "anovl.models.AnoVL"
 # Trainer flags that only `fit`/`validate` use: accepted (older configs list them) but left out of the help.
-TRAINING_ONLY_TRAINER_FLAGS = frozenset({
-    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
-    "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
-    "log_every_n_steps", "enable_checkpointing", "enable_model_summary", "accumulate_grad_batches",
-    "gradient_clip_val", "gradient_clip_algorithm", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
-    "model_registry",
-})
+TRAINING_ONLY_TRAINER_FLAGS = frozenset(
+    {
+        "max_epochs",
+        "min_epochs",
+        "max_steps",
+        "min_steps",
+        "max_time",
+        "limit_train_batches",
+        "limit_val_batches",
+        "overfit_batches",
+        "val_check_interval",
+        "check_val_every_n_epoch",
+        "num_sanity_val_steps",
+        "log_every_n_steps",
+        "enable_checkpointing",
+        "enable_model_summary",
+        "accumulate_grad_batches",
+        "gradient_clip_val",
+        "gradient_clip_algorithm",
+        "sync_batchnorm",
+        "reload_dataloaders_every_n_epochs",
+        "model_registry",
+    }
+)
 
 
 class AnovlParser(LightningArgumentParser):
@@ -135,10 +152,18 @@ class AnovlCLI(LightningCLI):
         # The trainer comes last (add_arguments_to_parser), so that the help leads with anovl's own options.
         parser.add_subclass_arguments(AnomalyModel, "model", fail_untyped=False, required=True)
         parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
-        _retitle(parser, "model", "The method (--model NAME or CLASS_PATH): anovl (default), winclip, a plugin's; "
-                                  "`--model.help CLASS` lists its options")
-        _retitle(parser, "data", "The data (data.class_path): anovl.data.MVTecDataModule, VisADataModule, "
-                                 "FolderDataModule, SyntheticMVTecDataModule; `--data.help CLASS` lists its options")
+        _retitle(
+            parser,
+            "model",
+            "The method (--model NAME or CLASS_PATH): anovl (default), winclip, a plugin's; "
+            "`--model.help CLASS` lists its options",
+        )
+        _retitle(
+            parser,
+            "data",
+            "The data (data.class_path): anovl.data.MVTecDataModule, VisADataModule, "
+            "FolderDataModule, SyntheticMVTecDataModule; `--data.help CLASS` lists its options",
+        )
 
     def add_trainer_arguments(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(self.trainer_class, "trainer")
@@ -150,8 +175,12 @@ class AnovlCLI(LightningCLI):
         for action in parser._actions:
             if action.dest.removeprefix("trainer.") in TRAINING_ONLY_TRAINER_FLAGS:
                 action.help = argparse.SUPPRESS
-        _retitle(parser, "trainer", "Lightning's Trainer (devices, precision, logger, ...); its training-only flags "
-                                    "are accepted but not listed")
+        _retitle(
+            parser,
+            "trainer",
+            "Lightning's Trainer (devices, precision, logger, ...); its training-only flags "
+            "are accepted but not listed",
+        )
 
     _preparing = ""  # the subcommand whose parser is being built
 
@@ -161,15 +190,25 @@ class AnovlCLI(LightningCLI):
         # The options are listed below, grouped; a usage line of every option would be ~100 lines.
         parser.usage = f"anovl {subcommand} [-c CONFIG ...] [--exported FILE] [--print_config] [options]"
         # --exported is read by the dispatcher (anovl.cli.exported_model_arguments), so it is described here.
-        parser.description = (f"{COMMANDS[subcommand]}. --exported FILE runs a model written by `anovl export` "
-                              "(short for --model anovl.deploy.ExportedModel --model.init_args.path FILE).")
+        parser.description = (
+            f"{COMMANDS[subcommand]}. --exported FILE runs a model written by `anovl export` "
+            "(short for --model anovl.deploy.ExportedModel --model.init_args.path FILE)."
+        )
         if subcommand == "test":
-            parser.add_argument("--resume", type=Optional[str], default=None,
-                                help="continue the interrupted run in this folder (the one holding its results.json): "
-                                     "finished categories are kept, the others run; the settings must be the run's")
-            parser.add_argument("--run_dir", type=Optional[str], default=None,
-                                help="write this run into this folder (results, config.yaml, pictures, a CSV/"
-                                     "TensorBoard logger's files) instead of a new <save_dir>/<name>/version_N")
+            parser.add_argument(
+                "--resume",
+                type=Optional[str],
+                default=None,
+                help="continue the interrupted run in this folder (the one holding its results.json): "
+                "finished categories are kept, the others run; the settings must be the run's",
+            )
+            parser.add_argument(
+                "--run_dir",
+                type=Optional[str],
+                default=None,
+                help="write this run into this folder (results, config.yaml, pictures, a CSV/"
+                "TensorBoard logger's files) instead of a new <save_dir>/<name>/version_N",
+            )
         return parser
 
     def _parse_ckpt_path(self) -> None:
@@ -179,21 +218,27 @@ class AnovlCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "test": set(STAGE_ARGUMENTS), "predict": set(STAGE_ARGUMENTS)}
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "test": set(STAGE_ARGUMENTS),
+            "predict": set(STAGE_ARGUMENTS),
+        }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
-        parser.add_argument("--plugins", type=list[str], default=[],
-                            help="modules or .py files to import first (your own models, adapters, datasets)")
+        parser.add_argument(
+            "--plugins",
+            type=list[str],
+            default=[],
+            help="modules or .py files to import first (your own models, adapters, datasets)",
+        )
         parser.add_class_arguments(AnomalyModule, "engine", instantiate=False, skip={"model"}, fail_untyped=False)
         if self._preparing != "fit":  # fit's engine options are accepted everywhere but listed by `fit --help` only
             for action in parser._actions:
                 if action.dest.startswith(FIT_ONLY_ENGINE_OPTIONS):
                     action.help = argparse.SUPPRESS
         # The data is resized to what the model expects: the size is set once, on the model.
-        parser.link_arguments("model", "data.init_args.image_size", compute_fn=model_input_size,
-                              apply_on="instantiate")
+        parser.link_arguments("model", "data.init_args.image_size", compute_fn=model_input_size, apply_on="instantiate")
         parser.add_lightning_class_args(PanelWriter, "pictures")  # acts in `test`
         parser.add_lightning_class_args(AnomalyMapWriter, "predictions")  # acts in `predict`
         self.add_trainer_arguments(parser)
@@ -213,15 +258,21 @@ class AnovlCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         model_size = model_input_size(self.model)
         if self.data_size_given not in (None, model_size):
-            raise AnovlError(f"data.init_args.image_size is {self.data_size_given} but the model expects {model_size} "
-                             "px; the data is resized to the model's size, so set model.init_args.image_size only")
+            raise AnovlError(
+                f"data.init_args.image_size is {self.data_size_given} but the model expects {model_size} "
+                "px; the data is resized to the model's size, so set model.init_args.image_size only"
+            )
         engine = config.engine.as_dict()
         if engine.get("validation"):  # fit's validation data: a datamodule of its own (engine is not instantiated)
             engine["validation"] = instantiate_datamodule(engine["validation"])
         # The Engine runs it; preparing now turns a wrong root or an unresumable run into a clear error before the
         # trainer starts (and, under DDP, launches its processes); synthetic data is generated here, once.
-        self.engine = Engine(self.trainer, resume=self.resume_dir,
-                             run_dir=self.given_run_dir if self.resume_dir is None else None, **engine)
+        self.engine = Engine(
+            self.trainer,
+            resume=self.resume_dir,
+            run_dir=self.given_run_dir if self.resume_dir is None else None,
+            **engine,
+        )
         self.model = self.engine.prepare(self.model, self.datamodule, str(self.subcommand))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -240,8 +291,7 @@ class AnovlCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         last = getattr(callback, "last_model_path", None)  # a ModelCheckpoint's
         if last:
-            rank_zero_info(f"Trained {model.label}: {last}; test it with anovl test --config ... "
-                           f"--ckpt_path {last}")
+            rank_zero_info(f"Trained {model.label}: {last}; test it with anovl test --config ... --ckpt_path {last}")
 
     def test(self, **kwargs: Any) -> None:
         if kwargs.get("ckpt_path"):
@@ -278,8 +328,9 @@ def instantiate_datamodule(spec: dict[str, Any]) -> AnomalyDataModule:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        raise AnovlError(f"engine.validation: unknown datamodule {spec.get('class_path')!r}; give e.g. "
-                         "anovl.data.MVTecDataModule") from None
+        raise AnovlError(
+            f"engine.validation: unknown datamodule {spec.get('class_path')!r}; give e.g. anovl.data.MVTecDataModule"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, AnomalyDataModule)):
         raise AnovlError(f"engine.validation: {spec.get('class_path')} is not an anovl datamodule")
     return cls(**(spec.get("init_args") or {}))
@@ -304,9 +355,11 @@ def data_size_given(data: Any) -> int | None:
     try:
         module, _, name = str(data.class_path).rpartition(".")
         # A datamodule may take the shared arguments as **kwargs: the first class of its MRO naming it has it.
-        default = next(parameters["image_size"].default
-                       for cls in getattr(importlib.import_module(module), name).__mro__
-                       if "image_size" in (parameters := inspect.signature(cls.__init__).parameters))
+        default = next(
+            parameters["image_size"].default
+            for cls in getattr(importlib.import_module(module), name).__mro__
+            if "image_size" in (parameters := inspect.signature(cls.__init__).parameters)
+        )
     except (ImportError, StopIteration, ValueError, AttributeError):
         return given
     return None if given == default else given
@@ -373,8 +426,10 @@ def missing_package_error(error: BaseException | None) -> AnovlError | None:
         if isinstance(error, ImportError):
             for name in ("tensorboard", "mlflow", "comet_ml", "neptune", "litlogger"):
                 if name in str(error) or error.name == name:
-                    return AnovlError(f"the configured logger needs the package {name!r}, which is not installed: "
-                                      f"pip install {name.replace('_', '-')} (or choose another trainer.logger)")
+                    return AnovlError(
+                        f"the configured logger needs the package {name!r}, which is not installed: "
+                        f"pip install {name.replace('_', '-')} (or choose another trainer.logger)"
+                    )
         error = error.__cause__ or error.__context__
     return None
 
@@ -444,6 +499,7 @@ def resolved_config(args: list[str]) -> dict[str, Any]:
             AnovlCLI(args=[*args, "--print_config"])
         except SystemExit as exit_info:
             if exit_info.code:  # the parser has printed why
-                raise AnovlError(f"the configuration of `anovl {' '.join(args[:1])}` does not parse (the "
-                                 "parser's message is above)") from None
+                raise AnovlError(
+                    f"the configuration of `anovl {' '.join(args[:1])}` does not parse (the parser's message is above)"
+                ) from None
     return yaml.safe_load(output.getvalue())

@@ -50,15 +50,18 @@ def load_plugin(spec: str) -> None:
         importlib.import_module(spec)
     except ModuleNotFoundError as error:
         if error.name and (spec == error.name or spec.startswith(error.name + ".")):
-            raise AnovlError(f"plugin module {spec!r} not found; install its package or give the path to "
-                             "a .py file") from None
+            raise AnovlError(
+                f"plugin module {spec!r} not found; install its package or give the path to a .py file"
+            ) from None
         raise _missing_dependency(spec, error) from None
 
 
 def _missing_dependency(plugin: str, error: ModuleNotFoundError) -> AnovlError:
     missing = error.name or str(error)
-    return AnovlError(f"plugin {plugin} needs the module {missing!r}, which is not installed; install it "
-                      f"(pip install {missing.split('.')[0]}) or leave the plugin out")
+    return AnovlError(
+        f"plugin {plugin} needs the module {missing!r}, which is not installed; install it "
+        f"(pip install {missing.split('.')[0]}) or leave the plugin out"
+    )
 
 
 def _load_file(path: Path) -> None:
@@ -70,18 +73,31 @@ def _load_file(path: Path) -> None:
     resolved = path.resolve()
     stem = resolved.stem
     holder = sys.modules.get(stem)
-    if stem.isidentifier() and (getattr(holder, "__file__", None) == str(resolved)  # loaded before: run again
-                                or holder is None and _free(stem, resolved)):
+    if stem.isidentifier() and (
+        getattr(holder, "__file__", None) == str(resolved)  # loaded before: run again
+        or holder is None
+        and _free(stem, resolved)
+    ):
         name = stem
     else:
         digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogatepass")).hexdigest()[:10]
         identifier = re.sub(r"\W", "_", stem)
         name = f"anovl_plugin_{identifier}_{digest}"
-        taken = "not a module name" if not stem.isidentifier() else (
-            "an installed module" if holder is None or not hasattr(holder, "__anovl_plugin__")
-            else f"another plugin's ({holder.__file__})")
-        warnings.warn(f"plugin {path} is imported as module {name}: its name {stem!r} is {taken}; name its "
-                      f"classes {name}.<Class> in configs", PluginNameWarning, stacklevel=3)
+        taken = (
+            "not a module name"
+            if not stem.isidentifier()
+            else (
+                "an installed module"
+                if holder is None or not hasattr(holder, "__anovl_plugin__")
+                else f"another plugin's ({holder.__file__})"
+            )
+        )
+        warnings.warn(
+            f"plugin {path} is imported as module {name}: its name {stem!r} is {taken}; name its "
+            f"classes {name}.<Class> in configs",
+            PluginNameWarning,
+            stacklevel=3,
+        )
     module_spec = importlib.util.spec_from_file_location(name, resolved)
     if module_spec is None or module_spec.loader is None:
         raise AnovlError(f"cannot import plugin file {path}")

@@ -79,17 +79,23 @@ def load_protocol(path: Path, output: Path | None) -> Protocol:
     base = path.parent
     datasets = document.get("datasets")
     if not isinstance(datasets, dict) or len(datasets) < 2:
-        raise AnovlError(f"{path}: 'datasets' must name at least two datasets, e.g. {{MVTec: [mvtec.yaml], "
-                         "VisA: [visa.yaml]}")
-    datasets = {_name(name, "dataset"): _config_values(entries, f"{path} datasets.{name}", base)
-                for name, entries in datasets.items()}
+        raise AnovlError(
+            f"{path}: 'datasets' must name at least two datasets, e.g. {{MVTec: [mvtec.yaml], VisA: [visa.yaml]}}"
+        )
+    datasets = {
+        _name(name, "dataset"): _config_values(entries, f"{path} datasets.{name}", base)
+        for name, entries in datasets.items()
+    }
     pairs = document.get("pairs") or [[first, second] for first in datasets for second in datasets if first != second]
     checked_pairs = []
     for pair in pairs:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(name in datasets for name in pair)
-                and pair[0] != pair[1]):
-            raise AnovlError(f"{path}: each pair is [train dataset, test dataset] of two different names among "
-                             f"{sorted(datasets)}, got {pair!r}")
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(name in datasets for name in pair) and pair[0] != pair[1]
+        ):
+            raise AnovlError(
+                f"{path}: each pair is [train dataset, test dataset] of two different names among "
+                f"{sorted(datasets)}, got {pair!r}"
+            )
         checked_pairs.append((pair[0], pair[1]))
     methods = document.get("methods")
     if not isinstance(methods, dict) or not methods:
@@ -98,8 +104,10 @@ def load_protocol(path: Path, output: Path | None) -> Protocol:
     for name, entry in methods.items():
         name = _name(name, "method")
         if not isinstance(entry, dict) or set(entry) - {"configs", "fit"}:
-            raise AnovlError(f"{path}: methods.{name} takes 'configs' (its model) and, if trained, 'fit' "
-                             "(extra configs per training dataset)")
+            raise AnovlError(
+                f"{path}: methods.{name} takes 'configs' (its model) and, if trained, 'fit' "
+                "(extra configs per training dataset)"
+            )
         fit = entry.get("fit")
         if fit is not None:
             if not isinstance(fit, dict):
@@ -107,10 +115,14 @@ def load_protocol(path: Path, output: Path | None) -> Protocol:
             missing = sorted({train for train, _ in checked_pairs} - set(fit))
             extra = sorted(set(fit) - set(datasets))
             if missing or extra:
-                raise AnovlError(f"{path}: methods.{name}.fit must name every training dataset of the pairs "
-                                 f"(missing {missing or 'none'}, unknown {extra or 'none'})")
-            fit = {train: _config_values(configs, f"{path} methods.{name}.fit.{train}", base)
-                   for train, configs in fit.items()}
+                raise AnovlError(
+                    f"{path}: methods.{name}.fit must name every training dataset of the pairs "
+                    f"(missing {missing or 'none'}, unknown {extra or 'none'})"
+                )
+            fit = {
+                train: _config_values(configs, f"{path} methods.{name}.fit.{train}", base)
+                for train, configs in fit.items()
+            }
         parsed[name] = Method(_config_values(entry.get("configs"), f"{path} methods.{name}", base), fit)
     metrics = document.get("metrics") or list(DEFAULT_METRICS)
     unknown_metrics = sorted(set(metrics) - set(ALL_METRIC_TITLES))
@@ -120,8 +132,15 @@ def load_protocol(path: Path, output: Path | None) -> Protocol:
     if not isinstance(args, list):
         raise AnovlError(f"{path}: 'args' must be a list of command-line options")
     name = _name(document.get("name") or path.stem, "protocol")
-    return Protocol(name, datasets, checked_pairs, parsed, list(metrics), [str(arg) for arg in args],
-                    output or Path("runs") / "protocol" / name)
+    return Protocol(
+        name,
+        datasets,
+        checked_pairs,
+        parsed,
+        list(metrics),
+        [str(arg) for arg in args],
+        output or Path("runs") / "protocol" / name,
+    )
 
 
 def _configs(*groups: list[str]) -> list[str]:
@@ -137,8 +156,14 @@ def _run(command: list[str], what: str) -> None:
 
 def _logger(folder: Path) -> list[str]:
     # Each run's files in its own folder: a CSV logger at <folder>/version_N.
-    return ["--trainer.logger", "CSVLogger", "--trainer.logger.init_args.save_dir", str(folder.parent),
-            "--trainer.logger.init_args.name", folder.name]
+    return [
+        "--trainer.logger",
+        "CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(folder.parent),
+        "--trainer.logger.init_args.name",
+        folder.name,
+    ]
 
 
 def fit_checkpoint(protocol: Protocol, method: str, train: str, extra: list[str]) -> Path:
@@ -148,16 +173,25 @@ def fit_checkpoint(protocol: Protocol, method: str, train: str, extra: list[str]
     if found:
         return found[-1]
     entry = protocol.methods[method]
-    _run(["fit", *_configs(protocol.datasets[train], entry.configs, entry.fit[train]), *_logger(folder),
-          "--engine.group", protocol.name, *protocol.args, *extra], f"fit {method} on {train}")
+    _run(
+        [
+            "fit",
+            *_configs(protocol.datasets[train], entry.configs, entry.fit[train]),
+            *_logger(folder),
+            "--engine.group",
+            protocol.name,
+            *protocol.args,
+            *extra,
+        ],
+        f"fit {method} on {train}",
+    )
     found = sorted(folder.glob("version_*/checkpoints/last.ckpt"))
     if not found:
         raise AnovlError(f"fit {method} on {train} wrote no checkpoint under {folder}")
     return found[-1]
 
 
-def test_run(protocol: Protocol, method: str, train: str, test: str, checkpoint: Path | None,
-             extra: list[str]) -> Path:
+def test_run(protocol: Protocol, method: str, train: str, test: str, checkpoint: Path | None, extra: list[str]) -> Path:
     """The finished test run of ``method`` on ``test`` (trained on ``train`` where it trains)."""
     folder = protocol.output / "test" / f"{train}-to-{test}" / method
     for version in sorted(folder.glob("version_*")):
@@ -165,8 +199,19 @@ def test_run(protocol: Protocol, method: str, train: str, test: str, checkpoint:
             return version
     entry = protocol.methods[method]
     loaded = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
-    _run(["test", *_configs(protocol.datasets[test], entry.configs), *_logger(folder), *loaded,
-          "--engine.group", protocol.name, *protocol.args, *extra], f"test {method}: {train} → {test}")
+    _run(
+        [
+            "test",
+            *_configs(protocol.datasets[test], entry.configs),
+            *_logger(folder),
+            *loaded,
+            "--engine.group",
+            protocol.name,
+            *protocol.args,
+            *extra,
+        ],
+        f"test {method}: {train} → {test}",
+    )
     versions = sorted(folder.glob("version_*"))
     if not versions:
         raise AnovlError(f"test {method} ({train} → {test}) wrote no run under {folder}")
@@ -177,10 +222,18 @@ def protocol_table(protocol: Protocol, runs: dict[tuple[str, str, str], Path]) -
     """Markdown and CSV: a row per pair, per method its mean metrics (percent)."""
     methods = list(protocol.methods)
     titles = [f"{method} {ALL_METRIC_TITLES[metric]}" for method in methods for metric in protocol.metrics]
-    note = ("Trained methods learn on the first dataset and are tested on the second; training-free methods are "
-            "tested only. Mean over the test dataset's categories, × 100.")
-    lines = [f"# Protocol {protocol.name}", "", note, "",
-             "| train → test | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    note = (
+        "Trained methods learn on the first dataset and are tested on the second; training-free methods are "
+        "tested only. Mean over the test dataset's categories, × 100."
+    )
+    lines = [
+        f"# Protocol {protocol.name}",
+        "",
+        note,
+        "",
+        "| train → test | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(titles),
+    ]
     csv = ["train,test,method,metric,value"]
     for train, test in protocol.pairs:
         cells = []

@@ -34,8 +34,10 @@ class Registry(dict[K, V], Generic[K, V]):  # a dict: tests and users may monkey
     def register(self, name: K, entry: V, *, stacklevel: int = 2) -> V:
         """Add ``entry`` as ``name``; an equal entry is kept silently, a different one replaces it with a warning."""
         if name in self and self[name] != entry:
-            warnings.warn(f"{self.kind} {name!r} was registered before ({_describe(self[name])}); replacing it",
-                          stacklevel=stacklevel + 1)
+            warnings.warn(
+                f"{self.kind} {name!r} was registered before ({_describe(self[name])}); replacing it",
+                stacklevel=stacklevel + 1,
+            )
         self[name] = entry
         return entry
 

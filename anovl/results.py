@@ -88,8 +88,10 @@ def _one_decimal(value: float) -> str:
 
 
 def _read_error(path: Path, problem: str) -> AnovlError:
-    return AnovlError(f"{path} is not a results file that anovl test wrote: {problem}; "
-                      "start a new run, or give the folder of another run")
+    return AnovlError(
+        f"{path} is not a results file that anovl test wrote: {problem}; "
+        "start a new run, or give the folder of another run"
+    )
 
 
 def _is_number(value: object) -> bool:
@@ -111,9 +113,16 @@ class ResultsTable:
         skipped_files: one message per file that ``on_bad_image: skip`` left out or used without its mask.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, title: str = "",
-                 random_weights: bool = False, expected_categories: int | None = None, label: str = "",
-                 config: Mapping[str, Any] | None = None, skipped_files: Sequence[str] = ()):
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        title: str = "",
+        random_weights: bool = False,
+        expected_categories: int | None = None,
+        label: str = "",
+        config: Mapping[str, Any] | None = None,
+        skipped_files: Sequence[str] = (),
+    ):
         self.directory = Path(directory) if directory is not None else None
         self.title = title
         self.label = label
@@ -131,21 +140,36 @@ class ResultsTable:
         categories the run has is not recorded there (``expected_categories`` is None)."""
         path = Path(directory) / "results.json"
         if not path.is_file():
-            raise AnovlError(f"{path} not found: give the folder of a run that finished at least one category "
-                             "(runs/<name>/version_N), or start a new run without --resume")
+            raise AnovlError(
+                f"{path} not found: give the folder of a run that finished at least one category "
+                "(runs/<name>/version_N), or start a new run without --resume"
+            )
         try:
             document = parse_json(read_text(path, "results file"), "the file")
         except AnovlError as error:
             raise _read_error(path, str(error)) from None
         _check_document(path, document)
-        validate(document, ResultsRecord, f"{path} (not a results file that anovl test wrote)",
-                 "start a new run, or give the folder of another run")
-        table = cls(path.parent, document["title"], document["random_weights"], label=document["label"],
-                    config=document.get("config"), skipped_files=document.get("skipped_files") or [])
+        validate(
+            document,
+            ResultsRecord,
+            f"{path} (not a results file that anovl test wrote)",
+            "start a new run, or give the folder of another run",
+        )
+        table = cls(
+            path.parent,
+            document["title"],
+            document["random_weights"],
+            label=document["label"],
+            config=document.get("config"),
+            skipped_files=document.get("skipped_files") or [],
+        )
         for record in document["categories"]:
             category = record["category"]
-            table.rows[category] = {name: math.nan if value is None else float(value)
-                                    for name, value in record.items() if name not in ("category", "images")}
+            table.rows[category] = {
+                name: math.nan if value is None else float(value)
+                for name, value in record.items()
+                if name not in ("category", "images")
+            }
             table.image_counts[category] = record["images"]
         table.thresholds = _read_thresholds(path, document)
         return table
@@ -155,9 +179,11 @@ class ResultsTable:
         would otherwise enter the mean."""
         unknown = [category for category in self.rows if category not in set(known)]
         if unknown:
-            raise AnovlError(f"{self.directory}/results.json has rows for categories that the dataset does not have: "
-                             f"{', '.join(map(repr, unknown))}; it belongs to another dataset or was edited; "
-                             "start a new run")
+            raise AnovlError(
+                f"{self.directory}/results.json has rows for categories that the dataset does not have: "
+                f"{', '.join(map(repr, unknown))}; it belongs to another dataset or was edited; "
+                "start a new run"
+            )
 
     def include(self, earlier: ResultsTable) -> None:
         """Take over the finished categories and skipped files of an earlier, interrupted part of this run."""
@@ -178,8 +204,9 @@ class ResultsTable:
     def add(self, category: str, metrics: Mapping[str, float], num_images: int) -> None:
         """Record a finished category (metrics as fractions in [0, 1], as AnomalyMetrics gives them, with its
         F1-max thresholds if present) and rewrite the files."""
-        self.rows[category] = {name: 100.0 * float(value) for name, value in metrics.items()
-                               if name not in THRESHOLD_KEYS}
+        self.rows[category] = {
+            name: 100.0 * float(value) for name, value in metrics.items() if name not in THRESHOLD_KEYS
+        }
         thresholds = {kind: float(metrics[key]) for key, kind in THRESHOLD_KEYS.items() if key in metrics}
         if thresholds:
             self.thresholds[category] = thresholds
@@ -188,20 +215,25 @@ class ResultsTable:
             self.write()
 
     def mean(self) -> dict[str, float]:
-        return {name: _finite_mean([row.get(name, math.nan) for row in self.rows.values()])
-                for name in self.metric_names}
+        return {
+            name: _finite_mean([row.get(name, math.nan) for row in self.rows.values()]) for name in self.metric_names
+        }
 
     def mean_thresholds(self) -> dict[str, float]:
         """Each threshold's mean over the categories where it is defined (the run's threshold)."""
-        return {kind: _finite_mean([values.get(kind, math.nan) for values in self.thresholds.values()])
-                for kind in THRESHOLD_KEYS.values()}
+        return {
+            kind: _finite_mean([values.get(kind, math.nan) for values in self.thresholds.values()])
+            for kind in THRESHOLD_KEYS.values()
+        }
 
     def records(self) -> list[dict[str, object]]:
         """One dict per category, then the mean row: category, images, and the metrics in percent."""
         rows = [(category, self.image_counts[category], row) for category, row in self.rows.items()]
         rows.append((MEAN_ROW, sum(self.image_counts.values()), self.mean()))
-        return [{"category": category, "images": count, **{name: row.get(name, math.nan) for name in self.metric_names}}
-                for category, count, row in rows]
+        return [
+            {"category": category, "images": count, **{name: row.get(name, math.nan) for name in self.metric_names}}
+            for category, count, row in rows
+        ]
 
     def _status(self) -> str:
         if self.complete:
@@ -209,15 +241,19 @@ class ResultsTable:
         return f"in progress: {len(self.rows)} of {self.expected_categories} categories done"
 
     def _skipped_note(self) -> str:
-        return (f"on_bad_image skip: {len(self.skipped_files)} files left out or used without their mask; "
-                "results.json lists them")
+        return (
+            f"on_bad_image skip: {len(self.skipped_files)} files left out or used without their mask; "
+            "results.json lists them"
+        )
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["category", "images", *self.metric_names], lineterminator="\n")
         writer.writeheader()
-        writer.writerows({key: repr(value) if isinstance(value, float) else csv_cell(value)
-                          for key, value in record.items()} for record in self.records())
+        writer.writerows(
+            {key: repr(value) if isinstance(value, float) else csv_cell(value) for key, value in record.items()}
+            for record in self.records()
+        )
         return buffer.getvalue()
 
     def to_json(self) -> str:
@@ -239,8 +275,10 @@ class ResultsTable:
         if self.thresholds:
             document["thresholds"] = {
                 "rule": THRESHOLD_RULE,
-                "categories": {category: {kind: clean(value) for kind, value in values.items()}
-                               for category, values in self.thresholds.items()},
+                "categories": {
+                    category: {kind: clean(value) for kind, value in values.items()}
+                    for category, values in self.thresholds.items()
+                },
                 THRESHOLD_MEAN: {kind: clean(value) for kind, value in self.mean_thresholds().items()},
             }
         return json.dumps(document, indent=2) + "\n"
@@ -250,9 +288,14 @@ class ResultsTable:
 
     def _display_rows(self, escape=lambda text: text) -> list[list[str]]:
         records = self.records()
-        return [[escape(str(record["category"])) if index < len(records) - 1 else MEAN_ROW, str(record["images"]),
-                 *(_one_decimal(record[name]) for name in self.metric_names)]
-                for index, record in enumerate(records)]
+        return [
+            [
+                escape(str(record["category"])) if index < len(records) - 1 else MEAN_ROW,
+                str(record["images"]),
+                *(_one_decimal(record[name]) for name in self.metric_names),
+            ]
+            for index, record in enumerate(records)
+        ]
 
     def to_markdown(self) -> str:
         lines = [f"# Results{': ' + self.title if self.title else ''}", ""]
@@ -275,13 +318,20 @@ class ResultsTable:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise AnovlError(f"cannot create the results folder {self.directory} ({error.strerror}); "
-                             "choose another output folder") from None
-        write_texts({self.directory / name: text
-                            for name, text in zip(RESULT_FILES, (self.to_csv(), self.to_json(), self.to_markdown()))})
+            raise AnovlError(
+                f"cannot create the results folder {self.directory} ({error.strerror}); choose another output folder"
+            ) from None
+        write_texts(
+            {
+                self.directory / name: text
+                for name, text in zip(RESULT_FILES, (self.to_csv(), self.to_json(), self.to_markdown()))
+            }
+        )
 
     def to_rich(self) -> Table:
-        table = Table(title=rich_text(self.title) if self.title else None, caption="metrics × 100, mean over categories")
+        table = Table(
+            title=rich_text(self.title) if self.title else None, caption="metrics × 100, mean over categories"
+        )
         for index, header in enumerate(self._headers()):
             table.add_column(header, justify="left" if index == 0 else "right")
         rows = self._display_rows(rich_text)  # a category named "[bold]x" or holding ESC is shown as it is
@@ -313,10 +363,12 @@ def _read_thresholds(path: Path, document: dict[str, Any]) -> dict[str, dict[str
     thresholds = {}
     for category, values in categories.items():
         if not isinstance(values, dict) or not all(
-                values.get(kind) is None or _is_number(values.get(kind)) for kind in THRESHOLD_KEYS.values()):
+            values.get(kind) is None or _is_number(values.get(kind)) for kind in THRESHOLD_KEYS.values()
+        ):
             raise _read_error(path, f"the thresholds of {category!r} are not numbers or null")
-        thresholds[category] = {kind: math.nan if values.get(kind) is None else float(values[kind])
-                                for kind in THRESHOLD_KEYS.values()}
+        thresholds[category] = {
+            kind: math.nan if values.get(kind) is None else float(values[kind]) for kind in THRESHOLD_KEYS.values()
+        }
     return thresholds
 
 

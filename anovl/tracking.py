@@ -156,8 +156,10 @@ class RunRecorder(Callback):
         self.write_config(path)
         self.written.append(path)
         if path.name != CONFIG_FILE:
-            rank_zero_info(f"{self.run_dir / CONFIG_FILE} exists (an earlier part of this run); this part's "
-                           f"config is saved as {path.name}")
+            rank_zero_info(
+                f"{self.run_dir / CONFIG_FILE} exists (an earlier part of this run); this part's "
+                f"config is saved as {path.name}"
+            )
         config = self.full_config(str(getattr(stage, "value", stage)))  # "test" or "predict"
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
@@ -186,8 +188,9 @@ class RunRecorder(Callback):
         files = [*(Path(directory) / name for name in RESULT_FILES), *self.written]
         for logger in metric_loggers(trainer):
             if isinstance(logger, WandbLogger):
-                log_wandb_results(logger, results, [path for path in files if path.is_file()],
-                                  getattr(pl_module, "variant", ""))
+                log_wandb_results(
+                    logger, results, [path for path in files if path.is_file()], getattr(pl_module, "variant", "")
+                )
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(RESULTS_KEY, results.to_markdown(), global_step=trainer.global_step)
 
@@ -205,8 +208,10 @@ class RunRecorder(Callback):
         if not trainer.is_global_zero or self.run_dir is None or self.run_dir not in self.created:
             return
         contents = [path for path in self.run_dir.rglob("*") if path.is_file()]
-        if any(path not in self.written and path.name not in STARTUP_FILES
-               and not path.name.startswith(TENSORBOARD_EVENTS) for path in contents):
+        if any(
+            path not in self.written and path.name not in STARTUP_FILES and not path.name.startswith(TENSORBOARD_EVENTS)
+            for path in contents
+        ):
             return
         shutil.rmtree(self.run_dir)
         outermost = self.created[0]
@@ -220,12 +225,16 @@ def log_wandb_results(logger: WandbLogger, results: ResultsTable, files: list[Pa
 
     records = [{"label": results.label, "variant": variant, **record} for record in results.records()]
     columns = list(records[0])
-    logger.log_table(key=RESULTS_KEY, columns=columns, data=[[record[column] for column in columns]
-                                                             for record in records])
+    logger.log_table(
+        key=RESULTS_KEY, columns=columns, data=[[record[column] for column in columns] for record in records]
+    )
     run = logger.experiment
-    artifact = wandb.Artifact(f"results-{run.id}", type="results", description=results.title,
-                              metadata={"label": results.label, "complete": results.complete,
-                                        "random_weights": results.random_weights})
+    artifact = wandb.Artifact(
+        f"results-{run.id}",
+        type="results",
+        description=results.title,
+        metadata={"label": results.label, "complete": results.complete, "random_weights": results.random_weights},
+    )
     for path in files:
         artifact.add_file(str(path), name=path.name)
     run.log_artifact(artifact)

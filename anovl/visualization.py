@@ -133,8 +133,16 @@ def colour_bar(height: int, pixel_threshold: float | None = None) -> Image.Image
     return bar
 
 
-def panel_lines(category: str, name: str, label: int, score: float, image_threshold: float | None,
-                pixel_threshold: float | None, map_range: tuple[float, float], picked_as: str = "") -> list[str]:
+def panel_lines(
+    category: str,
+    name: str,
+    label: int,
+    score: float,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    map_range: tuple[float, float],
+    picked_as: str = "",
+) -> list[str]:
     """The text of a panel: what the image is, its score against the threshold, and why it was chosen."""
     if image_threshold is None:
         decision = f"score {score:.4f}  (no threshold)"
@@ -150,18 +158,29 @@ def panel_lines(category: str, name: str, label: int, score: float, image_thresh
         pixel = f"  all of it < {pixel_threshold:.4f}: no outline"
     else:
         pixel = f"  outline: map >= {pixel_threshold:.4f}"
-    lines = [f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}", decision,
-             f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}"]
+    lines = [
+        f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}",
+        decision,
+        f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}",
+    ]
     return lines + ([f"picked as: {picked_as}"] if picked_as else [])
 
 
-def panel(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, lines: Sequence[str],
-          pixel_threshold: float | None = None) -> Image.Image:
+def panel(
+    rgb: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None,
+    lines: Sequence[str],
+    pixel_threshold: float | None = None,
+) -> Image.Image:
     """Input | ground truth (grey when there is none) | heatmap overlay, under column titles, with the colour
     bar on the right and ``lines`` of text above (see :func:`panel_lines`)."""
     height, width = rgb.shape[:2]
-    truth = (np.full_like(rgb, NO_TRUTH_GREY) if mask is None
-             else np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=2))
+    truth = (
+        np.full_like(rgb, NO_TRUTH_GREY)
+        if mask is None
+        else np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=2)
+    )
     tiles = [rgb, truth, overlay(rgb, anomaly_map, pixel_threshold)]
     bar = colour_bar(height, pixel_threshold)
     # A column is as wide as its tile or the widest title (small images: 64 px is narrower than "ground truth"),
@@ -177,8 +196,9 @@ def panel(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, lin
     for index, (tile, title) in enumerate(zip(tiles, COLUMN_TITLES)):
         left = index * (column + PANEL_GAP)
         canvas.paste(Image.fromarray(tile), (left + (column - width) // 2, text_height))
-        draw.text((left + (column - _text_width(title)) // 2, text_height - LINE_HEIGHT), title,
-                  fill="black", font=_font())
+        draw.text(
+            (left + (column - _text_width(title)) // 2, text_height - LINE_HEIGHT), title, fill="black", font=_font()
+        )
         if mask is None and title == "ground truth":
             draw.text((left + (column - width) // 2 + 4, text_height + 4), "none", fill="white", font=_font())
     canvas.paste(bar, (tiles_width + PANEL_GAP, text_height))

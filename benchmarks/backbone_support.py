@@ -105,10 +105,18 @@ def family_of(tower: torch.nn.Module) -> str:
         return type(trunk).__name__
     block = blocks[-1]
     if hasattr(trunk, "pool_type"):  # open_clip VisionTransformer
-        pool = "attentional pooler" if trunk.attn_pool is not None else {"tok": "class token", "avg": "average"}[trunk.pool_type]
+        pool = (
+            "attentional pooler"
+            if trunk.attn_pool is not None
+            else {"tok": "class token", "avg": "average"}[trunk.pool_type]
+        )
     else:
         pool = "attention pool" if getattr(trunk, "attn_pool", None) is not None else f"{trunk.global_pool} pool"
-    stem = f" · {type(trunk.patch_embed).__name__}" if type(getattr(trunk, "patch_embed", None)).__name__ == "HybridEmbed" else ""
+    stem = (
+        f" · {type(trunk.patch_embed).__name__}"
+        if type(getattr(trunk, "patch_embed", None)).__name__ == "HybridEmbed"
+        else ""
+    )
     return f"{type(trunk).__name__} · {type(block).__name__}/{type(block.attn).__name__} · {pool}{stem}"
 
 
@@ -144,8 +152,10 @@ def main() -> None:
             tower = meta_tower(config)
             family, (_, reasons) = family_of(tower), unsupported_reasons(tower)
         text = config["text_cfg"]
-        notes = [f"HF text tower `{text['hf_model_name']}`" if text.get("hf_model_name") else "",
-                 f"hub tokenizer `{text['hf_tokenizer_name']}`" if text.get("hf_tokenizer_name") else ""]
+        notes = [
+            f"HF text tower `{text['hf_model_name']}`" if text.get("hf_model_name") else "",
+            f"hub tokenizer `{text['hf_tokenizer_name']}`" if text.get("hf_tokenizer_name") else "",
+        ]
         rows.append((name, family, reasons, ", ".join(n for n in notes if n)))
         if not reasons:
             families[family].append(name)
@@ -158,18 +168,26 @@ def main() -> None:
             samples[family] = run_sample(sample)
         except (AnovlError, RuntimeError, ValueError) as error:
             samples[family] = f"**failed** on `{sample}`: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    versions = (f"open_clip {open_clip.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
-                f"Python {platform.python_version()}")
+    versions = (
+        f"open_clip {open_clip.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
     supported = sum(not reasons for _, _, reasons, _ in rows)
-    lines = [INTRO.format(versions=versions),
-             f"## Support table\n\n{supported} of {len(rows)} configs run the V-V path.\n",
-             "### Families (one tiny random-weight sample of each was built and run)\n",
-             "| vision tower · block/attention · pooling | configs | sample run |", "|---|---|---|"]
+    lines = [
+        INTRO.format(versions=versions),
+        f"## Support table\n\n{supported} of {len(rows)} configs run the V-V path.\n",
+        "### Families (one tiny random-weight sample of each was built and run)\n",
+        "| vision tower · block/attention · pooling | configs | sample run |",
+        "|---|---|---|",
+    ]
     lines += [f"| {family} | {len(names)} | {samples[family]} |" for family, names in families.items()]
     lines += ["", "### Every config\n", "| config | vision tower | V-V path | text side |", "|---|---|---|---|"]
     for name, family, reasons, notes in rows:
-        status = "supported (family sample ran)" if not reasons and not samples[family].startswith(("**failed", "not run")) \
+        status = (
+            "supported (family sample ran)"
+            if not reasons and not samples[family].startswith(("**failed", "not run"))
             else ("supported, family sample not run" if not reasons else "no: " + "; ".join(reasons))
+        )
         lines.append(f"| `{name}` | {family} | {status} | {notes} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}: {supported}/{len(rows)} configs supported, {len(families)} families run")

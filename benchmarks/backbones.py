@@ -55,8 +55,11 @@ def paired_times(plain, dual, device: torch.device, repeats: int) -> tuple[float
     """
     plain(), dual()  # warm-up (allocations, kernels)
     pairs = [(seconds(plain, device), seconds(dual, device)) for _ in range(repeats)]
-    return (statistics.median(p for p, _ in pairs), statistics.median(d for _, d in pairs),
-            statistics.median(d / p for p, d in pairs))
+    return (
+        statistics.median(p for p, _ in pairs),
+        statistics.median(d for _, d in pairs),
+        statistics.median(d / p for p, d in pairs),
+    )
 
 
 @torch.no_grad()
@@ -70,10 +73,13 @@ def measure(name: str, batch: int, repeats: int, device: torch.device) -> None:
         if size != backbone.image_size:
             backbone = create_backbone(name, image_size=size, device=device, tokenizer=lambda texts: None)
     images = torch.randn(batch, 3, size, size, device=device)
-    plain, dual, ratio = paired_times(lambda: backbone.clip.encode_image(images),
-                                      lambda: backbone.visual(images, num_local=batch), device, repeats)
-    print(f"{name:<22} {FAMILIES.get(name, ''):<45} {plain * 1e3:>10.1f}ms {dual * 1e3:>10.1f}ms {ratio:>6.2f}",
-          flush=True)
+    plain, dual, ratio = paired_times(
+        lambda: backbone.clip.encode_image(images), lambda: backbone.visual(images, num_local=batch), device, repeats
+    )
+    print(
+        f"{name:<22} {FAMILIES.get(name, ''):<45} {plain * 1e3:>10.1f}ms {dual * 1e3:>10.1f}ms {ratio:>6.2f}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -86,12 +92,28 @@ def main() -> None:
     args = parser.parse_args()
     if args.in_process:
         return measure(args.families[0], args.batch, args.repeats, torch.device(args.device))
-    print(f"batch {args.batch}, {args.device}, median of {args.repeats} alternating repeats, a fresh process per family")
+    print(
+        f"batch {args.batch}, {args.device}, median of {args.repeats} alternating repeats, a fresh process per family"
+    )
     print(f"{'backbone':<22} {'family':<45} {'encode_image':>12} {'V-V forward':>12} {'ratio':>6}", flush=True)
     for name in args.families:
         # A fresh process each: a family measured after larger ones ran slower, by the allocator's state.
-        subprocess.run([sys.executable, __file__, "--in-process", "--families", name, "--batch", str(args.batch),
-                        "--repeats", str(args.repeats), "--device", args.device], check=False)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--in-process",
+                "--families",
+                name,
+                "--batch",
+                str(args.batch),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+            ],
+            check=False,
+        )
 
 
 if __name__ == "__main__":

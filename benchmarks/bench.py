@@ -52,9 +52,11 @@ def run_benchmark(config: BenchConfig, emit: Callable[[str], None] = print) -> s
     # TF32 is a global switch of float32 matrix products, not an autocast dtype.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
     mode = "quick (small counts, CPU-sized)" if config.quick else "full"
-    header = (f"# AnoVL benchmark\n\n- Machine: {machine_description(device)}\n- Date: {date.today().isoformat()}\n"
-              f"- Mode: {mode}; device {device}; precision {config.precision}; batch sizes "
-              f"{', '.join(map(str, config.batch_sizes))}; weights {config.pretrained or 'random'}\n")
+    header = (
+        f"# AnoVL benchmark\n\n- Machine: {machine_description(device)}\n- Date: {date.today().isoformat()}\n"
+        f"- Mode: {mode}; device {device}; precision {config.precision}; batch sizes "
+        f"{', '.join(map(str, config.batch_sizes))}; weights {config.pretrained or 'random'}\n"
+    )
     emit(header)
     parts = [header]
     with tempfile.TemporaryDirectory(prefix="anovl-bench-") as workdir:
@@ -71,20 +73,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts and a small model: minutes on a CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                        help="autocast dtype of the model runs (tf32: float32 with TF32 matrix products on CUDA); "
-                             "other than fp32 adds the 'precision' section")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="autocast dtype of the model runs (tf32: float32 with TF32 matrix products on CUDA); "
+        "other than fp32 adds the 'precision' section",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--backbone", help="model of every section but 'encoder' (default: ViT-B-16-plus-240; "
-                                           "--quick: anovl-small-vit)")
+    parser.add_argument(
+        "--backbone", help="model of every section but 'encoder' (default: ViT-B-16-plus-240; --quick: anovl-small-vit)"
+    )
     parser.add_argument("--encoder-backbone", help="model of the 'encoder' section (default: ViT-B-16-plus-240)")
     parser.add_argument("--pretrained", help="open_clip tag or local weights (default: random weights)")
     parser.add_argument("--repeats", type=int, help="timed repetitions (minimum reported)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; --quick: 1)")
-    parser.add_argument("--baseline-maps", type=int,
-                        help="maps the slow threshold PRO baseline runs on, its time extrapolated to all maps")
+    parser.add_argument(
+        "--baseline-maps",
+        type=int,
+        help="maps the slow threshold PRO baseline runs on, its time extrapolated to all maps",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,15 +102,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("python -m benchmarks.bench: error: --device cuda but CUDA is not available")
-    overrides = {key: value for key, value in (
-        ("backbone", args.backbone), ("encoder_backbone", args.encoder_backbone), ("pretrained", args.pretrained),
-        ("repeats", args.repeats), ("baseline_maps", args.baseline_maps), ("threads", args.threads))
-        if value is not None}
+    overrides = {
+        key: value
+        for key, value in (
+            ("backbone", args.backbone),
+            ("encoder_backbone", args.encoder_backbone),
+            ("pretrained", args.pretrained),
+            ("repeats", args.repeats),
+            ("baseline_maps", args.baseline_maps),
+            ("threads", args.threads),
+        )
+        if value is not None
+    }
     if args.repeats is not None:
         overrides["encoder_repeats"] = args.repeats
     preset = quick_config if args.quick else full_config
-    config = preset(device=args.device, precision=args.precision, batch_sizes=tuple(args.batch_sizes),
-                    sections=tuple(args.sections), **overrides)
+    config = preset(
+        device=args.device,
+        precision=args.precision,
+        batch_sizes=tuple(args.batch_sizes),
+        sections=tuple(args.sections),
+        **overrides,
+    )
     setup_process(config.threads)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

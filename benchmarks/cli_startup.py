@@ -35,8 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     for command in COMMANDS.values():  # warm the file cache once, unmeasured
         wall_time(command)
-    times = {name: statistics.median(wall_time(command) for _ in range(args.repeats))
-             for name, command in COMMANDS.items()}
+    times = {
+        name: statistics.median(wall_time(command) for _ in range(args.repeats)) for name, command in COMMANDS.items()
+    }
     reference = times["import torch"]
     for name, seconds in times.items():
         print(f"{name:<20} {seconds:6.2f} s   ratio to import torch: {seconds / reference:5.2f}")

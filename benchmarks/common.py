@@ -23,13 +23,28 @@ import torch
 import torch.nn.functional as F
 
 from anovl.metrics import AnomalyMetrics, functional
-from anovl.models.anovl.prompts import (ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, PromptSet)
+from anovl.models.anovl.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, PromptSet
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.tta import TTAConfig
 from anovl.results import markdown_table
 
-SECTIONS = ("pipeline", "throughput", "reference", "encoder", "text", "metrics", "testrun", "precision", "fit")  # headline first
-PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # tf32: see bench.run_benchmark
+SECTIONS = (
+    "pipeline",
+    "throughput",
+    "reference",
+    "encoder",
+    "text",
+    "metrics",
+    "testrun",
+    "precision",
+    "fit",
+)  # headline first
+PRECISIONS = {
+    "fp32": None,
+    "tf32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}  # tf32: see bench.run_benchmark
 LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 STAGES = ("text", "views", "encoder", "maps", "tta", "metrics")
 MVTEC_TEST_IMAGES = 1725  # MVTec AD's test set: 15 categories
@@ -84,9 +99,22 @@ def quick_config(**overrides: Any) -> BenchConfig:
     between repetitions, one thread within 10 %; the ratios are what quick mode is for.
     """
     quick = BenchConfig(
-        backbone="anovl-small-vit", repeats=2, encoder_repeats=2, reference_images=4, baseline_maps=60,
-        test_categories=2, test_good=4, test_defect=2, precision_categories=2, precision_good=4,
-        precision_defect=2, pipeline_categories=2, pipeline_good=4, pipeline_defect=2, data_workers=1, threads=1,
+        backbone="anovl-small-vit",
+        repeats=2,
+        encoder_repeats=2,
+        reference_images=4,
+        baseline_maps=60,
+        test_categories=2,
+        test_good=4,
+        test_defect=2,
+        precision_categories=2,
+        precision_good=4,
+        precision_defect=2,
+        pipeline_categories=2,
+        pipeline_good=4,
+        pipeline_defect=2,
+        data_workers=1,
+        threads=1,
         quick=True,
     )
     return replace(quick, **overrides)
@@ -263,8 +291,9 @@ def setup_process(threads: int | None) -> None:
 # ----------------------------------------------------------------------------- synthetic inputs and models
 
 
-def synthetic_masks(count: int, size: int, seed: int = 0,
-                    anomalous_fraction: float = 1 / 3) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_masks(
+    count: int, size: int, seed: int = 0, anomalous_fraction: float = 1 / 3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MVTec-like ground truth: bool masks (count, size, size) and labels (count,).
 
     About ``anomalous_fraction`` of the images hold 1–3 defects: irregular blobs from 2 % to 25 % of the side
@@ -302,12 +331,14 @@ def synthetic_maps(masks: torch.Tensor, seed: int = 0, chunk: int = 256) -> torc
     patch = max(1, size // 16)
     maps = torch.empty(count, size, size)
     for start in range(0, count, chunk):
-        part = masks[start:start + chunk, None].float()
+        part = masks[start : start + chunk, None].float()
         fraction = F.avg_pool2d(part, patch)
         strength = 2 + 6 * torch.rand(part.shape[0], 1, 1, 1, generator=generator)
         logits = strength * fraction + 0.8 * torch.randn(fraction.shape, generator=generator) - 1.5
         smooth = F.avg_pool2d(F.pad(torch.sigmoid(logits), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        maps[start:start + chunk] = F.interpolate(smooth, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        maps[start : start + chunk] = F.interpolate(smooth, size=(size, size), mode="bilinear", align_corners=True)[
+            :, 0
+        ]
     return maps
 
 
@@ -320,20 +351,37 @@ def metric_targets(batch: int, size: int, device: torch.device) -> tuple[torch.T
     batch brings them (region sizes labelled by the loader, not in the timed update)."""
     masks, labels = synthetic_masks(batch, size)
     regions = torch.from_numpy(functional.region_size_map(masks.numpy()))
-    return (masks.float().to(device), labels.to(device), torch.ones(batch, dtype=torch.bool, device=device),
-            regions.to(device))
+    return (
+        masks.float().to(device),
+        labels.to(device),
+        torch.ones(batch, dtype=torch.bool, device=device),
+        regions.to(device),
+    )
 
 
-def build_model(backbone: str, pretrained: str | None, num_views: int, tta: TTAConfig | None, cache_dir: Path,
-                device: torch.device, prompts: PromptSet | None = None) -> AnoVL:
+def build_model(
+    backbone: str,
+    pretrained: str | None,
+    num_views: int,
+    tta: TTAConfig | None,
+    cache_dir: Path,
+    device: torch.device,
+    prompts: PromptSet | None = None,
+) -> AnoVL:
     torch.manual_seed(0)  # random weights: the same model in every section and run
-    return AnoVL(backbone, pretrained=pretrained, num_views=num_views, tta=tta, cache_dir=cache_dir,
-                 prompts=prompts).to(device)
+    return AnoVL(
+        backbone, pretrained=pretrained, num_views=num_views, tta=tta, cache_dir=cache_dir, prompts=prompts
+    ).to(device)
 
 
-def staged_forward(model: AnoVL, images: torch.Tensor, class_names: Sequence[str], timer: StageTimer,
-                   metrics: AnomalyMetrics | None = None,
-                   targets: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def staged_forward(
+    model: AnoVL,
+    images: torch.Tensor,
+    class_names: Sequence[str],
+    timer: StageTimer,
+    metrics: AnomalyMetrics | None = None,
+    targets: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``AnoVL.forward`` with its stages timed (text, views, encoder, maps, tta), then ``AnomalyMetrics.update``."""
     model.stage_timer = timer.stage
     try:

@@ -84,19 +84,31 @@ def main(argv: list[str] | None = None) -> None:
             runners.update({fmt: runner for fmt, (_, runner) in exported.items()})
             seconds = measure(runners, images, categories, args.repeats)
             reference = model(images, categories)
-            rows.append([str(num_views), "PyTorch eager", f"{1000 * seconds['eager'] / args.batch:.1f}", "1.00",
-                         "0", "", ""])
+            rows.append(
+                [str(num_views), "PyTorch eager", f"{1000 * seconds['eager'] / args.batch:.1f}", "1.00", "0", "", ""]
+            )
             for fmt, name in FORMATS.items():
                 output = exported[fmt][1](images, categories)
                 difference = (output.anomaly_map - reference.anomaly_map).abs().max().item()
-                rows.append([str(num_views), name, f"{1000 * seconds[fmt] / args.batch:.1f}",
-                             f"{seconds['eager'] / seconds[fmt]:.2f}", f"{difference:.1e}",
-                             f"{export_seconds[fmt]:.1f}", f"{file_size(exported[fmt][0]) / 2**20:.1f}"])
-    title = (f"{args.backbone} at {size} px, batch {args.batch}, {args.threads} threads, {args.repeats} repeats "
-             f"(median), {platform.processor() or platform.machine()}, torch {torch.__version__}, onnxruntime "
-             f"{onnxruntime.__version__}")
-    table = markdown_table(["views", "runtime", "ms / image", "speed-up vs eager", "max Δ map", "export s",
-                            "file MiB"], rows)
+                rows.append(
+                    [
+                        str(num_views),
+                        name,
+                        f"{1000 * seconds[fmt] / args.batch:.1f}",
+                        f"{seconds['eager'] / seconds[fmt]:.2f}",
+                        f"{difference:.1e}",
+                        f"{export_seconds[fmt]:.1f}",
+                        f"{file_size(exported[fmt][0]) / 2**20:.1f}",
+                    ]
+                )
+    title = (
+        f"{args.backbone} at {size} px, batch {args.batch}, {args.threads} threads, {args.repeats} repeats "
+        f"(median), {platform.processor() or platform.machine()}, torch {torch.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}"
+    )
+    table = markdown_table(
+        ["views", "runtime", "ms / image", "speed-up vs eager", "max Δ map", "export s", "file MiB"], rows
+    )
     text = "\n".join([title, "", *table]) + "\n"
     print(text)
     if args.output:

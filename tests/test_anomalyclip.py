@@ -16,8 +16,9 @@ from anovl.errors import AnovlError
 from anovl.models.anomalyclip import AnomalyCLIP
 
 SIZE = 64
-TINY = dict(pretrained=None, image_size=SIZE, layers=(1, 3), dpam_blocks=2, n_ctx=4, depth=2, t_n_ctx=2,
-            use_text_cache=False)
+TINY = dict(
+    pretrained=None, image_size=SIZE, layers=(1, 3), dpam_blocks=2, n_ctx=4, depth=2, t_n_ctx=2, use_text_cache=False
+)
 
 
 def tiny_backbone() -> str:
@@ -40,12 +41,15 @@ def model():
 def test_label_names_what_differs_from_the_published_settings(model):
     # A registered config is named with a hash of its content too (CLIPAnomalyModel.backbone_settings).
     config = f"backbone_config={model.backbone_config};"
-    differences = f"backbone=anovl-tiny-vit-text3;{config}depth=2;dpam_blocks=2;image_size=64;init_seed=0;" \
-                  "layers=1,3;n_ctx=4;pretrained=None;t_n_ctx=2"
+    differences = (
+        f"backbone=anovl-tiny-vit-text3;{config}depth=2;dpam_blocks=2;image_size=64;init_seed=0;"
+        "layers=1,3;n_ctx=4;pretrained=None;t_n_ctx=2"
+    )
     assert model.label == f"AnomalyCLIP[{differences}]"
     assert make(sigma=0.0, deep_tokens_float16=False).label == (
         f"AnomalyCLIP[backbone=anovl-tiny-vit-text3;{config}deep_tokens_float16=False;depth=2;dpam_blocks=2;"
-        "image_size=64;init_seed=0;layers=1,3;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]")
+        "image_size=64;init_seed=0;layers=1,3;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]"
+    )
     # Learned weights are no setting of the label, but results.json records them.
     before = model.settings()["prompt_weights"]
     trained = make()
@@ -76,16 +80,19 @@ def test_maps_and_scores_against_a_naive_restatement(model):
     torch.testing.assert_close(model(images, ["carpet", "carpet"]).anomaly_map, out.anomaly_map)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(t_n_ctx=5), r"t_n_ctx \(5\) cannot exceed n_ctx \(4\)"),
-    (dict(depth=4), "depth 4 exceeds the 3 text blocks"),
-    (dict(layers=(5,)), r"layers must be distinct block numbers from 1 to 4 .* got \[5\]"),
-    (dict(layers=(0, 2)), r"got \[0, 2\]"),
-    (dict(dpam_blocks=5), "dpam_blocks 5 exceeds the 4 blocks"),
-    (dict(n_ctx=0), "n_ctx must be an integer of at least 1"),
-    (dict(temperature=0.0), "temperature must be positive"),
-    (dict(betas=(0.5, 1.0)), r"betas two numbers in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(t_n_ctx=5), r"t_n_ctx \(5\) cannot exceed n_ctx \(4\)"),
+        (dict(depth=4), "depth 4 exceeds the 3 text blocks"),
+        (dict(layers=(5,)), r"layers must be distinct block numbers from 1 to 4 .* got \[5\]"),
+        (dict(layers=(0, 2)), r"got \[0, 2\]"),
+        (dict(dpam_blocks=5), "dpam_blocks 5 exceeds the 4 blocks"),
+        (dict(n_ctx=0), "n_ctx must be an integer of at least 1"),
+        (dict(temperature=0.0), "temperature must be positive"),
+        (dict(betas=(0.5, 1.0)), r"betas two numbers in \[0, 1\)"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(AnovlError, match=message):
         make(**kwargs)
@@ -96,8 +103,11 @@ def test_hugging_face_text_tower_refused_before_weights(monkeypatch):
         raise AssertionError("weights were built")
 
     monkeypatch.setattr(open_clip, "create_model", no_build)
-    with pytest.raises(AnovlError, match="open_clip's own text transformer, but the text tower of roberta-ViT-B-32 "
-                                         "is the Hugging Face model 'roberta-base'"):
+    with pytest.raises(
+        AnovlError,
+        match="open_clip's own text transformer, but the text tower of roberta-ViT-B-32 "
+        "is the Hugging Face model 'roberta-base'",
+    ):
         AnomalyCLIP("roberta-ViT-B-32", pretrained=None)
 
 
@@ -115,8 +125,12 @@ def test_config_gives_the_published_settings(capsys, monkeypatch):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "anovl.models.anomalyclip.torch_model.AnomalyCLIP"
     arguments = config["model"]["init_args"]
-    assert (arguments["backbone"], arguments["pretrained"], arguments["image_size"], arguments["layers"]) == \
-        ("ViT-L-14-336", "openai", 518, [6, 12, 18, 24])
+    assert (arguments["backbone"], arguments["pretrained"], arguments["image_size"], arguments["layers"]) == (
+        "ViT-L-14-336",
+        "openai",
+        518,
+        [6, 12, 18, 24],
+    )
     assert (arguments["dpam_blocks"], arguments["n_ctx"], arguments["depth"], arguments["t_n_ctx"]) == (19, 12, 9, 4)
     assert config["data"]["init_args"]["batch_size"] == 8
     assert "num_views" not in arguments  # AnoVL's own argument from configs/mvtec.yaml does not carry over
@@ -137,21 +151,63 @@ def test_fit_then_test_on_demo_data(tmp_path):
     config = copy.deepcopy(open_clip.get_model_config("anovl-tiny-vit"))
     config["vision_cfg"]["layers"], config["text_cfg"]["layers"] = 4, 3
     backbone.write_text(json.dumps(config))
-    model = ["--model", "anomalyclip", "--model.init_args.backbone", str(backbone), "--model.init_args.pretrained",
-             "null", "--model.init_args.image_size", str(SIZE), "--model.init_args.layers", "[1, 3]",
-             "--model.init_args.dpam_blocks", "2", "--model.init_args.n_ctx", "4", "--model.init_args.depth", "2",
-             "--model.init_args.t_n_ctx", "2"]
-    data = ["--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),
-            "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
-            "--data.init_args.batch_size", "2", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
-    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
-           "ANOVL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    model = [
+        "--model",
+        "anomalyclip",
+        "--model.init_args.backbone",
+        str(backbone),
+        "--model.init_args.pretrained",
+        "null",
+        "--model.init_args.image_size",
+        str(SIZE),
+        "--model.init_args.layers",
+        "[1, 3]",
+        "--model.init_args.dpam_blocks",
+        "2",
+        "--model.init_args.n_ctx",
+        "4",
+        "--model.init_args.depth",
+        "2",
+        "--model.init_args.t_n_ctx",
+        "2",
+    ]
+    data = [
+        "--data",
+        "anovl.data.SyntheticMVTecDataModule",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.generate",
+        "false",
+        "--data.init_args.categories",
+        "[widget]",
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ANOVL_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
 
     def anovl(*args):
-        result = subprocess.run([sys.executable, "-m", "anovl.cli", *args], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "anovl.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
     anovl("fit", *model, *data, "--trainer.max_epochs", "4")
@@ -169,7 +225,8 @@ def test_fit_then_test_on_demo_data(tmp_path):
     (results,) = [path for path in (tmp_path / "runs").glob("*/version_*/results.json")]
     recorded = json.loads(results.read_text())
     trained = make()
-    trained.prompts.load_state_dict({key.removeprefix("model.prompts."): value
-                                     for key, value in saved["state_dict"].items()})
+    trained.prompts.load_state_dict(
+        {key.removeprefix("model.prompts."): value for key, value in saved["state_dict"].items()}
+    )
     assert recorded["config"]["model"]["prompt_weights"] == trained.prompt_fingerprint() != make().prompt_fingerprint()
     assert recorded["complete"] and recorded["mean"]["pixel_auroc"] is not None

@@ -39,7 +39,7 @@ def relative_error(got, expected, tolerance):
 def authors_checkpoint(reference, prefix="initial/"):
     """The authors' checkpoint format: their prompt learner's state dict under "prompt_learner", with the
     unused per-layer projections their learner also holds."""
-    state = {key[len(prefix):]: torch.from_numpy(value) for key, value in reference.items() if key.startswith(prefix)}
+    state = {key[len(prefix) :]: torch.from_numpy(value) for key, value in reference.items() if key.startswith(prefix)}
     width = state["ctx_pos"].shape[-1]
     for index in range(8):
         state[f"compound_prompt_projections.{index}.weight"] = torch.randn(896, width)
@@ -63,15 +63,21 @@ def model(reference, tmp_path_factory):
     torch.save(authors_checkpoint(reference), checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AnomalyCLIP(str(config), pretrained=str(weights), image_size=int(reference["image_size"]),
-                           checkpoint=str(checkpoint), use_text_cache=False)
+        return AnomalyCLIP(
+            str(config),
+            pretrained=str(weights),
+            image_size=int(reference["image_size"]),
+            checkpoint=str(checkpoint),
+            use_text_cache=False,
+        )
 
 
 def test_defaults_are_the_published_ones(model):
     # The model above differs from the reference only in its backbone.
-    assert model.label == f"AnomalyCLIP[backbone=anomalyclip-parity-vit;backbone_config={model.backbone_config};" \
-        "image_size=64;pretrained=#" + \
-        model.label.split("pretrained=#")[1]
+    assert (
+        model.label == f"AnomalyCLIP[backbone=anomalyclip-parity-vit;backbone_config={model.backbone_config};"
+        "image_size=64;pretrained=#" + model.label.split("pretrained=#")[1]
+    )
     assert (model.layers, model.dpam_blocks, model.n_ctx, model.depth, model.t_n_ctx) == ((6, 12, 18, 24), 19, 12, 9, 4)
     # Built at its native 48 px and resized to 64 px bilinearly, as the authors' CLIP does.
     assert model.clip.visual.positional_embedding.shape == (1 + 8 * 8, 128)
@@ -148,6 +154,7 @@ def test_the_comparison_sees_dpam_and_the_deep_tokens(model, reference, monkeypa
     assert (model(images, ["widget"] * len(images)).anomaly_map - expected).abs().max() > 100 * MAP_TOLERANCE
     monkeypatch.undo()
     encode = model.text_tower.encode
-    monkeypatch.setattr(model.text_tower, "encode", lambda embeddings, ids, deep, **kwargs: encode(embeddings, ids, [],
-                                                                                                  **kwargs))
+    monkeypatch.setattr(
+        model.text_tower, "encode", lambda embeddings, ids, deep, **kwargs: encode(embeddings, ids, [], **kwargs)
+    )
     assert (model(images, ["widget"] * len(images)).anomaly_map - expected).abs().max() > 100 * MAP_TOLERANCE

@@ -21,8 +21,15 @@ pytest.importorskip("gradio")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 WAIT_MS = 120_000  # every browser wait is bounded (generous: CI machines may be loaded)
 
 
@@ -67,14 +74,17 @@ def test_a_typed_class_never_chooses_where_the_mask_goes(model, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "photo.png"]
 
 
-@pytest.mark.parametrize("make, category, limits, message", [
-    (lambda p: p.write_text("not an image"), "bottle", {}, "not a readable image"),
-    (lambda p: p.write_bytes(b""), "bottle", {}, "is empty"),
-    (lambda p: random_png(p), "bottle", {"max_upload_mb": 0.001}, "the demo takes images up to 0.001 MB"),
-    (lambda p: random_png(p), "bottle", {"max_megapixels": 0.001}, "up to 0.001 megapixels"),
-    (lambda p: random_png(p), "  ", {}, "pick or type the class"),
-    (None, "bottle", {}, "upload an image first"),
-])
+@pytest.mark.parametrize(
+    "make, category, limits, message",
+    [
+        (lambda p: p.write_text("not an image"), "bottle", {}, "not a readable image"),
+        (lambda p: p.write_bytes(b""), "bottle", {}, "is empty"),
+        (lambda p: random_png(p), "bottle", {"max_upload_mb": 0.001}, "the demo takes images up to 0.001 MB"),
+        (lambda p: random_png(p), "bottle", {"max_megapixels": 0.001}, "up to 0.001 megapixels"),
+        (lambda p: random_png(p), "  ", {}, "pick or type the class"),
+        (None, "bottle", {}, "upload an image first"),
+    ],
+)
 def test_bad_uploads_get_one_clear_message(model, tmp_path, make, category, limits, message):
     path = tmp_path / "upload.png"
     if make is not None:
@@ -112,8 +122,9 @@ def served_app(model, tmp_path):
     """The app on 127.0.0.1 in this process, closed at the end of the test (uploads over 0.02 MB refused)."""
     from anovl.deploy.app import build_app
 
-    demo = build_app(Analyzer(model, pixel_threshold=0.49, max_upload_mb=0.02, output_dir=tmp_path / "served"),
-                     ["bottle", "screw"])
+    demo = build_app(
+        Analyzer(model, pixel_threshold=0.49, max_upload_mb=0.02, output_dir=tmp_path / "served"), ["bottle", "screw"]
+    )
     (tmp_path / "served").mkdir()
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -181,4 +192,3 @@ def test_app_in_a_headless_browser(served_app, model, tmp_path):
     mask = np.asarray(Image.open(downloaded))
     assert mask.shape == (64, 64)
     assert np.array_equal(mask > 0, expected.anomaly_map >= 0.49)
-

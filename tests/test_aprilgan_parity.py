@@ -40,12 +40,24 @@ def setup(tmp_path_factory, stored):
     reference.parity_weights(clip)
     torch.save(clip.state_dict(), folder / "clip.pt")
     # The given heads in the authors' release format: read by the converter.
-    torch.save({"trainable_linearlayer": {
-        **{f"fc.{i}.weight": torch.from_numpy(w) for i, w in enumerate(stored["initial_weight"])},
-        **{f"fc.{i}.bias": torch.from_numpy(b) for i, b in enumerate(stored["initial_bias"])}}}, folder / "given.pth")
-    model = AprilGAN(name, str(folder / "clip.pt"), reference.IMAGE_SIZE, layers=reference.LAYERS,
-                     few_shot_layers=reference.FEW_SHOT_LAYERS, checkpoint=folder / "given.pth",
-                     use_text_cache=False)
+    torch.save(
+        {
+            "trainable_linearlayer": {
+                **{f"fc.{i}.weight": torch.from_numpy(w) for i, w in enumerate(stored["initial_weight"])},
+                **{f"fc.{i}.bias": torch.from_numpy(b) for i, b in enumerate(stored["initial_bias"])},
+            }
+        },
+        folder / "given.pth",
+    )
+    model = AprilGAN(
+        name,
+        str(folder / "clip.pt"),
+        reference.IMAGE_SIZE,
+        layers=reference.LAYERS,
+        few_shot_layers=reference.FEW_SHOT_LAYERS,
+        checkpoint=folder / "given.pth",
+        use_text_cache=False,
+    )
     meta = reference.write_dataset(folder / "visa")
 
     def load(relative, mask=False):
@@ -54,8 +66,14 @@ def setup(tmp_path_factory, stored):
 
     entries = [entry for name in reference.CLASSES for entry in meta["test"][name]]
     images = torch.stack([load(entry["img_path"]) for entry in entries])
-    masks = torch.stack([load(entry["mask_path"], mask=True) if entry["anomaly"]
-                         else torch.zeros(reference.IMAGE_SIZE, reference.IMAGE_SIZE) for entry in entries])
+    masks = torch.stack(
+        [
+            load(entry["mask_path"], mask=True)
+            if entry["anomaly"]
+            else torch.zeros(reference.IMAGE_SIZE, reference.IMAGE_SIZE)
+            for entry in entries
+        ]
+    )
     classes = [entry["cls_name"] for entry in entries]
     return model, images, masks, classes, load
 
@@ -103,7 +121,13 @@ def test_few_shot_maps_and_scores_equal_the_authors(setup, stored):
         model.forget()
     np.testing.assert_allclose(output.anomaly_map.numpy(), stored["few_shot_maps"], rtol=0, atol=MAP_TOLERANCE)
     per_class = len(reference.TEST_IMAGES)
-    scores = torch.cat([few_shot_image_scores(output.pred_score[start:start + per_class],
-                                              output.anomaly_map[start:start + per_class].flatten(1).amax(1))
-                        for start in range(0, len(classes), per_class)])
+    scores = torch.cat(
+        [
+            few_shot_image_scores(
+                output.pred_score[start : start + per_class],
+                output.anomaly_map[start : start + per_class].flatten(1).amax(1),
+            )
+            for start in range(0, len(classes), per_class)
+        ]
+    )
     np.testing.assert_allclose(scores.numpy(), stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7)

@@ -166,9 +166,14 @@ def test_unsupported_block_option_gets_a_clear_error():
         quiet_backbone("test-cosine-block")
 
 
-@pytest.mark.parametrize("name, image_size, grid", [
-    ("ViT-B-16", 224, 14), ("ViT-B-16-plus-240", 240, 15), ("ViT-L-14-336", 518, 37),
-])
+@pytest.mark.parametrize(
+    "name, image_size, grid",
+    [
+        ("ViT-B-16", 224, 14),
+        ("ViT-B-16-plus-240", 240, 15),
+        ("ViT-L-14-336", 518, 37),
+    ],
+)
 @torch.no_grad()
 def test_builtin_families_at_two_blocks(name, image_size, grid):
     # The built-in configs with their depth cut to two blocks: same block types, widths, heads and patch
@@ -187,7 +192,9 @@ def test_tag_download_failure_is_one_clear_error(monkeypatch):
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(open_clip, "create_model", offline)
-    with pytest.raises(AnovlError, match=r"could not get ViT-B-16-plus-240 weights 'laion400m_e32' \(OSError\).*local file"):
+    with pytest.raises(
+        AnovlError, match=r"could not get ViT-B-16-plus-240 weights 'laion400m_e32' \(OSError\).*local file"
+    ):
         create_backbone("ViT-B-16-plus-240", pretrained="laion400m_e32")
 
 

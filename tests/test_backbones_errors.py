@@ -25,12 +25,15 @@ def no_weights_built(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", forbidden)
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("RN50", "ModifiedResNet"),
-    ("convnext_base", r"TimmModel\(ConvNeXt\) is not a transformer with global self-attention"),
-    ("MobileCLIP-S1", r"TimmModel\(FastVit\)"),
-    ("swin_base_patch4_window7_224", r"TimmModel\(SwinTransformer\)"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("RN50", "ModifiedResNet"),
+        ("convnext_base", r"TimmModel\(ConvNeXt\) is not a transformer with global self-attention"),
+        ("MobileCLIP-S1", r"TimmModel\(FastVit\)"),
+        ("swin_base_patch4_window7_224", r"TimmModel\(SwinTransformer\)"),
+    ],
+)
 def test_non_vit_towers_stop_before_weights(no_weights_built, name, reason):
     with pytest.raises(AnovlError, match=rf"^{name} is not supported by the V-V path: .*{reason}.*ViT-B-16-plus-240"):
         create_backbone(name)
@@ -39,9 +42,22 @@ def test_non_vit_towers_stop_before_weights(no_weights_built, name, reason):
 def test_cli_names_the_model_in_one_error_line(tmp_path):
     # configs/demo.yaml's model section: if its layout changes, only the flag below follows it
     result = subprocess.run(
-        [sys.executable, "-m", "anovl.cli", "test", "--config", str(REPO / "configs" / "demo.yaml"),
-         "--model.init_args.backbone", "RN50", "--data.init_args.root", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "anovl.cli",
+            "test",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--model.init_args.backbone",
+            "RN50",
+            "--data.init_args.root",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
     )
     assert result.returncode == 2, result.stderr
@@ -51,8 +67,11 @@ def test_cli_names_the_model_in_one_error_line(tmp_path):
 
 def test_hub_tokenizer_missing_names_it_and_the_way_out(no_weights_built):
     name = register_tiny("ViT-B-16-SigLIP")
-    with pytest.raises(AnovlError, match=r"needs the Hugging Face tokenizer 'timm/ViT-B-16-SigLIP'.*"
-                                         r"pass the local directory as tokenizer"):
+    with pytest.raises(
+        AnovlError,
+        match=r"needs the Hugging Face tokenizer 'timm/ViT-B-16-SigLIP'.*"
+        r"pass the local directory as tokenizer",
+    ):
         create_backbone(name)
 
 
@@ -90,8 +109,11 @@ def test_local_tokenizer_directory_and_stand_in(tmp_path):
 def test_hf_text_tower_offline_and_without_transformers(monkeypatch):
     config = tiny_config("roberta-ViT-B-32")
     name = register_model_config(config, name="anovl-tiny:roberta")
-    with pytest.raises(AnovlError, match=r"text tower of anovl-tiny:roberta is the Hugging Face model 'roberta-base'.*"
-                                         r"text_cfg.hf_model_name is that directory"):
+    with pytest.raises(
+        AnovlError,
+        match=r"text tower of anovl-tiny:roberta is the Hugging Face model 'roberta-base'.*"
+        r"text_cfg.hf_model_name is that directory",
+    ):
         create_backbone(name, tokenizer=lambda texts: torch.zeros(len(texts), 77, dtype=torch.long))
     real_import = builtins.__import__
 
@@ -109,15 +131,20 @@ def test_hf_text_tower_offline_and_without_transformers(monkeypatch):
 def test_hf_text_tower_from_a_local_config(tmp_path):
     from transformers import RobertaConfig
 
-    RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, max_position_embeddings=80).save_pretrained(tmp_path / "roberta")
+    RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+    ).save_pretrained(tmp_path / "roberta")
     config = tiny_config("roberta-ViT-B-32")
     config["text_cfg"]["hf_model_name"] = str(tmp_path / "roberta")
     name = register_model_config(config, name="anovl-tiny:local-roberta")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        backbone = create_backbone(name, image_size=64,
-                                   tokenizer=lambda texts: torch.randint(3, 100, (len(texts), 77)))
+        backbone = create_backbone(name, image_size=64, tokenizer=lambda texts: torch.randint(3, 100, (len(texts), 77)))
     assert backbone.clip.encode_text(backbone.tokenizer(["a"])).shape == (1, config["embed_dim"])
     images = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(backbone.visual(images).global_tokens, backbone.clip.encode_image(images))

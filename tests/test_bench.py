@@ -81,7 +81,8 @@ def test_staged_forward_is_the_forward():
     torch.testing.assert_close(scores, output.pred_score)
     assert set(timer.seconds) == set(common.STAGES)
     assert metrics.compute()["pixel_auroc"] == pytest.approx(
-        functional.auroc(functional.RankedScores.from_maps(maps.numpy(), targets[0].numpy())))
+        functional.auroc(functional.RankedScores.from_maps(maps.numpy(), targets[0].numpy()))
+    )
 
 
 def test_threshold_pro_baseline_agrees_with_the_metrics():
@@ -122,17 +123,37 @@ def test_peak_memory_sees_fresh_pages():
 
 def test_benchmark_runs_end_to_end():
     config = common.quick_config(
-        backbone=TINY, encoder_backbone=TINY, batch_sizes=(1, 2), repeats=1, encoder_repeats=1, reference_images=1,
-        num_maps=12, map_size=32, baseline_maps=4, test_categories=1, test_good=1, test_defect=1,
-        precision_categories=1, precision_good=1, precision_defect=1, threads=None, isolate=False,
+        backbone=TINY,
+        encoder_backbone=TINY,
+        batch_sizes=(1, 2),
+        repeats=1,
+        encoder_repeats=1,
+        reference_images=1,
+        num_maps=12,
+        map_size=32,
+        baseline_maps=4,
+        test_categories=1,
+        test_good=1,
+        test_defect=1,
+        precision_categories=1,
+        precision_good=1,
+        precision_defect=1,
+        threads=None,
+        isolate=False,
         sections=tuple(name for name in common.SECTIONS if name != "pipeline"),  # its own (slow) test below
     )
     emitted = []
     report = bench.run_benchmark(config, emitted.append)
     assert len(emitted) == 1 + 7  # header and every section but 'precision' (fp32) and 'pipeline'
-    for title in ("TFA forward vs plain CLIP encode_image", "Throughput and stage split", "one-image-at-a-time",
-                  "Text-embedding start-up", "Pixel metrics over 12 maps", "Lightning test run",
-                  "one training step against the test forward"):
+    for title in (
+        "TFA forward vs plain CLIP encode_image",
+        "Throughput and stage split",
+        "one-image-at-a-time",
+        "Text-embedding start-up",
+        "Pixel metrics over 12 maps",
+        "Lightning test run",
+        "one training step against the test forward",
+    ):
         assert title in report
     for name, _, _ in throughput.PIPELINES:
         assert report.count(f"| {name} |") == 2  # one row per batch size
@@ -142,16 +163,33 @@ def test_benchmark_runs_end_to_end():
 
 
 def test_precision_section_reports_the_change(tmp_path):
-    config = common.quick_config(backbone=TINY, batch_sizes=(2,), repeats=1, precision="bf16", precision_categories=1,
-                                precision_good=1, precision_defect=1, threads=None)
+    config = common.quick_config(
+        backbone=TINY,
+        batch_sizes=(2,),
+        repeats=1,
+        precision="bf16",
+        precision_categories=1,
+        precision_good=1,
+        precision_defect=1,
+        threads=None,
+    )
     text = precision.precision_section(config, torch.device("cpu"), tmp_path).markdown()
     assert "max abs Δ, TFA map" in text and "pixel AUROC, TTA" in text and "forward time, batch 2" in text
 
 
 @pytest.mark.slow  # two `anovl test` runs in child processes
 def test_pipeline_section_runs_the_cli_and_reports_every_ratio(tmp_path):
-    config = common.quick_config(backbone=TINY, batch_sizes=(2,), repeats=1, pipeline_categories=1, pipeline_good=12,
-                                 pipeline_defect=1, pipeline_size=96, pipeline_views=(1,), threads=None)
+    config = common.quick_config(
+        backbone=TINY,
+        batch_sizes=(2,),
+        repeats=1,
+        pipeline_categories=1,
+        pipeline_good=12,
+        pipeline_defect=1,
+        pipeline_size=96,
+        pipeline_views=(1,),
+        threads=None,
+    )
     text = pipeline.pipeline_section(config, torch.device("cpu"), tmp_path).markdown()
     for row in ("`anovl test`, 1 view", "data path, CPU ms/image", "loader, 1 worker", "decoded cache, second pass"):
         assert row in text

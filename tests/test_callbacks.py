@@ -28,8 +28,9 @@ def _quiet():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     # 3 normal and 4 anomalous images (one per defect type) per category.
-    return generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=3, n_defect=1,
-                               image_size=SIZE)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=3, n_defect=1, image_size=SIZE
+    )
 
 
 class ScoreRecorder(Callback):
@@ -38,23 +39,32 @@ class ScoreRecorder(Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         for index, path in enumerate(outputs["image_path"]):
-            self.images.append((outputs["category"][index], path, int(outputs["label"][index]),
-                                float(outputs["pred_score"][index])))
+            self.images.append(
+                (outputs["category"][index], path, int(outputs["label"][index]), float(outputs["pred_score"][index]))
+            )
 
 
 def run_test(root, tmp_path, batch_size, max_per_category, loggers=False):
     module = AnomalyModule(AnoVL(TINY, pretrained=None, image_size=SIZE, num_views=1))
     recorder = ScoreRecorder()
     writer = PanelWriter(max_per_category=max_per_category, output_dir=str(tmp_path / "pictures"))
-    trainer = Trainer(accelerator="cpu", devices=1, logger=loggers, enable_progress_bar=False,
-                      enable_model_summary=False, inference_mode=False, default_root_dir=tmp_path,
-                      callbacks=[recorder, writer])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+        callbacks=[recorder, writer],
+    )
     trainer.test(module, datamodule=MVTecDataModule(root, image_size=SIZE, batch_size=batch_size))
     return module, recorder.images
 
 
 def naive_choice(images, count, root):
     """Reference: each role's full ranking; the roles take turns, skipping images already taken."""
+
     def key_of(path):
         return Path(path).relative_to(root).as_posix()
 
@@ -62,9 +72,13 @@ def naive_choice(images, count, root):
     normal = [(score, path) for _, path, label, score in images if label == 0]
     rankings = [
         [path for _, path in sorted(anomalous, reverse=True)],
-        [path for path in sorted((path for _, path in normal),
-                                 key=lambda path: (int.from_bytes(hashlib.sha1(key_of(path).encode()).digest()[:8],
-                                                                  "big"), path))],
+        [
+            path
+            for path in sorted(
+                (path for _, path in normal),
+                key=lambda path: (int.from_bytes(hashlib.sha1(key_of(path).encode()).digest()[:8], "big"), path),
+            )
+        ],
         [path for _, path in sorted(((-score, path) for score, path in anomalous), reverse=True)],
         [path for _, path in sorted(normal, reverse=True)],
     ]
@@ -90,8 +104,9 @@ def test_panels_are_chosen_from_the_whole_category(root, tmp_path):
     # Another batch size (so other batch boundaries and category ends) chooses the same images.
     run_test(root, tmp_path / "b3", batch_size=3, max_per_category=4)
     for category in ("fabric", "widget"):
-        assert ({path.name for path in (tmp_path / "b3" / "pictures" / category).iterdir()}
-                == {path.name for path in (tmp_path / "b1" / "pictures" / category).iterdir()})
+        assert {path.name for path in (tmp_path / "b3" / "pictures" / category).iterdir()} == {
+            path.name for path in (tmp_path / "b1" / "pictures" / category).iterdir()
+        }
 
 
 def test_a_quota_above_the_category_size_takes_every_image(root, tmp_path):

@@ -18,35 +18,66 @@ from anovl.visualization import png16_to_map
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-TINY_MODEL = ["--model.init_args.backbone", "anovl-tiny-vit", "--model.init_args.pretrained", "null",
-              "--model.init_args.image_size", "64", "--model.init_args.num_views", "2",
-              "--trainer.enable_progress_bar", "false"]
+TINY_MODEL = [
+    "--model.init_args.backbone",
+    "anovl-tiny-vit",
+    "--model.init_args.pretrained",
+    "null",
+    "--model.init_args.image_size",
+    "64",
+    "--model.init_args.num_views",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
     """Offline environment with one text-embedding cache for all subprocesses of this module."""
-    return {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
-            "ANOVL_CACHE_DIR": str(tmp_path_factory.mktemp("cli-cache"))}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ANOVL_CACHE_DIR": str(tmp_path_factory.mktemp("cli-cache")),
+    }
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """Two categories of 6 and 7 images: 13 in all, so two DDP processes need one padded copy."""
-    root = generate_mvtec_like(tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=3, n_defect=1,
-                               image_size=64)
+    root = generate_mvtec_like(
+        tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=3, n_defect=1, image_size=64
+    )
     (root / "fabric" / "test" / "good" / "002.png").unlink()
     return root
 
 
 def anovl(args, env, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anovl.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "anovl.cli", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def demo_test_args(data_root, save_dir):
-    return ["test", "--config", CONFIGS / "demo.yaml", *TINY_MODEL, "--data.init_args.root", data_root,
-            "--data.init_args.batch_size", "2", "--trainer.logger.init_args.save_dir", save_dir]
+    return [
+        "test",
+        "--config",
+        CONFIGS / "demo.yaml",
+        *TINY_MODEL,
+        "--data.init_args.root",
+        data_root,
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        save_dir,
+    ]
 
 
 def run_dir(save_dir: Path) -> Path:
@@ -65,7 +96,11 @@ def single_process_run(data_root, cli_env, tmp_path_factory):
 def test_cli_test_writes_results_and_panels(single_process_run):
     result, directory = single_process_run
     rows = list(csv.DictReader((directory / "results.csv").open()))
-    assert [(row["category"], row["images"]) for row in rows] == [("fabric", "6"), ("widget", "7"), ("mean (all categories)", "13")]
+    assert [(row["category"], row["images"]) for row in rows] == [
+        ("fabric", "6"),
+        ("widget", "7"),
+        ("mean (all categories)", "13"),
+    ]
     document = json.loads((directory / "results.json").read_text())
     assert document["mean"]["pixel_auroc"] == pytest.approx(float(rows[-1]["pixel_auroc"]))
     assert document["random_weights"] is True
@@ -78,8 +113,19 @@ def test_cli_test_writes_results_and_panels(single_process_run):
 
 
 def test_ddp_two_processes_give_the_same_table(single_process_run, data_root, cli_env, tmp_path):
-    result = anovl([*demo_test_args(data_root, tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                    "--trainer.strategy", "ddp"], cli_env, tmp_path)
+    result = anovl(
+        [
+            *demo_test_args(data_root, tmp_path),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ],
+        cli_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     directory = run_dir(tmp_path)
     single = json.loads((single_process_run[1] / "results.json").read_text())
@@ -93,19 +139,41 @@ def test_ddp_two_processes_give_the_same_table(single_process_run, data_root, cl
         assert len(pictures) == 3
         assert pictures == sorted(path.name for path in (single_process_run[1] / "pictures" / category).glob("*.png"))
         for name in pictures:
-            assert np.array_equal(np.asarray(Image.open(directory / "pictures" / category / name)),
-                                  np.asarray(Image.open(single_process_run[1] / "pictures" / category / name)))
+            assert np.array_equal(
+                np.asarray(Image.open(directory / "pictures" / category / name)),
+                np.asarray(Image.open(single_process_run[1] / "pictures" / category / name)),
+            )
 
 
 def test_ddp_predict_writes_one_scores_csv_in_dataset_order(data_root, cli_env, tmp_path):
     outputs = {}
     for processes in (1, 2):
         output = tmp_path / f"out{processes}"
-        result = anovl(["predict", "--config", CONFIGS / "demo.yaml", *TINY_MODEL, "--data.init_args.root", data_root,
-                        "--data.init_args.batch_size", "2", "--predictions.output_dir", output,
-                        "--predictions.overlays", "false", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-                        "--trainer.accelerator", "cpu", "--trainer.devices", str(processes),
-                        *(["--trainer.strategy", "ddp"] if processes > 1 else [])], cli_env, tmp_path)
+        result = anovl(
+            [
+                "predict",
+                "--config",
+                CONFIGS / "demo.yaml",
+                *TINY_MODEL,
+                "--data.init_args.root",
+                data_root,
+                "--data.init_args.batch_size",
+                "2",
+                "--predictions.output_dir",
+                output,
+                "--predictions.overlays",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                tmp_path / "runs",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                str(processes),
+                *(["--trainer.strategy", "ddp"] if processes > 1 else []),
+            ],
+            cli_env,
+            tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         outputs[processes] = output
     single, distributed = (list(csv.DictReader((outputs[n] / "scores.csv").open())) for n in (1, 2))
@@ -121,9 +189,22 @@ def test_cli_predict_writes_maps_for_unlabelled_images(cli_env, data_root, tmp_p
     for index, source in enumerate(sorted((data_root / "widget" / "test").glob("*/000.png"))[:3]):
         Image.open(source).save(images / f"part{index}.png")
     output = tmp_path / "out"
-    result = anovl(["predict", "--config", CONFIGS / "folder.yaml", "--data.init_args.path", images, *TINY_MODEL,
-                    "--predictions.output_dir", output, "--trainer.logger.init_args.save_dir", tmp_path / "runs"],
-                   cli_env, tmp_path)
+    result = anovl(
+        [
+            "predict",
+            "--config",
+            CONFIGS / "folder.yaml",
+            "--data.init_args.path",
+            images,
+            *TINY_MODEL,
+            "--predictions.output_dir",
+            output,
+            "--trainer.logger.init_args.save_dir",
+            tmp_path / "runs",
+        ],
+        cli_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     scores = list(csv.DictReader((output / "scores.csv").open()))
     assert [Path(row["image_path"]).name for row in scores] == ["part0.png", "part1.png", "part2.png"]
@@ -140,9 +221,21 @@ def test_cli_predict_writes_maps_for_unlabelled_images(cli_env, data_root, tmp_p
 
 
 def test_cli_wandb_offline(cli_env, data_root, tmp_path):
-    result = anovl([*demo_test_args(data_root, tmp_path), "--config", CONFIGS / "wandb.yaml",
-                    "--trainer.logger.init_args.save_dir", tmp_path, "--trainer.logger.init_args.offline", "true",
-                    "--data.init_args.categories", "[widget]"], cli_env, tmp_path)
+    result = anovl(
+        [
+            *demo_test_args(data_root, tmp_path),
+            "--config",
+            CONFIGS / "wandb.yaml",
+            "--trainer.logger.init_args.save_dir",
+            tmp_path,
+            "--trainer.logger.init_args.offline",
+            "true",
+            "--data.init_args.categories",
+            "[widget]",
+        ],
+        cli_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     (results,) = tmp_path.glob("anovl/*/results.json")
     assert [row["category"] for row in json.loads(results.read_text())["categories"]] == ["widget"]
@@ -155,8 +248,11 @@ def test_cli_wandb_offline(cli_env, data_root, tmp_path):
         # Fails while the model is built, before anything else is printed.
         (["--model.init_args.backbone", "no-such-vit"], "anovl: error: unknown backbone 'no-such-vit'", True),
         # Fails once the data is listed, after Lightning's device lines.
-        (["--data.init_args.root", "/no/such/dir", "--data.init_args.generate", "false"],
-         "anovl: error: Dataset root /no/such/dir is not a directory", False),
+        (
+            ["--data.init_args.root", "/no/such/dir", "--data.init_args.generate", "false"],
+            "anovl: error: Dataset root /no/such/dir is not a directory",
+            False,
+        ),
     ],
     ids=["unknown-backbone", "missing-root"],
 )

@@ -49,8 +49,11 @@ def foreign_method_imports(own: str | None, files: list[Path]) -> list[str]:
 
 def test_a_method_imports_components_never_another_methods_package():
     assert {"anovl", "winclip"} <= set(METHOD_PACKAGES)
-    found = [line for package in METHOD_PACKAGES
-             for line in foreign_method_imports(package, sorted((MODELS / package).rglob("*.py")))]
+    found = [
+        line
+        for package in METHOD_PACKAGES
+        for line in foreign_method_imports(package, sorted((MODELS / package).rglob("*.py")))
+    ]
     found += foreign_method_imports(None, sorted((REPO / "examples" / "plugins").glob("*.py")))
     assert not found, "methods must share code through anovl.models.components:\n" + "\n".join(found)
 
@@ -63,8 +66,10 @@ def test_the_rule_sees_a_foreign_import(tmp_path):
 
 
 def test_the_core_loads_no_lightning():
-    code = ("import sys, anovl.models, anovl.backbones, anovl.metrics, anovl.models.winclip.windows; "
-            "print(sorted({name.split('.')[0] for name in sys.modules if name.split('.')[0] == 'lightning'}))")
+    code = (
+        "import sys, anovl.models, anovl.backbones, anovl.metrics, anovl.models.winclip.windows; "
+        "print(sorted({name.split('.')[0] for name in sys.modules if name.split('.')[0] == 'lightning'}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -86,8 +91,9 @@ def test_tile_batch_and_untile_against_slicing():
 
 def test_ensemble_prompts_are_every_template_around_every_state():
     prompts = WinCLIPPrompts()
-    assert prompts.abnormal_sentences("screw") == [t.format(s.format("screw")) for s in ANOMALOUS_STATES
-                                                   for t in TEMPLATES]
+    assert prompts.abnormal_sentences("screw") == [
+        t.format(s.format("screw")) for s in ANOMALOUS_STATES for t in TEMPLATES
+    ]
     normal, abnormal = prompts.sentences("screw", "texture")  # the domain does not change an ensemble
     assert list(normal) == prompts.normal_sentences("screw") and list(abnormal) == prompts.abnormal_sentences("screw")
     assert prompts.to_dict()["anomalous_states"] == list(ANOMALOUS_STATES)
@@ -134,8 +140,9 @@ def test_plain_tokens_are_the_towers_own_intermediate_tokens():
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         raw = open_clip_tower.plain_tokens(images, layers=[-1, 0], project=False)
-        reference = open_clip_tower.visual.forward_intermediates(images, indices=[0, 2], output_fmt="NLC",
-                                                                 intermediates_only=True)["image_intermediates"]
+        reference = open_clip_tower.visual.forward_intermediates(
+            images, indices=[0, 2], output_fmt="NLC", intermediates_only=True
+        )["image_intermediates"]
         for ours, theirs in zip(raw, reference):
             torch.testing.assert_close(ours, theirs)
         projected = open_clip_tower.plain_tokens(images, layers=[0])[0]
@@ -150,9 +157,14 @@ def test_plain_tokens_are_the_towers_own_intermediate_tokens():
         torch.testing.assert_close(raw, reference)
 
 
-@pytest.mark.parametrize("module, forbidden", [("anovl/lightning_cli.py", "anovl.cli"),
-                                               ("anovl/tracking.py", "anovl.engine"),
-                                               ("anovl/callbacks/panels.py", "anovl.engine")])
+@pytest.mark.parametrize(
+    "module, forbidden",
+    [
+        ("anovl/lightning_cli.py", "anovl.cli"),
+        ("anovl/tracking.py", "anovl.engine"),
+        ("anovl/callbacks/panels.py", "anovl.engine"),
+    ],
+)
 def test_no_import_cycles_closed_by_deferred_imports(module, forbidden):
     # cli imports lightning_cli (deferred, only for test/predict/fit), and the engine imports tracking and the
     # callbacks: none of them may import back, at the top or inside a function.

@@ -36,7 +36,9 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def mvtec_root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), ("widget", "fabric"), n_good=3, n_defect=1, image_size=64)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("mvtec"), ("widget", "fabric"), n_good=3, n_defect=1, image_size=64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,9 @@ def test_mvtec_masks_match_the_generated_defects(mvtec_root):
 
 
 def test_mvtec_category_selection_and_prompt_names(mvtec_root):
-    datamodule = MVTecDataModule(mvtec_root, categories=["widget"], image_size=SIZE, prompt_names={"widget": "metal part"})
+    datamodule = MVTecDataModule(
+        mvtec_root, categories=["widget"], image_size=SIZE, prompt_names={"widget": "metal part"}
+    )
     assert datamodule.categories == ["widget"]
     batch = all_batches(datamodule)[0]
     assert set(batch["prompt_name"]) == {"metal part"} and set(batch["category"]) == {"widget"}
@@ -287,9 +291,13 @@ def test_datamodules_are_configurable_from_the_command_line(tmp_path):
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "data")
         first = "--data.path" if cls is FolderDataModule else "--data.root"
-        config = parser.parse_args([first, str(tmp_path), "--data.corruption", "default", "--data.prompt_names", '{"a": "b"}'])
+        config = parser.parse_args(
+            [first, str(tmp_path), "--data.corruption", "default", "--data.prompt_names", '{"a": "b"}']
+        )
         datamodule = parser.instantiate(config).data
-        assert isinstance(datamodule, cls) and datamodule.corruption is not None and datamodule.prompt_names == {"a": "b"}
+        assert (
+            isinstance(datamodule, cls) and datamodule.corruption is not None and datamodule.prompt_names == {"a": "b"}
+        )
 
 
 # ---------------------------------------------------------------- VisA
@@ -419,7 +427,10 @@ def test_labelled_folder_with_masks(tmp_path):
     assert all(s.has_mask for s in datamodule.samples)
     batch = all_batches(datamodule)[0]
     assert batch["label"].tolist() == [0, 1, 1, 0]
-    assert batch["mask"][[1, 2]].sum(dim=(1, 2)).float().tolist() == [SIZE * SIZE / 2] * 2 and not batch["mask"][[0, 3]].any()
+    assert (
+        batch["mask"][[1, 2]].sum(dim=(1, 2)).float().tolist() == [SIZE * SIZE / 2] * 2
+        and not batch["mask"][[0, 3]].any()
+    )
 
 
 def test_folder_errors(tmp_path):
@@ -441,7 +452,11 @@ def test_folder_errors(tmp_path):
 
 
 def _digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_synthetic_generation_is_deterministic_and_in_layout(tmp_path, mvtec_root):
@@ -472,7 +487,9 @@ def test_synthetic_masks_cover_exactly_the_changed_pixels(tmp_path):
 
 def test_synthetic_datamodule_generates_once(tmp_path):
     root = tmp_path / "demo"
-    datamodule = SyntheticMVTecDataModule(root, categories=["washer", "granite"], n_good=2, n_defect=1, image_size_on_disk=48, image_size=SIZE)
+    datamodule = SyntheticMVTecDataModule(
+        root, categories=["washer", "granite"], n_good=2, n_defect=1, image_size_on_disk=48, image_size=SIZE
+    )
     assert datamodule.categories == ["granite", "washer"]
     assert len(all_batches(datamodule)) == 2
     marker = root / "washer" / "test" / "good" / "000.png"
@@ -492,8 +509,11 @@ def test_the_loader_path_gives_the_reference_preprocessing_and_maps(mvtec_root, 
     from anovl.engine.module import AnomalyModule
 
     size = tiny_model.image_size
-    datamodule = (MVTecDataModule(mvtec_root, image_size=size, batch_size=4, num_workers=1) if layout == "mvtec"
-                  else VisADataModule(visa_root, image_size=size, batch_size=4, num_workers=1))
+    datamodule = (
+        MVTecDataModule(mvtec_root, image_size=size, batch_size=4, num_workers=1)
+        if layout == "mvtec"
+        else VisADataModule(visa_root, image_size=size, batch_size=4, num_workers=1)
+    )
     module = AnomalyModule(tiny_model)
     batch = module.on_after_batch_transfer(next(iter(datamodule.test_dataloader())), 0)
     expected = torch.stack([reference_image(path, size) for path in batch["image_path"]])
@@ -514,7 +534,9 @@ def test_a_bad_file_read_in_a_worker_is_one_line(mvtec_copy):
     with pytest.raises(BadImageError) as error:
         list(datamodule.test_dataloader())
     message = str(error.value)
-    assert "\n" not in message and message.startswith(f"Cannot read image {broken}") and "on_bad_image='skip'" in message
+    assert (
+        "\n" not in message and message.startswith(f"Cannot read image {broken}") and "on_bad_image='skip'" in message
+    )
 
 
 def test_auto_workers_leave_a_core_to_the_model(mvtec_root, monkeypatch):

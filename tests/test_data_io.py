@@ -210,7 +210,11 @@ def test_mask_size_check_names_both_files():
 def test_preprocessing_matches_torchvision(size):
     rgb = random_rgb(37, 53)
     reference = T.Compose(
-        [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
     )(Image.fromarray(rgb))
     ours = normalize(resize_image(rgb, (size, size)))
     assert ours.dtype == torch.float32 and ours.shape == (3, size, size)
@@ -339,7 +343,10 @@ def test_fuzz_loading_raises_only_bad_image_error(tmp_path):
     rng = np.random.default_rng(1234)
     outcomes = {"ok": 0, "bad": 0}
     for path in _fuzz_files(rng, tmp_path, 400):
-        for loader, check in ((load_rgb, lambda a: a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8), (load_mask, lambda a: a.ndim == 2 and a.dtype == bool)):
+        for loader, check in (
+            (load_rgb, lambda a: a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8),
+            (load_mask, lambda a: a.ndim == 2 and a.dtype == bool),
+        ):
             try:
                 assert check(loader(path))
                 outcomes["ok"] += 1

@@ -75,10 +75,17 @@ def test_openvino_runs_the_onnx_file_too(exported):
 def test_sidecar_records_preprocessing_classes_and_views(exported):
     model, paths = exported
     record = json.loads(sidecar_path(paths["onnx"]).read_text())
-    assert record["preprocessing"] == {"image_size": 64, "mean": [0.48145466, 0.4578275, 0.40821073],
-                                       "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bilinear"}
+    assert record["preprocessing"] == {
+        "image_size": 64,
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bilinear",
+    }
     assert [(c["category"], c["prompt_name"]) for c in record["classes"]] == [
-        ("bottle", "bottle"), ("macaroni1", "macaroni"), ("part_a", "screw")]
+        ("bottle", "bottle"),
+        ("macaroni1", "macaroni"),
+        ("part_a", "screw"),
+    ]
     assert record["num_views"] == model.num_views and record["settings"]["num_views"] == model.num_views
     assert record["format"] == "onnx" and record["label"].startswith("AnoVL")
     runner = load_exported(paths["onnx"])
@@ -128,14 +135,17 @@ def test_tta_cannot_be_exported(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("classes, fmt, output, message", [
-    ([], "onnx", "m.onnx", "at least one class"),
-    (["bottle", "bottle"], "onnx", "m.onnx", "repeated: bottle"),
-    (["=x"], "onnx", "m.onnx", "has no name"),
-    (["bottle"], "tflite", "m.onnx", "unknown export format 'tflite'"),
-    (["bottle"], "onnx", "m.xml", r"written as \*.onnx"),
-    ([ExportClass("bottle", "bottle", image_threshold=1.5e7)], "onnx", "m.onnx", "must be a number in"),
-])
+@pytest.mark.parametrize(
+    "classes, fmt, output, message",
+    [
+        ([], "onnx", "m.onnx", "at least one class"),
+        (["bottle", "bottle"], "onnx", "m.onnx", "repeated: bottle"),
+        (["=x"], "onnx", "m.onnx", "has no name"),
+        (["bottle"], "tflite", "m.onnx", "unknown export format 'tflite'"),
+        (["bottle"], "onnx", "m.xml", r"written as \*.onnx"),
+        ([ExportClass("bottle", "bottle", image_threshold=1.5e7)], "onnx", "m.onnx", "must be a number in"),
+    ],
+)
 def test_bad_export_requests(tmp_path, classes, fmt, output, message):
     with pytest.raises(AnovlError, match=message):
         export_model(tiny(1), classes, tmp_path / output, fmt)
@@ -163,10 +173,13 @@ def test_bad_exported_files(tmp_path, exported):
 
 def write_config(tmp_path, **init_args):
     """A config in the layout of configs/demo.yaml."""
-    config = {"model": {"class_path": "anovl.models.AnoVL",
-                        "init_args": {"backbone": TINY, "pretrained": None, "num_views": 22, "init_seed": 3,
-                                      **init_args}},
-              "data": {"class_path": "anovl.data.SyntheticMVTecDataModule", "init_args": {"root": "x"}}}
+    config = {
+        "model": {
+            "class_path": "anovl.models.AnoVL",
+            "init_args": {"backbone": TINY, "pretrained": None, "num_views": 22, "init_seed": 3, **init_args},
+        },
+        "data": {"class_path": "anovl.data.SyntheticMVTecDataModule", "init_args": {"root": "x"}},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -181,9 +194,26 @@ def test_export_command(tmp_path):
     table.add("bottle", {**metrics, "image_f1max_threshold": 0.42, "pixel_f1max_threshold": 0.61}, 4)
     table.add("cable", {**metrics, "image_f1max_threshold": 0.5, "pixel_f1max_threshold": 0.5}, 4)
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--config", str(config), "--classes", "bottle", "screw", "--format", "onnx",
-              "--num-views", "1", "--output", str(tmp_path / "out" / "m"), "--thresholds", str(results),
-              "--model.init_args.image_size", "64"])
+        main(
+            [
+                "export",
+                "--config",
+                str(config),
+                "--classes",
+                "bottle",
+                "screw",
+                "--format",
+                "onnx",
+                "--num-views",
+                "1",
+                "--output",
+                str(tmp_path / "out" / "m"),
+                "--thresholds",
+                str(results),
+                "--model.init_args.image_size",
+                "64",
+            ]
+        )
     assert exit_info.value.code == 0
     runner = load_exported(tmp_path / "out" / "m.onnx")
     assert runner.thresholds("bottle") == (0.42, 0.61)
@@ -193,27 +223,35 @@ def test_export_command(tmp_path):
         warnings.simplefilter("ignore")
         reference = AnoVL(TINY, pretrained=None, num_views=1, init_seed=3)
     batch = images(2)
-    assert torch.allclose(runner(batch, ["bottle", "screw"]).anomaly_map,
-                          reference(batch, ["bottle", "screw"]).anomaly_map, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(
+        runner(batch, ["bottle", "screw"]).anomaly_map,
+        reference(batch, ["bottle", "screw"]).anomaly_map,
+        atol=TOLERANCE,
+        rtol=0,
+    )
     result = runner.predict(np.full((64, 64, 3), 128, np.uint8), "bottle")
     assert result.pred_label == (result.pred_score >= 0.42)
     assert np.array_equal(result.pred_mask, result.anomaly_map >= 0.61)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--config", "missing.yaml"], "config file not found"),
-    (["--model.init_args.tta", "{adapter: text}"], "test-time adaptation"),
-    (["--model.init_args.num_view", "3"], "bad model settings"),
-    (["--model.init_args.num_views"], "needs a value"),
-    (["--modle.pretrained", "x"], "unknown argument '--modle.pretrained'"),
-    (["--model.init_args.pretrained", "missing.pt"], "weights file not found"),
-    (["--thresholds", "nowhere"], "--thresholds: nowhere not found"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--config", "missing.yaml"], "config file not found"),
+        (["--model.init_args.tta", "{adapter: text}"], "test-time adaptation"),
+        (["--model.init_args.num_view", "3"], "bad model settings"),
+        (["--model.init_args.num_views"], "needs a value"),
+        (["--modle.pretrained", "x"], "unknown argument '--modle.pretrained'"),
+        (["--model.init_args.pretrained", "missing.pt"], "weights file not found"),
+        (["--thresholds", "nowhere"], "--thresholds: nowhere not found"),
+    ],
+)
 def test_export_command_errors_are_one_line(tmp_path, capsys, arguments, message):
     config = write_config(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--config", str(config), "--classes", "bottle", "--output", str(tmp_path / "m.onnx"),
-              *arguments])
+        main(
+            ["export", "--config", str(config), "--classes", "bottle", "--output", str(tmp_path / "m.onnx"), *arguments]
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("anovl: error:") and message in error and "\n" not in error
@@ -221,12 +259,24 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, arguments, message
 
 
 def test_model_from_config_takes_the_plain_model_class_path():
-    model = model_from_config({"model": {"class_path": "anovl.models.AnoVL",
-                                         "init_args": {"backbone": TINY, "pretrained": None, "num_views": 5}}})
+    model = model_from_config(
+        {
+            "model": {
+                "class_path": "anovl.models.AnoVL",
+                "init_args": {"backbone": TINY, "pretrained": None, "num_views": 5},
+            }
+        }
+    )
     assert isinstance(model, AnoVL) and model.num_views == 5
     # Configs saved by earlier anovl versions name the Lightning module, with its framework-only options.
-    legacy = model_from_config({"model": {"class_path": "anovl.models.anovl.lightning_model.AnoVLModule",
-                                          "init_args": {"backbone": TINY, "pretrained": None, "max_pictures": 3}}})
+    legacy = model_from_config(
+        {
+            "model": {
+                "class_path": "anovl.models.anovl.lightning_model.AnoVLModule",
+                "init_args": {"backbone": TINY, "pretrained": None, "max_pictures": 3},
+            }
+        }
+    )
     assert isinstance(legacy, AnoVL)
     with pytest.raises(AnovlError, match="only AnoVL models can be exported"):
         model_from_config({"model": {"class_path": "torch.nn.Linear", "init_args": {}}})
@@ -263,10 +313,23 @@ def test_predict_with_an_exported_model_writes_what_predict_writes(tmp_path, cap
     for name, extra in (("eager", []), ("exported", ["--exported", str(exported_file)])):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            main(["predict", "--config", str(CONFIGS / "demo.yaml"), *TINY_MODEL, *extra,
-                  "--data.init_args.root", str(data), "--data.init_args.generate", "false",
-                  "--predictions.output_dir", str(tmp_path / name), "--trainer.logger.init_args.save_dir",
-                  str(tmp_path / "runs")])
+            main(
+                [
+                    "predict",
+                    "--config",
+                    str(CONFIGS / "demo.yaml"),
+                    *TINY_MODEL,
+                    *extra,
+                    "--data.init_args.root",
+                    str(data),
+                    "--data.init_args.generate",
+                    "false",
+                    "--predictions.output_dir",
+                    str(tmp_path / name),
+                    "--trainer.logger.init_args.save_dir",
+                    str(tmp_path / "runs"),
+                ]
+            )
         rows = (tmp_path / name / "scores.csv").read_text().splitlines()
         header = rows[0].split(",")
         scores[name] = {row.split(",")[0]: float(row.split(",")[header.index("score")]) for row in rows[1:]}

@@ -23,15 +23,34 @@ RESULT_FILES = ("results.csv", "results.json", "results.md")
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1,
-                               image_size=64)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1, image_size=64
+    )
 
 
 def tiny_args(root, *extra):
-    return ["test", "--data", "anovl.data.MVTecDataModule", "--data.init_args.root", root, "--model", "anovl",
-            "--model.init_args.backbone", TINY, "--model.init_args.pretrained", "null",
-            "--model.init_args.image_size", "64", "--model.init_args.num_views", "2",
-            "--trainer.enable_progress_bar", "false", "--pictures.max_per_category", "1", *extra]
+    return [
+        "test",
+        "--data",
+        "anovl.data.MVTecDataModule",
+        "--data.init_args.root",
+        root,
+        "--model",
+        "anovl",
+        "--model.init_args.backbone",
+        TINY,
+        "--model.init_args.pretrained",
+        "null",
+        "--model.init_args.image_size",
+        "64",
+        "--model.init_args.num_views",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--pictures.max_per_category",
+        "1",
+        *extra,
+    ]
 
 
 def files(folder: Path) -> dict[str, Path]:
@@ -55,8 +74,10 @@ def test_a_notebook_runs_a_test_through_the_engine_and_gets_the_cli_folder(root,
     assert any(name.startswith("pictures/") for name in cli)
     for name in [*RESULT_FILES, *(name for name in cli if name.startswith("pictures/"))]:
         assert cli[name].read_bytes() == notebook[name].read_bytes(), name
-    assert table.label == json.loads(cli["results.json"].read_text())["label"] and list(table.rows) == ["fabric",
-                                                                                                        "widget"]
+    assert table.label == json.loads(cli["results.json"].read_text())["label"] and list(table.rows) == [
+        "fabric",
+        "widget",
+    ]
     assert json.loads(notebook["results.json"].read_text())["config"]["model"]["method"] == "anovl"
     recorded = yaml.safe_load(notebook["config.yaml"].read_text())
     assert recorded["model"]["method"] == "anovl" and recorded["model"]["settings"]["pretrained"] is None
@@ -109,14 +130,28 @@ def test_a_user_model_config_is_recorded_by_content_and_resume_refuses_another(r
     register_model_config(config, name="unrelated")  # the registry keeps working afterwards
 
 
-@pytest.mark.parametrize("adapter_args, fragment", [({"rnk": 4}, "unexpected keyword argument 'rnk'); it takes: rank"),
-                                                    ({"rank": "x", "extra": 1}, "'extra'")])
+@pytest.mark.parametrize(
+    "adapter_args, fragment",
+    [({"rnk": 4}, "unexpected keyword argument 'rnk'); it takes: rank"), ({"rank": "x", "extra": 1}, "'extra'")],
+)
 def test_bad_adapter_args_fail_in_one_line_before_any_data_is_read(adapter_args, fragment, tmp_path, capsys):
     missing = tmp_path / "no-such-data"  # reading the data would fail with another message
-    status, _, stderr = run_main(["test", "--data", "anovl.data.MVTecDataModule", "--data.init_args.root", missing,
-                                  "--model.init_args.backbone", TINY, "--model.init_args.pretrained", "null",
-                                  "--model.init_args.tta", json.dumps({"adapter": "lowrank",
-                                                                       "adapter_args": adapter_args})], capsys)
+    status, _, stderr = run_main(
+        [
+            "test",
+            "--data",
+            "anovl.data.MVTecDataModule",
+            "--data.init_args.root",
+            missing,
+            "--model.init_args.backbone",
+            TINY,
+            "--model.init_args.pretrained",
+            "null",
+            "--model.init_args.tta",
+            json.dumps({"adapter": "lowrank", "adapter_args": adapter_args}),
+        ],
+        capsys,
+    )
     assert_one_error_line(status, stderr, "tta.adapter_args do not fit the 'lowrank' adapter", fragment)
     assert not missing.exists()
 
@@ -127,8 +162,16 @@ def test_export_reads_configs_as_the_cli_does(tmp_path):
     from anovl.models import AnoVL
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "anovl", "init_args": {
-        "backbone": TINY, "pretrained": None, "image_size": 64, "num_views": 2}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "anovl",
+                    "init_args": {"backbone": TINY, "pretrained": None, "image_size": 64, "num_views": 2},
+                }
+            }
+        )
+    )
     assert read_config(config)["model"]["class_path"] == "anovl.models.anovl.torch_model.AnoVL"
     model = model_from_config(config)
     assert type(model) is AnoVL and model.num_views == 2

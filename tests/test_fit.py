@@ -22,10 +22,22 @@ from anovl.errors import AnovlError
 from anovl.models import AprilGAN
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--model", "anovl.models.AprilGAN", "--model.init_args.backbone", "anovl-tiny-vit",
-        "--model.init_args.pretrained", "null", "--model.init_args.image_size", "64",
-        "--model.init_args.layers", "[1, 2, 3]", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]
+TINY = [
+    "--model",
+    "anovl.models.AprilGAN",
+    "--model.init_args.backbone",
+    "anovl-tiny-vit",
+    "--model.init_args.pretrained",
+    "null",
+    "--model.init_args.image_size",
+    "64",
+    "--model.init_args.layers",
+    "[1, 2, 3]",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +59,17 @@ def datamodule(root, batch_size=2):
 def fit(root, save_dir, epochs, ckpt_path=None, batch_size=2, mosaic_rate=0.0, **trainer_args):
     seed_everything(0)
     module = AnomalyModule(tiny_aprilgan(), mosaic_rate=mosaic_rate)
-    trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(save_dir, name="fit"),
-                      enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                      log_every_n_steps=1, **trainer_args)
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(save_dir, name="fit"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        log_every_n_steps=1,
+        **trainer_args,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=datamodule(root, batch_size), ckpt_path=ckpt_path)
@@ -87,13 +107,16 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(data_root, tmp_path):
     uninterrupted, _ = fit(data_root, tmp_path / "whole", epochs=3, mosaic_rate=0.5)
     # A run stopped after its first epoch (a SIGKILL later loses only the unfinished epoch), resumed from last.ckpt.
     _, first = fit(data_root, tmp_path / "part", epochs=1, mosaic_rate=0.5)
-    resumed, _ = fit(data_root, tmp_path / "part", epochs=3, mosaic_rate=0.5,
-                     ckpt_path=first.checkpoint_callback.last_model_path)
+    resumed, _ = fit(
+        data_root, tmp_path / "part", epochs=3, mosaic_rate=0.5, ckpt_path=first.checkpoint_callback.last_model_path
+    )
     for key, value in heads(uninterrupted).items():
         torch.testing.assert_close(heads(resumed)[key], value, rtol=0, atol=0)
     # ... and training moved the heads at all.
-    assert any(not torch.equal(value, heads(fit(data_root, tmp_path / "one", epochs=1)[0])[key])
-               for key, value in heads(uninterrupted).items())
+    assert any(
+        not torch.equal(value, heads(fit(data_root, tmp_path / "one", epochs=1)[0])[key])
+        for key, value in heads(uninterrupted).items()
+    )
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
@@ -104,26 +127,62 @@ def test_mixed_precision_trains(data_root, tmp_path, precision):
 
 
 def cli_env(tmp_path):
-    return {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
-            "ANOVL_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ANOVL_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def fit_args(data_root, save_dir, *extra):
-    return ["fit", *TINY, "--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),
-            "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
-            "--data.init_args.batch_size", "2", "--trainer.logger", "CSVLogger",
-            "--trainer.logger.init_args.save_dir", str(save_dir), *extra]
+    return [
+        "fit",
+        *TINY,
+        "--data",
+        "anovl.data.SyntheticMVTecDataModule",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.generate",
+        "false",
+        "--data.init_args.categories",
+        "[widget]",
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.logger",
+        "CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        *extra,
+    ]
 
 
 def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_path):
     env = cli_env(tmp_path)
     runs = {}
-    for name, extra in (("one", ["--data.init_args.batch_size", "4"]),
-                        ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator",
-                                 "cpu"])):
-        result = subprocess.run([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / name, *extra),
-                                 "--trainer.max_epochs", "1"], check=False, env=env, cwd=tmp_path, capture_output=True, text=True,
-                                timeout=600)
+    for name, extra in (
+        ("one", ["--data.init_args.batch_size", "4"]),
+        ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "anovl.cli",
+                *fit_args(data_root, tmp_path / name, *extra),
+                "--trainer.max_epochs",
+                "1",
+            ],
+            check=False,
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         (checkpoint,) = (tmp_path / name).glob("*/version_0/checkpoints/last.ckpt")
         runs[name] = torch.load(checkpoint, weights_only=True)["state_dict"]
@@ -134,12 +193,22 @@ def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_p
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path):
     # With a validation split (the same images here): its test metrics are logged at each epoch's end.
-    validation = yaml.safe_dump({"class_path": "anovl.data.MVTecDataModule",
-                                 "init_args": {"root": str(data_root), "batch_size": 4}})
-    process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path, "--trainer.max_epochs",
-                                                                             "1000", "--engine.validation", validation)],
-                               env=cli_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    validation = yaml.safe_dump(
+        {"class_path": "anovl.data.MVTecDataModule", "init_args": {"root": str(data_root), "batch_size": 4}}
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "anovl.cli",
+            *fit_args(data_root, tmp_path, "--trainer.max_epochs", "1000", "--engine.validation", validation),
+        ],
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("*/version_0/checkpoints/last.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -163,20 +232,53 @@ def run_main(args, capsys):
 def test_bad_input_gets_one_line(data_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["anovl"])
     monkeypatch.chdir(tmp_path)
-    data = ["--data", "anovl.data.SyntheticMVTecDataModule", "--data.init_args.root", str(data_root),
-            "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    data = [
+        "--data",
+        "anovl.data.SyntheticMVTecDataModule",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.generate",
+        "false",
+        "--data.init_args.categories",
+        "[widget]",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+    ]
     # A training-free method.
-    code, err = run_main(["fit", "--model", "winclip", "--model.init_args.backbone", "anovl-tiny-vit",
-                          "--model.init_args.pretrained", "null", *data], capsys)
+    code, err = run_main(
+        [
+            "fit",
+            "--model",
+            "winclip",
+            "--model.init_args.backbone",
+            "anovl-tiny-vit",
+            "--model.init_args.pretrained",
+            "null",
+            *data,
+        ],
+        capsys,
+    )
     assert code == 2 and "WinCLIP is training-free" in err and "Traceback" not in err
     # Data without masks: a folder of unlabelled images.
     folder = tmp_path / "images"
     folder.mkdir()
     for path in sorted((data_root / "widget" / "test").rglob("*.png"))[:3]:
         (folder / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
-    code, err = run_main(["fit", *TINY, "--data", "anovl.data.FolderDataModule", "--data.init_args.path", str(folder),
-                          "--trainer.logger", "false"], capsys)
+    code, err = run_main(
+        [
+            "fit",
+            *TINY,
+            "--data",
+            "anovl.data.FolderDataModule",
+            "--data.init_args.path",
+            str(folder),
+            "--trainer.logger",
+            "false",
+        ],
+        capsys,
+    )
     assert code == 2 and "fit trains on labelled images with pixel masks" in err and "Traceback" not in err
     # Checkpoints: corrupt, truncated, of another method.
     _, trainer = fit(data_root, tmp_path / "good", epochs=1)
@@ -189,8 +291,12 @@ def test_bad_input_gets_one_line(data_root, tmp_path, capsys, monkeypatch):
         code, err = run_main(["test", *TINY, *data, "--ckpt_path", str(path)], capsys)
         assert code == 2 and "corrupt, truncated" in err and "Traceback" not in err, err
     other = torch.load(good, weights_only=True)
-    other["anovl"] = {**other["anovl"], "method": "AnomalyCLIP", "record": {"method": "anomalyclip"},
-                      "settings": {**other["anovl"]["settings"], "backbone": "ViT-L-14-336"}}
+    other["anovl"] = {
+        **other["anovl"],
+        "method": "AnomalyCLIP",
+        "record": {"method": "anomalyclip"},
+        "settings": {**other["anovl"]["settings"], "backbone": "ViT-L-14-336"},
+    }
     torch.save(other, tmp_path / "other.ckpt")
     code, err = run_main(["test", *TINY, *data, "--ckpt_path", str(tmp_path / "other.ckpt")], capsys)
     assert code == 2 and "AnomalyCLIP on ViT-L-14-336" in err and "APRIL-GAN on anovl-tiny-vit" in err
@@ -200,20 +306,45 @@ def test_bad_input_gets_one_line(data_root, tmp_path, capsys, monkeypatch):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(data_root, tmp_path):
     env = cli_env(tmp_path)
     options = ["--trainer.max_epochs", "60", "--engine.mosaic_rate", "0.5", "--trainer.deterministic", "true"]
-    whole = subprocess.run([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "whole", *options)],
-                           check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(
+        [sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "whole", *options)],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = subprocess.Popen([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "killed", *options)],
-                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "killed", *options)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("killed/*/version_0/checkpoints/epoch=2-*.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
     (last,) = tmp_path.glob("killed/*/version_0/checkpoints/last.ckpt")
-    resumed = subprocess.run([sys.executable, "-m", "anovl.cli", *fit_args(data_root, tmp_path / "killed", *options),
-                              "--ckpt_path", str(last)], check=False, env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anovl.cli",
+            *fit_args(data_root, tmp_path / "killed", *options),
+            "--ckpt_path",
+            str(last),
+        ],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (expected,) = tmp_path.glob("whole/*/version_0/checkpoints/last.ckpt")
     (final,) = tmp_path.glob("killed/*/version_1/checkpoints/last.ckpt")

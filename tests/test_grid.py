@@ -21,17 +21,31 @@ from tests.test_cli import CONFIGS, TINY_MODEL
 @pytest.fixture(scope="module")
 def data_roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("data")
-    return {name: generate_mvtec_like(base / name, categories, n_good=2, n_defect=1, image_size=64)
-            for name, categories in (("A", ("fabric", "widget")), ("B", ("widget",)))}
+    return {
+        name: generate_mvtec_like(base / name, categories, n_good=2, n_defect=1, image_size=64)
+        for name, categories in (("A", ("fabric", "widget")), ("B", ("widget",)))
+    }
 
 
 def write_grid(tmp_path, data_roots, variants=None):
     document = {
         "name": "tiny",
         "variants": variants or {"TFA": [], "TTA-text": [str(CONFIGS / "tta" / "text.yaml")]},
-        "datasets": {name: [str(CONFIGS / "demo.yaml"), {"data": {"init_args": {
-            "root": str(root), "categories": sorted(path.name for path in root.iterdir()), "batch_size": 4}}}]
-            for name, root in data_roots.items()},
+        "datasets": {
+            name: [
+                str(CONFIGS / "demo.yaml"),
+                {
+                    "data": {
+                        "init_args": {
+                            "root": str(root),
+                            "categories": sorted(path.name for path in root.iterdir()),
+                            "batch_size": 4,
+                        }
+                    }
+                },
+            ]
+            for name, root in data_roots.items()
+        },
         "args": TINY_MODEL,
         "metrics": ["pixel_auroc", "image_auroc"],
     }
@@ -60,8 +74,10 @@ def grid_run(data_roots, tmp_path_factory):
 
 def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
     _, output = grid_run
-    runs = {(folder.parent.parent.name, folder.parent.name): json.loads((folder / "results.json").read_text())
-            for folder in output.glob("*/*/version_0")}
+    runs = {
+        (folder.parent.parent.name, folder.parent.name): json.loads((folder / "results.json").read_text())
+        for folder in output.glob("*/*/version_0")
+    }
     assert sorted(runs) == [("A", "TFA"), ("A", "TTA-text"), ("B", "TFA"), ("B", "TTA-text")]
     for (dataset, variant), results in runs.items():
         folder = output / dataset / variant / "version_0"
@@ -72,13 +88,24 @@ def test_each_pair_is_its_own_run_and_one_table_compares_them(grid_run):
         assert engine["group"] == "tiny" and engine["variant"] == variant
     rows = list(csv.DictReader((output / "grid.csv").open()))
     assert [(row["dataset"], row["variant"], row["category"]) for row in rows] == [
-        ("A", "TFA", "fabric"), ("A", "TFA", "widget"), ("A", "TFA", MEAN_ROW),
-        ("A", "TTA-text", "fabric"), ("A", "TTA-text", "widget"), ("A", "TTA-text", MEAN_ROW),
-        ("B", "TFA", "widget"), ("B", "TFA", MEAN_ROW), ("B", "TTA-text", "widget"), ("B", "TTA-text", MEAN_ROW)]
+        ("A", "TFA", "fabric"),
+        ("A", "TFA", "widget"),
+        ("A", "TFA", MEAN_ROW),
+        ("A", "TTA-text", "fabric"),
+        ("A", "TTA-text", "widget"),
+        ("A", "TTA-text", MEAN_ROW),
+        ("B", "TFA", "widget"),
+        ("B", "TFA", MEAN_ROW),
+        ("B", "TTA-text", "widget"),
+        ("B", "TTA-text", MEAN_ROW),
+    ]
     for row in rows:
         results = runs[row["dataset"], row["variant"]]
-        expected = results["mean"] if row["category"] == MEAN_ROW else \
-            next(record for record in results["categories"] if record["category"] == row["category"])
+        expected = (
+            results["mean"]
+            if row["category"] == MEAN_ROW
+            else next(record for record in results["categories"] if record["category"] == row["category"])
+        )
         assert float(row["pixel_auroc"]) == pytest.approx(expected["pixel_auroc"])
         assert row["label"] == results["label"]
     markdown = (output / "grid.md").read_text()
@@ -110,10 +137,12 @@ def test_grid_dry_run_and_bad_grid_files(grid_run, tmp_path, capfd):
     assert exit_info.value.code == 0 and not (tmp_path / "new").exists()
     assert capfd.readouterr().out.count(": new -> test") == 4
     bad = tmp_path / "bad.yaml"
-    for document, message in [({"variants": {"x": []}}, "'datasets' must map names"),
-                              ({"variants": {"x": ["missing.yaml"]}, "datasets": {"d": []}}, "missing.yaml not found"),
-                              ({"variants": {"a/b": []}, "datasets": {"d": []}}, "without '/'"),
-                              ({"variants": {"x": []}, "datasets": {"d": []}, "extra": 1}, "unknown keys")]:
+    for document, message in [
+        ({"variants": {"x": []}}, "'datasets' must map names"),
+        ({"variants": {"x": ["missing.yaml"]}, "datasets": {"d": []}}, "missing.yaml not found"),
+        ({"variants": {"a/b": []}, "datasets": {"d": []}}, "without '/'"),
+        ({"variants": {"x": []}, "datasets": {"d": []}, "extra": 1}, "unknown keys"),
+    ]:
         bad.write_text(yaml.safe_dump(document))
         with pytest.raises(SystemExit) as exit_info:
             main(["grid", "--config", str(bad)])
@@ -136,8 +165,15 @@ def test_a_changed_cell_runs_again_into_a_new_version(data_roots, tmp_path, capf
     """A grid run, a change in one variant's config, and a rerun: only that cell runs again, into version_1;
     the table shows its new numbers; version_0 stays as it was."""
     lowrank = tmp_path / "lowrank.yaml"
-    lowrank.write_text(yaml.safe_dump({"model": {"init_args": {"tta": {"adapter": "lowrank", "steps": 1, "lr": 0.5,
-                                                                      "adapter_args": {"rank": 2}}}}}))
+    lowrank.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "init_args": {"tta": {"adapter": "lowrank", "steps": 1, "lr": 0.5, "adapter_args": {"rank": 2}}}
+                }
+            }
+        )
+    )
     path = write_grid(tmp_path, {"B": data_roots["B"]}, variants={"TFA": [], "TTA-lowrank": [str(lowrank)]})
     output = tmp_path / "out"
     run_grid(path, output, capfd)
@@ -165,16 +201,21 @@ def test_a_changed_cell_runs_again_into_a_new_version(data_roots, tmp_path, capf
     lowrank.write_text(lowrank.read_text().replace("rank: 4", "rank: 2"))
     out = run_grid(path, output, capfd)
     assert "B × TTA-lowrank: finished" in out and not (output / "B" / "TTA-lowrank" / "version_2").exists()
-    assert {row["label"] for row in csv.DictReader((output / "grid.csv").open())
-            if row["variant"] == "TTA-lowrank"} == {first["label"]}
+    assert {
+        row["label"] for row in csv.DictReader((output / "grid.csv").open()) if row["variant"] == "TTA-lowrank"
+    } == {first["label"]}
 
 
 def test_cell_settings_leave_out_runtime_options_and_hash_plugins(tmp_path):
     plugin = tmp_path / "plugin.py"
     plugin.write_text("X = 1\n")
-    config = {"model": {"class_path": "m.M", "init_args": {"hidden": 32, "cache_dir": "/a"}},
-              "data": {"class_path": "d.D", "init_args": {"root": "/data", "batch_size": 8, "num_workers": 2}},
-              "trainer": {"precision": "32-true", "devices": 1}, "engine": {"cflow_pro": False}, "seed_everything": 0}
+    config = {
+        "model": {"class_path": "m.M", "init_args": {"hidden": 32, "cache_dir": "/a"}},
+        "data": {"class_path": "d.D", "init_args": {"root": "/data", "batch_size": 8, "num_workers": 2}},
+        "trainer": {"precision": "32-true", "devices": 1},
+        "engine": {"cflow_pro": False},
+        "seed_everything": 0,
+    }
     settings = cell_settings(config, [str(plugin)])
     faster = json.loads(json.dumps(config))
     faster["data"]["init_args"].update(batch_size=1, num_workers=0)
@@ -185,7 +226,9 @@ def test_cell_settings_leave_out_runtime_options_and_hash_plugins(tmp_path):
     changed["model"]["init_args"]["hidden"] = 64
     changed["trainer"]["precision"] = "bf16-mixed"
     assert setting_changes(settings, cell_settings(changed, [str(plugin)])) == [
-        "hidden 32 → 64", "precision 32-true → bf16-mixed"]
+        "hidden 32 → 64",
+        "precision 32-true → bf16-mixed",
+    ]
     plugin.write_text("X = 2\n")
     assert setting_changes(settings, cell_settings(config, [str(plugin)])) == [f"plugin {plugin} edited"]
     edited = cell_settings(config, [str(plugin)])
@@ -196,16 +239,31 @@ def test_a_variant_given_inline_imports_its_plugins(data_roots, tmp_path):
     """A variant whose inline mapping names a plugin and its class: the grid resolves it (the plugin imported
     first), as the `anovl test` of the cell does."""
     patch_norm = CONFIGS.parent / "examples" / "plugins" / "patch_norm.py"
-    variant = {"plugins": [str(patch_norm)], "model": {"class_path": "patch_norm.PatchNorm",
-                                                       "init_args": {"backbone": "anovl-tiny-vit"}}}
+    variant = {
+        "plugins": [str(patch_norm)],
+        "model": {"class_path": "patch_norm.PatchNorm", "init_args": {"backbone": "anovl-tiny-vit"}},
+    }
     path = write_grid(tmp_path, {"B": data_roots["B"]}, variants={"PatchNorm": [variant]})
     document = yaml.safe_load(path.read_text())
     document["args"] = []  # the tiny model's options include AnoVL's num_views, which PatchNorm does not take
     path.write_text(yaml.safe_dump(document))
     # In a process of its own: the plugin's import and registration must not leak into other tests.
-    result = subprocess.run([sys.executable, "-m", "anovl.cli", "grid", "--config", str(path), "--output",
-                             str(tmp_path / "out"), "--dry_run"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1",
-                                 "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anovl.cli",
+            "grid",
+            "--config",
+            str(path),
+            "--output",
+            str(tmp_path / "out"),
+            "--dry_run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert "B × PatchNorm: new -> test" in result.stdout and "patch_norm.PatchNorm" in result.stdout

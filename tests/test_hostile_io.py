@@ -28,8 +28,20 @@ from anovl.data.image_io import BadImageError
 from anovl.deploy.sidecar import Sidecar
 from anovl.errors import AnovlError
 from anovl.grid import load_grid, results_state
-from anovl.io import (append_text, csv_cell, html_text, make_folder, markdown_cell, parse_json, parse_yaml, read_json,
-                      replace_together, terminal, write_file, write_texts)
+from anovl.io import (
+    append_text,
+    csv_cell,
+    html_text,
+    make_folder,
+    markdown_cell,
+    parse_json,
+    parse_yaml,
+    read_json,
+    replace_together,
+    terminal,
+    write_file,
+    write_texts,
+)
 from anovl.io import files as io_files
 from anovl.io.schemas import GridState
 from anovl.models.base import check_label
@@ -49,8 +61,11 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary or empty files anovl may have left below ``folder``."""
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
-                  if path.is_file() and (".tmp" in path.name or path.stat().st_size == 0))
+    return sorted(
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
+        if path.is_file() and (".tmp" in path.name or path.stat().st_size == 0)
+    )
 
 
 @pytest.fixture
@@ -170,7 +185,10 @@ def test_a_group_replaces_together_or_not_at_all(run, monkeypatch, failing_call)
     monkeypatch.undo()
     assert (model.read_bytes(), sidecar.read_text()) == (b"old model", "old sidecar")
     assert leftovers(folder) == [] and sorted(path.name for path in folder.iterdir()) == [
-        "m.onnx", "m.onnx.json", "results.json"]
+        "m.onnx",
+        "m.onnx.json",
+        "results.json",
+    ]
 
 
 def test_a_new_group_that_fails_half_way_leaves_neither_file(run, monkeypatch):
@@ -238,8 +256,13 @@ def test_a_real_file_size_limit_is_one_line_and_keeps_the_earlier_file(run):
     folder, _ = run
     target = folder / "map.npy"
     target.write_bytes(b"earlier good map")
-    result = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(target)], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    result = subprocess.run(
+        [sys.executable, "-c", FSIZE_SCRIPT, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "File too large" in result.stdout and str(target) in result.stdout
     assert target.read_bytes() == b"earlier good map" and leftovers(folder) == []
@@ -247,13 +270,17 @@ def test_a_real_file_size_limit_is_one_line_and_keeps_the_earlier_file(run):
 
 # ------------------------------------------------------------------ bounded reading
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[" * 200_000 + "]" * 200_000, "nested more than"),
-    ('{"a": {"b": ' * 100 + "1" + "}" * 200, "nested more than"),
-    ('{"title": "a", "title": "b"}', "the key title twice"),
-    ("{", "not valid JSON"),
-    ('{"a": 1} trailing', "not valid JSON"),
-])
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested more than"),
+        ('{"a": {"b": ' * 100 + "1" + "}" * 200, "nested more than"),
+        ('{"title": "a", "title": "b"}', "the key title twice"),
+        ("{", "not valid JSON"),
+        ('{"a": 1} trailing', "not valid JSON"),
+    ],
+)
 def test_hostile_json_is_one_line(text, fragment):
     with pytest.raises(AnovlError) as error:
         parse_json(text, "results.json")
@@ -273,13 +300,16 @@ def test_a_huge_file_is_refused_without_reading_it(tmp_path):
     assert "4096.0 MiB" in one_line(error)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("variants: {a: []}\nvariants: {b: []}\n", "the key 'variants' appears twice"),
-    ("variants:\n  TFA: []\n  TFA: [x.yaml]\n", "the key 'TFA' appears twice"),
-    ("a: " + "[" * 100 + "]" * 100, "nested more than"),
-    ("a: [1, 2\n", "not valid YAML"),
-    ("a: !!python/object/apply:os.system [echo hi]\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("variants: {a: []}\nvariants: {b: []}\n", "the key 'variants' appears twice"),
+        ("variants:\n  TFA: []\n  TFA: [x.yaml]\n", "the key 'TFA' appears twice"),
+        ("a: " + "[" * 100 + "]" * 100, "nested more than"),
+        ("a: [1, 2\n", "not valid YAML"),
+        ("a: !!python/object/apply:os.system [echo hi]\n", "not valid YAML"),
+    ],
+)
 def test_hostile_yaml_is_one_line(text, fragment):
     with pytest.raises(AnovlError) as error:
         parse_yaml(text, "grid file")
@@ -295,15 +325,25 @@ def test_non_utf8_files_are_one_line(tmp_path):
 
 def results_document(**fields):
     row = {"category": "bottle", "images": 3, **dict.fromkeys(METRIC_TITLES, 50.0)}
-    return {"title": "t", "label": "x", "random_weights": False, "categories": [row], "config": {"model": {}},
-            "skipped_files": [], **fields}
+    return {
+        "title": "t",
+        "label": "x",
+        "random_weights": False,
+        "categories": [row],
+        "config": {"model": {}},
+        "skipped_files": [],
+        **fields,
+    }
 
 
-@pytest.mark.parametrize("config, fragment", [
-    ([1, 2], "'config' is a list"),
-    ({"model": [1, 2]}, "config.model"),
-    ({"model": "AnoVL"}, "config.model"),
-])
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ([1, 2], "'config' is a list"),
+        ({"model": [1, 2]}, "config.model"),
+        ({"model": "AnoVL"}, "config.model"),
+    ],
+)
 def test_a_config_record_that_is_not_sections_is_refused(tmp_path, config, fragment):
     (tmp_path / "results.json").write_text(json.dumps(results_document(config=config)))
     with pytest.raises(AnovlError) as error:
@@ -312,8 +352,9 @@ def test_a_config_record_that_is_not_sections_is_refused(tmp_path, config, fragm
 
 
 def thresholds_document(value):
-    return results_document(thresholds={"categories": {"bottle": {"image": value, "pixel": 0.5}},
-                                        "mean": {"image": 0.5, "pixel": 0.5}})
+    return results_document(
+        thresholds={"categories": {"bottle": {"image": value, "pixel": 0.5}}, "mean": {"image": 0.5, "pixel": 0.5}}
+    )
 
 
 @pytest.mark.parametrize("value", [1e308, -5, True, "0.3", [0.3], float("nan"), float("inf"), 1.0000001e7])
@@ -331,8 +372,10 @@ def test_thresholds_out_of_range_are_refused_when_given(value):
     assert "a number in [0, 1e+06]" in one_line(error)
 
 
-@pytest.mark.parametrize("value, state", [(True, "finished"), (False, "interrupted"), ("false", None),
-                                          ("true", None), (1, None), (None, None), ([], None)])
+@pytest.mark.parametrize(
+    "value, state",
+    [(True, "finished"), (False, "interrupted"), ("false", None), ("true", None), (1, None), (None, None), ([], None)],
+)
 def test_only_boolean_true_means_a_grid_cell_finished(tmp_path, value, state):
     (tmp_path / "results.json").write_text(json.dumps({"complete": value}))
     if state is None:
@@ -351,12 +394,20 @@ def test_a_grid_state_that_is_a_list_is_one_line(tmp_path):
 
 
 def sidecar_record(**changes):
-    record = {"version": 1, "format": "onnx",
-              "preprocessing": {"image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2],
-                                "interpolation": "bilinear"},
-              "classes": [{"category": "bottle", "prompt_name": "bottle", "image_threshold": None,
-                           "pixel_threshold": None}],
-              "num_views": 1, "label": "AnoVL", "settings": {}}
+    record = {
+        "version": 1,
+        "format": "onnx",
+        "preprocessing": {
+            "image_size": 64,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.2, 0.2, 0.2],
+            "interpolation": "bilinear",
+        },
+        "classes": [{"category": "bottle", "prompt_name": "bottle", "image_threshold": None, "pixel_threshold": None}],
+        "num_views": 1,
+        "label": "AnoVL",
+        "settings": {},
+    }
     for key, value in changes.items():
         if key in record["preprocessing"]:
             record["preprocessing"][key] = value
@@ -367,26 +418,29 @@ def sidecar_record(**changes):
     return record
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"image_size": 0}, "preprocessing.image_size"),
-    ({"image_size": -64}, "preprocessing.image_size"),
-    ({"image_size": 60000}, "preprocessing.image_size"),
-    ({"image_size": "64"}, "preprocessing.image_size"),
-    ({"image_size": 64.0}, "preprocessing.image_size"),
-    ({"image_threshold": "0.5"}, "classes.0.image_threshold"),
-    ({"image_threshold": float("nan")}, "classes.0.image_threshold"),
-    ({"pixel_threshold": 2e7}, "classes.0.pixel_threshold"),
-    ({"category": ""}, "classes.0.category"),
-    ({"category": "a\x1b[2J"}, "control characters"),
-    ({"classes": [{"category": "a"}, {"category": "a"}]}, "classes repeated: a"),
-    ({"classes": []}, "classes"),
-    ({"num_views": 0}, "num_views"),
-    ({"num_views": True}, "num_views"),
-    ({"std": [0, 1, 1]}, "preprocessing.std"),
-    ({"format": "exe"}, "format 'exe'"),
-    ({"version": 2}, "version 2"),
-    ({"settings": []}, "settings"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"image_size": 0}, "preprocessing.image_size"),
+        ({"image_size": -64}, "preprocessing.image_size"),
+        ({"image_size": 60000}, "preprocessing.image_size"),
+        ({"image_size": "64"}, "preprocessing.image_size"),
+        ({"image_size": 64.0}, "preprocessing.image_size"),
+        ({"image_threshold": "0.5"}, "classes.0.image_threshold"),
+        ({"image_threshold": float("nan")}, "classes.0.image_threshold"),
+        ({"pixel_threshold": 2e7}, "classes.0.pixel_threshold"),
+        ({"category": ""}, "classes.0.category"),
+        ({"category": "a\x1b[2J"}, "control characters"),
+        ({"classes": [{"category": "a"}, {"category": "a"}]}, "classes repeated: a"),
+        ({"classes": []}, "classes"),
+        ({"num_views": 0}, "num_views"),
+        ({"num_views": True}, "num_views"),
+        ({"std": [0, 1, 1]}, "preprocessing.std"),
+        ({"format": "exe"}, "format 'exe'"),
+        ({"version": 2}, "version 2"),
+        ({"settings": []}, "settings"),
+    ],
+)
 def test_hostile_sidecars_are_one_line(tmp_path, changes, fragment):
     path = tmp_path / "m.onnx.json"
     path.write_text(json.dumps(sidecar_record(**changes)))
@@ -396,6 +450,7 @@ def test_hostile_sidecars_are_one_line(tmp_path, changes, fragment):
 
 
 # ------------------------------------------------------------------ text-embedding cache entries
+
 
 class _Tokenizer:
     def __call__(self, sentences):
@@ -429,8 +484,13 @@ def test_tampered_cache_entries_are_re_encoded_with_a_warning(tmp_path, tamper, 
     fresh = cache.sentence_embeddings(sentences)
     path = cache.path(sentences)
     stored = load_file(str(path))["embeddings"]
-    tampered = {"width": torch.zeros(3, 5), "nan": stored.clone().fill_(math.nan), "inf": stored * math.inf,
-                "rows": stored[:2], "integer": stored.to(torch.int64)}[tamper]
+    tampered = {
+        "width": torch.zeros(3, 5),
+        "nan": stored.clone().fill_(math.nan),
+        "inf": stored * math.inf,
+        "rows": stored[:2],
+        "integer": stored.to(torch.int64),
+    }[tamper]
     save_file({"embeddings": tampered.contiguous()}, str(path), metadata=cache.key(sentences))
     again = TextEmbeddingCache(_Backbone(), tmp_path)
     with caplog.at_level("WARNING"):
@@ -441,26 +501,36 @@ def test_tampered_cache_entries_are_re_encoded_with_a_warning(tmp_path, tamper, 
 
 # ------------------------------------------------------------------ sanitisers per sink
 
-@pytest.mark.parametrize("text, shown", [
-    (f"{ESC}red", "\\x1b[31mred"),
-    ("a\rb", "a\\x0db"),
-    ("bell\x07", "bell\\x07"),
-    ("x\x9b2J", "x\\x9b2J"),
-    (os.fsdecode(b"caf\xe9"), "caf\\xe9"),
-    ("plain name", "plain name"),
-])
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        (f"{ESC}red", "\\x1b[31mred"),
+        ("a\rb", "a\\x0db"),
+        ("bell\x07", "bell\\x07"),
+        ("x\x9b2J", "x\\x9b2J"),
+        (os.fsdecode(b"caf\xe9"), "caf\\xe9"),
+        ("plain name", "plain name"),
+    ],
+)
 def test_terminal_text_has_no_control_characters(text, shown):
     assert terminal(text) == shown and terminal(text).isprintable()
 
 
-@pytest.mark.parametrize("cell", ["=HYPERLINK(\"x\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"])
+@pytest.mark.parametrize("cell", ['=HYPERLINK("x")', "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"])
 def test_csv_cells_never_start_a_formula(cell):
     assert csv_cell(cell) == "'" + cell and csv_cell(0.5) == 0.5 and csv_cell("bottle") == "bottle"
 
 
-@pytest.mark.parametrize("text, escaped", [
-    ("a|b", "a\\|b"), ("line\nbreak", "line break"), ("**bold**", "\\*\\*bold\\*\\*"), (f"{ESC}x", "\\\\x1b\\[31mx"),
-])
+@pytest.mark.parametrize(
+    "text, escaped",
+    [
+        ("a|b", "a\\|b"),
+        ("line\nbreak", "line break"),
+        ("**bold**", "\\*\\*bold\\*\\*"),
+        (f"{ESC}x", "\\\\x1b\\[31mx"),
+    ],
+)
 def test_markdown_cells_stay_in_their_cell(text, escaped):
     assert markdown_cell(text) == escaped
 
@@ -498,15 +568,19 @@ def test_a_results_table_of_hostile_names_is_safe_in_every_sink(tmp_path):
 
 # ------------------------------------------------------------------ grid names
 
-@pytest.mark.parametrize("variants, fragment", [
-    ({".": []}, "leading '.'"),
-    ({"..": []}, "leading '.'"),
-    ({".hidden": []}, "leading '.'"),
-    ({f"v{ESC}": []}, "control"),
-    ({"a/b": []}, "without '/'"),
-    ({"TFA": [], "tfa": []}, "name the same folder"),
-    ({"TFA": [], "TFA ": []}, "name the same folder"),
-])
+
+@pytest.mark.parametrize(
+    "variants, fragment",
+    [
+        ({".": []}, "leading '.'"),
+        ({"..": []}, "leading '.'"),
+        ({".hidden": []}, "leading '.'"),
+        ({f"v{ESC}": []}, "control"),
+        ({"a/b": []}, "without '/'"),
+        ({"TFA": [], "tfa": []}, "name the same folder"),
+        ({"TFA": [], "TFA ": []}, "name the same folder"),
+    ],
+)
 def test_grid_names_are_validated_like_labels(tmp_path, variants, fragment):
     path = tmp_path / "grid.yaml"
     path.write_text(json.dumps({"variants": variants, "datasets": {"d": []}}))
@@ -524,6 +598,7 @@ def test_a_repeated_grid_key_is_refused_not_dropped(tmp_path):
 
 
 # ------------------------------------------------------------------ plugins
+
 
 def write_plugin(folder: Path, name: str, body: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -570,6 +645,7 @@ def test_a_missing_dependency_named_like_a_prefix_of_the_plugin_is_not_called_pl
 
 # ------------------------------------------------------------------ predict inputs
 
+
 def test_non_finite_pixels_are_refused_in_one_line(tmp_path):
     values = np.zeros((8, 8), dtype=np.float32)
     values[3, 3] = np.inf
@@ -588,4 +664,3 @@ def test_every_skipped_file_is_named_in_a_warning(tmp_path, name):
         samples = FolderDataModule(tmp_path).samples
     assert [sample.image_path.name for sample in samples] == ["kept.png"]
     assert any(name in str(warning.message) and "skipped" in str(warning.message) for warning in caught)
-

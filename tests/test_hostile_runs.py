@@ -30,16 +30,22 @@ from tests.conftest import TINY
 from tests.test_app import model  # noqa: F401 (a fixture: the tiny AnoVL with one view)
 from tests.test_cli import CONFIGS, TINY_MODEL
 from tests.test_hostile_io import leftovers, outside_untouched
-from tests.test_reliability_input import (_cli_in_process, assert_one_error_line, cli_args,  # noqa: F401 (fixtures)
-                                          run_main, text_cache)
+from tests.test_reliability_input import (
+    _cli_in_process,
+    assert_one_error_line,
+    cli_args,  # noqa: F401 (fixtures)
+    run_main,
+    text_cache,
+)
 
 REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("hostile-data"), ("widget",), n_good=2, n_defect=1,
-                               image_size=64)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("hostile-data"), ("widget",), n_good=2, n_defect=1, image_size=64
+    )
 
 
 @pytest.fixture
@@ -51,6 +57,7 @@ def outside(tmp_path):
 
 
 # ------------------------------------------------------------------ run folders
+
 
 def test_planted_links_and_a_users_files_in_a_run_dir_are_never_written_through(data, tmp_path, outside, capsys):
     run_dir = tmp_path / "runs" / "mine"
@@ -81,8 +88,9 @@ def test_a_linked_pictures_folder_is_refused_in_one_line(data, tmp_path, outside
     run_dir = tmp_path / "mine"
     run_dir.mkdir()
     (run_dir / "pictures").symlink_to(outside, target_is_directory=True)
-    status, _, err = run_main(cli_args(data, tmp_path / "runs", "--run_dir", run_dir,
-                                       "--pictures.max_per_category", "1"), capsys)
+    status, _, err = run_main(
+        cli_args(data, tmp_path / "runs", "--run_dir", run_dir, "--pictures.max_per_category", "1"), capsys
+    )
     assert_one_error_line(status, err, "symbolic link", "pictures")
     outside_untouched(outside)
     assert (run_dir / "results.json").is_file()  # the finished category's results are kept
@@ -93,20 +101,30 @@ def test_run_dir_onto_a_finished_run_with_other_settings_refuses(data, tmp_path,
     status, _, err = run_main(cli_args(data, tmp_path / "runs", "--run_dir", run_dir), capsys)
     assert status == 0, err
     before = (run_dir / "results.json").read_bytes()
-    status, _, err = run_main(cli_args(data, tmp_path / "runs", "--run_dir", run_dir,
-                                       "--model.init_args.num_views", "3"), capsys)
+    status, _, err = run_main(
+        cli_args(data, tmp_path / "runs", "--run_dir", run_dir, "--model.init_args.num_views", "3"), capsys
+    )
     assert_one_error_line(status, err, "holds the results of another run", "num_views")
     assert (run_dir / "results.json").read_bytes() == before
 
 
-@pytest.mark.parametrize("document, fragment", [
-    ("[" * 200_000 + "]" * 200_000, "nested more than"),
-    (json.dumps({"title": "t", "label": "x", "random_weights": False, "categories": [], "config": [1]}),
-     "'config' is a list"),
-    (json.dumps({"title": "t", "label": "x", "random_weights": False, "categories": [],
-                 "config": {"model": [1, 2]}}), "config.model"),
-    ('{"title": "t", "title": "u"}', "the key title twice"),
-])
+@pytest.mark.parametrize(
+    "document, fragment",
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested more than"),
+        (
+            json.dumps({"title": "t", "label": "x", "random_weights": False, "categories": [], "config": [1]}),
+            "'config' is a list",
+        ),
+        (
+            json.dumps(
+                {"title": "t", "label": "x", "random_weights": False, "categories": [], "config": {"model": [1, 2]}}
+            ),
+            "config.model",
+        ),
+        ('{"title": "t", "title": "u"}', "the key title twice"),
+    ],
+)
 def test_resume_of_a_hostile_results_json_is_one_line(data, tmp_path, capsys, document, fragment):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -117,10 +135,23 @@ def test_resume_of_a_hostile_results_json_is_one_line(data, tmp_path, capsys, do
 
 # ------------------------------------------------------------------ predict inputs
 
+
 def predict_args(photos, tmp_path, *extra):
-    return ["predict", "--config", REPO / "configs" / "folder.yaml", "--data.init_args.path", photos, *TINY_MODEL,
-            "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--predictions.output_dir", tmp_path / "out",
-            "--predictions.pixel_threshold", "0.5", *extra]
+    return [
+        "predict",
+        "--config",
+        REPO / "configs" / "folder.yaml",
+        "--data.init_args.path",
+        photos,
+        *TINY_MODEL,
+        "--trainer.logger.init_args.save_dir",
+        tmp_path / "runs",
+        "--predictions.output_dir",
+        tmp_path / "out",
+        "--predictions.pixel_threshold",
+        "0.5",
+        *extra,
+    ]
 
 
 def test_predict_takes_non_utf8_and_formula_names_and_names_every_skipped_file(tmp_path, capsys):
@@ -166,15 +197,33 @@ def test_predict_thresholds_out_of_range_are_one_line(tmp_path, capsys, value):
 
 # ------------------------------------------------------------------ exports
 
+
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     return export_model(model, ["bottle", "screw"], tmp_path_factory.mktemp("export") / "m.pt", "torchscript")
 
 
 def test_export_refuses_zero_views_in_one_line(tmp_path, capsys):
-    status, _, err = run_main(["export", "--config", CONFIGS / "demo.yaml", "--classes", "bottle", "--format",
-                               "torchscript", "--num-views", "0", "--output", tmp_path / "m.pt",
-                               "--model.init_args.backbone", TINY, "--model.init_args.image_size", "64"], capsys)
+    status, _, err = run_main(
+        [
+            "export",
+            "--config",
+            CONFIGS / "demo.yaml",
+            "--classes",
+            "bottle",
+            "--format",
+            "torchscript",
+            "--num-views",
+            "0",
+            "--output",
+            tmp_path / "m.pt",
+            "--model.init_args.backbone",
+            TINY,
+            "--model.init_args.image_size",
+            "64",
+        ],
+        capsys,
+    )
     assert_one_error_line(status, err, "num_views must be between 1 and")
     assert list(tmp_path.iterdir()) == []
 
@@ -197,9 +246,14 @@ def test_a_re_export_over_the_file_size_limit_keeps_the_earlier_pair(exported, t
     sidecar_path(target).write_bytes(sidecar_path(exported).read_bytes())
     before = (target.read_bytes(), sidecar_path(target).read_bytes())
     limit = 64 * 1024  # far below the tiny model's size
-    result = subprocess.run([sys.executable, "-c", EXPORT_UNDER_LIMIT, str(target), str(limit),
-                             str(CONFIGS / "demo.yaml")], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", EXPORT_UNDER_LIMIT, str(target), str(limit), str(CONFIGS / "demo.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("anovl: error: cannot write")
     assert (target.read_bytes(), sidecar_path(target).read_bytes()) == before
@@ -229,11 +283,14 @@ def test_a_sidecar_that_does_not_fit_its_graph_is_one_line(exported, tmp_path, c
     assert "does not fit the graph" in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("images, fragment", [
-    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "float tensors"),
-    (torch.zeros(0, 3, 64, 64), "the batch is empty"),
-    (torch.zeros(1, 3, 32, 32), "B×3×64×64"),
-])
+@pytest.mark.parametrize(
+    "images, fragment",
+    [
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "float tensors"),
+        (torch.zeros(0, 3, 64, 64), "the batch is empty"),
+        (torch.zeros(1, 3, 32, 32), "B×3×64×64"),
+    ],
+)
 def test_the_inferencer_refuses_what_anovl_refuses(exported, model, images, fragment):
     exported_model = load_exported(exported)
     for refusing in (exported_model, model):
@@ -251,8 +308,10 @@ def test_the_inferencer_refuses_an_image_without_pixels(exported):
 
 # ------------------------------------------------------------------ the app
 
+
 def png_declaring(path: Path, width: int, height: int) -> Path:
     """A tiny PNG whose header declares ``width × height`` (a decompression bomb's first bytes)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -349,6 +408,7 @@ def test_twenty_parallel_requests_on_loopback_are_all_answered(model, tmp_path):
 
 # ------------------------------------------------------------------ compare and grid
 
+
 def test_compare_prints_hostile_labels_escaped(tmp_path, capsys):
     from anovl.results import METRIC_TITLES, ResultsTable
 
@@ -371,10 +431,13 @@ def test_a_grid_named_dot_dot_writes_nothing_above_its_output(tmp_path, capsys, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["deep"]
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("model:\n  init_args:\n    num_views: 1\n    num_views: 22\n", "the key 'num_views' appears twice"),
-    ("data: " + "[" * 100 + "]" * 100 + "\n", "nested more than"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("model:\n  init_args:\n    num_views: 1\n    num_views: 22\n", "the key 'num_views' appears twice"),
+        ("data: " + "[" * 100 + "]" * 100 + "\n", "nested more than"),
+    ],
+)
 def test_a_config_file_with_a_repeated_key_or_deep_nesting_is_one_line(data, tmp_path, capsys, text, fragment):
     config = tmp_path / "config.yaml"
     config.write_text(text)

@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader
 
 from anovl import AnovlError, TTAConfig
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
-from anovl.data import (MVTecDataModule, VisADataModule, collate_batch, generate_mvtec_like,
-                        generate_visa_like)
+from anovl.data import MVTecDataModule, VisADataModule, collate_batch, generate_mvtec_like, generate_visa_like
 from anovl.data.transforms import prepare_batch
 from anovl.metrics import AnomalyMetrics
 from anovl.engine import AnomalyModule
@@ -26,8 +25,9 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def mvtec_root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=2, n_defect=1,
-                               image_size=SIZE)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=2, n_defect=1, image_size=SIZE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,16 @@ def tiny_module(cache_dir, label=None, **kwargs) -> AnomalyModule:
 
 
 def trainer(root_dir, **kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   inference_mode=False, default_root_dir=root_dir, **kwargs)
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        default_root_dir=root_dir,
+        **kwargs,
+    )
 
 
 class ResultsFileWatcher(Callback):
@@ -77,15 +85,19 @@ def test_metrics_equal_direct_computation(mvtec_root, shared_cache, tmp_path):
             output = module.model(batch["image"], batch["category"], batch["prompt_name"])
             category = batch["category"][0]  # batches never mix categories
             direct.setdefault(category, AnomalyMetrics()).update(
-                output.anomaly_map, batch["mask"], output.pred_score, batch["label"], batch["has_mask"])
+                output.anomaly_map, batch["mask"], output.pred_score, batch["label"], batch["has_mask"]
+            )
             counts[category] = counts.get(category, 0) + len(batch["category"])
     computed = {category: metric.compute() for category, metric in direct.items()}
-    expected = {category: {name: 100 * value for name, value in values.items() if not name.endswith("_threshold")}
-                for category, values in computed.items()}
+    expected = {
+        category: {name: 100 * value for name, value in values.items() if not name.endswith("_threshold")}
+        for category, values in computed.items()
+    }
     assert module.results.rows == expected  # the same computation, so exactly equal
-    assert module.results.thresholds == {category: {"image": values["image_f1max_threshold"],
-                                                    "pixel": values["pixel_f1max_threshold"]}
-                                         for category, values in computed.items()}
+    assert module.results.thresholds == {
+        category: {"image": values["image_f1max_threshold"], "pixel": values["pixel_f1max_threshold"]}
+        for category, values in computed.items()
+    }
     assert module.results.image_counts == counts == {"fabric": 6, "widget": 6}
     mean = module.results.mean()
     assert mean["pixel_auroc"] == pytest.approx(sum(row["pixel_auroc"] for row in expected.values()) / 2)
@@ -116,11 +128,13 @@ class FrameworkTiledAnoVL(AnoVL):
 
 
 def test_tile_mode_stitches_tile_maps(tmp_path, shared_cache):
-    root = generate_visa_like(tmp_path / "visa", {"macaroni1": "widget"}, n_good=1, n_defect=1,
-                              image_size=(SIZE, SIZE + 32))
+    root = generate_visa_like(
+        tmp_path / "visa", {"macaroni1": "widget"}, n_good=1, n_defect=1, image_size=(SIZE, SIZE + 32)
+    )
     data = VisADataModule(root, image_size=SIZE, mode="tile", batch_size=2)
-    module = AnomalyModule(FrameworkTiledAnoVL(TINY, pretrained=None, image_size=SIZE, cache_dir=str(shared_cache),
-                                               num_views=2))
+    module = AnomalyModule(
+        FrameworkTiledAnoVL(TINY, pretrained=None, image_size=SIZE, cache_dir=str(shared_cache), num_views=2)
+    )
     batch = prepare_batch(next(iter(data.test_dataloader())))
     maps, scores = module.anomaly_maps(batch)
     assert maps.shape == (2, SIZE, SIZE + 32)
@@ -160,8 +174,11 @@ def test_reference_tta_is_reset_at_category_changes(shared_cache):
     module = tiny_module(shared_cache, num_views=1, tta=TTAConfig(steps=1, mode="reference"))
     resets = []
     module.model.tta.reset = lambda: resets.append(True)
-    batch = {"image": torch.zeros(3, 3, SIZE, SIZE), "prompt_name": ["macaroni"] * 3,
-             "category": ["macaroni1", "macaroni1", "macaroni2"]}
+    batch = {
+        "image": torch.zeros(3, 3, SIZE, SIZE),
+        "prompt_name": ["macaroni"] * 3,
+        "category": ["macaroni1", "macaroni1", "macaroni2"],
+    }
     module.anomaly_maps(batch)
     assert len(resets) == 2  # at the first category and at the change; the prompt name stays the same
 
@@ -194,7 +211,8 @@ def test_tf32_is_set_for_the_run_and_recorded(mvtec_root, shared_cache, tmp_path
             seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
 
     trainer(tmp_path, callbacks=[Probe()], limit_test_batches=1).test(
-        module, datamodule=MVTecDataModule(mvtec_root, image_size=SIZE, categories=["fabric"], num_workers=0))
+        module, datamodule=MVTecDataModule(mvtec_root, image_size=SIZE, categories=["fabric"], num_workers=0)
+    )
     assert seen == [(True, True)]
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     assert module.results.config["evaluation"]["precision"] == "32-true with TF32"

@@ -52,12 +52,12 @@ def test_focal_loss_equals_its_definition(classes, gamma):
 def test_focal_loss_gradient_matches_the_definition():
     logits = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     target = (torch.rand(2, 3, 3) > 0.5).long()
-    grad, = torch.autograd.grad(focal_loss(logits.softmax(1), target), logits)
+    (grad,) = torch.autograd.grad(focal_loss(logits.softmax(1), target), logits)
     # The definition, vectorised differently: probability of the target class from a gather.
     probabilities = logits.softmax(1)
     p = probabilities.gather(1, target[:, None]).squeeze(1)
     p_t = (1 - 1e-5) * p + 1e-5 * (1 - p) + 1e-5
-    expected, = torch.autograd.grad((-(1 - p_t) ** 2 * p_t.log()).mean(), logits)
+    (expected,) = torch.autograd.grad((-((1 - p_t) ** 2) * p_t.log()).mean(), logits)
     torch.testing.assert_close(grad, expected)
 
 

@@ -207,8 +207,13 @@ def test_equal_scores_follow_sklearn_and_the_standard_aupro(seed):
     value = np.float32(rng.uniform(-5, 5))
     maps = np.full(masks.shape, value, dtype=np.float32)
     labels = torch.tensor([1] + [int(label) for label in rng.integers(0, 2, count - 1)])
-    batch = {"anomaly_maps": torch.from_numpy(maps), "masks": torch.from_numpy(masks),
-             "pred_scores": torch.full((count,), float(value)), "labels": labels, "has_mask": torch.ones(count, dtype=torch.bool)}
+    batch = {
+        "anomaly_maps": torch.from_numpy(maps),
+        "masks": torch.from_numpy(masks),
+        "pred_scores": torch.full((count,), float(value)),
+        "labels": labels,
+        "has_mask": torch.ones(count, dtype=torch.bool),
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = anomaly_metrics([batch], cflow_pro=True)
@@ -333,8 +338,10 @@ def test_region_size_map_matches_a_flood_fill():
 def test_region_sizes_from_the_loader_give_the_same_metrics():
     batches = [make_batch(seed=21, count=6, height=9, width=9), make_batch(seed=22, count=4, height=7, width=12)]
     reference = anomaly_metrics(batches, cflow_pro=True)
-    with_regions = [{**batch, "region_sizes": torch.from_numpy(functional.region_size_map(batch["masks"].numpy() > 0.5))}
-                    for batch in batches]
+    with_regions = [
+        {**batch, "region_sizes": torch.from_numpy(functional.region_size_map(batch["masks"].numpy() > 0.5))}
+        for batch in batches
+    ]
     assert anomaly_metrics(with_regions, cflow_pro=True) == reference
 
 

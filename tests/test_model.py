@@ -48,7 +48,7 @@ def test_batch_equals_single_images_with_mixed_categories(tiny_model):
     names = ["bottle", "carpet", "macaroni1", "bottle"]
     batched = tiny_model(images, names)
     for i, name in enumerate(names):
-        single = tiny_model(images[i:i + 1], [name])
+        single = tiny_model(images[i : i + 1], [name])
         torch.testing.assert_close(single.anomaly_map[0], batched.anomaly_map[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single.pred_score[0], batched.pred_score[i], rtol=1e-5, atol=1e-6)
 
@@ -60,8 +60,9 @@ def test_one_view_uses_identity_only(tiny_model):
     one_view.load_state_dict(tiny_model.state_dict())
     one_view.text_cache = tiny_model.text_cache
     states = torch.stack([tiny_model.text_states("bottle").states] * 2)
-    expected = torch.softmax(torch.einsum("bd,bkd->bk", tiny_model.clip.encode_image(images, normalize=True),
-                                          states), -1)[:, 1]
+    expected = torch.softmax(
+        torch.einsum("bd,bkd->bk", tiny_model.clip.encode_image(images, normalize=True), states), -1
+    )[:, 1]
     torch.testing.assert_close(one_view(images, ["bottle"] * 2).pred_score, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -74,19 +75,24 @@ def test_multi_layer_map_is_the_mean_of_layer_maps():
     images = torch.randn(1, 3, 64, 64)
     out = model(images, ["bottle"])
     states = model.text_states("bottle").states[None]
-    maps = [patch_map(torch.softmax(F.normalize(t, dim=-1) @ states[0].T, -1)[None, :, :, 1][0], 64)
-            for t in out.patch_tokens]
+    maps = [
+        patch_map(torch.softmax(F.normalize(t, dim=-1) @ states[0].T, -1)[None, :, :, 1][0], 64)
+        for t in out.patch_tokens
+    ]
     torch.testing.assert_close(out.anomaly_map, (maps[0] + maps[1]) / 2, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("images, names, message", [
-    (torch.randn(2, 3, 32, 32), ["a", "b"], "expects 64×64"),
-    (torch.randn(2, 1, 64, 64), ["a", "b"], "B×3×S×S"),
-    (torch.randn(2, 3, 64, 64), ["a"], "one category per image"),
-    (torch.randn(1, 3, 64, 64), "a", "a list of categories"),
-    (torch.randn(1, 3, 64, 64), [""], "non-empty strings"),
-    (torch.randn(1, 3, 64, 64), [None], "non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "images, names, message",
+    [
+        (torch.randn(2, 3, 32, 32), ["a", "b"], "expects 64×64"),
+        (torch.randn(2, 1, 64, 64), ["a", "b"], "B×3×S×S"),
+        (torch.randn(2, 3, 64, 64), ["a"], "one category per image"),
+        (torch.randn(1, 3, 64, 64), "a", "a list of categories"),
+        (torch.randn(1, 3, 64, 64), [""], "non-empty strings"),
+        (torch.randn(1, 3, 64, 64), [None], "non-empty strings"),
+    ],
+)
 def test_bad_inputs(tiny_model, images, names, message):
     with pytest.raises(AnovlError, match=message):
         tiny_model(images, names)

@@ -13,8 +13,9 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ip
 def test_quickstart_notebook_runs(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # The "python3" kernel spec runs `python`, which jupyter_client resolves to this interpreter (the venv's).
-    client = NotebookClient(notebook, kernel_name="python3", timeout=120,
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
@@ -25,5 +26,9 @@ def test_quickstart_notebook_runs(tmp_path):
     assert written == ["quickstart_data", "quickstart_run"]
     if shutil.which("git") and (NOTEBOOK.parent.parent / ".git").exists():
         for name in written:
-            assert subprocess.run(["git", "check-ignore", "-q", f"notebooks/{name}/x"],
-                                  cwd=NOTEBOOK.parent.parent).returncode == 0, name
+            assert (
+                subprocess.run(
+                    ["git", "check-ignore", "-q", f"notebooks/{name}/x"], cwd=NOTEBOOK.parent.parent
+                ).returncode
+                == 0
+            ), name

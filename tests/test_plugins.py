@@ -18,8 +18,14 @@ from tests.test_cli import REPO
 from tests.test_reliability_input import assert_one_error_line, prepare_in_process_cli, run_main, text_cache  # noqa: F401
 
 PATCH_NORM = REPO / "examples" / "plugins" / "patch_norm.py"
-TINY = ["--model.init_args.backbone", "anovl-tiny-vit", "--model.init_args.image_size", "64",
-        "--trainer.enable_progress_bar", "false"]
+TINY = [
+    "--model.init_args.backbone",
+    "anovl-tiny-vit",
+    "--model.init_args.image_size",
+    "64",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture
@@ -44,9 +50,21 @@ def _forget_plugin_modules(monkeypatch):
 def test_toy_method_runs_from_yaml_with_its_label(data_root, tmp_path, capsys, monkeypatch, text_cache):  # noqa: F811
     prepare_in_process_cli(monkeypatch, text_cache)
     monkeypatch.chdir(REPO)  # the config names the plugin file relative to the repository
-    status, stdout, stderr = run_main(["test", "--config", "examples/plugins/patch_norm.yaml", *TINY,
-                                       "--data.init_args.root", str(data_root), "--data.init_args.generate", "false",
-                                       "--trainer.logger.init_args.save_dir", str(tmp_path)], capsys)
+    status, stdout, stderr = run_main(
+        [
+            "test",
+            "--config",
+            "examples/plugins/patch_norm.yaml",
+            *TINY,
+            "--data.init_args.root",
+            str(data_root),
+            "--data.init_args.generate",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert status == 0, stderr
     (run,) = (tmp_path / "patch_norm").iterdir()
     document = json.loads((run / "results.json").read_text())
@@ -67,7 +85,7 @@ def test_toy_method_runs_from_yaml_with_its_label(data_root, tmp_path, capsys, m
     torch.testing.assert_close(output.pred_score, expected.max(1).values)
 
 
-ADAPTER_PLUGIN = '''
+ADAPTER_PLUGIN = """
     import torch.nn.functional as F
     from anovl import register_adapter
     from anovl.models.anovl.adapters import Adapter, BatchedLinear
@@ -82,19 +100,30 @@ ADAPTER_PLUGIN = '''
 
         def forward(self, x):
             return x + self.scale * self.linear(F.normalize(x, dim=-1))
-'''
+"""
 
 
 @pytest.mark.parametrize("how", ["option", "environment"])
-def test_user_adapter_is_selectable_from_anovl_test(how, data_root, tmp_path, capsys, monkeypatch,
-                                                    text_cache):  # noqa: F811
+def test_user_adapter_is_selectable_from_anovl_test(how, data_root, tmp_path, capsys, monkeypatch, text_cache):  # noqa: F811
     prepare_in_process_cli(monkeypatch, text_cache)
     plugin = tmp_path / "my_adapters.py"
     plugin.write_text(textwrap.dedent(ADAPTER_PLUGIN))
-    args = ["test", "--config", str(REPO / "configs" / "demo.yaml"), *TINY, "--model.init_args.num_views", "1",
-            "--model.init_args.tta", '{"adapter": "scaled-linear", "adapter_args": {"scale": 0.25}, "steps": 1}',
-            "--data.init_args.root", str(data_root), "--data.init_args.generate", "false",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    args = [
+        "test",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *TINY,
+        "--model.init_args.num_views",
+        "1",
+        "--model.init_args.tta",
+        '{"adapter": "scaled-linear", "adapter_args": {"scale": 0.25}, "steps": 1}',
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.generate",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+    ]
     if how == "option":
         args += ["--plugins", f"[{plugin}]"]
     else:
@@ -112,7 +141,11 @@ def test_plugin_specs_come_from_options_and_config_files(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("plugins: [my_pkg.models, ./local.py]\nmodel: {class_path: my_pkg.models.M}\n")
     assert plugin_specs(["test", "--config", str(config), "--plugins", "[other]", "--plugins=third"]) == [
-        "my_pkg.models", "./local.py", "other", "third"]
+        "my_pkg.models",
+        "./local.py",
+        "other",
+        "third",
+    ]
     assert plugin_specs(["test", "--config", str(tmp_path / "missing.yaml")]) == []
 
 
@@ -121,35 +154,80 @@ def test_plugin_specs_come_from_inline_and_repeated_configs(tmp_path):
     first.write_text("plugins: [a.py]\n")
     second.write_text("plugins: [b]\n")
     inline = yaml.safe_dump({"plugins": ["c.py"], "model": {"init_args": {"backbone": "my-vit"}}})
-    assert plugin_specs(["test", "-c", str(first), "--config", inline, f"--config={second}", "--config", "[not, a, map]",
-                         "--config", "plugins: [a.py, d]"]) == ["a.py", "c.py", "b", "d"]
+    assert plugin_specs(
+        [
+            "test",
+            "-c",
+            str(first),
+            "--config",
+            inline,
+            f"--config={second}",
+            "--config",
+            "[not, a, map]",
+            "--config",
+            "plugins: [a.py, d]",
+        ]
+    ) == ["a.py", "c.py", "b", "d"]
 
 
 # A backbone name no other test registers: model configs are registered process-wide (test_engine.py uses my-vit).
-MY_VIT_PLUGIN = f'''
+MY_VIT_PLUGIN = f"""
     import json
     from anovl import register_model_config
 
     register_model_config(json.load(open({str(REPO / "anovl" / "model_configs" / "anovl-tiny-vit.json")!r})), name="inline-plugin-vit")
-'''
+"""
 
 
-def test_inline_configs_import_their_plugins_and_the_run_records_them_all(data_root, tmp_path, capsys, monkeypatch,
-                                                                          text_cache):  # noqa: F811
+def test_inline_configs_import_their_plugins_and_the_run_records_them_all(
+    data_root, tmp_path, capsys, monkeypatch, text_cache
+):  # noqa: F811
     prepare_in_process_cli(monkeypatch, text_cache)
     plugin = tmp_path / "my_vit.py"
     plugin.write_text(textwrap.dedent(MY_VIT_PLUGIN))
     (tmp_path / "other.py").write_text("")
-    common = ["test", "--config", str(REPO / "configs" / "demo.yaml"), *TINY, "--model.init_args.num_views", "1",
-              "--data.init_args.root", str(data_root), "--data.init_args.generate", "false",
-              "--data.init_args.categories", "[widget]", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    common = [
+        "test",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *TINY,
+        "--model.init_args.num_views",
+        "1",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.generate",
+        "false",
+        "--data.init_args.categories",
+        "[widget]",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+    ]
     # Before: an inline config's plugins were not imported, and the backbone they register was "unknown".
-    status, _, stderr = run_main([*common, "--config", yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
-                                  "--model.init_args.backbone", "inline-plugin-vit"], capsys)
-    assert_one_error_line(status, stderr, "unknown backbone 'inline-plugin-vit'", f"plugins loaded: {tmp_path / 'other.py'}")
-    status, _, stderr = run_main([*common, "--config", yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
-                                  "--config", yaml.safe_dump({"plugins": [str(plugin)]}),
-                                  "--model.init_args.backbone", "inline-plugin-vit"], capsys)
+    status, _, stderr = run_main(
+        [
+            *common,
+            "--config",
+            yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
+            "--model.init_args.backbone",
+            "inline-plugin-vit",
+        ],
+        capsys,
+    )
+    assert_one_error_line(
+        status, stderr, "unknown backbone 'inline-plugin-vit'", f"plugins loaded: {tmp_path / 'other.py'}"
+    )
+    status, _, stderr = run_main(
+        [
+            *common,
+            "--config",
+            yaml.safe_dump({"plugins": [str(tmp_path / "other.py")]}),
+            "--config",
+            yaml.safe_dump({"plugins": [str(plugin)]}),
+            "--model.init_args.backbone",
+            "inline-plugin-vit",
+        ],
+        capsys,
+    )
     assert status == 0, stderr
     (config,) = (tmp_path / "runs").glob("demo/*/config.yaml")
     saved = yaml.safe_load(config.read_text())
@@ -161,16 +239,24 @@ def test_inline_configs_import_their_plugins_and_the_run_records_them_all(data_r
 def test_a_missing_class_names_the_plugins_loaded(tmp_path, capsys, monkeypatch, text_cache):  # noqa: F811
     prepare_in_process_cli(monkeypatch, text_cache)
     (tmp_path / "other.py").write_text("")
-    status, _, stderr = run_main(["test", "--config", str(REPO / "configs" / "demo.yaml"), "--config",
-                                  f"{{plugins: [{tmp_path / 'other.py'}], model: {{class_path: patch_norm.PatchNorm}}}}"],
-                                 capsys)
+    status, _, stderr = run_main(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--config",
+            f"{{plugins: [{tmp_path / 'other.py'}], model: {{class_path: patch_norm.PatchNorm}}}}",
+        ],
+        capsys,
+    )
     assert status == 2 and "patch_norm.PatchNorm" in stderr and f"(plugins loaded: {tmp_path / 'other.py'})" in stderr
 
 
 def test_model_help_may_come_before_plugins(capsys, monkeypatch, text_cache):  # noqa: F811
     prepare_in_process_cli(monkeypatch, text_cache)
-    status, stdout, stderr = run_main(["test", "--model.help", "patch_norm.PatchNorm", "--plugins", f"[{PATCH_NORM}]"],
-                                      capsys)
+    status, stdout, stderr = run_main(
+        ["test", "--model.help", "patch_norm.PatchNorm", "--plugins", f"[{PATCH_NORM}]"], capsys
+    )
     assert status == 0, stderr
     assert "Help for --model.help=patch_norm.PatchNorm" in stdout and "--model.backbone" in stdout
 
@@ -180,9 +266,11 @@ def test_entry_point_plugins_are_imported(tmp_path, monkeypatch):
     (site / "anovl_fake_plugin-1.0.dist-info").mkdir(parents=True)
     (site / "anovl_fake_plugin-1.0.dist-info" / "METADATA").write_text("Name: anovl-fake-plugin\nVersion: 1.0\n")
     (site / "anovl_fake_plugin-1.0.dist-info" / "entry_points.txt").write_text(
-        "[anovl.plugins]\nfake = anovl_fake_plugin\n")
-    (site / "anovl_fake_plugin.py").write_text("from anovl.categories import register_category\n"
-                                               "register_category('fake_felt', 'felt', 'texture')\n")
+        "[anovl.plugins]\nfake = anovl_fake_plugin\n"
+    )
+    (site / "anovl_fake_plugin.py").write_text(
+        "from anovl.categories import register_category\nregister_category('fake_felt', 'felt', 'texture')\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(plugins, "entry_points", importlib.metadata.entry_points)
     assert "anovl_fake_plugin" in plugins.load_plugins()
@@ -201,17 +289,24 @@ def test_registering_again_replaces_with_a_warning(tmp_path):
     assert ADAPTERS["scaled-linear"] is not first
 
 
-@pytest.mark.parametrize("spec, message", [("no_such_plugin_module", "plugin module 'no_such_plugin_module' not found"),
-                                           ("/no/such/plugin.py", "plugin file not found")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_plugin_module", "plugin module 'no_such_plugin_module' not found"),
+        ("/no/such/plugin.py", "plugin file not found"),
+    ],
+)
 def test_missing_plugins_are_one_line_errors(spec, message, tmp_path, capsys):
     with pytest.raises(AnovlError, match=message):
         plugins.load_plugin(spec)
-    status, _, stderr = run_main(["test", "--config", str(REPO / "configs" / "demo.yaml"), "--plugins", f"[{spec}]"],
-                                 capsys)
+    status, _, stderr = run_main(
+        ["test", "--config", str(REPO / "configs" / "demo.yaml"), "--plugins", f"[{spec}]"], capsys
+    )
     assert_one_error_line(status, stderr, message)
 
 
 def test_a_model_that_is_not_an_anomaly_model_is_refused(tmp_path, capsys):
-    status, _, stderr = run_main(["test", "--config", str(REPO / "configs" / "demo.yaml"),
-                                  "--model.class_path", "torch.nn.Linear"], capsys)
+    status, _, stderr = run_main(
+        ["test", "--config", str(REPO / "configs" / "demo.yaml"), "--model.class_path", "torch.nn.Linear"], capsys
+    )
     assert status == 2 and "Traceback" not in stderr and "AnomalyModel" in stderr

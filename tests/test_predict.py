@@ -64,11 +64,22 @@ def tiny_module() -> AnomalyModule:
 
 def predict(module, data, tmp_path, **writer_args):
     writer = AnomalyMapWriter(str(tmp_path / "out"), **writer_args)
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, inference_mode=False, default_root_dir=tmp_path, callbacks=[writer])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+        callbacks=[writer],
+    )
     predictions = trainer.predict(module, datamodule=data)
-    maps = {path: anomaly_map for batch in predictions
-            for path, anomaly_map in zip(batch["image_path"], batch["anomaly_map"])}
+    maps = {
+        path: anomaly_map
+        for batch in predictions
+        for path, anomaly_map in zip(batch["image_path"], batch["anomaly_map"])
+    }
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
     return maps, rows
 
@@ -114,12 +125,20 @@ def test_model_resolution_keeps_the_model_map(photos, tmp_path):
 @pytest.fixture(scope="module")
 def mvtec_run(tmp_path_factory):
     """A labelled test run: its results.json holds F1-max thresholds per category."""
-    root = generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=2, n_defect=1,
-                               image_size=SIZE)
+    root = generate_mvtec_like(
+        tmp_path_factory.mktemp("mvtec"), ("fabric", "widget"), n_good=2, n_defect=1, image_size=SIZE
+    )
     run = tmp_path_factory.mktemp("run")
     module = AnomalyModule(AnoVL(TINY, pretrained=None, image_size=SIZE, num_views=1), results_dir=str(run))
-    Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            inference_mode=False, default_root_dir=run).test(module, datamodule=MVTecDataModule(root, image_size=SIZE))
+    Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        default_root_dir=run,
+    ).test(module, datamodule=MVTecDataModule(root, image_size=SIZE))
     return root, run / "results.json", module.results
 
 
@@ -145,8 +164,13 @@ def test_thresholds_from_a_test_run(mvtec_run, photos, tmp_path):
         assert row["predicted_label"] == ("anomalous" if float(row["score"]) >= expected["image"] else "normal")
         assert row["true_label"] == ("normal" if "/good/" in row["image_path"] else "anomalous")
     # A category that the run did not have gets the run's mean; a given value wins over the file's.
-    _, rows = predict(tiny_module(), FolderDataModule(photos, image_size=SIZE), tmp_path / "other",
-                      thresholds=str(path.parent), image_threshold=0.25)
+    _, rows = predict(
+        tiny_module(),
+        FolderDataModule(photos, image_size=SIZE),
+        tmp_path / "other",
+        thresholds=str(path.parent),
+        image_threshold=0.25,
+    )
     mean = RunThresholds.read(path).mean
     assert {(row["image_threshold"], float(row["pixel_threshold"])) for row in rows} == {("0.25", mean["pixel"])}
 
@@ -198,18 +222,49 @@ def test_threshold_errors(mvtec_run, photos, tmp_path):
 def test_cli_predict_with_a_runs_thresholds(mvtec_run, photos, tmp_path):
     _, path, table = mvtec_run
     env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["predict", "--config", REPO / "configs" / "folder.yaml", "--data.init_args.path", photos,
-            "--model.init_args.backbone", TINY, "--model.init_args.pretrained", "null",
-            "--model.init_args.image_size", str(SIZE), "--model.init_args.num_views", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-            "--predictions.output_dir", tmp_path / "out", "--predictions.thresholds", path]
-    result = subprocess.run([sys.executable, "-m", "anovl.cli", *map(str, args)], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    args = [
+        "predict",
+        "--config",
+        REPO / "configs" / "folder.yaml",
+        "--data.init_args.path",
+        photos,
+        "--model.init_args.backbone",
+        TINY,
+        "--model.init_args.pretrained",
+        "null",
+        "--model.init_args.image_size",
+        str(SIZE),
+        "--model.init_args.num_views",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        tmp_path / "runs",
+        "--predictions.output_dir",
+        tmp_path / "out",
+        "--predictions.thresholds",
+        path,
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "anovl.cli", *map(str, args)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
     assert len(rows) == 5 and {float(row["image_threshold"]) for row in rows} == {table.mean_thresholds()["image"]}
     assert "photos: image threshold" in result.stdout
-    missing = subprocess.run([sys.executable, "-m", "anovl.cli", *map(str, args[:-1]), tmp_path / "none.json"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [sys.executable, "-m", "anovl.cli", *map(str, args[:-1]), tmp_path / "none.json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and missing.stderr.rstrip().splitlines()[-1].startswith(
-        "anovl: error: predictions.thresholds:")
+        "anovl: error: predictions.thresholds:"
+    )

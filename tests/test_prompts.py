@@ -56,8 +56,11 @@ def test_textures_use_texture_domains_and_macaroni_is_renamed():
 def test_a_renamed_category_keeps_its_domain(tiny_model, monkeypatch):
     asked = []
     original = tiny_model.text_cache.get
-    monkeypatch.setattr(tiny_model.text_cache, "get", lambda normal, abnormal, **kw: asked.append(normal) or
-                        original(normal, abnormal, **kw))
+    monkeypatch.setattr(
+        tiny_model.text_cache,
+        "get",
+        lambda normal, abnormal, **kw: asked.append(normal) or original(normal, abnormal, **kw),
+    )
     tiny_model(torch.zeros(1, 3, 64, 64), ["carpet"], ["rug"])
     assert asked[0][22 * 7] == "a cropped textural photo of the normal rug"
 
@@ -75,22 +78,28 @@ def test_registered_categories(recwarn):
 
 def test_overrides():
     prompts = PromptSet(
-        normal_states=("good {}",), abnormal_states=("bad {}", "broken {}"), templates=("{art} {domain} of {}",),
+        normal_states=("good {}",),
+        abnormal_states=("bad {}", "broken {}"),
+        templates=("{art} {domain} of {}",),
         domains={"circuit": ("infrared image",)},
     )
     assert sentences(prompts, "printed circuit board", "circuit") == (
         ["an infrared image of good printed circuit board"],
-        ["an infrared image of bad printed circuit board", "an infrared image of broken printed circuit board"])
+        ["an infrared image of bad printed circuit board", "an infrared image of broken printed circuit board"],
+    )
     with pytest.raises(AnovlError, match="no prompt phrases for the domain 'object'"):
         prompts.normal_sentences("bottle")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"normal_states": ("normal",)}, "exactly one"),
-    ({"templates": ("a photo of {} {}",)}, "exactly one"),
-    ({"abnormal_states": ()}, "non-empty"),
-    ({"domains": {"object": ()}}, "non-empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"normal_states": ("normal",)}, "exactly one"),
+        ({"templates": ("a photo of {} {}",)}, "exactly one"),
+        ({"abnormal_states": ()}, "non-empty"),
+        ({"domains": {"object": ()}}, "non-empty"),
+    ],
+)
 def test_bad_prompt_sets(kwargs, message):
     with pytest.raises(AnovlError, match=message):
         PromptSet(**kwargs)
@@ -112,8 +121,7 @@ def test_text_embedding_formula(backbone, tmp_path):
     expected = F.normalize(torch.stack([normal.mean(0), abnormal.mean(0)]), dim=-1)
     torch.testing.assert_close(got.states, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got.states[0], F.normalize(F.normalize(normal, dim=-1).mean(0), dim=0), atol=1e-4)
-    torch.testing.assert_close(got.sentences, F.normalize(torch.cat([normal, abnormal]), dim=-1),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sentences, F.normalize(torch.cat([normal, abnormal]), dim=-1), rtol=1e-5, atol=1e-6)
     assert got.sentences.shape == (924, 32)
 
 

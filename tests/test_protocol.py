@@ -22,21 +22,51 @@ def protocol_file(folder: Path, mvtec: Path, visa: Path) -> Path:
     document = {
         "name": "tiny",
         "datasets": {
-            "MVTec": [{"data": {"class_path": "anovl.data.MVTecDataModule", "init_args": {"root": str(mvtec), **data}}}],
-            "VisA": [{"data": {"class_path": "anovl.data.VisADataModule",
-                               "init_args": {"root": str(visa), "mode": "resize", **data}}}],
+            "MVTec": [
+                {"data": {"class_path": "anovl.data.MVTecDataModule", "init_args": {"root": str(mvtec), **data}}}
+            ],
+            "VisA": [
+                {
+                    "data": {
+                        "class_path": "anovl.data.VisADataModule",
+                        "init_args": {"root": str(visa), "mode": "resize", **data},
+                    }
+                }
+            ],
         },
         "pairs": [["MVTec", "VisA"], ["VisA", "MVTec"]],
         "methods": {
-            "AnoVL": {"configs": [{"model": {"class_path": "anovl.models.AnoVL", "init_args": {**TINY, "num_views": 2}}}]},
+            "AnoVL": {
+                "configs": [{"model": {"class_path": "anovl.models.AnoVL", "init_args": {**TINY, "num_views": 2}}}]
+            },
             "WinCLIP": {"configs": [{"model": {"class_path": "anovl.models.WinCLIP", "init_args": TINY}}]},
-            "APRIL-GAN": {"configs": [{"model": {"class_path": "anovl.models.AprilGAN",
-                                                 "init_args": {**TINY, "layers": [1, 2, 3]}}}],
-                          "fit": {"MVTec": [{"engine": {"mosaic_rate": 0.2}, "trainer": {"max_epochs": 2}}],
-                                  "VisA": [{"trainer": {"max_epochs": 1}}]}},
-            "AnomalyCLIP": {"configs": [{"model": {"class_path": "anomalyclip", "init_args": {
-                **TINY, "layers": [1, 2, 3], "dpam_blocks": 2, "n_ctx": 4, "depth": 2, "t_n_ctx": 2}}}],
-                            "fit": {"MVTec": [{"trainer": {"max_epochs": 1}}], "VisA": [{"trainer": {"max_epochs": 1}}]}},
+            "APRIL-GAN": {
+                "configs": [
+                    {"model": {"class_path": "anovl.models.AprilGAN", "init_args": {**TINY, "layers": [1, 2, 3]}}}
+                ],
+                "fit": {
+                    "MVTec": [{"engine": {"mosaic_rate": 0.2}, "trainer": {"max_epochs": 2}}],
+                    "VisA": [{"trainer": {"max_epochs": 1}}],
+                },
+            },
+            "AnomalyCLIP": {
+                "configs": [
+                    {
+                        "model": {
+                            "class_path": "anomalyclip",
+                            "init_args": {
+                                **TINY,
+                                "layers": [1, 2, 3],
+                                "dpam_blocks": 2,
+                                "n_ctx": 4,
+                                "depth": 2,
+                                "t_n_ctx": 2,
+                            },
+                        }
+                    }
+                ],
+                "fit": {"MVTec": [{"trainer": {"max_epochs": 1}}], "VisA": [{"trainer": {"max_epochs": 1}}]},
+            },
         },
         "metrics": ["pixel_auroc", "image_auroc"],
         "args": ["--config", yaml.safe_dump(QUIET)],
@@ -50,11 +80,26 @@ def protocol_file(folder: Path, mvtec: Path, visa: Path) -> Path:
 def test_protocol_trains_on_one_dataset_and_tests_on_the_other(tmp_path):
     mvtec = generate_mvtec_like(tmp_path / "mvtec", ("widget",), n_good=2, n_defect=1, image_size=64)
     visa = generate_visa_like(tmp_path / "visa", {"macaroni1": "washer"}, n_good=2, n_defect=1, image_size=(64, 64))
-    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
-           "ANOVL_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ANOVL_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "anovl.cli", "protocol", "--config", str(protocol_file(tmp_path, mvtec, visa)),
-               "--output", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "anovl.cli",
+        "protocol",
+        "--config",
+        str(protocol_file(tmp_path, mvtec, visa)),
+        "--output",
+        str(output),
+    ]
     result = subprocess.run(command, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     # APRIL-GAN and AnomalyCLIP were fitted once per training dataset; their tests loaded those checkpoints.

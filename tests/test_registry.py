@@ -16,9 +16,18 @@ from anovl.registry import Registry
 from tests.conftest import TINY
 from tests.test_reliability_input import _cli_in_process, assert_one_error_line, run_main, text_cache  # noqa: F401
 
-WINCLIP_TINY = ["--model.init_args.backbone", TINY, "--model.init_args.pretrained", "null",
-                "--model.init_args.image_size", "64", "--trainer.enable_progress_bar", "false",
-                "--pictures.max_per_category", "0"]
+WINCLIP_TINY = [
+    "--model.init_args.backbone",
+    TINY,
+    "--model.init_args.pretrained",
+    "null",
+    "--model.init_args.image_size",
+    "64",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--pictures.max_per_category",
+    "0",
+]
 
 
 def test_registry_lists_suggests_and_replaces_with_a_warning():
@@ -26,8 +35,11 @@ def test_registry_lists_suggests_and_replaces_with_a_warning():
     registry.register("red", 1)
     registry.register("green", 2)
     assert registry.names() == ["green", "red"] and registry.lookup("red") == 1
-    with pytest.raises(AnovlError, match=r"unknown colour 'gren'; did you mean green\? registered: green, red "
-                                         r"\(register one with add_colour\)"):
+    with pytest.raises(
+        AnovlError,
+        match=r"unknown colour 'gren'; did you mean green\? registered: green, red "
+        r"\(register one with add_colour\)",
+    ):
         registry.lookup("gren")
     with pytest.raises(AnovlError, match="unknown colour 'blue'; registered: green, red"):
         registry.lookup("blue")
@@ -77,8 +89,16 @@ def one_category(tmp_path_factory):
 def test_short_names_on_the_command_line_and_in_configs_and_resuming_an_old_record(one_category, tmp_path, capsys):
     config = tmp_path / "winclip.yaml"
     config.write_text(yaml.safe_dump({"model": {"class_path": "winclip", "init_args": {"scales": [2]}}}))
-    base = ["test", "--data", "anovl.data.MVTecDataModule", "--data.init_args.root", one_category,
-            "--trainer.logger.init_args.save_dir", tmp_path, *WINCLIP_TINY]
+    base = [
+        "test",
+        "--data",
+        "anovl.data.MVTecDataModule",
+        "--data.init_args.root",
+        one_category,
+        "--trainer.logger.init_args.save_dir",
+        tmp_path,
+        *WINCLIP_TINY,
+    ]
     status, _, stderr = run_main([*base, "--config", config], capsys)
     assert status == 0, stderr
     (run,) = (tmp_path / "anovl").iterdir()
@@ -90,19 +110,21 @@ def test_short_names_on_the_command_line_and_in_configs_and_resuming_an_old_reco
 
     # What versions before the registry wrote: the class path instead of the name. It still resumes.
     record = document["config"]["model"]
-    document["config"]["model"] = {"class_path": "anovl.models.winclip.torch_model.WinCLIP",
-                                   **{key: value for key, value in record.items() if key != "method"}}
+    document["config"]["model"] = {
+        "class_path": "anovl.models.winclip.torch_model.WinCLIP",
+        **{key: value for key, value in record.items() if key != "method"},
+    }
     (run / "results.json").write_text(json.dumps(document))
-    status, stdout, stderr = run_main([*base, "--model", "winclip", "--model.init_args.scales", "[2]",
-                                       "--resume", run], capsys)
+    status, stdout, stderr = run_main(
+        [*base, "--model", "winclip", "--model.init_args.scales", "[2]", "--resume", run], capsys
+    )
     assert status == 0, stderr
     assert "widget" in stdout and json.loads((run / "results.json").read_text()) == document  # nothing left to run
 
     # Another method's class path in the record is refused.
     document["config"]["model"]["class_path"] = "anovl.models.anovl.torch_model.AnoVL"
     (run / "results.json").write_text(json.dumps(document))
-    status, _, stderr = run_main([*base, "--model=winclip", "--model.init_args.scales", "[2]", "--resume", run],
-                                 capsys)
+    status, _, stderr = run_main([*base, "--model=winclip", "--model.init_args.scales", "[2]", "--resume", run], capsys)
     assert_one_error_line(status, stderr, "cannot resume", 'model.method: "anovl" in the run, "winclip" now')
 
 
@@ -124,4 +146,5 @@ def test_results_json_names_an_unregistered_method_by_class_path(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert method_record(Local(TINY, pretrained=None)) == {
-            "class_path": f"{__name__}.test_results_json_names_an_unregistered_method_by_class_path.<locals>.Local"}
+            "class_path": f"{__name__}.test_results_json_names_an_unregistered_method_by_class_path.<locals>.Local"
+        }

@@ -18,8 +18,6 @@ ABNORMAL = ["a photo of a damaged bottle"]
 OTHER = ["a photo of a flawless cable", "a photo of a broken cable"]
 
 
-
-
 @pytest.fixture
 def encodings(monkeypatch):
     """Counts the sentences really encoded (cache misses)."""
@@ -38,8 +36,10 @@ def files_in(folder):
     return sorted(path.name for path in folder.rglob("*") if path.is_file())
 
 
-@pytest.mark.parametrize("damage", ["another entry's file", "swapped files", "truncated", "not safetensors",
-                                    "integer tensor under the right key"])
+@pytest.mark.parametrize(
+    "damage",
+    ["another entry's file", "swapped files", "truncated", "not safetensors", "integer tensor under the right key"],
+)
 def test_a_wrong_entry_is_detected_and_re_encoded(backbone, tmp_path, encodings, caplog, damage):
     cache = TextEmbeddingCache(backbone, tmp_path)
     first = cache.sentence_embeddings(NORMAL + ABNORMAL)
@@ -57,7 +57,12 @@ def test_a_wrong_entry_is_detected_and_re_encoded(backbone, tmp_path, encodings,
         mine.write_bytes(b"\x80\x04garbage pickle-like bytes")
     else:
         from safetensors.torch import save_file
-        save_file({"embeddings": torch.zeros(3, first.shape[1], dtype=torch.int32)}, str(mine), metadata=cache.key(NORMAL + ABNORMAL))
+
+        save_file(
+            {"embeddings": torch.zeros(3, first.shape[1], dtype=torch.int32)},
+            str(mine),
+            metadata=cache.key(NORMAL + ABNORMAL),
+        )
     encodings.clear()
     with caplog.at_level(logging.WARNING):
         again = TextEmbeddingCache(backbone, tmp_path).sentence_embeddings(NORMAL + ABNORMAL)
@@ -133,8 +138,9 @@ def test_a_cache_hit_is_logged_once(backbone, tmp_path, encodings, caplog):
             cache.sentence_embeddings(sentences)
         cache.sentence_embeddings(OTHER)
     hits = [record.getMessage() for record in caplog.records if "read from the cache" in record.getMessage()]
-    assert hits == [f"text embeddings read from the cache in {tmp_path} (not encoded again; later reads are not "
-                    "logged)"]
+    assert hits == [
+        f"text embeddings read from the cache in {tmp_path} (not encoded again; later reads are not logged)"
+    ]
     assert encodings == [NORMAL, OTHER]
 
 

@@ -30,8 +30,19 @@ HUGE = 200
 
 def cli_args(root, save_dir, *extra):
     """`anovl test` of the tiny random model on an MVTec-layout folder, without pictures."""
-    return ["test", "--data", "anovl.data.MVTecDataModule", *TINY_MODEL, "--pictures.max_per_category", "0",
-            "--data.init_args.root", root, "--trainer.logger.init_args.save_dir", save_dir, *extra]
+    return [
+        "test",
+        "--data",
+        "anovl.data.MVTecDataModule",
+        *TINY_MODEL,
+        "--pictures.max_per_category",
+        "0",
+        "--data.init_args.root",
+        root,
+        "--trainer.logger.init_args.save_dir",
+        save_dir,
+        *extra,
+    ]
 
 
 def run_main(args, capsys):
@@ -100,30 +111,51 @@ def weights_files(tmp_path_factory):
 
 # (extra arguments, fragments of the error line); "{root}", "{weights}" and "{tmp}" are filled in by the test.
 CONFIG_ERRORS = {
-    "category-missing": (["--data.init_args.categories", "[bottle]"], ["Categories ['bottle'] not found in {root}",
-                                                                       "found: widget"]),
-    "empty-category": (["--data.init_args.root", "{tmp}/with_empty"], ["No test images in {tmp}/with_empty/empty/test",
-                                                                       "expected"]),
-    "weights-missing": (["--model.init_args.pretrained", "{tmp}/nope.pt"], ["weights file not found: {tmp}/nope.pt",
-                                                                            "give an existing file"]),
-    "weights-corrupt": (["--model.init_args.pretrained", "{weights}/corrupt.pt"],
-                        ["cannot read weights file {weights}/corrupt.pt", "re-download it"]),
-    "weights-other-architecture": (["--model.init_args.pretrained", "{weights}/other.pt"],
-                                   ["weights file {weights}/other.pt does not fit backbone anovl-tiny-vit",
-                                    "choose the backbone the weights were saved from"]),
-    "image-size-not-multiple": (["--model.init_args.image_size", "70"],
-                                ["image_size 70 is not a multiple of the patch size 16", "use e.g. 64"]),
-    "data-model-size-differ": (["--data.init_args.image_size", "32"],
-                               ["data.init_args.image_size is 32 but the model expects 64 px",
-                                "set model.init_args.image_size only"]),
+    "category-missing": (
+        ["--data.init_args.categories", "[bottle]"],
+        ["Categories ['bottle'] not found in {root}", "found: widget"],
+    ),
+    "empty-category": (
+        ["--data.init_args.root", "{tmp}/with_empty"],
+        ["No test images in {tmp}/with_empty/empty/test", "expected"],
+    ),
+    "weights-missing": (
+        ["--model.init_args.pretrained", "{tmp}/nope.pt"],
+        ["weights file not found: {tmp}/nope.pt", "give an existing file"],
+    ),
+    "weights-corrupt": (
+        ["--model.init_args.pretrained", "{weights}/corrupt.pt"],
+        ["cannot read weights file {weights}/corrupt.pt", "re-download it"],
+    ),
+    "weights-other-architecture": (
+        ["--model.init_args.pretrained", "{weights}/other.pt"],
+        [
+            "weights file {weights}/other.pt does not fit backbone anovl-tiny-vit",
+            "choose the backbone the weights were saved from",
+        ],
+    ),
+    "image-size-not-multiple": (
+        ["--model.init_args.image_size", "70"],
+        ["image_size 70 is not a multiple of the patch size 16", "use e.g. 64"],
+    ),
+    "data-model-size-differ": (
+        ["--data.init_args.image_size", "32"],
+        ["data.init_args.image_size is 32 but the model expects 64 px", "set model.init_args.image_size only"],
+    ),
     "layers-empty": (["--model.init_args.layers", "[]"], ["layers must name at least one block"]),
     "accelerator-missing": (["--trainer.accelerator", "gpu"], ["gpu", "a trainer setting"]),
-    "output-path-is-a-file": (["--trainer.logger.init_args.save_dir", "{tmp}/a_file"],
-                              ["cannot use {tmp}/a_file", "give another path"]),
-    "tta-steps-0": (["--config", CONFIGS / "tta" / "text.yaml", "--model.init_args.tta.steps", "0"],
-                    ["tta.steps must be at least 1", "set tta: null"]),
-    "empty-class-name": (["--data.init_args.prompt_names", '{{"widget": " "}}'],
-                         ["prompt_names['widget'] is ' '", "give the object name", "drop the entry"]),
+    "output-path-is-a-file": (
+        ["--trainer.logger.init_args.save_dir", "{tmp}/a_file"],
+        ["cannot use {tmp}/a_file", "give another path"],
+    ),
+    "tta-steps-0": (
+        ["--config", CONFIGS / "tta" / "text.yaml", "--model.init_args.tta.steps", "0"],
+        ["tta.steps must be at least 1", "set tta: null"],
+    ),
+    "empty-class-name": (
+        ["--data.init_args.prompt_names", '{{"widget": " "}}'],
+        ["prompt_names['widget'] is ' '", "give the object name", "drop the entry"],
+    ),
 }
 
 
@@ -191,8 +223,9 @@ def test_worker_error_from_the_console_script_is_one_line(root_copy, cli_env, tm
     # A DataLoader worker re-raises with the worker's traceback inside the message; only the cause may show.
     # (In a subprocess: in this process the failed loader's worker would hold up a later test for 5 s.)
     path, fragments = damage_truncated_image(root_copy)
-    result = run_console_script(cli_args(root_copy, tmp_path / "runs", "--data.init_args.num_workers", "1"), cli_env,
-                                tmp_path)
+    result = run_console_script(
+        cli_args(root_copy, tmp_path / "runs", "--data.init_args.num_workers", "1"), cli_env, tmp_path
+    )
     assert_one_error_line(result.returncode, result.stderr, path, *fragments)
     assert result.stderr.rstrip().splitlines()[-1].startswith("anovl: error:")
 
@@ -260,8 +293,9 @@ def test_unusual_images_and_one_sided_categories_run_in_error_mode(problem_root,
     categories = "[odd, normal_only, anomalous_only]"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        status, _, stderr = run_main(cli_args(problem_root, tmp_path, "--data.init_args.categories", categories),
-                                     capsys)
+        status, _, stderr = run_main(
+            cli_args(problem_root, tmp_path, "--data.init_args.categories", categories), capsys
+        )
     assert status == 0, stderr
     assert not [w for w in caught if issubclass(w.category, SkippedFileWarning)]
     undefined = {str(w.message) for w in caught}
@@ -277,12 +311,16 @@ def test_unusual_images_and_one_sided_categories_run_in_error_mode(problem_root,
 def test_skip_mode_completes_on_broken_data_and_lists_the_skipped_files(problem_root, tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        status, stdout, stderr = run_main(cli_args(problem_root, tmp_path, "--data.init_args.on_bad_image", "skip"),
-                                          capsys)
+        status, stdout, stderr = run_main(
+            cli_args(problem_root, tmp_path, "--data.init_args.on_bad_image", "skip"), capsys
+        )
     assert status == 0, stderr
     broken = problem_root / "broken"
-    left_out = [broken / "test" / "good" / "000.png", broken / "test" / "good" / "001.png",
-                broken / "test" / "scratch" / "000.png"]
+    left_out = [
+        broken / "test" / "good" / "000.png",
+        broken / "test" / "good" / "001.png",
+        broken / "test" / "scratch" / "000.png",
+    ]
     without_mask = [broken / "test" / "blob" / "000.png", broken / "test" / "colour_spot" / "000.png"]
     warned = [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)]
     document = read_results(tmp_path)
@@ -302,8 +340,9 @@ def test_skip_mode_completes_on_broken_data_and_lists_the_skipped_files(problem_
 
 
 def test_resumed_skip_mode_run_keeps_the_list_of_skipped_files(problem_root, tmp_path, capsys):
-    args = cli_args(problem_root, tmp_path, "--data.init_args.on_bad_image", "skip",
-                    "--data.init_args.categories", "[broken, odd]")
+    args = cli_args(
+        problem_root, tmp_path, "--data.init_args.on_bad_image", "skip", "--data.init_args.categories", "[broken, odd]"
+    )
     assert run_main(args, capsys)[0] == 0
     (run,) = tmp_path.glob("anovl/*")
     finished = (run / "results.json").read_text()
@@ -324,8 +363,12 @@ def test_skip_mode_survives_a_fuzzed_dataset_through_the_cli(clean_root, tmp_pat
     next(_fuzz_files(rng, mask.parent, 1)).replace(mask)  # random bytes as a mask
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        status, _, stderr = run_main(cli_args(root, tmp_path / "runs", "--data.init_args.on_bad_image", "skip",
-                                              "--data.init_args.batch_size", "4"), capsys)
+        status, _, stderr = run_main(
+            cli_args(
+                root, tmp_path / "runs", "--data.init_args.on_bad_image", "skip", "--data.init_args.batch_size", "4"
+            ),
+            capsys,
+        )
     assert status == 0, stderr
     document = read_results(tmp_path / "runs")
     left_out = [message for message in document["skipped_files"] if "image left out" in message]

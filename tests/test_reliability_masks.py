@@ -58,8 +58,23 @@ def encode(truth: np.ndarray, encoding: str, rng: np.random.Generator) -> Image.
     raise ValueError(encoding)
 
 
-ENCODINGS = ["1", "L 0/255", "L 0/1", "L 0/k", "I;16 0/255", "I;16 0/65535", "I 0/255", "I 0/2^31-1", "F 0/1",
-             "F 0/255", "P", "LA alpha", "RGBA white on transparent", "RGBA opaque", "RGB red"]
+ENCODINGS = [
+    "1",
+    "L 0/255",
+    "L 0/1",
+    "L 0/k",
+    "I;16 0/255",
+    "I;16 0/65535",
+    "I 0/255",
+    "I 0/2^31-1",
+    "F 0/1",
+    "F 0/255",
+    "P",
+    "LA alpha",
+    "RGBA white on transparent",
+    "RGBA opaque",
+    "RGB red",
+]
 
 
 def test_fuzzed_binary_masks_decode_to_their_truth_in_every_encoding(tmp_path):
@@ -82,11 +97,14 @@ def test_sixteen_bit_soft_mask_uses_its_range(tmp_path):
     np.testing.assert_array_equal(load_mask(tmp_path / "m.png"), values > 127.5)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8), "does not look like a mask"),
-    (np.full((4, 4), np.nan, dtype=np.float32), "negative or NaN"),
-    (np.full((4, 4), -1.0, dtype=np.float32), "negative or NaN"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8), "does not look like a mask"),
+        (np.full((4, 4), np.nan, dtype=np.float32), "negative or NaN"),
+        (np.full((4, 4), -1.0, dtype=np.float32), "negative or NaN"),
+    ],
+)
 def test_files_that_are_not_masks_are_bad_images(tmp_path, content, fragment):
     path = tmp_path / "m.tif"
     Image.fromarray(content).save(path)
@@ -99,11 +117,14 @@ def a_mask(root: Path) -> Path:
     return sorted((root / "widget" / "ground_truth").rglob("*.png"))[0]
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    ("sixteen bit 0/255", None),
-    ("empty", "marks no pixel as anomalous"),
-    ("photo", "does not look like a mask"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("sixteen bit 0/255", None),
+        ("empty", "marks no pixel as anomalous"),
+        ("photo", "does not look like a mask"),
+    ],
+)
 def test_ground_truth_cannot_vanish(mvtec_copy, damage, fragment):
     mask_path = a_mask(mvtec_copy)
     truth = np.asarray(Image.open(mask_path)) > 127
@@ -116,15 +137,21 @@ def test_ground_truth_cannot_vanish(mvtec_copy, damage, fragment):
     datamodule = MVTecDataModule(mvtec_copy, image_size=SIZE, batch_size=16)
     if fragment is None:  # decoded as anomalous where 255, not as an empty mask
         batch = next(iter(datamodule.test_dataloader()))
-        index = batch["image_path"].index(str(next(s.image_path for s in datamodule.samples if s.mask_path == mask_path)))
+        index = batch["image_path"].index(
+            str(next(s.image_path for s in datamodule.samples if s.mask_path == mask_path))
+        )
         assert batch["mask"][index].sum() > 0
         return
     with pytest.raises(BadImageError, match=fragment):
         list(datamodule.test_dataloader())
     with pytest.warns(SkippedFileWarning, match=fragment):
         skipping = MVTecDataModule(mvtec_copy, image_size=SIZE, on_bad_image="skip")
-        kept = [s for s in skipping.dataset.samples if s.image_path.stem == mask_path.stem.removesuffix("_mask")
-                and s.image_path.parent.name == mask_path.parent.name]
+        kept = [
+            s
+            for s in skipping.dataset.samples
+            if s.image_path.stem == mask_path.stem.removesuffix("_mask")
+            and s.image_path.parent.name == mask_path.parent.name
+        ]
     assert len(kept) == 1 and not kept[0].has_mask and kept[0].label == 1  # kept for the image metrics
     assert any(fragment in message for message in skipping.skipped_files)
 
@@ -140,8 +167,12 @@ def thin_jpeg_visa(root: Path, width: int = 20000, height: int = 1) -> Path:
     Image.fromarray(noise).save(image, quality=95)
     (root / "split_csv").mkdir()
     with (root / "split_csv" / "1cls.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([("object", "split", "label", "image", "mask"),
-                                      ("thin", "test", "normal", "thin/Data/Images/Normal/0.JPG", "")])
+        csv.writer(handle).writerows(
+            [
+                ("object", "split", "label", "image", "mask"),
+                ("thin", "test", "normal", "thin/Data/Images/Normal/0.JPG", ""),
+            ]
+        )
     return image
 
 

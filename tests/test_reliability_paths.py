@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anovl.data import (FolderDataModule, MVTecDataModule, VisADataModule, generate_mvtec_like, generate_visa_like,
-                        safe_component)
+from anovl.data import (
+    FolderDataModule,
+    MVTecDataModule,
+    VisADataModule,
+    generate_mvtec_like,
+    generate_visa_like,
+    safe_component,
+)
 from anovl.io.safe_names import MAX_COMPONENT_BYTES
 from anovl.errors import AnovlError
 
@@ -33,12 +39,27 @@ def test_ordinary_names_are_unchanged(name):
     assert safe_component(name) == name
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("..", "%2E%2E"), (".", "%2E"), (".hidden", "%2Ehidden"), ("a/b", "a%2Fb"), ("/etc", "%2Fetc"),
-    ("a\\b", "a%5Cb"), ("100%", "100%25"), ("nul\x00", "nul%00"), ("tab\t", "tab%09"), ("CON", "%43ON"),
-    ("con.txt", "%63on.txt"), ("-rf", "%2Drf"), ("trail.", "trail%2E"), ("trail ", "trail%20"),
-    ("bad\udcff", "bad%ED%B3%BF"), ("rtl\u202etxt", "rtl%E2%80%AEtxt"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("..", "%2E%2E"),
+        (".", "%2E"),
+        (".hidden", "%2Ehidden"),
+        ("a/b", "a%2Fb"),
+        ("/etc", "%2Fetc"),
+        ("a\\b", "a%5Cb"),
+        ("100%", "100%25"),
+        ("nul\x00", "nul%00"),
+        ("tab\t", "tab%09"),
+        ("CON", "%43ON"),
+        ("con.txt", "%63on.txt"),
+        ("-rf", "%2Drf"),
+        ("trail.", "trail%2E"),
+        ("trail ", "trail%20"),
+        ("bad\udcff", "bad%ED%B3%BF"),
+        ("rtl\u202etxt", "rtl%E2%80%AEtxt"),
+    ],
+)
 def test_dangerous_names_are_escaped(name, expected):
     assert safe_component(name) == expected
     assert restore(expected) == name
@@ -52,8 +73,21 @@ def test_bytes_and_empty_names():
 
 
 def random_name(rng: np.random.Generator) -> str:
-    alphabet = list(string.ascii_letters + string.digits + "._- %/\\:*?\"<>|~") + [
-        "\x00", "\n", "\x7f", "\u202e", "\u200b", "é", "漢", "\udcff", "\ud800", "\U0001F600", "..", "CON", "%2F"]
+    alphabet = list(string.ascii_letters + string.digits + '._- %/\\:*?"<>|~') + [
+        "\x00",
+        "\n",
+        "\x7f",
+        "\u202e",
+        "\u200b",
+        "é",
+        "漢",
+        "\udcff",
+        "\ud800",
+        "\U0001f600",
+        "..",
+        "CON",
+        "%2F",
+    ]
     length = int(rng.integers(1, 12)) if rng.random() < 0.97 else int(rng.integers(100, 400))
     return "".join(alphabet[int(index)] for index in rng.integers(0, len(alphabet), length))
 
@@ -86,8 +120,9 @@ def test_fuzzed_names_are_safe_readable_and_injective(tmp_path):
 
 @pytest.fixture(scope="module")
 def mvtec_root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("mvtec"), categories=["widget"], n_good=2, n_defect=1,
-                               image_size=SIZE)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("mvtec"), categories=["widget"], n_good=2, n_defect=1, image_size=SIZE
+    )
 
 
 @pytest.fixture
@@ -110,9 +145,12 @@ def test_links_leading_outside_are_refused_and_allowed_on_request(mvtec_copy, tm
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     widget = mvtec_copy / "widget"
-    moved = {"category": widget, "test folder": widget / "test" / "scratch",
-             "image": next((widget / "test" / "good").iterdir()),
-             "mask": next((widget / "ground_truth" / "scratch").iterdir())}[where]
+    moved = {
+        "category": widget,
+        "test folder": widget / "test" / "scratch",
+        "image": next((widget / "test" / "good").iterdir()),
+        "mask": next((widget / "ground_truth" / "scratch").iterdir()),
+    }[where]
     target = outside / moved.name
     shutil.move(moved, target)
     moved.symlink_to(target)
@@ -155,8 +193,9 @@ def test_images_outside_the_mvtec_layout_are_named_in_a_warning(mvtec_copy):
 
 @pytest.fixture(scope="module")
 def visa_root(tmp_path_factory):
-    return generate_visa_like(tmp_path_factory.mktemp("visa"), categories={"macaroni1": "widget"}, n_good=2,
-                              n_defect=1, image_size=(SIZE, 48))
+    return generate_visa_like(
+        tmp_path_factory.mktemp("visa"), categories={"macaroni1": "widget"}, n_good=2, n_defect=1, image_size=(SIZE, 48)
+    )
 
 
 @pytest.fixture
@@ -228,7 +267,10 @@ def test_repeated_rows_are_dropped_with_a_warning_and_conflicting_ones_refused(v
     count = len(VisADataModule(visa_copy).samples)
     index = first_test_row(rows, "anomaly")
     write_split(visa_copy, rows + [rows[index], rows[index]])
-    with pytest.warns(UserWarning, match=f"2 test rows repeat an earlier row and are dropped \\(lines {len(rows) + 1}, {len(rows) + 2}\\)"):
+    with pytest.warns(
+        UserWarning,
+        match=f"2 test rows repeat an earlier row and are dropped \\(lines {len(rows) + 1}, {len(rows) + 2}\\)",
+    ):
         assert len(VisADataModule(visa_copy).samples) == count
     conflicting = [*rows[index][:2], "normal", rows[index][3], ""]
     write_split(visa_copy, rows + [conflicting])
@@ -240,8 +282,17 @@ def test_fuzzed_split_files_list_or_fail_cleanly(visa_copy):
     # Random rows (shuffled, duplicated, path-mangled, label-mangled): never a traceback, never a path outside.
     rng = np.random.default_rng(0)
     base = split_rows(visa_copy)
-    manglers = [lambda s: s, lambda s: "/" + s, lambda s: "../" + s, lambda s: s + "\x00", lambda s: "",
-                lambda s: s.replace("/", "\\"), lambda s: "a" * 5000, lambda s: "./" + s, lambda s: s.upper()]
+    manglers = [
+        lambda s: s,
+        lambda s: "/" + s,
+        lambda s: "../" + s,
+        lambda s: s + "\x00",
+        lambda s: "",
+        lambda s: s.replace("/", "\\"),
+        lambda s: "a" * 5000,
+        lambda s: "./" + s,
+        lambda s: s.upper(),
+    ]
     root = visa_copy.resolve()
     for trial in range(150):
         rows = [base[0]] + [list(base[int(i)]) for i in rng.integers(1, len(base), int(rng.integers(1, 12)))]

@@ -103,28 +103,38 @@ def record(category="bottle", **fields):
 
 
 def document(**fields):
-    return {"title": "t", "label": "AnoVL-tfa", "random_weights": False, "categories": [record()], "config": {},
-            "skipped_files": [], **fields}
+    return {
+        "title": "t",
+        "label": "AnoVL-tfa",
+        "random_weights": False,
+        "categories": [record()],
+        "config": {},
+        "skipped_files": [],
+        **fields,
+    }
 
 
-@pytest.mark.parametrize("broken, fragment", [
-    ([1, 2], "top level is a list"),
-    (document(title=None), "'title' is a NoneType"),
-    (document(random_weights="no"), "'random_weights' is a str"),
-    (document(categories={"bottle": {}}), "'categories' is a dict"),
-    (document(config=[1]), "'config' is a list"),
-    (document(skipped_files=[1]), "skipped_files"),
-    (document(categories=["bottle"]), "categories[0] is a str"),
-    (document(categories=[record(category=None)]), "no category name"),
-    (document(categories=[record(), record()]), "'bottle' appears twice"),
-    (document(categories=[record(images=-1)]), "'images' is -1"),
-    (document(categories=[record(images=2.5)]), "'images' is 2.5"),
-    (document(categories=[record(images=True)]), "'images' is True"),
-    (document(categories=[record(pixel_auroc="90")]), "pixel_auroc is '90'"),
-    (document(categories=[record(pixel_auroc=1e9)]), "not a percentage"),
-    (document(categories=[record(pixel_auroc=True)]), "pixel_auroc is True"),
-    (document(categories=[record(invented_metric=1.0)]), "unknown metric 'invented_metric'"),
-])
+@pytest.mark.parametrize(
+    "broken, fragment",
+    [
+        ([1, 2], "top level is a list"),
+        (document(title=None), "'title' is a NoneType"),
+        (document(random_weights="no"), "'random_weights' is a str"),
+        (document(categories={"bottle": {}}), "'categories' is a dict"),
+        (document(config=[1]), "'config' is a list"),
+        (document(skipped_files=[1]), "skipped_files"),
+        (document(categories=["bottle"]), "categories[0] is a str"),
+        (document(categories=[record(category=None)]), "no category name"),
+        (document(categories=[record(), record()]), "'bottle' appears twice"),
+        (document(categories=[record(images=-1)]), "'images' is -1"),
+        (document(categories=[record(images=2.5)]), "'images' is 2.5"),
+        (document(categories=[record(images=True)]), "'images' is True"),
+        (document(categories=[record(pixel_auroc="90")]), "pixel_auroc is '90'"),
+        (document(categories=[record(pixel_auroc=1e9)]), "not a percentage"),
+        (document(categories=[record(pixel_auroc=True)]), "pixel_auroc is True"),
+        (document(categories=[record(invented_metric=1.0)]), "unknown metric 'invented_metric'"),
+    ],
+)
 def test_structurally_wrong_results_json_is_one_clear_error(tmp_path, broken, fragment):
     (tmp_path / "results.json").write_text(json.dumps(broken))
     with pytest.raises(AnovlError) as error:
@@ -167,9 +177,11 @@ def test_rows_of_unknown_categories_are_refused(tmp_path):
 
 
 def test_compare_never_cuts_labels_short_in_a_120_column_terminal(tmp_path, capsys, monkeypatch):
-    labels = ["AnoVL-tfa[backbone=anovl-small-vit;image_size=224;init_seed=0;pretrained=None]",
-              "AnoVL-tta-text[backbone=anovl-small-vit;image_size=224;init_seed=0;pretrained=None]",
-              "AnoVL-tta-lowrank[backbone=anovl-small-vit;image_size=224;init_seed=0;lr=0.01;pretrained=None;rank=16]"]
+    labels = [
+        "AnoVL-tfa[backbone=anovl-small-vit;image_size=224;init_seed=0;pretrained=None]",
+        "AnoVL-tta-text[backbone=anovl-small-vit;image_size=224;init_seed=0;pretrained=None]",
+        "AnoVL-tta-lowrank[backbone=anovl-small-vit;image_size=224;init_seed=0;lr=0.01;pretrained=None;rank=16]",
+    ]
     folders = []
     for index, label in enumerate(labels):
         table = ResultsTable(tmp_path / str(index), "run", False, 1, label, config={"model": {"a": 1}})

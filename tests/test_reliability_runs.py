@@ -22,8 +22,14 @@ from anovl.results import METRIC_TITLES, ResultsTable
 from tests.test_cli import CONFIGS, cli_env, data_root, demo_test_args, run_dir  # noqa: F401 (fixtures)
 from tests.test_cli import anovl as run_console_script
 from tests.test_lightning import tiny_module, trainer
-from tests.test_reliability_input import (_cli_in_process, assert_one_error_line, cli_args,  # noqa: F401 (fixtures)
-                                          prepare_in_process_cli, run_main, text_cache)
+from tests.test_reliability_input import (
+    _cli_in_process,
+    assert_one_error_line,
+    cli_args,  # noqa: F401 (fixtures)
+    prepare_in_process_cli,
+    run_main,
+    text_cache,
+)
 
 TEXT_TTA = CONFIGS / "tta" / "text.yaml"
 REFERENCE_TTA = CONFIGS / "tta" / "reference.yaml"
@@ -33,8 +39,9 @@ RESULT_FILES = ("results.json", "results.csv", "results.md")
 @pytest.fixture(scope="module")
 def three_categories(tmp_path_factory):
     """Three categories of 12 images: enough work per category for a kill to land between categories."""
-    return generate_mvtec_like(tmp_path_factory.mktemp("three"), ("fabric", "washer", "widget"), n_good=4,
-                               n_defect=2, image_size=64)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("three"), ("fabric", "washer", "widget"), n_good=4, n_defect=2, image_size=64
+    )
 
 
 def slow_args(root, save_dir):
@@ -70,12 +77,19 @@ def wait_for_file(folder: Path, pattern: str, process: subprocess.Popen, timeout
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_resume_after_a_stop_signal_gives_the_uninterrupted_table(stop_signal, three_categories, reference_run,
-                                                                  tmp_path, capsys, cli_env):  # noqa: F811
+def test_resume_after_a_stop_signal_gives_the_uninterrupted_table(
+    stop_signal, three_categories, reference_run, tmp_path, capsys, cli_env
+):  # noqa: F811
     save_dir = tmp_path / "runs"
     args = slow_args(three_categories, save_dir)
-    process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *map(str, args)], env=cli_env, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anovl.cli", *map(str, args)],
+        env=cli_env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         results = wait_for_file(save_dir, "anovl/*/results.json", process)  # written when a category finishes
         sent = time.monotonic()
@@ -109,8 +123,9 @@ def test_resume_after_a_stop_signal_gives_the_uninterrupted_table(stop_signal, t
     assert not (run / "metrics.csv").exists()  # results.csv (compared above) is the CSV run's one table
 
 
-def test_resume_of_a_finished_run_prints_its_table_and_runs_nothing(three_categories, reference_run, tmp_path,
-                                                                    capsys, monkeypatch):
+def test_resume_of_a_finished_run_prints_its_table_and_runs_nothing(
+    three_categories, reference_run, tmp_path, capsys, monkeypatch
+):
     run = Path(shutil.copytree(reference_run, tmp_path / "anovl" / "version_0"))
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
 
@@ -127,8 +142,15 @@ def test_resume_of_a_finished_run_prints_its_table_and_runs_nothing(three_catego
 def test_results_json_reads_back_into_the_same_table(tmp_path):
     # What --resume builds on: values (NaN included), counts, configuration record and skipped files survive.
     metrics = {name: value for name, value in zip(METRIC_TITLES, (0.9, 0.123456789, math.nan, 0.5, 1.0, 0.25, 0.75))}
-    table = ResultsTable(tmp_path, "a run", True, 3, "tta-text", config={"model": {"num_views": 22}},
-                         skipped_files=["Cannot read image x.png (...)"])
+    table = ResultsTable(
+        tmp_path,
+        "a run",
+        True,
+        3,
+        "tta-text",
+        config={"model": {"num_views": 22}},
+        skipped_files=["Cannot read image x.png (...)"],
+    )
     table.add("bottle", metrics, 10)
     table.add("cable", {**metrics, "image_auroc": math.nan}, 4)
     read = ResultsTable.read(tmp_path)
@@ -150,18 +172,33 @@ def drop_config_record(run: Path) -> None:
 
 # (extra arguments, change to the copied run folder, fragments of the error line)
 RESUME_REFUSALS = {
-    "other-num-views": (["--model.init_args.num_views", "2"], None, ["model.num_views: 22 in the run, 2 now",
-                                                                      "config.yaml --resume"]),
+    "other-num-views": (
+        ["--model.init_args.num_views", "2"],
+        None,
+        ["model.num_views: 22 in the run, 2 now", "config.yaml --resume"],
+    ),
     "tta-added": (["--config", TEXT_TTA], None, ["model.tta: null in the run, {{"]),
-    "other-data-root": (["--data.init_args.root", "{tmp}/moved"], None,
-                        ["data.locations:", '{{"root": "{tmp}/moved"}} now']),
-    "reference-mode-tta": (["--config", REFERENCE_TTA], None, ["cannot be resumed", "tta.mode 'reference'",
-                                                               "run it again from the start"]),
-    "no-results": ([], lambda run: (run / "results.json").unlink(), ["results.json not found",
-                                                                     "start a new run without --resume"]),
+    "other-data-root": (
+        ["--data.init_args.root", "{tmp}/moved"],
+        None,
+        ["data.locations:", '{{"root": "{tmp}/moved"}} now'],
+    ),
+    "reference-mode-tta": (
+        ["--config", REFERENCE_TTA],
+        None,
+        ["cannot be resumed", "tta.mode 'reference'", "run it again from the start"],
+    ),
+    "no-results": (
+        [],
+        lambda run: (run / "results.json").unlink(),
+        ["results.json not found", "start a new run without --resume"],
+    ),
     "no-config-record": ([], drop_config_record, ["has no record of the run's configuration"]),
-    "not-a-results-file": ([], lambda run: (run / "results.json").write_text("{"), ["results.json",
-                                                                                   "not a results file"]),
+    "not-a-results-file": (
+        [],
+        lambda run: (run / "results.json").write_text("{"),
+        ["results.json", "not a results file"],
+    ),
 }
 
 
@@ -184,8 +221,10 @@ def test_the_same_seed_gives_the_same_table(data_root, text_cache, tmp_path):  #
     # Reference-mode TTA draws from the global RNG, so only the fixed seed makes it repeatable.
     documents = []
     for attempt, seed in (("first", 0), ("second", 0), ("other-seed", 1)):
-        in_process_run([*demo_test_args(data_root, tmp_path / attempt), "--config", REFERENCE_TTA,
-                        "--seed_everything", seed], text_cache)
+        in_process_run(
+            [*demo_test_args(data_root, tmp_path / attempt), "--config", REFERENCE_TTA, "--seed_everything", seed],
+            text_cache,
+        )
         documents.append(json.loads((run_dir(tmp_path / attempt) / "results.json").read_text()))
     assert documents[0] == documents[1]
     assert documents[2]["categories"] != documents[0]["categories"]
@@ -195,13 +234,17 @@ def test_the_same_seed_gives_the_same_table(data_root, text_cache, tmp_path):  #
 def test_tta_maps_do_not_depend_on_batch_size_or_order(data_root, text_cache, tmp_path):  # noqa: F811
     module = tiny_module(text_cache, tta=TTAConfig())
     data = MVTecDataModule(data_root, image_size=64, batch_size=1)
-    reversed_in_fours = DataLoader(data.dataset, batch_size=4, sampler=list(reversed(range(len(data.dataset)))),
-                                   collate_fn=collate_batch)  # batches that also mix categories
+    reversed_in_fours = DataLoader(
+        data.dataset, batch_size=4, sampler=list(reversed(range(len(data.dataset)))), collate_fn=collate_batch
+    )  # batches that also mix categories
 
     def per_image(**data_source):
         outputs = trainer(tmp_path).predict(module, **data_source)
-        return {path: (output["anomaly_map"][index], output["pred_score"][index])
-                for output in outputs for index, path in enumerate(output["image_path"])}
+        return {
+            path: (output["anomaly_map"][index], output["pred_score"][index])
+            for output in outputs
+            for index, path in enumerate(output["image_path"])
+        }
 
     one_by_one, reordered = per_image(datamodule=data), per_image(dataloaders=reversed_in_fours)
     assert list(reordered) == list(reversed(one_by_one))
@@ -218,11 +261,22 @@ def single_process_tta_run(data_root, text_cache, tmp_path_factory):  # noqa: F8
     return run_dir(save_dir)
 
 
-def test_ddp_with_tta_gives_the_single_process_table(single_process_tta_run, data_root, tmp_path,
-                                                     cli_env):  # noqa: F811
-    result = run_console_script([*demo_test_args(data_root, tmp_path), "--config", TEXT_TTA,
-                                 "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-                                cli_env, tmp_path)
+def test_ddp_with_tta_gives_the_single_process_table(single_process_tta_run, data_root, tmp_path, cli_env):  # noqa: F811
+    result = run_console_script(
+        [
+            *demo_test_args(data_root, tmp_path),
+            "--config",
+            TEXT_TTA,
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ],
+        cli_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     single = json.loads((single_process_tta_run / "results.json").read_text())
     distributed = json.loads((run_dir(tmp_path) / "results.json").read_text())
@@ -243,13 +297,37 @@ def test_a_failure_in_the_next_category_keeps_the_finished_rows(three_categories
 
 def test_predict_stops_on_sigterm_with_a_failure_status(three_categories, tmp_path, cli_env):  # noqa: F811
     output = tmp_path / "out"
-    args = ["predict", "--config", CONFIGS / "demo.yaml", "--data", "anovl.data.MVTecDataModule",
-            "--data.init_args.root", three_categories, "--data.init_args.batch_size", "1",
-            "--model.init_args.backbone", "anovl-tiny-vit", "--model.init_args.image_size", "64",
-            "--model.init_args.num_views", "22", "--trainer.enable_progress_bar", "false",
-            "--predictions.output_dir", output, "--trainer.logger.init_args.save_dir", tmp_path / "runs"]
-    process = subprocess.Popen([sys.executable, "-m", "anovl.cli", *map(str, args)], env=cli_env, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "predict",
+        "--config",
+        CONFIGS / "demo.yaml",
+        "--data",
+        "anovl.data.MVTecDataModule",
+        "--data.init_args.root",
+        three_categories,
+        "--data.init_args.batch_size",
+        "1",
+        "--model.init_args.backbone",
+        "anovl-tiny-vit",
+        "--model.init_args.image_size",
+        "64",
+        "--model.init_args.num_views",
+        "22",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--predictions.output_dir",
+        output,
+        "--trainer.logger.init_args.save_dir",
+        tmp_path / "runs",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anovl.cli", *map(str, args)],
+        env=cli_env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_file(output, "*/*_map.npy", process)
         process.send_signal(signal.SIGTERM)

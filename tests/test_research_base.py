@@ -19,21 +19,43 @@ METHODS = {
     "tfa": [*TINY_MODEL],
     "tta": ["--config", str(CONFIGS / "tta" / "text.yaml"), *TINY_MODEL],
     # WinCLIP takes over the demo's backbone settings; it has no views.
-    "winclip": ["--model", "anovl.models.WinCLIP", "--model.init_args.backbone", "anovl-tiny-vit",
-                "--model.init_args.image_size", "64", "--trainer.enable_progress_bar", "false"],
+    "winclip": [
+        "--model",
+        "anovl.models.WinCLIP",
+        "--model.init_args.backbone",
+        "anovl-tiny-vit",
+        "--model.init_args.image_size",
+        "64",
+        "--trainer.enable_progress_bar",
+        "false",
+    ],
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    data = generate_mvtec_like(tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1,
-                               image_size=64)
+    data = generate_mvtec_like(
+        tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1, image_size=64
+    )
     save_dir = tmp_path_factory.mktemp("runs")
     folders = {}
     for name, extra in METHODS.items():
-        main(["test", "--config", str(CONFIGS / "demo.yaml"), *extra,
-              "--data.init_args.root", str(data), "--data.init_args.generate", "false",
-              "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name])
+        main(
+            [
+                "test",
+                "--config",
+                str(CONFIGS / "demo.yaml"),
+                *extra,
+                "--data.init_args.root",
+                str(data),
+                "--data.init_args.generate",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                str(save_dir),
+                "--trainer.logger.init_args.name",
+                name,
+            ]
+        )
         (folders[name],) = (save_dir / name).iterdir()
     return folders
 
@@ -57,8 +79,18 @@ def test_three_methods_run_and_compare_under_distinct_labels(runs, tmp_path, cap
     assert f"| category | {shown['tfa']} | {shown['tta']} | {shown['winclip']} |" in table
 
     with pytest.raises(SystemExit):
-        main(["compare", *(str(folder) for folder in runs.values()), "--labels", "TFA", "TTA", "WinCLIP",
-              "--output", str(output)])
+        main(
+            [
+                "compare",
+                *(str(folder) for folder in runs.values()),
+                "--labels",
+                "TFA",
+                "TTA",
+                "WinCLIP",
+                "--output",
+                str(output),
+            ]
+        )
     assert "| category | TFA | TTA | WinCLIP |" in output.read_text()
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", *(str(folder) for folder in runs.values()), "--labels", "TFA", "TFA", "WinCLIP"])
@@ -72,8 +104,10 @@ def test_labels_name_every_setting_that_differs():
     assert setting_differences({**reference, "layers": (-1,)}, reference) == {}
     changed = {"layers": [0, 1, 2], "tta": {"lr": 0.01, "adapter_args": {"rank": 4}}, "num_views": 22}
     assert setting_differences(changed, reference) == {"layers": [0, 1, 2], "lr": 0.01, "rank": 4}
-    assert make_label("AnoVL", "tta-lowrank", setting_differences(changed, reference)) == \
-        "AnoVL-tta-lowrank[layers=0,1,2;lr=0.01;rank=4]"
+    assert (
+        make_label("AnoVL", "tta-lowrank", setting_differences(changed, reference))
+        == "AnoVL-tta-lowrank[layers=0,1,2;lr=0.01;rank=4]"
+    )
     # Keys that end alike keep as much of their path as tells them apart.
     clash = setting_differences({"a": {"lr": 1}, "b": {"lr": 2}}, {"a": {"lr": 0}, "b": {"lr": 0}})
     assert clash == {"a.lr": 1, "b.lr": 2}
@@ -85,8 +119,10 @@ def test_labels_name_every_setting_that_differs():
 
 def test_the_baseline_and_a_changed_run_never_share_a_label():
     with pytest.warns(UserWarning):
-        models = [AnoVL("anovl-tiny-vit", pretrained=None, **kwargs) for kwargs in
-                  ({}, {"layers": [0, 1, 2]}, {"num_views": 1})]
+        models = [
+            AnoVL("anovl-tiny-vit", pretrained=None, **kwargs)
+            for kwargs in ({}, {"layers": [0, 1, 2]}, {"num_views": 1})
+        ]
     labels = [model.label for model in models]
     assert len(set(labels)) == 3 and "layers=0,1,2" in labels[1] and "num_views=1" in labels[2]
 
@@ -106,15 +142,17 @@ class Constant(AnomalyModel):
 
     def forward(self, images, categories, prompt_names=None):
         images, _ = self.check_inputs(images, categories, prompt_names)
-        return ModelOutput(torch.full(images.shape[:1] + images.shape[2:], self.value), torch.full(images.shape[:1],
-                                                                                                   self.value))
+        return ModelOutput(
+            torch.full(images.shape[:1] + images.shape[2:], self.value), torch.full(images.shape[:1], self.value)
+        )
 
 
 def test_a_minimal_method_gets_the_framework(tmp_path):
     module = AnomalyModule(Constant(0.25), label="const")
     assert module.label == "const" and Constant(0.25).label == "Constant[value=0.25]"
-    maps, scores = module.anomaly_maps({"image": torch.zeros(2, 3, 32, 48), "category": ["a", "a"],
-                                        "prompt_name": ["a", "a"]})
+    maps, scores = module.anomaly_maps(
+        {"image": torch.zeros(2, 3, 32, 48), "category": ["a", "a"], "prompt_name": ["a", "a"]}
+    )
     assert maps.shape == (2, 32, 48) and torch.all(maps == 0.25) and torch.all(scores == 0.25)  # tiled for it
     with pytest.raises(AnovlError, match="must be an anovl.models.base.AnomalyModel"):
         AnomalyModule(torch.nn.Linear(2, 2))

@@ -17,8 +17,7 @@ from anovl.data import generate_mvtec_like
 from anovl.results import MEAN_ROW
 from tests.test_cli import CONFIGS, TINY_MODEL
 
-FULL_CONFIG_SECTIONS = {"model", "data", "trainer", "seed_everything", "plugins", "engine", "pictures",
-                        "predictions"}
+FULL_CONFIG_SECTIONS = {"model", "data", "trainer", "seed_everything", "plugins", "engine", "pictures", "predictions"}
 
 
 def read_wandb_log(path: Path) -> list:
@@ -35,10 +34,10 @@ def read_wandb_log(path: Path) -> list:
         if block - offset % block < 7:  # a block's tail too short for a header is zero padding
             offset += block - offset % block
             continue
-        checksum, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        checksum, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
         if length == 0 and kind == 0:
             break
-        payload = data[offset + 7:offset + 7 + length]
+        payload = data[offset + 7 : offset + 7 + length]
         offset += 7 + length
         assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == checksum  # CRC-32 of type and data
         pending += payload
@@ -48,8 +47,6 @@ def read_wandb_log(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
-
-
 
 
 def wandb_state(records: list) -> dict:
@@ -77,13 +74,27 @@ def wandb_state(records: list) -> dict:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1,
-                               image_size=64)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1, image_size=64
+    )
 
 
 def demo(data_root, save_dir, *extra):
-    main(["test", "--config", str(CONFIGS / "demo.yaml"), *TINY_MODEL, "--data.init_args.root", str(data_root),
-          "--data.init_args.batch_size", "4", "--trainer.logger.init_args.save_dir", str(save_dir), *extra])
+    main(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            *TINY_MODEL,
+            "--data.init_args.root",
+            str(data_root),
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            *extra,
+        ]
+    )
 
 
 TTA_VARIANTS = ("text", "lowrank", "linear")
@@ -96,9 +107,20 @@ def wandb_runs(data_root, tmp_path_factory):
     runs = {}
     for variant in TTA_VARIANTS:
         save_dir = tmp_path_factory.mktemp(f"wandb-{variant}")
-        demo(data_root, save_dir, "--config", str(CONFIGS / "wandb.yaml"),
-             "--config", str(CONFIGS / "tta" / f"{variant}.yaml"), "--model.init_args.tta.steps", "1",
-             "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.offline", "true")
+        demo(
+            data_root,
+            save_dir,
+            "--config",
+            str(CONFIGS / "wandb.yaml"),
+            "--config",
+            str(CONFIGS / "tta" / f"{variant}.yaml"),
+            "--model.init_args.tta.steps",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            "--trainer.logger.init_args.offline",
+            "true",
+        )
         wandb.teardown()  # what the end of the anovl process does: W&B's service writes out the run's log
         (run_dir,) = save_dir.glob("anovl/*")
         (log,) = save_dir.glob("wandb/offline-run-*/run-*.wandb")
@@ -134,14 +156,22 @@ def test_wandb_variants_share_one_group_with_short_distinct_names_and_variant_ta
         # The experiment is the first config file (configs/demo.yaml): every variant run on it is in its group.
         assert run.run_group == "demo" and state["config"]["run"]["group"] == "demo"
         assert run.display_name == f"syntheticmvtec-AnoVL-tta-{variant}"
-        assert set(run.tags) == {"syntheticmvtec", "AnoVL", f"tta-{variant}", "anovl-tiny-vit", "random-weights",
-                                 label if len(label) <= 64 else f"{label[:55]}#{hashlib.sha256(label.encode()).hexdigest()[:8]}"}
+        assert set(run.tags) == {
+            "syntheticmvtec",
+            "AnoVL",
+            f"tta-{variant}",
+            "anovl-tiny-vit",
+            "random-weights",
+            label if len(label) <= 64 else f"{label[:55]}#{hashlib.sha256(label.encode()).hexdigest()[:8]}",
+        }
         assert state["config"]["run"]["label"] == label and state["config"]["run"]["variant"] == f"tta-{variant}"
         # Metrics are summary values, not a one-point history.
-        assert "mean/pixel_auroc" in state["summary"] and not any("/" in key and not key.startswith("_")
-                                                                   and "pixel" in key for key in state["history"])
-        table_ref = {key.removeprefix("results/"): value for key, value in state["summary"].items()
-                     if key.startswith("results/")}
+        assert "mean/pixel_auroc" in state["summary"] and not any(
+            "/" in key and not key.startswith("_") and "pixel" in key for key in state["history"]
+        )
+        table_ref = {
+            key.removeprefix("results/"): value for key, value in state["summary"].items() if key.startswith("results/")
+        }
         table = json.loads((offline_dir / "files" / table_ref["path"]).read_text())
         assert table["columns"][:4] == ["label", "variant", "category", "images"]
         assert {tuple(row[:2]) for row in table["data"]} == {(label, f"tta-{variant}")}
@@ -156,8 +186,9 @@ def test_wandb_summary_and_table_hold_every_category_and_the_mean(wandb_run):
             assert state["summary"][f"{record['category']}/{metric}"] == pytest.approx(record[metric])
     assert state["summary"]["mean/pixel_auroc"] == pytest.approx(results["mean"]["pixel_auroc"])
     # W&B splits nested summary keys: the table's reference is results/_type, results/path, ...
-    table_ref = {key.removeprefix("results/"): value for key, value in state["summary"].items()
-                 if key.startswith("results/")}
+    table_ref = {
+        key.removeprefix("results/"): value for key, value in state["summary"].items() if key.startswith("results/")
+    }
     assert table_ref["_type"] == "table-file" and table_ref["nrows"] == 3
     table = json.loads((offline_dir / "files" / table_ref["path"]).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
@@ -179,12 +210,24 @@ def test_wandb_artifact_holds_the_results_files(wandb_run):
 def test_each_wandb_run_keeps_its_own_config(wandb_run, data_root, tmp_path):
     # Two runs in one save folder: each config.yaml in its run's folder, none shared.
     for categories in ("[fabric]", "[widget]"):
-        demo(data_root, tmp_path, "--config", str(CONFIGS / "wandb.yaml"), "--trainer.logger.init_args.save_dir",
-             str(tmp_path), "--trainer.logger.init_args.offline", "true", "--data.init_args.categories", categories)
+        demo(
+            data_root,
+            tmp_path,
+            "--config",
+            str(CONFIGS / "wandb.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.offline",
+            "true",
+            "--data.init_args.categories",
+            categories,
+        )
     configs = sorted(tmp_path.glob("anovl/*/config.yaml"))
     assert len(configs) == 2 and not (tmp_path / "config.yaml").exists()
-    assert sorted(yaml.safe_load(path.read_text())["data"]["init_args"]["categories"][0] for path in configs) == \
-        ["fabric", "widget"]
+    assert sorted(yaml.safe_load(path.read_text())["data"]["init_args"]["categories"][0] for path in configs) == [
+        "fabric",
+        "widget",
+    ]
 
 
 def test_csv_run_has_full_hparams_and_no_metrics_csv(data_root, tmp_path):
@@ -210,15 +253,25 @@ def test_resumed_run_keeps_its_first_config(data_root, tmp_path):
     demo(data_root, tmp_path, "--resume", str(run_dir))
     assert (run_dir / "config.yaml").read_text() == first
     assert "--resume" not in first and yaml.safe_load((run_dir / "config.1.yaml").read_text())["resume"] == str(run_dir)
-    assert [row["category"] for row in json.loads((run_dir / "results.json").read_text())["categories"]] == \
-        ["fabric", "widget"]
+    assert [row["category"] for row in json.loads((run_dir / "results.json").read_text())["categories"]] == [
+        "fabric",
+        "widget",
+    ]
 
 
 def test_tensorboard_logger_works(data_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    demo(data_root, tmp_path, "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "tb")
+    demo(
+        data_root,
+        tmp_path,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.name",
+        "tb",
+    )
     (run_dir,) = tmp_path.glob("tb/*")
     results = json.loads((run_dir / "results.json").read_text())
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
@@ -243,6 +296,14 @@ def test_failed_run_removes_the_empty_folder_it_created(tmp_path, capsys):
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        demo(bad, save_dir, "--data.init_args.generate", "false", "--data.init_args.categories", "[widget]",
-             "--run_dir", str(run_dir))
+        demo(
+            bad,
+            save_dir,
+            "--data.init_args.generate",
+            "false",
+            "--data.init_args.categories",
+            "[widget]",
+            "--run_dir",
+            str(run_dir),
+        )
     assert (run_dir / "notes.txt").read_text() == "mine"

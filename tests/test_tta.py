@@ -52,8 +52,9 @@ def test_loss_against_hand_computation():
     assert got.shape == (1,)
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # Unlabelled clean tokens leave the label term; the corrupted term stays.
-    partial = tta_loss(state_log_probs(clean, states), state_log_probs(noisy, states),
-                       torch.tensor([[1, -1]]), 1.0, 0.5)
+    partial = tta_loss(
+        state_log_probs(clean, states), state_log_probs(noisy, states), torch.tensor([[1, -1]]), 1.0, 0.5
+    )
     expected_partial = entropy + 0.5 * (-math.log(pc[0][1]) + (-math.log(pz[0][1]) - math.log(pz[1][1])) / 2)
     assert partial.item() == pytest.approx(expected_partial, rel=1e-6)
 
@@ -62,8 +63,9 @@ def test_tfa_threshold_pseudo_labels():
     states = torch.eye(2)[None]
     angles = torch.linspace(0, math.pi / 2, 10)
     tokens = torch.stack([torch.cos(angles), torch.sin(angles)], -1)[None]  # abnormality rises with the angle
-    labels = pseudo_labels(tokens, states, TTAConfig(pseudo_labels="tfa_threshold", normal_quantile=0.3,
-                                                     abnormal_quantile=0.8))
+    labels = pseudo_labels(
+        tokens, states, TTAConfig(pseudo_labels="tfa_threshold", normal_quantile=0.3, abnormal_quantile=0.8)
+    )
     assert labels.tolist() == [[0, 0, 0, -1, -1, -1, -1, -1, 1, 1]]
     assert pseudo_labels(tokens, states, TTAConfig()).eq(0).all()
 
@@ -84,7 +86,7 @@ def test_batched_equals_one_at_a_time_and_order_independent():
     config = TTAConfig()
     batched = run(config, tokens, states, sentences)
     for i, seed in enumerate((11, 22, 33)):
-        single = run(config, tokens[i:i + 1], states[i:i + 1], sentences[i:i + 1], seeds=[seed])
+        single = run(config, tokens[i : i + 1], states[i : i + 1], sentences[i : i + 1], seeds=[seed])
         torch.testing.assert_close(single[0], batched[i], rtol=1e-5, atol=1e-6)
     order = [2, 0, 1]
     permuted = run(config, tokens[order], states[order], sentences[order], seeds=[33, 11, 22])
@@ -99,8 +101,9 @@ def test_reference_mode_reproduces_the_authors_loop_and_depends_on_order():
     def ours(order):
         torch.manual_seed(5)
         tta = TestTimeAdaptation(TTAConfig(mode="reference"))
-        adapted = run(tta.config, tokens[order], states[order], sentences[order], seeds=[0, 0],
-                      categories=["a", "a"], tta=tta)
+        adapted = run(
+            tta.config, tokens[order], states[order], sentences[order], seeds=[0, 0], categories=["a", "a"], tta=tta
+        )
         return {i: adapted[k] for k, i in enumerate(order)}
 
     for order in ([0, 1], [1, 0]):
@@ -180,14 +183,17 @@ def test_register_a_new_adapter():
         ADAPTERS.pop("test-scale")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "tta.steps must be at least 1"),
-    ({"adapter": "nope"}, "tta.adapter must be one of"),
-    ({"mode": "fast"}, "tta.mode"),
-    ({"corruption": "blur"}, "tta.corruption"),
-    ({"lr": 0}, "tta.lr"),
-    ({"normal_quantile": 0.9, "abnormal_quantile": 0.5}, "quantile"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "tta.steps must be at least 1"),
+        ({"adapter": "nope"}, "tta.adapter must be one of"),
+        ({"mode": "fast"}, "tta.mode"),
+        ({"corruption": "blur"}, "tta.corruption"),
+        ({"lr": 0}, "tta.lr"),
+        ({"normal_quantile": 0.9, "abnormal_quantile": 0.5}, "quantile"),
+    ],
+)
 def test_bad_configs(kwargs, message):
     with pytest.raises(AnovlError, match=message):
         TTAConfig(**kwargs)
@@ -243,7 +249,9 @@ def test_image_corruption_branch(tta_models):
     assert not torch.allclose(from_images.anomaly_map, token(images, ["bottle"] * 2).anomaly_map, atol=1e-6)
 
 
-@pytest.mark.parametrize(("adapter", "labels"), [("text", "reference"), ("linear", "tfa_threshold"), ("lowrank", "reference")])
+@pytest.mark.parametrize(
+    ("adapter", "labels"), [("text", "reference"), ("linear", "tfa_threshold"), ("lowrank", "reference")]
+)
 def test_adaptation_steps_need_no_values(adapter, labels):
     """On the meta device nothing has a value: .item(), .cpu(), a selection through a boolean index or a Python
     `if` on a tensor would raise; on CUDA each of those would stop the host until the device caught up, at every
@@ -253,6 +261,7 @@ def test_adaptation_steps_need_no_values(adapter, labels):
     tokens, states, sentences = (torch.randn(shape, device="meta") for shape in ((2, 16, 8), (2, 2, 8), (2, 6, 8)))
     module = create_adapter(adapter, 8, sentences, None)
     with torch.enable_grad():
-        adapted, losses = tta._train(module, tta._optimizer(module), tokens, states, None,
-                                     lambda: torch.randn_like(tokens), None)
+        adapted, losses = tta._train(
+            module, tta._optimizer(module), tokens, states, None, lambda: torch.randn_like(tokens), None
+        )
     assert adapted.shape == (2, 16, 8) and losses.shape == (2, 2)

@@ -33,14 +33,27 @@ def label_parts(label: str) -> tuple[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return generate_mvtec_like(tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1,
-                               image_size=64)
+    return generate_mvtec_like(
+        tmp_path_factory.mktemp("data"), ("fabric", "widget"), n_good=2, n_defect=1, image_size=64
+    )
 
 
 def run_test(data_root: Path, save_dir: Path, *extra: str) -> dict:
-    main(["test", "--config", str(CONFIGS / "demo.yaml"), *extra, *TINY_MODEL,
-          "--data.init_args.root", str(data_root), "--data.init_args.batch_size", "4",
-          "--trainer.logger.init_args.save_dir", str(save_dir)])
+    main(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            *extra,
+            *TINY_MODEL,
+            "--data.init_args.root",
+            str(data_root),
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+        ]
+    )
     (results,) = save_dir.glob("demo/*/results.json")
     return json.loads(results.read_text())
 
@@ -74,9 +87,21 @@ def test_every_variant_gets_its_own_label():
 
 
 def wandb_init(tmp_path, *extra):
-    cli = AnovlCLI(args=["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "wandb.yaml"), *extra,
-                         *TINY_MODEL, "--data.init_args.root", str(tmp_path / "data"),
-                         "--trainer.logger.init_args.offline", "true"], run=False)
+    cli = AnovlCLI(
+        args=[
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--config",
+            str(CONFIGS / "wandb.yaml"),
+            *extra,
+            *TINY_MODEL,
+            "--data.init_args.root",
+            str(tmp_path / "data"),
+            "--trainer.logger.init_args.offline",
+            "true",
+        ],
+        run=False,
+    )
     return cli.model.label, cli.trainer.logger._wandb_init
 
 
@@ -88,18 +113,40 @@ def test_wandb_runs_are_named_by_variant_grouped_by_experiment_and_tagged(tmp_pa
     assert init["name"] == "syntheticmvtec-AnoVL-tta-lowrank" and init["group"] == "demo"
     # The full label is a tag too, shortened with a hash of it where W&B's 64 characters are too few.
     label_tag = label if len(label) <= 64 else label[:55] + "#" + hashlib.sha256(label.encode()).hexdigest()[:8]
-    assert set(init["tags"]) == {"AnoVL", "tta-lowrank", "syntheticmvtec", "anovl-tiny-vit", "random-weights",
-                                 label_tag}
+    assert set(init["tags"]) == {
+        "AnoVL",
+        "tta-lowrank",
+        "syntheticmvtec",
+        "anovl-tiny-vit",
+        "random-weights",
+        label_tag,
+    }
     # Rank 4 and rank 16 are variants of one experiment: one group, told apart by their label tags.
-    rank_4, init_4 = wandb_init(tmp_path, "--config", str(CONFIGS / "tta" / "lowrank.yaml"),
-                                "--model.init_args.tta.adapter_args", "{rank: 4}")
+    rank_4, init_4 = wandb_init(
+        tmp_path, "--config", str(CONFIGS / "tta" / "lowrank.yaml"), "--model.init_args.tta.adapter_args", "{rank: 4}"
+    )
     assert "rank=4" in rank_4 and init_4["group"] == init["group"] and init_4["name"] == init["name"]
     assert set(init_4["tags"]) - set(init["tags"])  # the label tags differ
     # A grid's (or the user's) variant key, group and version.
     long_label = "x" * 80
-    cli = AnovlCLI(args=["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "wandb.yaml"), *TINY_MODEL,
-                         "--data.init_args.root", str(tmp_path / "data"), "--engine.variant", "TTA-r4",
-                         "--engine.group", "sweep", "--engine.label", long_label], run=False)
+    cli = AnovlCLI(
+        args=[
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--config",
+            str(CONFIGS / "wandb.yaml"),
+            *TINY_MODEL,
+            "--data.init_args.root",
+            str(tmp_path / "data"),
+            "--engine.variant",
+            "TTA-r4",
+            "--engine.group",
+            "sweep",
+            "--engine.label",
+            long_label,
+        ],
+        run=False,
+    )
     init_grid = cli.trainer.logger._wandb_init
     assert init_grid["name"] == "syntheticmvtec-AnoVL-TTA-r4" and init_grid["group"] == "sweep"
     init_grid["name"] = None
@@ -124,7 +171,9 @@ def test_compare_puts_variants_side_by_side(data_root, tfa_results, tmp_path, ca
     labels = [markdown_cell(tfa_results[1]["label"]), markdown_cell(tta_results["label"])]
     assert "\\[" in labels[1] and f"| category | {labels[0]} | {labels[1]} |" in table
     tfa_mean, tta_mean = tfa_results[1]["mean"]["pixel_auroc"], tta_results["mean"]["pixel_auroc"]
-    assert f"| **mean (all categories)** | **{tfa_mean:.1f}** | **{tta_mean:.1f} ({tta_mean - tfa_mean:+.1f})** |" in table
+    assert (
+        f"| **mean (all categories)** | **{tfa_mean:.1f}** | **{tta_mean:.1f} ({tta_mean - tfa_mean:+.1f})** |" in table
+    )
     assert "random weights" in capsys.readouterr().out
 
 

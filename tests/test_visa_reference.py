@@ -22,8 +22,12 @@ from tests.conftest import TINY
 from tests.reference.visa import naive_independent_tta, naive_reference_tta, naive_tfa
 from tests.test_cli import CONFIGS, TINY_MODEL
 from tests.test_lightning import trainer
-from tests.test_reliability_input import (_cli_in_process, assert_one_error_line,  # noqa: F401 (fixtures)
-                                          run_main, text_cache)
+from tests.test_reliability_input import (
+    _cli_in_process,
+    assert_one_error_line,  # noqa: F401 (fixtures)
+    run_main,
+    text_cache,
+)
 
 S = 64
 WIDTHS = (96, 112)  # diff = 32 and 48: overlaps of half and a quarter of a tile
@@ -65,8 +69,7 @@ def test_training_free_maps_and_scores_equal_the_naive_run(tfa_model, text_cache
         torch.testing.assert_close(output.pred_score[index], score, **TOLERANCE)
         torch.testing.assert_close(output.patch_tokens[0][index], tokens.flatten(0, 1), **TOLERANCE)
     # The 22 views of the reference MVTec score would change the score; the map stays.
-    with_views = tiny(text_cache, wide_images="separate-tiles", num_views=22)(
-        images, [CATEGORY] * 2)
+    with_views = tiny(text_cache, wide_images="separate-tiles", num_views=22)(images, [CATEGORY] * 2)
     torch.testing.assert_close(with_views.anomaly_map, output.anomaly_map, **TOLERANCE)
     assert (with_views.pred_score - output.pred_score).abs().min() > 1e-4
 
@@ -82,8 +85,9 @@ def test_reference_mode_tta_equals_the_authors_loop_across_widths(reference_tta_
     reference_tta_model.start_category(CATEGORY)
     torch.manual_seed(7)
     outputs = [reference_tta_model(batch, [CATEGORY] * len(batch)) for batch in batches]
-    expected = naive_reference_tta(reference_tta_model, [image for batch in batches for image in batch], CATEGORY,
-                                   seed=7)
+    expected = naive_reference_tta(
+        reference_tta_model, [image for batch in batches for image in batch], CATEGORY, seed=7
+    )
     got = [anomaly_map for output in outputs for anomaly_map in output.anomaly_map]
     for got_map, expected_map in zip(got, expected, strict=True):
         torch.testing.assert_close(got_map, expected_map, **TOLERANCE)
@@ -108,7 +112,7 @@ def test_independent_mode_tta_equals_the_naive_run_per_image(independent_tta_mod
     for index, expected in enumerate(naive):
         torch.testing.assert_close(output.anomaly_map[index], expected, **TOLERANCE)
         # Alone, or in another batch position: the same map.
-        alone = independent_tta_model(images[index:index + 1], [CATEGORY])
+        alone = independent_tta_model(images[index : index + 1], [CATEGORY])
         torch.testing.assert_close(alone.anomaly_map[0], output.anomaly_map[index], **TOLERANCE)
     reversed_batch = independent_tta_model(images.flip(0), [CATEGORY] * 3)
     torch.testing.assert_close(reversed_batch.anomaly_map.flip(0), output.anomaly_map, **TOLERANCE)
@@ -116,7 +120,8 @@ def test_independent_mode_tta_equals_the_naive_run_per_image(independent_tta_mod
     # The comparison can tell per-tile adapters (each tile its own adapter and loss) from the shared one.
     assert (output.anomaly_map - output.tfa_map).abs().max() > 1e-4  # it did adapt
     per_tile = tiny(text_cache, tta=TTAConfig(adapter="linear"), wide_images="separate-tiles", num_views=1)(
-        images, [CATEGORY] * 3)
+        images, [CATEGORY] * 3
+    )
     torch.testing.assert_close(per_tile.tfa_map, output.tfa_map, **TOLERANCE)  # the same training-free map
     torch.testing.assert_close(per_tile.pred_score, output.pred_score, **TOLERANCE)  # and score, without views
     assert (per_tile.anomaly_map - output.anomaly_map).abs().max() > 100 * TOLERANCE["atol"]
@@ -150,8 +155,9 @@ def test_the_comparison_tells_a_softmax_before_stitching(text_cache, monkeypatch
 @pytest.fixture(scope="module")
 def visa_root(tmp_path_factory):
     """One category of 5 wide images (an odd count, so two DDP processes need a padded copy)."""
-    return generate_visa_like(tmp_path_factory.mktemp("visa"), {CATEGORY: "widget"}, n_good=1, n_defect=1,
-                              image_size=(S, WIDTHS[0]))
+    return generate_visa_like(
+        tmp_path_factory.mktemp("visa"), {CATEGORY: "widget"}, n_good=1, n_defect=1, image_size=(S, WIDTHS[0])
+    )
 
 
 class MapsPerImage(Callback):
@@ -182,7 +188,8 @@ def test_the_module_hands_whole_wide_images_to_anovl(visa_root, text_cache, tmp_
     module = AnomalyModule(tiny(text_cache, tta=TTAConfig(adapter="linear", steps=2)))
     whole = MapsPerImage()
     trainer(tmp_path / "whole", callbacks=[whole]).test(
-        module, datamodule=VisADataModule(visa_root, image_size=S, mode="tile", batch_size=3))
+        module, datamodule=VisADataModule(visa_root, image_size=S, mode="tile", batch_size=3)
+    )
     assert module.results.image_counts == {CATEGORY: 5} and len(whole.outputs) == 5
     dataset = VisADataModule(visa_root, image_size=S, mode="tile")
     dataset.setup("test")
@@ -198,7 +205,8 @@ def test_the_module_hands_whole_wide_images_to_anovl(visa_root, text_cache, tmp_
         share = MapsPerImage()
         sharded = AnomalyModule(tiny(text_cache, tta=TTAConfig(adapter="linear", steps=2)))
         trainer(tmp_path / str(rank), callbacks=[share]).test(
-            sharded, datamodule=ShardedVisA(visa_root, image_size=S, mode="tile", rank=rank))
+            sharded, datamodule=ShardedVisA(visa_root, image_size=S, mode="tile", rank=rank)
+        )
         shares.append(share.outputs)
         assert sharded.results.image_counts == {CATEGORY: 3 - rank}  # rank 1's padded copy left out
     assert sorted([*shares[0], *shares[1]]) == sorted(whole.outputs)
@@ -208,13 +216,30 @@ def test_the_module_hands_whole_wide_images_to_anovl(visa_root, text_cache, tmp_
 
 
 def visa_cli_args(root, save_dir, *extra):
-    return ["test", "--data", "anovl.data.VisADataModule", *TINY_MODEL, "--pictures.max_per_category", "0",
-            "--data.init_args.root", root, "--data.init_args.mode", "tile", "--config", CONFIGS / "tta" / "linear.yaml",
-            "--model.init_args.tta.steps", "1", "--trainer.logger.init_args.save_dir", save_dir, *extra]
+    return [
+        "test",
+        "--data",
+        "anovl.data.VisADataModule",
+        *TINY_MODEL,
+        "--pictures.max_per_category",
+        "0",
+        "--data.init_args.root",
+        root,
+        "--data.init_args.mode",
+        "tile",
+        "--config",
+        CONFIGS / "tta" / "linear.yaml",
+        "--model.init_args.tta.steps",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        save_dir,
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize(("first", "then"), [("visa-reference", "separate-tiles"),
-                                             ("separate-tiles", "visa-reference")])
+@pytest.mark.parametrize(
+    ("first", "then"), [("visa-reference", "separate-tiles"), ("separate-tiles", "visa-reference")]
+)
 def test_a_run_cannot_be_resumed_with_the_other_tile_setting(visa_root, tmp_path, capsys, first, then):
     status, _, stderr = run_main(visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", first), capsys)
     assert status == 0, stderr
@@ -222,8 +247,9 @@ def test_a_run_cannot_be_resumed_with_the_other_tile_setting(visa_root, tmp_path
     record = json.loads((run / "results.json").read_text())
     assert record["config"]["model"]["wide_images"] == first
     assert ("wide_images=separate-tiles" in record["label"]) == (first == "separate-tiles")
-    status, _, stderr = run_main(visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", then,
-                                               "--resume", run), capsys)
+    status, _, stderr = run_main(
+        visa_cli_args(visa_root, tmp_path, "--model.init_args.wide_images", then, "--resume", run), capsys
+    )
     assert_one_error_line(status, stderr, f'model.wide_images: "{first}" in the run, "{then}" now')
 
 

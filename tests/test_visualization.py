@@ -165,9 +165,14 @@ def test_output_components_cannot_leave_their_folder(tmp_path):
 
 
 def test_output_names_never_clash_and_do_not_depend_on_order():
-    images = [("/d/parts/img.png", "img.png"), ("/d/parts/img.jpg", "img.jpg"), ("/d/parts/img.JPG", "img.JPG"),
-              ("/d/parts/other.png", "other.png"),
-              ("/d/parts/good/a/x.png", "good/a/x.png"), ("/d/parts/bad/a/x.png", "bad/a/x.png")]
+    images = [
+        ("/d/parts/img.png", "img.png"),
+        ("/d/parts/img.jpg", "img.jpg"),
+        ("/d/parts/img.JPG", "img.JPG"),
+        ("/d/parts/other.png", "other.png"),
+        ("/d/parts/good/a/x.png", "good/a/x.png"),
+        ("/d/parts/bad/a/x.png", "bad/a/x.png"),
+    ]
     listing = [(path, key, "parts") for path, key in images]
     names = OutputNames(listing)
     stems = [names.stem(path, "parts") for path, _ in images]

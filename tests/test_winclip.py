@@ -32,8 +32,14 @@ def test_window_masks_list_every_window_row_by_row(grid, scale):
 
 def test_window_masks_equal_anomalibs_documented_example():
     # anomalib's make_masks((4, 4), 2) docstring, one column per window: here one row per window.
-    expected = torch.tensor([[0, 1, 2, 4, 5, 6, 8, 9, 10], [1, 2, 3, 5, 6, 7, 9, 10, 11],
-                             [4, 5, 6, 8, 9, 10, 12, 13, 14], [5, 6, 7, 9, 10, 11, 13, 14, 15]]).T
+    expected = torch.tensor(
+        [
+            [0, 1, 2, 4, 5, 6, 8, 9, 10],
+            [1, 2, 3, 5, 6, 7, 9, 10, 11],
+            [4, 5, 6, 8, 9, 10, 12, 13, 14],
+            [5, 6, 7, 9, 10, 11, 13, 14, 15],
+        ]
+    ).T
     assert torch.equal(window_masks(4, 2), expected)
     # ViT-B-16-plus-240's 15×15 grid: 196 windows of 2×2 and 169 of 3×3 (anomalib's encode_image docstring).
     assert window_masks(15, 2).shape == (196, 4) and window_masks(15, 3).shape == (169, 9)
@@ -138,7 +144,7 @@ def test_forward_composes_the_scales_and_keeps_images_independent(winclip):
     assert torch.allclose(out.anomaly_map, F.interpolate(grid_map[:, None], size=(64, 64), mode="bilinear")[:, 0])
     # Each image alone gives what it gets in a mixed batch.
     for index in range(3):
-        alone = winclip(images[index:index + 1], categories[index:index + 1])
+        alone = winclip(images[index : index + 1], categories[index : index + 1])
         assert torch.allclose(alone.anomaly_map[0], out.anomaly_map[index], atol=1e-6)
         assert torch.allclose(alone.pred_score[0], out.pred_score[index], atol=1e-6)
     # The prompt name, not the category, goes into the prompts.

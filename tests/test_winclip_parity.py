@@ -38,8 +38,10 @@ LOGIT_SCALE = 3.0  # exp(3) ≈ 20, far from anomalib's 1/0.07 ≈ 14.3: using l
 @pytest.fixture(scope="module")
 def parity_inputs(tmp_path_factory):
     if not (REFERENCE_DIR / "anomalib").is_dir():
-        pytest.skip(f"anomalib reference install missing at {REFERENCE_DIR}; create it with: .venv/bin/pip install "
-                    "-q --no-deps --upgrade --target .venv/anomalib-ref -r tests/reference/requirements-anomalib.txt")
+        pytest.skip(
+            f"anomalib reference install missing at {REFERENCE_DIR}; create it with: .venv/bin/pip install "
+            "-q --no-deps --upgrade --target .venv/anomalib-ref -r tests/reference/requirements-anomalib.txt"
+        )
     folder = tmp_path_factory.mktemp("winclip-parity")
     config = folder / "winclip-parity-vit.json"
     config.write_text(json.dumps(CONFIG))
@@ -59,7 +61,9 @@ def parity_inputs(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, str(RUNNER), str(config), str(weights), str(inputs), str(output)],
         env={**os.environ, "PYTHONPATH": str(REFERENCE_DIR), "PYTHONWARNINGS": "ignore"},
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, f"anomalib runner failed:\n{result.stdout}\n{result.stderr[-4000:]}"
     with warnings.catch_warnings():

@@ -5,6 +5,15 @@ from anovl.backbones.registry import ENCODERS, check_supported, inspect_config
 from anovl.backbones.value_wise import BlockOps, ValueWiseViT, VisualTokens, register_block_ops, register_encoder
 
 __all__ = [
-    "ENCODERS", "Backbone", "BlockOps", "ValueWiseViT", "VisualTokens", "check_supported", "create_backbone",
-    "inspect_config", "register_block_ops", "register_encoder", "register_model_config",
+    "ENCODERS",
+    "Backbone",
+    "BlockOps",
+    "ValueWiseViT",
+    "VisualTokens",
+    "check_supported",
+    "create_backbone",
+    "inspect_config",
+    "register_block_ops",
+    "register_encoder",
+    "register_model_config",
 ]

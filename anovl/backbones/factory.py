@@ -202,10 +202,15 @@ def _resize_positions_bilinear(visual: nn.Module, image_size: int, name: str) ->
     """Resize an open_clip ViT's class-token positional embedding to ``image_size`` bilinearly (align_corners=False)."""
     positions = getattr(visual, "positional_embedding", None)
     grid = getattr(visual, "grid_size", None)
-    if not isinstance(visual, open_clip.transformer.VisionTransformer) or positions is None or \
-            positions.shape[0] != grid[0] * grid[1] + 1:
-        raise AnovlError(f"bilinear position interpolation needs an open_clip ViT with a class token; {name} "
-                         "has another vision tower (use position_interpolation='bicubic')")
+    if (
+        not isinstance(visual, open_clip.transformer.VisionTransformer)
+        or positions is None
+        or positions.shape[0] != grid[0] * grid[1] + 1
+    ):
+        raise AnovlError(
+            f"bilinear position interpolation needs an open_clip ViT with a class token; {name} "
+            "has another vision tower (use position_interpolation='bicubic')"
+        )
     side = image_size // visual.patch_size[0]
     width = positions.shape[1]
     patches = positions[1:].reshape(1, grid[0], grid[1], width).permute(0, 3, 1, 2)

@@ -89,7 +89,9 @@ class OpenClipViT(ValueWiseViT):
     def __init__(self, visual: VisionTransformer):
         super().__init__(visual, visual.transformer.resblocks)
         # The reference head keeps its exact op order: LN of the class token alone, then the projection.
-        self._class_token_head = visual.attn_pool is None and visual.pool_type == "tok" and not visual.final_ln_after_pool
+        self._class_token_head = (
+            visual.attn_pool is None and visual.pool_type == "tok" and not visual.final_ln_after_pool
+        )
 
     @classmethod
     def unsupported(cls, tower: nn.Module) -> list[str] | None:
@@ -133,7 +135,7 @@ class OpenClipViT(ValueWiseViT):
             pooler = visual.attn_pool
             mha = pooler.attn
             # one key: every query's output is the value path of that key
-            v_weight = mha.in_proj_weight[2 * mha.embed_dim:] if mha._qkv_same_embed_dim else mha.v_proj_weight
-            v_bias = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * mha.embed_dim:]
+            v_weight = mha.in_proj_weight[2 * mha.embed_dim :] if mha._qkv_same_embed_dim else mha.v_proj_weight
+            v_bias = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * mha.embed_dim :]
             patch_tokens = mha.out_proj(F.linear(pooler.ln_k(patch_tokens), v_weight, v_bias))
         return visual.ln_post(patch_tokens) @ visual.proj

@@ -49,16 +49,20 @@ def unsupported_reasons(tower: nn.Module) -> tuple[type[ValueWiseViT] | None, li
     kind = describe_tower(tower)
     if _blocks_of(tower) is None:
         return None, [f"its vision tower {kind} is not a transformer with global self-attention"]
-    return None, [f"its vision tower {kind} has blocks the V-V path does not know "
-                  f"({'; '.join(block_ops_for(_blocks_of(tower))[1]) or 'other attention'})"]
+    return None, [
+        f"its vision tower {kind} has blocks the V-V path does not know "
+        f"({'; '.join(block_ops_for(_blocks_of(tower))[1]) or 'other attention'})"
+    ]
 
 
 def check_supported(visual: nn.Module, name: str = "backbone") -> type[ValueWiseViT]:
     """The encoder class for a built vision tower, or one clear error naming the model and the reason."""
     encoder, reasons = unsupported_reasons(visual)
     if reasons:
-        raise AnovlError(f"{name} is not supported by the V-V path: {'; '.join(reasons)}; "
-                         "choose a ViT backbone such as ViT-B-16-plus-240 (docs/backbones.md lists them)")
+        raise AnovlError(
+            f"{name} is not supported by the V-V path: {'; '.join(reasons)}; "
+            "choose a ViT backbone such as ViT-B-16-plus-240 (docs/backbones.md lists them)"
+        )
     assert encoder is not None  # no reasons: some encoder takes it
     return encoder
 
@@ -76,9 +80,11 @@ def meta_tower(config: dict[str, Any]) -> nn.Module:
 def inspect_config(name: str, config: dict[str, Any]) -> int:
     """Check that ``name``'s vision tower runs the V-V path; return its patch size (pixels per token side)."""
     if isinstance(config["vision_cfg"].get("layers"), (list, tuple)):
-        raise AnovlError(f"{name} is not supported by the V-V path: its vision tower is a ModifiedResNet "
-                         "(convolutional, no value projections per token); choose a ViT backbone such as "
-                         "ViT-B-16-plus-240 (docs/backbones.md lists them)")
+        raise AnovlError(
+            f"{name} is not supported by the V-V path: its vision tower is a ModifiedResNet "
+            "(convolutional, no value projections per token); choose a ViT backbone such as "
+            "ViT-B-16-plus-240 (docs/backbones.md lists them)"
+        )
     try:
         tower = meta_tower(config)
     except Exception as error:  # timm/open_clip raise assorted types for configs they cannot build

@@ -24,8 +24,10 @@ def check_prompt_text_tower(name: str, config: dict[str, Any], why: str) -> None
     """One clear error when ``name``'s text tower is not open_clip's own transformer (``why`` needs it)."""
     hf_name = config.get("text_cfg", {}).get("hf_model_name")
     if hf_name:
-        raise AnovlError(f"{why} needs open_clip's own text transformer, but the text tower of {name} is the "
-                         f"Hugging Face model {hf_name!r}; choose a backbone without hf_model_name in its text_cfg")
+        raise AnovlError(
+            f"{why} needs open_clip's own text transformer, but the text tower of {name} is the "
+            f"Hugging Face model {hf_name!r}; choose a backbone without hf_model_name in its text_cfg"
+        )
 
 
 class PromptTextTower:
@@ -59,8 +61,14 @@ class PromptTextTower:
         """(P, L) token ids → (P, L, width) input embeddings, before positions."""
         return self.text.token_embedding(token_ids).to(self.text.transformer.get_cast_dtype())
 
-    def encode(self, embeddings: torch.Tensor, token_ids: torch.Tensor, deep_tokens: Sequence[torch.Tensor] = (),
-               deep_start: int = 1, deep_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_tokens: Sequence[torch.Tensor] = (),
+        deep_start: int = 1,
+        deep_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """Text embeddings (P, D), unnormalised, of ``embeddings`` (P, L, width) standing for ``token_ids`` (P, L).
 
         ``deep_tokens[i]`` (T, width) replaces positions ``deep_start .. deep_start+T`` of every sequence before
@@ -70,8 +78,10 @@ class PromptTextTower:
         """
         text = self.text
         if len(deep_tokens) >= self.num_layers:
-            raise AnovlError(f"{len(deep_tokens)} layers of deep text tokens need more than the text tower's "
-                             f"{self.num_layers} blocks")
+            raise AnovlError(
+                f"{len(deep_tokens)} layers of deep text tokens need more than the text tower's "
+                f"{self.num_layers} blocks"
+            )
         dtype = text.transformer.get_cast_dtype()
         x = embeddings.to(dtype)
         seq_len = x.shape[1]
@@ -90,7 +100,7 @@ class PromptTextTower:
                 if deep_dtype is not None:
                     tokens = tokens.to(deep_dtype)
                 tokens = tokens.to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :deep_start], tokens, x[:, deep_start + tokens.shape[1]:]], 1)
+                x = torch.cat([x[:, :deep_start], tokens, x[:, deep_start + tokens.shape[1] :]], 1)
             if batch_first:
                 x = block(x, attn_mask=attn_mask)
             else:

@@ -66,8 +66,12 @@ class TimmBlockOps(BlockOps):
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
             half = getattr(attn, "rotate_half", False)
-            q = torch.cat([q[:, :, :num_prefix], apply_rot_embed_cat(q[:, :, num_prefix:], rope, half=half)], 2).type_as(v)
-            k = torch.cat([k[:, :, :num_prefix], apply_rot_embed_cat(k[:, :, num_prefix:], rope, half=half)], 2).type_as(v)
+            q = torch.cat(
+                [q[:, :, :num_prefix], apply_rot_embed_cat(q[:, :, num_prefix:], rope, half=half)], 2
+            ).type_as(v)
+            k = torch.cat(
+                [k[:, :, :num_prefix], apply_rot_embed_cat(k[:, :, num_prefix:], rope, half=half)], 2
+            ).type_as(v)
         groups = getattr(attn, "num_kv_groups", 1)
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -173,7 +177,9 @@ class TimmViT(ValueWiseViT):
 
     @classmethod
     def unsupported(cls, tower: nn.Module) -> list[str] | None:
-        if not isinstance(tower, TimmModel) or not isinstance(tower.trunk, (VisionTransformer, Eva, VisionTransformerRelPos)):
+        if not isinstance(tower, TimmModel) or not isinstance(
+            tower.trunk, (VisionTransformer, Eva, VisionTransformerRelPos)
+        ):
             return None
         trunk, reasons = tower.trunk, []
         if getattr(trunk, "rope_mixed", False):
@@ -220,12 +226,22 @@ class TimmViT(ValueWiseViT):
             return None
         grid_patches = self.grid[0] * self.grid[1]
         if patch_positions is None and num_patches != grid_patches:
-            kind = "a relative-position bias" if isinstance(self.visual.trunk, VisionTransformerRelPos) else "rotary positions"
-            raise AnovlError(f"this tower applies positions inside its blocks ({kind}): give the patch_positions "
-                             f"of the {num_patches} patch tokens (of {grid_patches})")
+            kind = (
+                "a relative-position bias"
+                if isinstance(self.visual.trunk, VisionTransformerRelPos)
+                else "rotary positions"
+            )
+            raise AnovlError(
+                f"this tower applies positions inside its blocks ({kind}): give the patch_positions "
+                f"of the {num_patches} patch tokens (of {grid_patches})"
+            )
         rope_module = getattr(self.visual.trunk, "rope", None)
         if rope_module is not None:
-            rope = rope_module.get_embed() if hasattr(rope_module, "feat_shape") else rope_module.get_embed(shape=self.grid)
+            rope = (
+                rope_module.get_embed()
+                if hasattr(rope_module, "feat_shape")
+                else rope_module.get_embed(shape=self.grid)
+            )
             if patch_positions is None:
                 return rope
             rows = rope[patch_positions.to(rope.device)]

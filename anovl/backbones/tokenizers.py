@@ -40,8 +40,10 @@ def _needs_transformers(what: str, name: str) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise AnovlError(f"{name} needs the Hugging Face `transformers` package for its {what}; "
-                         "install it with `pip install anovl[hf]`") from None
+        raise AnovlError(
+            f"{name} needs the Hugging Face `transformers` package for its {what}; "
+            "install it with `pip install anovl[hf]`"
+        ) from None
 
 
 def check_text_tower(name: str, config: dict[str, Any]) -> None:
@@ -73,8 +75,9 @@ def resolve_tokenizer(name: str, config: dict[str, Any], tokenizer: str | os.Pat
         raise AnovlError(f"tokenizer {path} not found; give a local tokenizer directory or its tokenizer.json")
     _needs_transformers("local tokenizer", name)
     try:
-        loaded = HFTokenizer(str(directory), context_length=text_cfg.get("context_length", 77),
-                             **text_cfg.get("tokenizer_kwargs", {}))
+        loaded = HFTokenizer(
+            str(directory), context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})
+        )
     except Exception as error:  # transformers raises assorted types for unreadable tokenizer folders
         raise AnovlError(f"cannot load the tokenizer in {directory} ({describe_error(error)})") from None
     return KnownTokenizer(loaded, f"local:{_hash_directory(directory)}")

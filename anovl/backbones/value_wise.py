@@ -61,8 +61,9 @@ class BlockOps:
     def attention_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def qkv(self, block: nn.Module, y: torch.Tensor, positions: Positions,
-            num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(
+        self, block: nn.Module, y: torch.Tensor, positions: Positions, num_prefix: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v), each (B, heads, L, head_dim); q scaled so that SDPA's default 1/√d gives the block's logits.
 
         ``positions``: what the tower's ``_embed`` or ``_positions`` gave for these tokens (the rotary table
@@ -90,8 +91,9 @@ class BlockOps:
         """The block's own forward (the original stream)."""
         return block(x) if positions is None else block(x, rope=positions)
 
-    def dual_attention(self, block: nn.Module, x: torch.Tensor, num_local: int, positions: Positions,
-                       num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def dual_attention(
+        self, block: nn.Module, x: torch.Tensor, num_local: int, positions: Positions, num_prefix: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Original attention for all of ``x`` and V-V attention for its first ``num_local`` rows.
 
         Both come from one in-projection. They run as two attention calls: stacking them into one costs
@@ -121,8 +123,9 @@ def block_ops_for(blocks: Sequence[nn.Module]) -> tuple[list[BlockOps], list[str
     for block in blocks:
         found = BLOCK_OPS.get((type(block), type(getattr(block, "attn", None))))
         if found is None:
-            reasons.append(f"blocks of type {type(block).__name__} with attention "
-                           f"{type(getattr(block, 'attn', None)).__name__}")
+            reasons.append(
+                f"blocks of type {type(block).__name__} with attention {type(getattr(block, 'attn', None)).__name__}"
+            )
             break
         reason = found.unsupported(block)
         if reason:
@@ -225,13 +228,15 @@ class ValueWiseViT(nn.Module):
             tokens = ops.forward(block, tokens, positions)
         return self.pool(tokens)
 
-    def vv_tokens(self, images: torch.Tensor, layers: Sequence[int] = (-1,),
-                  chunk_size: int | None = None) -> list[torch.Tensor]:
+    def vv_tokens(
+        self, images: torch.Tensor, layers: Sequence[int] = (-1,), chunk_size: int | None = None
+    ) -> list[torch.Tensor]:
         """V-V patch tokens (B, N, D) in the text space, one per requested block (in block order, each once)."""
         return self.forward(images, layers=layers, chunk_size=chunk_size).patch_tokens
 
-    def plain_tokens(self, images: torch.Tensor, layers: Sequence[int] = (-1,),
-                     project: bool = True) -> list[torch.Tensor]:
+    def plain_tokens(
+        self, images: torch.Tensor, layers: Sequence[int] = (-1,), project: bool = True
+    ) -> list[torch.Tensor]:
         """The tower's ordinary (not V-V) patch tokens after each requested block (in block order, each once):
         (B, N, D) in the text space, each token through the pooling head as a one-token sequence (as V-V tokens
         are, :meth:`project_local`), or (B, N, width) as the block gives them with ``project=False``."""
@@ -243,13 +248,18 @@ class ValueWiseViT(nn.Module):
                 break
             h = ops.forward(block, h, positions)
             if index in wanted:
-                patches = h[:, self.num_prefix_tokens:]
+                patches = h[:, self.num_prefix_tokens :]
                 tokens.append(self.project_local(patches) if project else patches)
         return tokens
 
     def forward(
-        self, images: torch.Tensor, num_local: int | None = None, layers: Sequence[int] = (-1,),
-        chunk_size: int | None = None, local_start: int = 0, final_norm: bool = True,
+        self,
+        images: torch.Tensor,
+        num_local: int | None = None,
+        layers: Sequence[int] = (-1,),
+        chunk_size: int | None = None,
+        local_start: int = 0,
+        final_norm: bool = True,
     ) -> VisualTokens:
         """Encode ``images``; the first ``num_local`` (default: all) also get V-V patch tokens.
 
@@ -266,13 +276,23 @@ class ValueWiseViT(nn.Module):
         if not 0 <= local_start <= self.num_layers:
             raise AnovlError(f"local_start {local_start} out of range for a tower of {self.num_layers} blocks")
         if chunk_size and images.shape[0] > chunk_size:
-            parts = [self.forward(images[start:start + chunk_size], min(max(num_local - start, 0), chunk_size), layers,
-                                  local_start=local_start, final_norm=final_norm)
-                     for start in range(0, images.shape[0], chunk_size)]
+            parts = [
+                self.forward(
+                    images[start : start + chunk_size],
+                    min(max(num_local - start, 0), chunk_size),
+                    layers,
+                    local_start=local_start,
+                    final_norm=final_norm,
+                )
+                for start in range(0, images.shape[0], chunk_size)
+            ]
             return VisualTokens(
                 global_tokens=torch.cat([part.global_tokens for part in parts]),
-                patch_tokens=[torch.cat([part.patch_tokens[i] for part in parts if part.patch_tokens])
-                              for i in range(len(wanted))] if num_local else [],
+                patch_tokens=[
+                    torch.cat([part.patch_tokens[i] for part in parts if part.patch_tokens]) for i in range(len(wanted))
+                ]
+                if num_local
+                else [],
             )
         h, positions = self._embed(images)
         prefix = self.num_prefix_tokens

@@ -27,8 +27,9 @@ def log_gallery(trainer: Trainer, key: str, pictures: list[Image.Image], caption
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=pictures, caption=captions)
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_images(key, stack_padded(pictures), global_step=trainer.global_step,
-                                         dataformats="NHWC")
+            logger.experiment.add_images(
+                key, stack_padded(pictures), global_step=trainer.global_step, dataformats="NHWC"
+            )
 
 
 def output_names(trainer: Trainer) -> OutputNames:
@@ -50,7 +51,6 @@ def output_root(trainer: Trainer, pl_module: LightningModule, directory: Path) -
 
 def _nan_to_none(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
-
 
 
 class PanelWriter(Callback):
@@ -98,8 +98,15 @@ class PanelWriter(Callback):
             self._keys = {str(sample.image_path): sample.key for sample in samples}
             self._categories = list(dict.fromkeys(sample.category for sample in samples))
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not self.max_per_category or outputs is None:
             return
         categories = list(outputs["category"])
@@ -108,8 +115,13 @@ class PanelWriter(Callback):
             for index in range(run.start, run.stop):
                 path = outputs["image_path"][index]
                 key = self._keys.get(path, path)
-                picks.offer(path, key, int(outputs["label"][index]), float(outputs["pred_score"][index]),
-                            lambda index=index, key=key: self._capture(outputs, index, key))
+                picks.offer(
+                    path,
+                    key,
+                    int(outputs["label"][index]),
+                    float(outputs["pred_score"][index]),
+                    lambda index=index, key=key: self._capture(outputs, index, key),
+                )
         if trainer.world_size > 1:
             return  # categories are finished together at the end (see on_test_end)
         finished = getattr(getattr(pl_module, "results", None), "rows", {})
@@ -141,12 +153,19 @@ class PanelWriter(Callback):
     @staticmethod
     def _capture(outputs: dict[str, Any], index: int, key: str) -> Candidate:
         mask = outputs["mask"][index].detach().cpu().numpy() > 0.5 if bool(outputs["has_mask"][index]) else None
-        return Candidate(outputs["image_path"][index], key, int(outputs["label"][index]),
-                         float(outputs["pred_score"][index]), denormalize(outputs["image"][index]),
-                         outputs["anomaly_map"][index].detach().float().cpu().numpy(), mask)
+        return Candidate(
+            outputs["image_path"][index],
+            key,
+            int(outputs["label"][index]),
+            float(outputs["pred_score"][index]),
+            denormalize(outputs["image"][index]),
+            outputs["anomaly_map"][index].detach().float().cpu().numpy(),
+            mask,
+        )
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, category: str,
-               chosen: list[tuple[str, Candidate]]) -> None:
+    def _write(
+        self, trainer: Trainer, pl_module: LightningModule, category: str, chosen: list[tuple[str, Candidate]]
+    ) -> None:
         if not chosen:
             return
         results = getattr(pl_module, "results", None)
@@ -157,8 +176,16 @@ class PanelWriter(Callback):
         pictures, captions = [], []
         for role, candidate in chosen:
             name = self._names.stem(candidate.image_path, category)
-            lines = panel_lines(category, name, candidate.label, candidate.score, image_threshold, pixel_threshold,
-                                (float(candidate.anomaly_map.min()), float(candidate.anomaly_map.max())), role)
+            lines = panel_lines(
+                category,
+                name,
+                candidate.label,
+                candidate.score,
+                image_threshold,
+                pixel_threshold,
+                (float(candidate.anomaly_map.min()), float(candidate.anomaly_map.max())),
+                role,
+            )
             picture = panel(candidate.rgb, candidate.anomaly_map, candidate.mask, lines, pixel_threshold)
             write_file(folder / f"{name}.png", picture.save, self._root)
             pictures.append(picture)

@@ -26,8 +26,16 @@ from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_th
 from anovl.tracking import run_directory
 from anovl.visualization import denormalize, map_to_png16, mask_to_png, overlay, resize_map
 
-SCORE_COLUMNS = ("image_path", "category", "output", "score", "image_threshold", "pixel_threshold",
-                 "predicted_label", "true_label")
+SCORE_COLUMNS = (
+    "image_path",
+    "category",
+    "output",
+    "score",
+    "image_threshold",
+    "pixel_threshold",
+    "predicted_label",
+    "true_label",
+)
 LABEL_WORDS = {0: "normal", 1: "anomalous"}
 
 
@@ -74,16 +82,26 @@ class AnomalyMapWriter(BasePredictionWriter):
         quantile: see ``normal_images``; in (0, 1).
     """
 
-    def __init__(self, output_dir: str | None = None, overlays: bool = True, raw_maps: bool = True,
-                 resolution: Literal["original", "model"] = "original", thresholds: str | None = None,
-                 image_threshold: float | None = None, pixel_threshold: float | None = None,
-                 normal_images: str | None = None, quantile: float = 0.99):
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        overlays: bool = True,
+        raw_maps: bool = True,
+        resolution: Literal["original", "model"] = "original",
+        thresholds: str | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        normal_images: str | None = None,
+        quantile: float = 0.99,
+    ):
         super().__init__(write_interval="batch")
         if resolution not in ("original", "model"):
             raise AnovlError(f"predictions.resolution must be 'original' or 'model', got {resolution!r}")
         if thresholds is not None and normal_images is not None:
-            raise AnovlError("give predictions.thresholds (a test run's results.json) or predictions.normal_images "
-                             "(a folder of normal images), not both")
+            raise AnovlError(
+                "give predictions.thresholds (a test run's results.json) or predictions.normal_images "
+                "(a folder of normal images), not both"
+            )
         self.output_dir = output_dir
         self.overlays = overlays
         self.raw_maps = raw_maps
@@ -129,8 +147,16 @@ class AnomalyMapWriter(BasePredictionWriter):
             self._used[category] = base.with_given(self.image_threshold, self.pixel_threshold)
         return self._used[category]
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: dict[str, Any],
-                           batch_indices: Any, batch: dict[str, Any], batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         labels = batch["label"].tolist() if "label" in batch else [-1] * len(prediction["image_path"])
         rows = []
         for index, (image_path, category) in enumerate(zip(prediction["image_path"], prediction["category"])):
@@ -152,12 +178,23 @@ class AnomalyMapWriter(BasePredictionWriter):
                 write_file(folder / name, writer, self._root)
             score = float(prediction["pred_score"][index])
             predicted = "" if thresholds.image is None else LABEL_WORDS[int(score >= thresholds.image)]
-            rows.append((image_path, category, stem, repr(score), _cell(thresholds.image), _cell(thresholds.pixel),
-                         predicted, LABEL_WORDS.get(int(labels[index]), "")))
+            rows.append(
+                (
+                    image_path,
+                    category,
+                    stem,
+                    repr(score),
+                    _cell(thresholds.image),
+                    _cell(thresholds.pixel),
+                    predicted,
+                    LABEL_WORDS.get(int(labels[index]), ""),
+                )
+            )
         append_text(self._scores_file, _csv_rows(rows), self._root)
 
-    def _map_and_image(self, anomaly_map: torch.Tensor, image: torch.Tensor,
-                       image_path: str) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _map_and_image(
+        self, anomaly_map: torch.Tensor, image: torch.Tensor, image_path: str
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """The map at the output resolution, and the image under it for the overlay (None without overlays)."""
         if self.resolution == "model":
             return anomaly_map.float().cpu(), denormalize(image) if self.overlays else None
@@ -170,20 +207,37 @@ class AnomalyMapWriter(BasePredictionWriter):
             trainer.strategy.barrier()  # every part is written
             if trainer.is_global_zero:
                 samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
-                merge_score_parts(self.directory, trainer.world_size,
-                                  {str(sample.image_path): index for index, sample in enumerate(samples)}, self._root)
+                merge_score_parts(
+                    self.directory,
+                    trainer.world_size,
+                    {str(sample.image_path): index for index, sample in enumerate(samples)},
+                    self._root,
+                )
         if not trainer.is_global_zero:
             return
         for category in getattr(trainer.datamodule, "categories", None) or []:
             self.thresholds_for(category)
-        write_file(self.directory / "thresholds.json", json.dumps(
-            {"rule": "anomalous where score (image) or map value (pixel) >= threshold",
-             "categories": {category: used.as_dict() for category, used in self._used.items()}},
-            indent=2) + "\n", self._root)
+        write_file(
+            self.directory / "thresholds.json",
+            json.dumps(
+                {
+                    "rule": "anomalous where score (image) or map value (pixel) >= threshold",
+                    "categories": {category: used.as_dict() for category, used in self._used.items()},
+                },
+                indent=2,
+            )
+            + "\n",
+            self._root,
+        )
         console = Console()
         for category, used in self._used.items():
-            console.print(terminal(f"{category}: image threshold {_cell(used.image) or 'none'}, pixel threshold "
-                                   f"{_cell(used.pixel) or 'none'} ({used.source})"), markup=False)
+            console.print(
+                terminal(
+                    f"{category}: image threshold {_cell(used.image) or 'none'}, pixel threshold "
+                    f"{_cell(used.pixel) or 'none'} ({used.source})"
+                ),
+                markup=False,
+            )
         console.print(f"Anomaly maps and scores written to {terminal(self.directory)}", markup=False)
         if getattr(pl_module, "random_weights", False):
             console.print(RANDOM_WEIGHTS_WARNING, style="bold red")

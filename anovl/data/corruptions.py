@@ -48,7 +48,9 @@ class CorruptionConfig:
         ):
             low, high = getattr(self, field)
             if not low_bound <= low <= high <= high_bound:
-                raise AnovlError(f"corruption {field}={(low, high)} must be (low, high) with {low_bound} <= low <= high <= {high_bound}")
+                raise AnovlError(
+                    f"corruption {field}={(low, high)} must be (low, high) with {low_bound} <= low <= high <= {high_bound}"
+                )
         for field in ("brightness_limit", "contrast_limit"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise AnovlError(f"corruption {field}={getattr(self, field)} must be in [0, 1]")
@@ -65,14 +67,18 @@ def resolve_corruption(spec: CorruptionSpec) -> CorruptionConfig | None:
         return spec
     if isinstance(spec, str):
         if spec not in CORRUPTION_PRESETS:
-            raise AnovlError(f"unknown corruption preset {spec!r}; choose one of {sorted(CORRUPTION_PRESETS)} or give a dict of settings")
+            raise AnovlError(
+                f"unknown corruption preset {spec!r}; choose one of {sorted(CORRUPTION_PRESETS)} or give a dict of settings"
+            )
         return CORRUPTION_PRESETS[spec]
     if isinstance(spec, Mapping):
         known = {field.name for field in dataclasses.fields(CorruptionConfig)}
         unknown = sorted(set(spec) - known)
         if unknown:
             raise AnovlError(f"unknown corruption settings {unknown}; valid ones are {sorted(known)}")
-        return CorruptionConfig(**{name: tuple(value) if isinstance(value, list) else value for name, value in spec.items()})
+        return CorruptionConfig(
+            **{name: tuple(value) if isinstance(value, list) else value for name, value in spec.items()}
+        )
     raise AnovlError(f"corruption must be a preset name, a dict of settings or None, not {type(spec).__name__}")
 
 

@@ -106,8 +106,10 @@ class AnomalyDataModule(LightningDataModule):
             checked.append(("num_workers", num_workers, 0))
         for name, value, minimum in checked:
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise AnovlError(f"{name}={value!r} must be an integer >= {minimum}" +
-                                 (" or 'auto'" if name == "num_workers" else ""))
+                raise AnovlError(
+                    f"{name}={value!r} must be an integer >= {minimum}"
+                    + (" or 'auto'" if name == "num_workers" else "")
+                )
         if on_bad_image not in ("error", "skip"):
             raise AnovlError(f"on_bad_image={on_bad_image!r} must be 'error' or 'skip'")
         if mode not in ("resize", "tile"):
@@ -121,11 +123,17 @@ class AnomalyDataModule(LightningDataModule):
         self.prompt_names = dict(prompt_names or {})
         for category, name in self.prompt_names.items():
             if not isinstance(name, str) or not name.strip():
-                raise AnovlError(f"prompt_names[{category!r}] is {name!r}; give the object name for the prompts "
-                                 "(e.g. 'bottle'), or drop the entry to use the category name")
+                raise AnovlError(
+                    f"prompt_names[{category!r}] is {name!r}; give the object name for the prompts "
+                    "(e.g. 'bottle'), or drop the entry to use the category name"
+                )
         self.mode = mode
         self.allow_outside_root = allow_outside_root
-        if not isinstance(decoded_cache_gb, (int, float)) or isinstance(decoded_cache_gb, bool) or not decoded_cache_gb >= 0:
+        if (
+            not isinstance(decoded_cache_gb, (int, float))
+            or isinstance(decoded_cache_gb, bool)
+            or not decoded_cache_gb >= 0
+        ):
             raise AnovlError(f"decoded_cache_gb={decoded_cache_gb!r} must be a number >= 0 (0: no cache)")
         self.decoded_cache_gb = decoded_cache_gb
         self._samples: list[Sample] | None = None
@@ -150,7 +158,9 @@ class AnomalyDataModule(LightningDataModule):
             refuse_repeated_files(self._samples)
             unused = sorted(set(self.prompt_names) - {sample.category for sample in self._samples})
             if unused:
-                warnings.warn(f"prompt_names entries {unused} match no category of this dataset and are ignored", stacklevel=2)
+                warnings.warn(
+                    f"prompt_names entries {unused} match no category of this dataset and are ignored", stacklevel=2
+                )
         return self._samples
 
     @property
@@ -178,8 +188,9 @@ class AnomalyDataModule(LightningDataModule):
         """The settings that decide which images a run sees and how they look; not batch size or workers."""
         return {
             "class": type(self).__name__,
-            "locations": {name: str(path.resolve()) if path is not None else None
-                          for name, path in self.locations().items()},
+            "locations": {
+                name: str(path.resolve()) if path is not None else None for name, path in self.locations().items()
+            },
             "categories": self.categories,
             "prompt_names": {category: self.prompt_name_for(category) for category in self.categories},
             "image_size": self.image_size,
@@ -197,10 +208,13 @@ class AnomalyDataModule(LightningDataModule):
         if self.decoded_cache_gb > 0:
             cache = DecodedCache(int(self.decoded_cache_gb * 1e9))
             cache.prune()
-        dataset = AnomalyDataset(self.samples, self.image_size, self.mode, self.nonzero_masks, self.on_bad_image,
-                                 corruptor, cache)
+        dataset = AnomalyDataset(
+            self.samples, self.image_size, self.mode, self.nonzero_masks, self.on_bad_image, corruptor, cache
+        )
         if len(dataset) == 0:
-            raise AnovlError(f"None of the {len(self.samples)} images could be read (see the warnings above); check the data")
+            raise AnovlError(
+                f"None of the {len(self.samples)} images could be read (see the warnings above); check the data"
+            )
         self._dataset = dataset
 
     @property
@@ -226,11 +240,20 @@ class AnomalyDataModule(LightningDataModule):
     def _dataloader(self) -> DataLoader:
         dataset = self.dataset
         batches = CategoryBatchSampler(
-            SequentialSampler(dataset), self.batch_size, drop_last=False, groups=[sample.category for sample in dataset.samples]
+            SequentialSampler(dataset),
+            self.batch_size,
+            drop_last=False,
+            groups=[sample.category for sample in dataset.samples],
         )
         workers = self.loader_workers()
-        return OneLineErrorsLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_batch,
-                                   persistent_workers=workers > 0, pin_memory=self._model_on_cuda())
+        return OneLineErrorsLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=collate_batch,
+            persistent_workers=workers > 0,
+            pin_memory=self._model_on_cuda(),
+        )
 
     def loader_workers(self) -> int:
         """The number of loader worker processes (``num_workers``, with ``"auto"`` resolved)."""

@@ -144,12 +144,16 @@ class AnomalyDataset(Dataset):
 
     def _resized_mask(self, sample: Sample, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
         """The model-sized ``bool H×W`` mask."""
-        mask, _ = self._cached(sample.mask_path, ("mask", self.nonzero_masks, sample.label, image_hw, out_hw),
-                               lambda: (resize_mask(self.read_mask(sample, image_hw), out_hw), image_hw))
+        mask, _ = self._cached(
+            sample.mask_path,
+            ("mask", self.nonzero_masks, sample.label, image_hw, out_hw),
+            lambda: (resize_mask(self.read_mask(sample, image_hw), out_hw), image_hw),
+        )
         return mask > 0
 
-    def _cached(self, path: Path, settings: tuple, compute: Callable[[], tuple[np.ndarray, tuple[int, int]]]
-                ) -> tuple[np.ndarray, tuple[int, int]]:
+    def _cached(
+        self, path: Path, settings: tuple, compute: Callable[[], tuple[np.ndarray, tuple[int, int]]]
+    ) -> tuple[np.ndarray, tuple[int, int]]:
         """``compute()`` (an array and its source size), or the decoded cache's entry for the file and settings."""
         if self.cache is None:
             return compute()
@@ -183,8 +187,10 @@ class AnomalyDataset(Dataset):
         mask = load_mask(sample.mask_path, self.nonzero_masks)
         check_mask_size(sample.image_path, image_hw, sample.mask_path, mask.shape)
         if sample.label == 1 and not mask.any():
-            raise BadImageError(f"Mask {sample.mask_path} of anomalous image {sample.image_path} marks no pixel as "
-                                "anomalous (see the mask rule in anovl.data.image_io); fix the mask")
+            raise BadImageError(
+                f"Mask {sample.mask_path} of anomalous image {sample.image_path} marks no pixel as "
+                "anomalous (see the mask rule in anovl.data.image_io); fix the mask"
+            )
         return mask
 
     def _usable_samples(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
@@ -201,8 +207,10 @@ class AnomalyDataset(Dataset):
             try:
                 self.read_mask(sample, image_hw)
             except BadImageError as error:
-                return (replace(sample, mask_path=None, has_mask=False),
-                        f"{error} (on_bad_image='skip': image used without its mask)")
+                return (
+                    replace(sample, mask_path=None, has_mask=False),
+                    f"{error} (on_bad_image='skip': image used without its mask)",
+                )
             return sample, None
 
         # Pillow releases the GIL while decoding, so threads give a real speed-up on large test sets.

@@ -56,8 +56,14 @@ class DecodedCache:
         no user call can set back, so a stale digest is never used."""
         try:
             status = os.stat(path)
-            signature = (os.path.realpath(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
-                         status.st_ctime_ns)
+            signature = (
+                os.path.realpath(path),
+                status.st_dev,
+                status.st_ino,
+                status.st_size,
+                status.st_mtime_ns,
+                status.st_ctime_ns,
+            )
         except (OSError, ValueError):
             return None
         memo = self.directory / f"{hashlib.sha256(repr(signature).encode()).hexdigest()}{MEMO_SUFFIX}"
@@ -81,7 +87,11 @@ class DecodedCache:
         try:
             header = np.fromfile(path, dtype=_HEADER, count=1)
             shape = tuple(int(side) for side in header["shape"][0]) if header.size else ()
-            if not header.size or header["magic"][0] != MAGIC or path.stat().st_size != _HEADER.itemsize + int(np.prod(shape)):
+            if (
+                not header.size
+                or header["magic"][0] != MAGIC
+                or path.stat().st_size != _HEADER.itemsize + int(np.prod(shape))
+            ):
                 self.misses += 1
                 return None
             array = np.array(np.memmap(path, dtype=np.uint8, mode="r", offset=_HEADER.itemsize, shape=shape))
@@ -118,9 +128,11 @@ class DecodedCache:
     def prune(self) -> None:
         """Delete least recently used entries until the folder holds at most ``max_bytes``."""
         try:
-            entries = [(entry.stat().st_mtime_ns, entry.stat().st_size, Path(entry.path))
-                       for entry in os.scandir(self.directory)
-                       if entry.name.endswith((ENTRY_SUFFIX, MEMO_SUFFIX)) and entry.is_file(follow_symlinks=False)]
+            entries = [
+                (entry.stat().st_mtime_ns, entry.stat().st_size, Path(entry.path))
+                for entry in os.scandir(self.directory)
+                if entry.name.endswith((ENTRY_SUFFIX, MEMO_SUFFIX)) and entry.is_file(follow_symlinks=False)
+            ]
         except OSError:
             return
         total = sum(size for _, size, _ in entries)

@@ -71,14 +71,18 @@ class FolderDataModule(AnomalyDataModule):
             return self.mask_dir
         found = sorted(child for child in self.path.iterdir() if child.is_dir() and child.name.lower() in MASK_FOLDERS)
         if len(found) > 1:
-            raise AnovlError(f"{self.path} has several mask folders ({', '.join(p.name for p in found)}); keep one, "
-                             "or choose with mask_dir")
+            raise AnovlError(
+                f"{self.path} has several mask folders ({', '.join(p.name for p in found)}); keep one, "
+                "or choose with mask_dir"
+            )
         return found[0] if found else None
 
     def _discover(self) -> list[Sample]:
         if self.path.is_file():
             if not is_image_file(self.path):
-                raise AnovlError(f"{self.path} is not a supported image file ({', '.join(sorted(IMAGE_EXTENSIONS))}); give an image or a folder")
+                raise AnovlError(
+                    f"{self.path} is not a supported image file ({', '.join(sorted(IMAGE_EXTENSIONS))}); give an image or a folder"
+                )
             base, labelled_images = self.path.parent, [(self.path, -1)]
         else:
             base = require_dir(self.path, "Image folder", FOLDER_LAYOUT)
@@ -100,21 +104,31 @@ class FolderDataModule(AnomalyDataModule):
                     mask_indexes[folder] = index_by_stem(folder, mask_root, self.allow_outside_root)
                 mask_path = find_mask(mask_indexes[folder], image_path)
                 if label == 1 and mask_path is None:
-                    self._report_missing_mask(image_path, f"{image_path.stem}_mask.png or {image_path.stem}.png below {folder}")
+                    self._report_missing_mask(
+                        image_path, f"{image_path.stem}_mask.png or {image_path.stem}.png below {folder}"
+                    )
             has_mask = mask_path is not None or (mask_dir is not None and label == 0)
             key = image_path.relative_to(base).as_posix()
             samples.append(Sample(image_path, key, category, prompt_name, label, has_mask, mask_path))
         return samples
 
     def _find_images(self, folder: Path) -> list[tuple[Path, int]]:
-        subfolders = sorted(child for child in folder.iterdir()
-                            if child.is_dir() and not child.name.startswith(".") and child.name.lower() not in MASK_FOLDERS)
+        subfolders = sorted(
+            child
+            for child in folder.iterdir()
+            if child.is_dir() and not child.name.startswith(".") and child.name.lower() not in MASK_FOLDERS
+        )
         labels = {child: 0 if child.name.lower() in NORMAL_FOLDERS else 1 for child in subfolders}
         labelled = any(child.name.lower() in NORMAL_FOLDERS | ANOMALOUS_FOLDERS for child in subfolders)
-        images_below = {child: [path for path in walk_files(child, folder, self.allow_outside_root)
-                                if has_image_extension(path)] for child in subfolders}
-        loose = [(check_inside(path, folder, self.allow_outside_root, "Symlink"), -1) for path in sorted(folder.iterdir())
-                 if has_image_extension(path) and not path.is_dir()]
+        images_below = {
+            child: [path for path in walk_files(child, folder, self.allow_outside_root) if has_image_extension(path)]
+            for child in subfolders
+        }
+        loose = [
+            (check_inside(path, folder, self.allow_outside_root, "Symlink"), -1)
+            for path in sorted(folder.iterdir())
+            if has_image_extension(path) and not path.is_dir()
+        ]
         if labelled and loose:
             raise AnovlError(
                 f"{folder} holds both images and labelled subfolders ({', '.join(child.name for child in subfolders)}); "

@@ -73,8 +73,9 @@ def load_rgb(path: str | Path) -> np.ndarray:
             raise _bad_file_error(path, "image", error) from error
 
 
-def load_rgb_resized(path: str | Path, size_for: Callable[[int, int], tuple[int, int]]
-                     ) -> tuple[np.ndarray, tuple[int, int]]:
+def load_rgb_resized(
+    path: str | Path, size_for: Callable[[int, int], tuple[int, int]]
+) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_rgb` then :func:`~anovl.data.transforms.resize_image` to ``size_for(height, width)``, the same
     pixels, without the full-size array in between (a loader worker's two largest copies); returns the resized
     ``uint8 H×W×3`` array and the image's own (height, width). ``size_for`` may raise :class:`BadImageError`."""
@@ -86,7 +87,10 @@ def load_rgb_resized(path: str | Path, size_for: Callable[[int, int], tuple[int,
         height, width = rgb.height, rgb.width
         out_height, out_width = size_for(height, width)
         try:
-            return np.array(rgb.resize((out_width, out_height), Image.Resampling.BILINEAR), dtype=np.uint8), (height, width)
+            return np.array(rgb.resize((out_width, out_height), Image.Resampling.BILINEAR), dtype=np.uint8), (
+                height,
+                width,
+            )
         except Exception as error:
             raise _bad_file_error(path, "image", error) from error
 
@@ -122,7 +126,9 @@ def load_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
     return _binarise(values, nonzero, f"Mask {path} (mode {mode})")
 
 
-def check_mask_size(image_path: str | Path, image_hw: tuple[int, int], mask_path: str | Path, mask_hw: tuple[int, int]) -> None:
+def check_mask_size(
+    image_path: str | Path, image_hw: tuple[int, int], mask_path: str | Path, mask_hw: tuple[int, int]
+) -> None:
     """Raise :class:`BadImageError` unless a mask has the height and width of its image."""
     if tuple(image_hw) != tuple(mask_hw):
         raise BadImageError(

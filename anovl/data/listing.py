@@ -34,8 +34,11 @@ def warn_unused_images(paths: Sequence[Path], layout: str) -> None:
     """Image files that a layout does not use are named in a warning: data is never dropped silently."""
     if paths:
         shown = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
-        warnings.warn(f"{len(paths)} image files are not part of the layout ({layout}) and are not used: {shown}",
-                      UnusedFilesWarning, stacklevel=3)
+        warnings.warn(
+            f"{len(paths)} image files are not part of the layout ({layout}) and are not used: {shown}",
+            UnusedFilesWarning,
+            stacklevel=3,
+        )
 
 
 def warn_skipped_files(folder: Path) -> None:
@@ -44,14 +47,18 @@ def warn_skipped_files(folder: Path) -> None:
     skipped = []
     for directory, folders, files in os.walk(folder):  # links to folders are not followed
         folders[:] = [name for name in folders if not name.startswith(".")]
-        skipped += [Path(directory, name) for name in files
-                    if not name.startswith(".") and not has_image_extension(Path(name))]
+        skipped += [
+            Path(directory, name) for name in files if not name.startswith(".") and not has_image_extension(Path(name))
+        ]
     skipped.sort()
     if skipped:
-        warnings.warn(f"{len(skipped)} files in {terminal(folder)} are not supported images "
-                      f"({', '.join(sorted(IMAGE_EXTENSIONS))}) and are skipped: "
-                      f"{', '.join(terminal(path.relative_to(folder)) for path in skipped)}",
-                      UnusedFilesWarning, stacklevel=3)
+        warnings.warn(
+            f"{len(skipped)} files in {terminal(folder)} are not supported images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) and are skipped: "
+            f"{', '.join(terminal(path.relative_to(folder)) for path in skipped)}",
+            UnusedFilesWarning,
+            stacklevel=3,
+        )
 
 
 def refuse_repeated_files(samples: Sequence[Sample]) -> None:
@@ -62,8 +69,10 @@ def refuse_repeated_files(samples: Sequence[Sample]) -> None:
     repeated = {path: keys for path, keys in entries.items() if len(keys) > 1}
     if repeated:
         path, keys = next(iter(repeated.items()))
-        raise AnovlError(f"{len(repeated)} image files are listed more than once, e.g. {path} as {', '.join(keys)}; "
-                         "remove the duplicate links or entries so that no image counts twice")
+        raise AnovlError(
+            f"{len(repeated)} image files are listed more than once, e.g. {path} as {', '.join(keys)}; "
+            "remove the duplicate links or entries so that no image counts twice"
+        )
 
 
 def find_mask(index: dict[str, list[Path]], image_path: Path) -> Path | None:

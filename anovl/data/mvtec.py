@@ -12,7 +12,9 @@ from anovl.data.listing import category_selection, find_mask, index_by_stem, req
 from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
 
-MVTEC_LAYOUT = "<root>/<category>/test/<good|defect>/*.png with masks in <root>/<category>/ground_truth/<defect>/<name>_mask.png"
+MVTEC_LAYOUT = (
+    "<root>/<category>/test/<good|defect>/*.png with masks in <root>/<category>/ground_truth/<defect>/<name>_mask.png"
+)
 
 # Folder names of defect-free test images: MVTec and MPDD use "good", BTAD uses "ok".
 NORMAL_FOLDERS = frozenset({"good", "ok"})
@@ -49,24 +51,38 @@ class MVTecDataModule(AnomalyDataModule):
 
     def _discover(self) -> list[Sample]:
         root = require_dir(self.root, "Dataset root", MVTEC_LAYOUT)
-        found = sorted(path.name for path in root.iterdir() if not path.name.startswith(".") and (path / "test").is_dir())
+        found = sorted(
+            path.name for path in root.iterdir() if not path.name.startswith(".") and (path / "test").is_dir()
+        )
         if not found and (root / "test").is_dir():
-            raise AnovlError(f"{root} looks like a single category; pass root={root.parent} and categories=[{root.name!r}]")
+            raise AnovlError(
+                f"{root} looks like a single category; pass root={root.parent} and categories=[{root.name!r}]"
+            )
         if not found:
             raise AnovlError(f"No category folders with a test/ folder in {root}; expected {MVTEC_LAYOUT}")
         missing = [category for category in self.requested_categories or [] if category not in found]
         if missing:
-            raise AnovlError(f"Categories {missing} not found in {root} (no <category>/test folder); found: {', '.join(found)}")
-        return [sample for category in self.requested_categories or found for sample in self._category_samples(root, category)]
+            raise AnovlError(
+                f"Categories {missing} not found in {root} (no <category>/test folder); found: {', '.join(found)}"
+            )
+        return [
+            sample
+            for category in self.requested_categories or found
+            for sample in self._category_samples(root, category)
+        ]
 
     def _category_samples(self, root: Path, category: str) -> list[Sample]:
         test_dir = root / category / "test"
         found = [path for path in walk_files(test_dir, root, self.allow_outside_root) if has_image_extension(path)]
         images = [path for path in found if path.parent.parent == test_dir]
-        warn_unused_images([path for path in found if path.parent.parent != test_dir],
-                           f"images in {test_dir}/<good|defect>/, one folder deep")
+        warn_unused_images(
+            [path for path in found if path.parent.parent != test_dir],
+            f"images in {test_dir}/<good|defect>/, one folder deep",
+        )
         if not images:
-            raise AnovlError(f"No test images in {test_dir}; expected {test_dir}/good/*.png and {test_dir}/<defect>/*.png")
+            raise AnovlError(
+                f"No test images in {test_dir}; expected {test_dir}/good/*.png and {test_dir}/<defect>/*.png"
+            )
         prompt_name = self.prompt_name_for(category)
         mask_indexes: dict[str, dict[str, list[Path]]] = {}
         samples = []
@@ -82,5 +98,7 @@ class MVTecDataModule(AnomalyDataModule):
             mask_path = find_mask(mask_indexes[folder], path)
             if mask_path is None:
                 self._report_missing_mask(path, f"{mask_dir}/{path.stem}_mask.png or {path.stem}.png")
-            samples.append(Sample(path, key, category, prompt_name, label=1, has_mask=mask_path is not None, mask_path=mask_path))
+            samples.append(
+                Sample(path, key, category, prompt_name, label=1, has_mask=mask_path is not None, mask_path=mask_path)
+            )
         return samples

@@ -28,8 +28,10 @@ def check_inside(path: Path, root: Path, allow_outside_root: bool, what: str) ->
     except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte, a name too long
         raise AnovlError(f"Cannot resolve {what} {path} ({type(error).__name__}: {error}); fix or remove it") from None
     if not inside:
-        raise AnovlError(f"{what} {path} resolves to {target}, outside the dataset root {root.resolve()}; "
-                         f"remove the link or the entry, or {ALLOW_HINT}")
+        raise AnovlError(
+            f"{what} {path} resolves to {target}, outside the dataset root {root.resolve()}; "
+            f"remove the link or the entry, or {ALLOW_HINT}"
+        )
     return path
 
 
@@ -40,8 +42,10 @@ def relative_entry(root: Path, entry: str, allow_outside_root: bool, where: str)
         raise AnovlError(f"{where}: the path {entry!r} contains a NUL character; fix the split file")
     relative = Path(entry)
     if not allow_outside_root and (relative.is_absolute() or ".." in relative.parts):
-        raise AnovlError(f"{where}: the path {entry!r} points outside the dataset root {root} "
-                         f"(absolute or with '..'); give paths relative to the root, or {ALLOW_HINT}")
+        raise AnovlError(
+            f"{where}: the path {entry!r} points outside the dataset root {root} "
+            f"(absolute or with '..'); give paths relative to the root, or {ALLOW_HINT}"
+        )
     return check_inside(root / relative, root, allow_outside_root, f"{where}: path")
 
 
@@ -63,8 +67,10 @@ def walk_files(directory: Path, root: Path, allow_outside_root: bool) -> Iterato
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as error:
-            raise AnovlError(f"Cannot list folder {folder} ({error.strerror or type(error).__name__}); "
-                             "check that it exists and is readable") from None
+            raise AnovlError(
+                f"Cannot list folder {folder} ({error.strerror or type(error).__name__}); "
+                "check that it exists and is readable"
+            ) from None
         subfolders = []
         for entry in entries:
             if entry.name.startswith("."):

@@ -186,7 +186,9 @@ def _normal_image(style: str, size_hw: tuple[int, int], rng: np.random.Generator
         foreground = _object_shape(style, size_hw, rng)
         yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
         shading = 0.85 + 0.3 * (xx + yy) / 2  # soft light from one corner, so the object is not flat
-        colour = (np.array([196.0, 164.0, 92.0]) if style == "widget" else np.array([170.0, 174.0, 182.0])) + rng.uniform(-6, 6, 3)
+        colour = (
+            np.array([196.0, 164.0, 92.0]) if style == "widget" else np.array([170.0, 174.0, 182.0])
+        ) + rng.uniform(-6, 6, 3)
         image = np.where(foreground[..., None], colour * shading[..., None], background)
     else:
         foreground = np.ones(size_hw, dtype=bool)
@@ -238,7 +240,9 @@ def _texture(style: str, size_hw: tuple[int, int], rng: np.random.Generator) -> 
     return np.clip(intensity, 0, 1.2)[..., None] * colour
 
 
-def _defective_image(style: str, defect: str, size_hw: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _defective_image(
+    style: str, defect: str, size_hw: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A normal image with one defect painted in, and the exact mask of the changed region."""
     image, foreground = _normal_image(style, size_hw, rng)
     side = min(size_hw)
@@ -255,7 +259,9 @@ def _defective_image(style: str, defect: str, size_hw: tuple[int, int], rng: np.
     elif defect == "blob":
         angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
         radii = rng.uniform(0.05, 0.09) * side * rng.uniform(0.7, 1.3, angles.size)
-        draw.polygon([tuple(centre + radius * np.array([np.cos(a), np.sin(a)])) for a, radius in zip(angles, radii)], fill=255)
+        draw.polygon(
+            [tuple(centre + radius * np.array([np.cos(a), np.sin(a)])) for a, radius in zip(angles, radii)], fill=255
+        )
     else:
         radius = (rng.uniform(0.1, 0.16) if defect == "missing_piece" else rng.uniform(0.03, 0.06)) * side
         draw.ellipse([*(centre - radius), *(centre + radius)], fill=255)

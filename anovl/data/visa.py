@@ -105,18 +105,24 @@ def _read_test_rows(split_file: Path) -> list[tuple[int, dict[str, str]]]:
             reader = csv.DictReader(handle)
             missing_columns = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
             if missing_columns:
-                raise AnovlError(f"{split_file} lacks the columns {missing_columns}; expected {', '.join(VISA_COLUMNS)}")
+                raise AnovlError(
+                    f"{split_file} lacks the columns {missing_columns}; expected {', '.join(VISA_COLUMNS)}"
+                )
             rows = []
             for row in reader:
                 if (row["split"] or "").strip() == "test":
                     rows.append((reader.line_num, {column: (row[column] or "").strip() for column in VISA_COLUMNS}))
             return rows
     except UnicodeDecodeError as error:
-        raise AnovlError(f"{split_file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
-                         f"{error.start}; Latin-1 or another encoding?); re-save it as UTF-8") from None
+        raise AnovlError(
+            f"{split_file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}; Latin-1 or another encoding?); re-save it as UTF-8"
+        ) from None
     except csv.Error as error:
-        raise AnovlError(f"{split_file} is not a readable CSV file near line {reader.line_num} ({error}); "
-                         "fix or replace the split file") from None
+        raise AnovlError(
+            f"{split_file} is not a readable CSV file near line {reader.line_num} ({error}); "
+            "fix or replace the split file"
+        ) from None
     except OSError as error:
         raise AnovlError(f"Cannot read {split_file} ({error.strerror or type(error).__name__})") from None
 
@@ -131,11 +137,17 @@ def _unique_rows(split_file: Path, rows: list[tuple[int, dict[str, str]]]) -> li
             continue
         earlier_line, earlier = first_line[row["image"]]
         if earlier != row:
-            raise AnovlError(f"{split_file} lines {earlier_line} and {line} list the image {row['image']!r} with "
-                             "different objects, labels or masks; keep one of them")
+            raise AnovlError(
+                f"{split_file} lines {earlier_line} and {line} list the image {row['image']!r} with "
+                "different objects, labels or masks; keep one of them"
+            )
         repeated_lines.append(line)
     if repeated_lines:
         shown = ", ".join(map(str, repeated_lines[:10])) + (", ..." if len(repeated_lines) > 10 else "")
-        warnings.warn(f"{split_file}: {len(repeated_lines)} test rows repeat an earlier row and are dropped "
-                      f"(lines {shown}), so no image counts twice", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{split_file}: {len(repeated_lines)} test rows repeat an earlier row and are dropped "
+            f"(lines {shown}), so no image counts twice",
+            UserWarning,
+            stacklevel=3,
+        )
     return list(first_line.values())

@@ -5,8 +5,19 @@ from anovl.deploy.inferencer import ExportedModel, Prediction, load_exported, pr
 from anovl.deploy.sidecar import ExportClass, Sidecar, sidecar_path
 from anovl.models.anovl.export import ExportableAnoVL
 
-__all__ = ["main", "ExportClass", "ExportableAnoVL", "ExportedModel", "Prediction", "Sidecar", "build_exportable",
-           "export_model", "load_exported", "predict", "sidecar_path"]
+__all__ = [
+    "main",
+    "ExportClass",
+    "ExportableAnoVL",
+    "ExportedModel",
+    "Prediction",
+    "Sidecar",
+    "build_exportable",
+    "export_model",
+    "load_exported",
+    "predict",
+    "sidecar_path",
+]
 
 
 def main(command: str, argv: list[str]) -> None:

@@ -37,8 +37,9 @@ from anovl.thresholds import check_threshold
 from anovl.visualization import overlay
 
 # The demo model of configs/demo.yaml, embedded so that the app runs from an installed package too.
-DEMO_MODEL = {"model": {"init_args": {"backbone": "anovl-small-vit", "pretrained": None, "image_size": 224,
-                                      "num_views": 22}}}
+DEMO_MODEL = {
+    "model": {"init_args": {"backbone": "anovl-small-vit", "pretrained": None, "image_size": 224, "num_views": 22}}
+}
 DEMO_CLASSES = ("fabric", "widget")
 DEFAULT_PIXEL_THRESHOLD = 0.5  # without a recorded threshold: the abnormal state is the more probable one
 MAX_UPLOAD_MB = 20
@@ -49,10 +50,16 @@ KEEP_FILES_S = 60  # uploads and outputs are deleted once unused this long
 class Analyzer:
     """The app's work, independent of Gradio: checks an upload, runs the model, makes the pictures."""
 
-    def __init__(self, model: torch.nn.Module, image_threshold: float | None = None,
-                 pixel_threshold: float | None = None, max_upload_mb: float = MAX_UPLOAD_MB,
-                 max_megapixels: float = MAX_MEGAPIXELS, output_dir: str | os.PathLike | None = None,
-                 keep_files_s: float = KEEP_FILES_S):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        max_upload_mb: float = MAX_UPLOAD_MB,
+        max_megapixels: float = MAX_MEGAPIXELS,
+        output_dir: str | os.PathLike | None = None,
+        keep_files_s: float = KEEP_FILES_S,
+    ):
         check_threshold("--image-threshold", image_threshold)
         check_threshold("--pixel-threshold", pixel_threshold)
         self.model = model
@@ -80,8 +87,10 @@ class Analyzer:
 
     def thresholds(self, category: str) -> tuple[float | None, float | None]:
         image, pixel = self.model.thresholds(category) if isinstance(self.model, ExportedModel) else (None, None)
-        return (self.image_threshold if self.image_threshold is not None else image,
-                self.pixel_threshold if self.pixel_threshold is not None else pixel)
+        return (
+            self.image_threshold if self.image_threshold is not None else image,
+            self.pixel_threshold if self.pixel_threshold is not None else pixel,
+        )
 
     def load(self, path: str | None) -> np.ndarray:
         if not path:
@@ -93,8 +102,7 @@ class Analyzer:
         if size == 0:
             raise AnovlError(f"{name} is empty; upload an image file (PNG, JPEG, BMP, TIFF)")
         if size > self.max_upload_mb * 2**20:
-            raise AnovlError(f"{name} is {size / 2**20:.3g} MB; the demo takes images up to "
-                             f"{self.max_upload_mb:g} MB")
+            raise AnovlError(f"{name} is {size / 2**20:.3g} MB; the demo takes images up to {self.max_upload_mb:g} MB")
         unreadable = AnovlError(f"{name} is not a readable image; upload a PNG, JPEG, BMP or TIFF file")
         try:
             with warnings.catch_warnings():
@@ -102,13 +110,16 @@ class Analyzer:
                 with Image.open(path) as image:  # the header only: a small file may declare a huge image
                     width, height = image.size
         except Image.DecompressionBombError:
-            raise AnovlError(f"{name} declares more pixels than Pillow's decompression-bomb limit; the demo takes "
-                             f"images up to {self.max_megapixels:g} megapixels") from None
+            raise AnovlError(
+                f"{name} declares more pixels than Pillow's decompression-bomb limit; the demo takes "
+                f"images up to {self.max_megapixels:g} megapixels"
+            ) from None
         except Exception:  # noqa: BLE001 - Pillow's many errors for files that are not images
             raise unreadable from None
         if width * height > self.max_megapixels * 1e6:
-            raise AnovlError(f"{name} has {width}×{height} pixels; the demo takes images up to "
-                             f"{self.max_megapixels:g} megapixels")
+            raise AnovlError(
+                f"{name} has {width}×{height} pixels; the demo takes images up to {self.max_megapixels:g} megapixels"
+            )
         try:
             return load_rgb(path)
         except BadImageError:  # its message names the server's temporary copy, not the user's file
@@ -120,8 +131,7 @@ class Analyzer:
         if not category:
             raise AnovlError("pick or type the class of the object in the image, e.g. 'bottle'")
         if self.fixed_classes is not None and category not in self.fixed_classes:
-            raise AnovlError(f"this exported model knows the classes {', '.join(self.fixed_classes)}, "
-                             f"not {category!r}")
+            raise AnovlError(f"this exported model knows the classes {', '.join(self.fixed_classes)}, not {category!r}")
         self._remove_old_outputs()
         rgb = self.load(path)
         image_threshold, pixel_threshold = self.thresholds(category)
@@ -131,18 +141,26 @@ class Analyzer:
             notes.append(f"no pixel threshold was given: the mask marks map values at or above {pixel_threshold:g}")
         result = predict(self.model, rgb, category, image_threshold, pixel_threshold)
         verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
-        mask = (result.pred_mask.astype(np.uint8) * 255)
+        mask = result.pred_mask.astype(np.uint8) * 255
         # The class comes from the page: the file name must not let it choose a folder; the token keeps
         # concurrent requests (the same image and class, say) from sharing a file.
         stem = safe_component(f"{Path(path).stem}_{category}_mask")[:120]
-        mask_path = write_file(self.output_dir / f"{stem}_{secrets.token_hex(6)}.png", Image.fromarray(mask).save,
-                               self.output_dir)
-        status = f"**{html_text(category)}**: image score {result.pred_score:.4f}{verdict}, " \
-                 f"{int(result.pred_mask.sum())} of {mask.size} pixels at or above {pixel_threshold:g}."
+        mask_path = write_file(
+            self.output_dir / f"{stem}_{secrets.token_hex(6)}.png", Image.fromarray(mask).save, self.output_dir
+        )
+        status = (
+            f"**{html_text(category)}**: image score {result.pred_score:.4f}{verdict}, "
+            f"{int(result.pred_mask.sum())} of {mask.size} pixels at or above {pixel_threshold:g}."
+        )
         if self.random_weights:
             notes.append(f"**{RANDOM_WEIGHTS_WARNING}**")
-        return {"status": "  \n".join([status, *notes]), "score": f"{result.pred_score:.4f}{verdict}",
-                "overlay": overlay(result.image, result.anomaly_map), "mask": mask, "mask_file": str(mask_path)}
+        return {
+            "status": "  \n".join([status, *notes]),
+            "score": f"{result.pred_score:.4f}{verdict}",
+            "overlay": overlay(result.image, result.anomaly_map),
+            "mask": mask,
+            "mask_file": str(mask_path),
+        }
 
 
 class UploadJanitor:
@@ -185,21 +203,32 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = (), keep_files_s: int
     choices = list(fixed if fixed is not None else classes)
     uploads = UploadJanitor(keep_files_s)
     with gr.Blocks(title="anovl: zero-shot anomaly localisation", analytics_enabled=False) as demo:
-        gr.Markdown("## anovl: zero-shot anomaly localisation\nUpload an image, pick or type its class, press "
-                    "**Detect anomalies**.")
+        gr.Markdown(
+            "## anovl: zero-shot anomaly localisation\nUpload an image, pick or type its class, press "
+            "**Detect anomalies**."
+        )
         if analyzer.random_weights:
             gr.Markdown(f"**{RANDOM_WEIGHTS_WARNING}**", elem_id="random-weights")
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Image (PNG, JPEG, BMP, TIFF)", type="filepath", elem_id="upload")
-                category = gr.Dropdown(choices=choices, value=None, label="Class (pick or type)",
-                                       allow_custom_value=fixed is None, elem_id="category")
+                category = gr.Dropdown(
+                    choices=choices,
+                    value=None,
+                    label="Class (pick or type)",
+                    allow_custom_value=fixed is None,
+                    elem_id="category",
+                )
                 run = gr.Button("Detect anomalies", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
                 score = gr.Textbox(label="Image score", interactive=False, elem_id="score")
             with gr.Column():
-                overlay_view = gr.Image(label="Heatmap overlay", format="png", interactive=False, height=320, elem_id="overlay")
-                mask_view = gr.Image(label="Predicted mask", format="png", interactive=False, height=320, elem_id="mask")
+                overlay_view = gr.Image(
+                    label="Heatmap overlay", format="png", interactive=False, height=320, elem_id="overlay"
+                )
+                mask_view = gr.Image(
+                    label="Predicted mask", format="png", interactive=False, height=320, elem_id="mask"
+                )
                 mask_file = gr.File(label="Mask (PNG)", interactive=False, elem_id="mask-file")
 
         def analyze(path: str | None, name: str | None):
@@ -218,8 +247,10 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = (), keep_files_s: int
 def load_app_model(args: argparse.Namespace, overrides: dict[str, Any]) -> torch.nn.Module:
     if args.exported:
         if args.config or args.weights or overrides:
-            raise AnovlError("--exported runs the exported file as it is; leave out --config, --weights and "
-                             f"{MODEL_OVERRIDE_PREFIX}*")
+            raise AnovlError(
+                "--exported runs the exported file as it is; leave out --config, --weights and "
+                f"{MODEL_OVERRIDE_PREFIX}*"
+            )
         return ExportedModel(args.exported, args.backend)
     if args.weights:
         overrides = {**overrides, "pretrained": args.weights}
@@ -228,18 +259,25 @@ def load_app_model(args: argparse.Namespace, overrides: dict[str, Any]) -> torch
 
 def app_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="anovl app", description="Browser demo: upload an image, see its anomaly map, score and mask.",
+        prog="anovl app",
+        description="Browser demo: upload an image, see its anomaly map, score and mask.",
         epilog="Without --config, --weights or --exported it runs the demo model (random weights, no download).",
     )
     parser.add_argument("--config", help="an anovl config whose model: section is AnoVL")
-    parser.add_argument("--weights", help="a local CLIP weights file (model.init_args.pretrained); without "
-                                          "--config the backbone is AnoVL's default, ViT-B-16-plus-240")
+    parser.add_argument(
+        "--weights",
+        help="a local CLIP weights file (model.init_args.pretrained); without "
+        "--config the backbone is AnoVL's default, ViT-B-16-plus-240",
+    )
     parser.add_argument("--exported", help="an `anovl export` file (.onnx, .xml, .pt) with its sidecar")
     parser.add_argument("--backend", choices=["onnxruntime", "openvino", "torch"], help="for --exported")
     parser.add_argument("--classes", nargs="+", default=None, help="classes offered in the class box")
     parser.add_argument("--image-threshold", type=float, help="image-score threshold (else the export's)")
-    parser.add_argument("--pixel-threshold", type=float,
-                        help=f"pixel threshold of the mask (else the export's, else {DEFAULT_PIXEL_THRESHOLD})")
+    parser.add_argument(
+        "--pixel-threshold",
+        type=float,
+        help=f"pixel threshold of the mask (else the export's, else {DEFAULT_PIXEL_THRESHOLD})",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
@@ -257,5 +295,6 @@ def main(argv: Sequence[str]) -> None:
     model = load_app_model(args, parse_model_overrides(extra))
     classes = args.classes or ([] if args.config or args.weights else list(DEMO_CLASSES))
     analyzer = Analyzer(model, args.image_threshold, args.pixel_threshold, args.max_upload_mb, args.max_megapixels)
-    build_app(analyzer, classes).launch(server_name=args.host, server_port=args.port,
-                                        max_file_size=f"{4 * args.max_upload_mb:g}mb")
+    build_app(analyzer, classes).launch(
+        server_name=args.host, server_port=args.port, max_file_size=f"{4 * args.max_upload_mb:g}mb"
+    )

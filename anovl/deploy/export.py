@@ -48,8 +48,10 @@ def build_exportable(model: nn.Module, classes: Sequence[ExportClass], num_views
     """The export graph of ``model`` for ``classes`` (in this index order), from the method's export hook."""
     hook = getattr(model, "export_module", None)
     if hook is None:
-        raise AnovlError(f"{type(model).__name__} has no export hook (export_module); only methods that define "
-                         "one can be exported (AnoVL)")
+        raise AnovlError(
+            f"{type(model).__name__} has no export hook (export_module); only methods that define "
+            "one can be exported (AnoVL)"
+        )
     if not classes:
         raise AnovlError("give at least one class to export (--classes bottle cable ...)")
     categories = [entry.category for entry in classes]
@@ -71,9 +73,14 @@ def _write_onnx(module: nn.Module, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecations are not the user's business
         program = torch.onnx.export(
-            module, example_inputs(module), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={"images": {0: batch}, "class_index": {0: batch}}, opset_version=ONNX_OPSET,
-            dynamo=True, verbose=False,
+            module,
+            example_inputs(module),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"images": {0: batch}, "class_index": {0: batch}},
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
         )
     program.save(str(path), external_data=False)
 
@@ -103,8 +110,13 @@ def _write_torchscript(module: nn.Module, path: Path) -> None:
 WRITERS = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}
 
 
-def export_model(model: nn.Module, classes: Sequence[ExportClass | str], output: str | os.PathLike,
-                 format: str = "onnx", num_views: int | None = None) -> Path:
+def export_model(
+    model: nn.Module,
+    classes: Sequence[ExportClass | str],
+    output: str | os.PathLike,
+    format: str = "onnx",
+    num_views: int | None = None,
+) -> Path:
     """Write ``model`` for ``classes`` as ``format`` to ``output`` plus its sidecar; returns the model file.
 
     ``classes`` are :class:`ExportClass` entries (with their thresholds, if known) or ``category[=prompt name]``
@@ -126,8 +138,14 @@ def export_model(model: nn.Module, classes: Sequence[ExportClass | str], output:
         raise AnovlError(f"output {path} is a folder; give a file name such as {path / ('model' + FORMATS[format])}")
     with _views_set_to(model, module.num_views):
         label, settings = model.label, model.settings()
-    sidecar = Sidecar(format=format, image_size=model.image_size, classes=list(classes), num_views=module.num_views,
-                      label=label, settings=settings)
+    sidecar = Sidecar(
+        format=format,
+        image_size=model.image_size,
+        classes=list(classes),
+        num_views=module.num_views,
+        label=label,
+        settings=settings,
+    )
     files = [path, path.with_suffix(".bin")] if format == "openvino" else [path]
     for file in [*files, sidecar_path(path)]:
         refuse_links(file)
@@ -135,7 +153,9 @@ def export_model(model: nn.Module, classes: Sequence[ExportClass | str], output:
     # The exporter writes into a scratch folder beside the output; the model, its .bin and its sidecar then
     # replace the old ones together (an earlier good export stays whole if anything fails).
     try:
-        scratch_folder = tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", ignore_cleanup_errors=True)
+        scratch_folder = tempfile.TemporaryDirectory(
+            dir=path.parent, prefix=f".{path.name}.", ignore_cleanup_errors=True
+        )
     except OSError as error:
         raise write_error(path, error) from None
     with scratch_folder as scratch:

@@ -63,7 +63,7 @@ def parse_model_overrides(extra: Sequence[str]) -> dict[str, Any]:
         token = items.pop(0)
         if not token.startswith(MODEL_OVERRIDE_PREFIX):
             raise AnovlError(f"unknown argument {token!r}; see anovl export --help")
-        key, has_value, value = token[len(MODEL_OVERRIDE_PREFIX):].partition("=")
+        key, has_value, value = token[len(MODEL_OVERRIDE_PREFIX) :].partition("=")
         if not has_value:
             if not items:
                 raise AnovlError(f"{token} needs a value")
@@ -76,20 +76,34 @@ def export_parser():
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="anovl export", description="Export training-free AnoVL with the classes' text embeddings baked in.",
+        prog="anovl export",
+        description="Export training-free AnoVL with the classes' text embeddings baked in.",
         epilog="Model settings of the config can be overridden, e.g. --model.init_args.pretrained weights.pt",
     )
     parser.add_argument("--config", required=True, help="an anovl config whose model: section is AnoVL")
-    parser.add_argument("--classes", nargs="+", required=True, metavar="CLASS",
-                        help="categories to bake in (index order); 'category=prompt name' sets the prompt name")
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        required=True,
+        metavar="CLASS",
+        help="categories to bake in (index order); 'category=prompt name' sets the prompt name",
+    )
     parser.add_argument("--format", choices=list(FORMATS), default="onnx")
-    parser.add_argument("--num-views", type=int, default=None,
-                        help="views averaged into the image score: 1 (fast) to 22 (reference); default: the config's")
+    parser.add_argument(
+        "--num-views",
+        type=int,
+        default=None,
+        help="views averaged into the image score: 1 (fast) to 22 (reference); default: the config's",
+    )
     parser.add_argument("--output", required=True, help="model file (.onnx, .xml or .pt); the sidecar is FILE.json")
     parser.add_argument("--image-threshold", type=float, default=None, help="image-score threshold of every class")
     parser.add_argument("--pixel-threshold", type=float, default=None, help="pixel threshold of every class")
-    parser.add_argument("--thresholds", default=None, metavar="RESULTS_JSON",
-                        help="per-category thresholds from a test run's results.json (or its folder)")
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="per-category thresholds from a test run's results.json (or its folder)",
+    )
     return parser
 
 
@@ -111,5 +125,7 @@ def main(argv: Sequence[str]) -> None:
     path = export_model(model, classes, args.output, args.format, args.num_views)
     files = [path, path.with_suffix(".bin")] if args.format == "openvino" else [path]
     size = sum(file.stat().st_size for file in files)
-    print(f"Exported {len(classes)} classes ({args.format}, {Sidecar.read(sidecar_path(path)).num_views} views) to "
-          f"{path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; sidecar {sidecar_path(path)}")
+    print(
+        f"Exported {len(classes)} classes ({args.format}, {Sidecar.read(sidecar_path(path)).num_views} views) to "
+        f"{path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; sidecar {sidecar_path(path)}"
+    )

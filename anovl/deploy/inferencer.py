@@ -92,20 +92,27 @@ def _as_rgb(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise AnovlError(f"give an image as a path, a PIL image or a uint8 H×W×3 RGB array, not an array of "
-                         f"{array.dtype} {array.shape}")
+        raise AnovlError(
+            f"give an image as a path, a PIL image or a uint8 H×W×3 RGB array, not an array of "
+            f"{array.dtype} {array.shape}"
+        )
     if 0 in array.shape[:2]:
         raise AnovlError(f"the image is {array.shape[1]}×{array.shape[0]} pixels; give an image with pixels")
     return array
 
 
-def prepare(image: str | os.PathLike | Image.Image | np.ndarray, preprocessing: Preprocessing
-            ) -> tuple[np.ndarray, torch.Tensor]:
+def prepare(
+    image: str | os.PathLike | Image.Image | np.ndarray, preprocessing: Preprocessing
+) -> tuple[np.ndarray, torch.Tensor]:
     """The resized uint8 image and the model input (1×3×S×S) of one image, as ``preprocessing`` says."""
     if (preprocessing.interpolation, tuple(preprocessing.mean), tuple(preprocessing.std)) != (
-            "bilinear", CLIP_MEAN, CLIP_STD):
-        raise AnovlError(f"unsupported preprocessing {preprocessing}; anovl models take bilinear resizing and "
-                         "CLIP's normalisation")
+        "bilinear",
+        CLIP_MEAN,
+        CLIP_STD,
+    ):
+        raise AnovlError(
+            f"unsupported preprocessing {preprocessing}; anovl models take bilinear resizing and CLIP's normalisation"
+        )
     size = preprocessing.image_size
     resized = resize_image(_as_rgb(image), (size, size))
     return resized, normalize(resized).unsqueeze(0)
@@ -117,15 +124,25 @@ def model_preprocessing(model: torch.nn.Module) -> Preprocessing:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, image: str | os.PathLike | Image.Image | np.ndarray, category: str,
-            image_threshold: float | None = None, pixel_threshold: float | None = None) -> Prediction:
+def predict(
+    model: torch.nn.Module,
+    image: str | os.PathLike | Image.Image | np.ndarray,
+    category: str,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+) -> Prediction:
     """Run any anomaly model (AnoVL, an :class:`ExportedModel`, ...) on one image of ``category``."""
     if not isinstance(category, str) or not category.strip():
         raise AnovlError("give the class (category) of the image, e.g. 'bottle'")
     resized, tensor = prepare(image, model_preprocessing(model))
     output = model(tensor.to(model.device), [category.strip()])
-    return Prediction(resized, output.anomaly_map[0].float().cpu().numpy(), float(output.pred_score[0]),
-                      image_threshold, pixel_threshold)
+    return Prediction(
+        resized,
+        output.anomaly_map[0].float().cpu().numpy(),
+        float(output.pred_score[0]),
+        image_threshold,
+        pixel_threshold,
+    )
 
 
 class ExportedModel(AnomalyModel):
@@ -145,15 +162,19 @@ class ExportedModel(AnomalyModel):
         if not self.path.is_file():
             raise AnovlError(f"exported model not found: {self.path}")
         if self.path.suffix not in DEFAULT_BACKEND:
-            raise AnovlError(f"{self.path.name} is not an exported model; give a "
-                             f"{', '.join(FORMATS.values())} file written by `anovl export`")
+            raise AnovlError(
+                f"{self.path.name} is not an exported model; give a "
+                f"{', '.join(FORMATS.values())} file written by `anovl export`"
+            )
         self.sidecar = Sidecar.read(sidecar_path(self.path))
         self.backend = backend or DEFAULT_BACKEND[self.path.suffix]
         if self.backend not in BACKENDS:
             raise AnovlError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         readable = {"onnxruntime": {".onnx"}, "openvino": {".onnx", ".xml"}, "torch": {".pt"}}[self.backend]
         if self.path.suffix not in readable:
-            raise AnovlError(f"the {self.backend} backend cannot run {self.path.name}; it runs {', '.join(sorted(readable))}")
+            raise AnovlError(
+                f"the {self.backend} backend cannot run {self.path.name}; it runs {', '.join(sorted(readable))}"
+            )
         self.image_size = self.sidecar.image_size
         self.class_index = {entry.category: index for index, entry in enumerate(self.sidecar.classes)}
         self.scripted: torch.jit.ScriptModule | None = None
@@ -165,13 +186,19 @@ class ExportedModel(AnomalyModel):
                     # A TorchScript file is code, like a pickle (docs/SECURITY.md): only load files you would run.
                     self.scripted = torch.jit.load(str(self.path), map_location="cpu")
             else:
-                self._runner = (_onnxruntime_runner if self.backend == "onnxruntime" else _openvino_runner)(self.path, threads)
+                self._runner = (_onnxruntime_runner if self.backend == "onnxruntime" else _openvino_runner)(
+                    self.path, threads
+                )
         except ImportError as error:
-            raise AnovlError(f"the {self.backend} backend is not installed ({error}); pip install 'anovl[deploy]'") from None
+            raise AnovlError(
+                f"the {self.backend} backend is not installed ({error}); pip install 'anovl[deploy]'"
+            ) from None
         except Exception as error:  # each runtime has its own error types for unreadable files
-            raise AnovlError(f"cannot load {self.path} with {self.backend} ({type(error).__name__}: "
-                             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); "
-                             "export the model again") from None
+            raise AnovlError(
+                f"cannot load {self.path} with {self.backend} ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); "
+                "export the model again"
+            ) from None
         self._check_graph()
 
     def _check_graph(self) -> None:
@@ -181,12 +208,16 @@ class ExportedModel(AnomalyModel):
         try:
             self._run(torch.zeros(1, 3, size, size), torch.tensor([len(self.class_index) - 1]))
         except AnovlError as error:
-            raise AnovlError(f"the sidecar {sidecar_path(self.path)} does not fit the graph {self.path.name}: "
-                             f"{error}; export the model again") from None
+            raise AnovlError(
+                f"the sidecar {sidecar_path(self.path)} does not fit the graph {self.path.name}: "
+                f"{error}; export the model again"
+            ) from None
         except Exception as error:  # noqa: BLE001 - the runtimes' own error types for a graph that cannot run
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            raise AnovlError(f"the sidecar {sidecar_path(self.path)} does not fit the graph {self.path.name} "
-                             f"({type(error).__name__}: {first}); export the model again") from None
+            raise AnovlError(
+                f"the sidecar {sidecar_path(self.path)} does not fit the graph {self.path.name} "
+                f"({type(error).__name__}: {first}); export the model again"
+            ) from None
 
     @property
     def classes(self) -> list[str]:
@@ -201,8 +232,9 @@ class ExportedModel(AnomalyModel):
         return "tfa"
 
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.sidecar.image_size, tuple(self.sidecar.mean), tuple(self.sidecar.std),
-                             self.sidecar.interpolation)
+        return Preprocessing(
+            self.sidecar.image_size, tuple(self.sidecar.mean), tuple(self.sidecar.std), self.sidecar.interpolation
+        )
 
     def settings(self) -> dict[str, Any]:
         return self.sidecar.settings
@@ -219,19 +251,24 @@ class ExportedModel(AnomalyModel):
         indices = []
         for position, category in enumerate(categories):
             if category not in self.class_index:
-                raise AnovlError(f"class {category!r} was not exported in {self.path.name}; it has "
-                                 f"{', '.join(self.class_index)} (export again with --classes ... {category})")
+                raise AnovlError(
+                    f"class {category!r} was not exported in {self.path.name}; it has "
+                    f"{', '.join(self.class_index)} (export again with --classes ... {category})"
+                )
             index = self.class_index[category]
             expected = self.sidecar.classes[index].prompt_name
             if prompt_names is not None and prompt_names[position] != expected:
-                raise AnovlError(f"class {category!r} was exported with the prompt name {expected!r}, not "
-                                 f"{prompt_names[position]!r}; export it again with --classes '{category}="
-                                 f"{prompt_names[position]}'")
+                raise AnovlError(
+                    f"class {category!r} was exported with the prompt name {expected!r}, not "
+                    f"{prompt_names[position]!r}; export it again with --classes '{category}="
+                    f"{prompt_names[position]}'"
+                )
             indices.append(index)
         return indices
 
-    def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
-                **extras: Any) -> ModelOutput:
+    def forward(
+        self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None, **extras: Any
+    ) -> ModelOutput:
         check_image_batch(images)  # what AnoVL refuses too (uint8 pixels, an empty batch)
         size = self.image_size
         if tuple(images.shape[1:]) != (3, size, size):
@@ -246,12 +283,16 @@ class ExportedModel(AnomalyModel):
             with torch.no_grad():
                 maps, scores = self.scripted(images.float(), class_index.to(images.device))
         else:
-            maps, scores = (torch.from_numpy(np.asarray(output)).to(images.device) for output in self._runner(
-                images.detach().float().cpu().contiguous().numpy(), class_index.numpy()))
+            maps, scores = (
+                torch.from_numpy(np.asarray(output)).to(images.device)
+                for output in self._runner(images.detach().float().cpu().contiguous().numpy(), class_index.numpy())
+            )
         batch, size = images.shape[0], self.image_size
         if tuple(maps.shape) != (batch, size, size) or tuple(scores.shape) != (batch,):
-            raise AnovlError(f"the exported graph gave outputs of shapes {tuple(maps.shape)} and {tuple(scores.shape)}, "
-                             f"not ({batch}, {size}, {size}) and ({batch},)")
+            raise AnovlError(
+                f"the exported graph gave outputs of shapes {tuple(maps.shape)} and {tuple(scores.shape)}, "
+                f"not ({batch}, {size}, {size}) and ({batch},)"
+            )
         return ModelOutput(maps, scores)
 
     def predict(self, image: str | os.PathLike | Image.Image | np.ndarray, category: str) -> Prediction:

@@ -67,38 +67,66 @@ class Sidecar:
     interpolation: str = "bilinear"
 
     def to_json(self) -> str:
-        return json.dumps({
-            "version": SIDECAR_VERSION,
-            "format": self.format,
-            "preprocessing": {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                              "interpolation": self.interpolation},
-            "inputs": {"images": "float32 B×3×S×S: resized, scaled to [0, 1], (x - mean) / std",
-                       "class_index": "int64 B: index into classes"},
-            "outputs": {"anomaly_map": "float32 B×S×S: abnormal probability per pixel",
-                        "pred_score": "float32 B: image score"},
-            "classes": [asdict(entry) for entry in self.classes],
-            "num_views": self.num_views,
-            "label": self.label,
-            "settings": self.settings,
-        }, indent=2, ensure_ascii=False)
+        return json.dumps(
+            {
+                "version": SIDECAR_VERSION,
+                "format": self.format,
+                "preprocessing": {
+                    "image_size": self.image_size,
+                    "mean": list(self.mean),
+                    "std": list(self.std),
+                    "interpolation": self.interpolation,
+                },
+                "inputs": {
+                    "images": "float32 B×3×S×S: resized, scaled to [0, 1], (x - mean) / std",
+                    "class_index": "int64 B: index into classes",
+                },
+                "outputs": {
+                    "anomaly_map": "float32 B×S×S: abnormal probability per pixel",
+                    "pred_score": "float32 B: image score",
+                },
+                "classes": [asdict(entry) for entry in self.classes],
+                "num_views": self.num_views,
+                "label": self.label,
+                "settings": self.settings,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Sidecar":
         path = Path(path)
         if not path.is_file():
-            raise AnovlError(f"the sidecar {path} of the exported model is missing; `anovl export` writes the "
-                             "model and its .json side by side: keep them together or export again")
-        document = parse_json(read_text(path, "sidecar", MAX_SIDECAR_BYTES),
-                              f"sidecar {path} (not an anovl export record: export the model again)")
+            raise AnovlError(
+                f"the sidecar {path} of the exported model is missing; `anovl export` writes the "
+                "model and its .json side by side: keep them together or export again"
+            )
+        document = parse_json(
+            read_text(path, "sidecar", MAX_SIDECAR_BYTES),
+            f"sidecar {path} (not an anovl export record: export the model again)",
+        )
         if isinstance(document, dict) and document.get("version") != SIDECAR_VERSION:
-            raise AnovlError(f"sidecar {path} has version {document.get('version')!r} but this anovl reads "
-                             f"version {SIDECAR_VERSION}; export the model again")
-        record = validate(document, SidecarRecord, f"sidecar {path} (not an anovl export record)", "export the model again")
+            raise AnovlError(
+                f"sidecar {path} has version {document.get('version')!r} but this anovl reads "
+                f"version {SIDECAR_VERSION}; export the model again"
+            )
+        record = validate(
+            document, SidecarRecord, f"sidecar {path} (not an anovl export record)", "export the model again"
+        )
         if record.format not in FORMATS:
-            raise AnovlError(f"sidecar {path}: format {record.format!r} is not one of {', '.join(FORMATS)}; "
-                             "export the model again")
+            raise AnovlError(
+                f"sidecar {path}: format {record.format!r} is not one of {', '.join(FORMATS)}; export the model again"
+            )
         preprocessing = record.preprocessing
-        return cls(format=record.format, classes=[ExportClass(**entry.model_dump()) for entry in record.classes],
-                   num_views=record.num_views, label=record.label, settings=record.settings,
-                   image_size=preprocessing.image_size, mean=tuple(preprocessing.mean), std=tuple(preprocessing.std),
-                   interpolation=preprocessing.interpolation)
+        return cls(
+            format=record.format,
+            classes=[ExportClass(**entry.model_dump()) for entry in record.classes],
+            num_views=record.num_views,
+            label=record.label,
+            settings=record.settings,
+            image_size=preprocessing.image_size,
+            mean=tuple(preprocessing.mean),
+            std=tuple(preprocessing.std),
+            interpolation=preprocessing.interpolation,
+        )

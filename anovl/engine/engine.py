@@ -85,10 +85,18 @@ class Engine:
             ``variant``, ``cflow_pro``, ``results_dir``; the ``engine:`` section of a config).
     """
 
-    def __init__(self, trainer: Trainer | dict[str, Any] | None = None, *, run_dir: str | Path | None = None,
-                 resume: str | Path | None = None, pictures: dict[str, Any] | None = None,
-                 predictions: dict[str, Any] | None = None, seed: int | None = 0,
-                 config: dict[str, Any] | None = None, **options: Any):
+    def __init__(
+        self,
+        trainer: Trainer | dict[str, Any] | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        resume: str | Path | None = None,
+        pictures: dict[str, Any] | None = None,
+        predictions: dict[str, Any] | None = None,
+        seed: int | None = 0,
+        config: dict[str, Any] | None = None,
+        **options: Any,
+    ):
         self.resume_dir, self.run_dir = run_folders(resume, run_dir)
         self.options = {**options, **({"results_dir": str(self.run_dir)} if self.run_dir is not None else {})}
         self.seed = seed
@@ -137,8 +145,10 @@ class Engine:
         model_size = model_input_size(model)
         data_size = getattr(datamodule, "image_size", None)
         if isinstance(data_size, int) and data_size != model_size:
-            raise AnovlError(f"the data's image_size is {data_size} but the model expects {model_size} px; "
-                             "give the datamodule the model's size (image_size=model.image_size)")
+            raise AnovlError(
+                f"the data's image_size is {data_size} but the model expects {model_size} px; "
+                "give the datamodule the model's size (image_size=model.image_size)"
+            )
         module = AnomalyModule(model, **self.options)
         trainer = self._trainer(model, datamodule, stage)
         name_wandb_run(trainer, module, dataset_name(datamodule), self.run_dir)
@@ -173,30 +183,42 @@ class Engine:
         logger = options.pop("logger", None)
         if logger is None or logger is True:
             if self.run_dir is not None:  # the run's folder is the CSV logger's version folder
-                logger = CSVLogger(str(self.run_dir.parent.parent), name=self.run_dir.parent.name,
-                                   version=self.run_dir.name)
+                logger = CSVLogger(
+                    str(self.run_dir.parent.parent), name=self.run_dir.parent.name, version=self.run_dir.name
+                )
             else:
                 logger = CSVLogger(RUNS_DIR, name=DEFAULT_LOGGER_NAME)
         pictures = dict(self._writers["pictures"])
         if self.run_dir is not None:
             pictures.setdefault("output_dir", str(self.run_dir / "pictures"))
         config = self.config if self.config is not None else self.default_config(model, datamodule, options, stage)
-        callbacks = [RunRecorder(config), PanelWriter(**pictures), AnomalyMapWriter(**self._writers["predictions"]),
-                     *(options.pop("callbacks", None) or [])]
+        callbacks = [
+            RunRecorder(config),
+            PanelWriter(**pictures),
+            AnomalyMapWriter(**self._writers["predictions"]),
+            *(options.pop("callbacks", None) or []),
+        ]
         return Trainer(logger=logger, callbacks=callbacks, **options)
 
-    def default_config(self, model: AnomalyModel | None, datamodule: Any, trainer_options: dict[str, Any],
-                       stage: str) -> dict[str, Any]:
+    def default_config(
+        self, model: AnomalyModel | None, datamodule: Any, trainer_options: dict[str, Any], stage: str
+    ) -> dict[str, Any]:
         """What a run started from Python records: the method (name or class path) and its settings, the data's
         fingerprint, the engine's options, the writers' and the trainer's (plain values only)."""
         fingerprint = getattr(datamodule, "fingerprint", None)
         record = {
             "model": {**method_record(model), "settings": model.settings()} if model is not None else None,
             "data": fingerprint() if fingerprint is not None else {"class": type(datamodule).__name__},
-            "engine": self.options, **self._writers, "seed_everything": self.seed,
-            "trainer": {key: value for key, value in trainer_options.items()
-                        if isinstance(value, (str, int, float, bool, type(None)))},
-            "resume": str(self.resume_dir) if self.resume_dir else None, "command": stage,
+            "engine": self.options,
+            **self._writers,
+            "seed_everything": self.seed,
+            "trainer": {
+                key: value
+                for key, value in trainer_options.items()
+                if isinstance(value, (str, int, float, bool, type(None)))
+            },
+            "resume": str(self.resume_dir) if self.resume_dir else None,
+            "command": stage,
         }
         return json_data(record)
 
@@ -214,6 +236,7 @@ class Engine:
                 warnings.filterwarnings("ignore", message=r".*exists and is not empty")
             yield
 
+
 def run_folders(resume: str | Path | None, run_dir: str | Path | None) -> tuple[Path | None, Path | None]:
     """(the folder of the run to continue, the run's folder): ``resume``'s, else ``run_dir``, else None."""
     if resume and run_dir:
@@ -226,26 +249,35 @@ def continue_run(module: AnomalyModule, trainer: Any, datamodule: Any, run_dir: 
     """Check that ``run_dir`` was run with this configuration and set the module and data up to finish it:
     the categories already in its results are left out. Returns the earlier table."""
     if module.model.order_dependent:
-        raise AnovlError(f"a run of {module.label} cannot be resumed: its results depend on the images that came "
-                         "before (e.g. tta.mode 'reference' carries optimiser state and random draws from image to "
-                         "image); run it again from the start without --resume")
+        raise AnovlError(
+            f"a run of {module.label} cannot be resumed: its results depend on the images that came "
+            "before (e.g. tta.mode 'reference' carries optimiser state and random draws from image to "
+            "image); run it again from the start without --resume"
+        )
     earlier = ResultsTable.read(run_dir)
     if earlier.config is None:
-        raise AnovlError(f"{run_dir}/results.json has no record of the run's configuration (an older anovl wrote "
-                         "it), so it cannot be resumed safely; start a new run without --resume")
+        raise AnovlError(
+            f"{run_dir}/results.json has no record of the run's configuration (an older anovl wrote "
+            "it), so it cannot be resumed safely; start a new run without --resume"
+        )
     earlier.check_categories(datamodule.categories)
     module.trainer = trainer  # run_config reads the trainer's precision
     current = module.run_config(datamodule)
-    differences = config_differences({**earlier.config, "model": normalised_record(earlier.config.get("model") or {})},
-                                     current)
+    differences = config_differences(
+        {**earlier.config, "model": normalised_record(earlier.config.get("model") or {})}, current
+    )
     if differences:
-        raise AnovlError(f"cannot resume {run_dir}: its configuration differs in {'; '.join(differences)}; resume "
-                         f"with the run's own settings (anovl test --config {run_dir}/config.yaml --resume "
-                         f"{run_dir}) or start a new run without --resume")
+        raise AnovlError(
+            f"cannot resume {run_dir}: its configuration differs in {'; '.join(differences)}; resume "
+            f"with the run's own settings (anovl test --config {run_dir}/config.yaml --resume "
+            f"{run_dir}) or start a new run without --resume"
+        )
     module.resume(earlier)
     datamodule.exclude_categories(earlier.rows)
-    rank_zero_info(f"Resuming {run_dir}: {len(earlier.rows)} categories finished, "
-                   f"{len(datamodule.categories)} to run: {', '.join(datamodule.categories) or 'none'}")
+    rank_zero_info(
+        f"Resuming {run_dir}: {len(earlier.rows)} categories finished, "
+        f"{len(datamodule.categories)} to run: {', '.join(datamodule.categories) or 'none'}"
+    )
     return earlier
 
 
@@ -256,12 +288,19 @@ def refuse_other_run(module: AnomalyModule, trainer: Any, datamodule: Any, run_d
         return
     earlier = ResultsTable.read(run_dir)
     module.trainer = trainer  # run_config reads the trainer's precision
-    differences = (["its settings are not recorded"] if earlier.config is None else config_differences(
-        {**earlier.config, "model": normalised_record(earlier.config.get("model") or {})},
-        module.run_config(datamodule)))
+    differences = (
+        ["its settings are not recorded"]
+        if earlier.config is None
+        else config_differences(
+            {**earlier.config, "model": normalised_record(earlier.config.get("model") or {})},
+            module.run_config(datamodule),
+        )
+    )
     if differences:
-        raise AnovlError(f"--run_dir {run_dir} holds the results of another run ({'; '.join(differences)}); "
-                         "choose a new folder, or continue that run with --resume and its own settings")
+        raise AnovlError(
+            f"--run_dir {run_dir} holds the results of another run ({'; '.join(differences)}); "
+            "choose a new folder, or continue that run with --resume and its own settings"
+        )
 
 
 def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -271,8 +310,9 @@ def config_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list
         before, now = earlier.get(section) or {}, current.get(section) or {}
         for key in sorted(set(before) | set(now)):
             if before.get(key) != now.get(key):
-                differences.append(f"{section}.{key}: {json.dumps(before.get(key))} in the run, "
-                                   f"{json.dumps(now.get(key))} now")
+                differences.append(
+                    f"{section}.{key}: {json.dumps(before.get(key))} in the run, {json.dumps(now.get(key))} now"
+                )
     return differences
 
 
@@ -280,7 +320,7 @@ def wandb_tag(text: str) -> str:
     """``text``, or where W&B would refuse it as too long, its start and a hash of the whole."""
     if len(text) <= WANDB_TAG_LENGTH:
         return text
-    return f"{text[:WANDB_TAG_LENGTH - 9]}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return f"{text[: WANDB_TAG_LENGTH - 9]}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def name_wandb_run(trainer: Any, module: AnomalyModule, data: str, run_dir: Path | None) -> None:
@@ -295,11 +335,20 @@ def name_wandb_run(trainer: Any, module: AnomalyModule, data: str, run_dir: Path
       weights are random."""
     method = module.model.method or type(module.model).__name__
     version = run_dir.name.removeprefix("version_") if run_dir is not None and VERSION.fullmatch(run_dir.name) else None
-    name = "-".join(part for part in (data, method, "" if module.variant == method else module.variant,
-                                      f"v{version}" if version else "") if part)
+    name = "-".join(
+        part
+        for part in (data, method, "" if module.variant == method else module.variant, f"v{version}" if version else "")
+        if part
+    )
     backbone = module.model.settings().get("backbone")
-    tags = {data, method, module.variant, module.label, *([str(backbone)] if backbone else []),
-            *(["random-weights"] if module.random_weights else [])}
+    tags = {
+        data,
+        method,
+        module.variant,
+        module.label,
+        *([str(backbone)] if backbone else []),
+        *(["random-weights"] if module.random_weights else []),
+    }
     for logger in trainer.loggers:
         if not isinstance(logger, WandbLogger):
             continue

@@ -66,8 +66,10 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_
 
 
 def _distributed_sampler(dataloader: Any) -> DistributedSampler | None:
-    for sampler in (getattr(getattr(dataloader, "batch_sampler", None), "sampler", None),
-                    getattr(dataloader, "sampler", None)):
+    for sampler in (
+        getattr(getattr(dataloader, "batch_sampler", None), "sampler", None),
+        getattr(dataloader, "sampler", None),
+    ):
         if isinstance(sampler, DistributedSampler):
             return sampler
     return None
@@ -106,15 +108,26 @@ class AnomalyModule(LightningModule):
     After ``Trainer.test`` the table is in :attr:`results` (a :class:`~anovl.results.ResultsTable`).
     """
 
-    def __init__(self, model: AnomalyModel, label: str | None = None, cflow_pro: bool = False,
-                 results_dir: str | None = None, group: str | None = None, variant: str | None = None,
-                 tf32: bool = False, mosaic_rate: float = 0.0, validation: AnomalyDataModule | None = None):
+    def __init__(
+        self,
+        model: AnomalyModel,
+        label: str | None = None,
+        cflow_pro: bool = False,
+        results_dir: str | None = None,
+        group: str | None = None,
+        variant: str | None = None,
+        tf32: bool = False,
+        mosaic_rate: float = 0.0,
+        validation: AnomalyDataModule | None = None,
+    ):
         super().__init__()
         if not isinstance(model, AnomalyModel):
             raise AnovlError(f"the model must be an anovl.models.base.AnomalyModel, got {type(model).__name__}")
         if model.transductive:
-            raise AnovlError(f"{type(model).__name__} is transductive (needs whole categories at once), which the "
-                             "test and predict loops do not support yet")
+            raise AnovlError(
+                f"{type(model).__name__} is transductive (needs whole categories at once), which the "
+                "test and predict loops do not support yet"
+            )
         self.model = model
         self.label = check_label(label) if label is not None else model.label
         self.group = check_label(group) if group is not None else None
@@ -124,7 +137,9 @@ class AnomalyModule(LightningModule):
         self.tf32 = tf32
         self._tf32_before: tuple[bool, bool] | None = None
         if not (isinstance(mosaic_rate, (int, float)) and 0 <= mosaic_rate <= 1):
-            raise AnovlError(f"mosaic_rate must lie in [0, 1] (the authors: 0.2 on MVTec, 0 on VisA), got {mosaic_rate!r}")
+            raise AnovlError(
+                f"mosaic_rate must lie in [0, 1] (the authors: 0.2 on MVTec, 0 on VisA), got {mosaic_rate!r}"
+            )
         self.mosaic_rate = float(mosaic_rate)
         self.validation = validation
         self._val_metrics: dict[str, AnomalyMetrics] = {}
@@ -133,8 +148,14 @@ class AnomalyModule(LightningModule):
         self.strict_loading = False
         # The model's settings, not its weights, describe the run; the loggers get the whole run config from
         # the CLI's RunTracker instead (anovl.tracking).
-        self.save_hyperparameters({"model": {**method_record(model), "settings": model.settings()},
-                                   "label": self.label, "cflow_pro": cflow_pro}, logger=False)
+        self.save_hyperparameters(
+            {
+                "model": {**method_record(model), "settings": model.settings()},
+                "label": self.label,
+                "cflow_pro": cflow_pro,
+            },
+            logger=False,
+        )
         self.results: ResultsTable | None = None
         self._resumed: ResultsTable | None = None
         self._metrics: dict[str, AnomalyMetrics] = {}
@@ -178,14 +199,16 @@ class AnomalyModule(LightningModule):
                 self.model.start_category(categories[run.start])
                 self._current_category = categories[run.start]
             extras = {key: batch[key][run] for key in self.model.batch_extras if batch.get(key) is not None}
-            run_maps, run_scores = self._run_model(batch["image"][run], categories[run],
-                                                   list(batch["prompt_name"][run]), extras)
+            run_maps, run_scores = self._run_model(
+                batch["image"][run], categories[run], list(batch["prompt_name"][run]), extras
+            )
             maps.append(run_maps)
             scores.append(run_scores)
         return torch.cat(maps), torch.cat(scores)
 
-    def _run_model(self, images: torch.Tensor, categories: list[str], prompt_names: list[str],
-                   extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_model(
+        self, images: torch.Tensor, categories: list[str], prompt_names: list[str], extras: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = images.shape[-2:]
         if height == width or self.model.handles_wide_images:
             output = self.model(images, categories, prompt_names, **extras)
@@ -217,9 +240,11 @@ class AnomalyModule(LightningModule):
         if categories is None:
             raise AnovlError("test needs a datamodule with a 'categories' list (e.g. MVTecDataModule)")
         if self.model.order_dependent and self.trainer.world_size > 1:
-            raise AnovlError(f"{self.label} depends on the order of the images (e.g. tta.mode 'reference' carries "
-                             "optimiser state from image to image), which several processes cannot follow; run it "
-                             "on one device or use an order-free setting (tta.mode 'independent')")
+            raise AnovlError(
+                f"{self.label} depends on the order of the images (e.g. tta.mode 'reference' carries "
+                "optimiser state from image to image), which several processes cannot follow; run it "
+                "on one device or use an order-free setting (tta.mode 'independent')"
+            )
         self._metrics = {category: AnomalyMetrics(cflow_pro=self.cflow_pro).to(self.device) for category in categories}
         self._image_counts = dict.fromkeys(categories, 0)
         self._expected_counts = _images_per_category(datamodule)
@@ -230,16 +255,23 @@ class AnomalyModule(LightningModule):
         run_dir = run_directory(self.trainer)
         settings = self.model.settings()
         weights = settings.get("pretrained", None)
-        title = (f"{self.label}, {settings.get('backbone', type(self.model).__name__)} "
-                 f"({weights or 'random weights'}) on {type(datamodule).__name__}{self._data_location(datamodule)}")
+        title = (
+            f"{self.label}, {settings.get('backbone', type(self.model).__name__)} "
+            f"({weights or 'random weights'}) on {type(datamodule).__name__}{self._data_location(datamodule)}"
+        )
         results_dir = Path(self.results_dir) if self.results_dir else run_dir
         earlier = self._resumed
         finished = len(earlier.rows) if earlier is not None else 0
         # Every process computes the table (compute syncs), only rank 0 writes it.
-        self.results = ResultsTable(results_dir if self.trainer.is_global_zero else None, title,
-                                    self.random_weights, finished + len(categories), self.label,
-                                    config=earlier.config if earlier is not None else self.run_config(datamodule),
-                                    skipped_files=getattr(datamodule, "skipped_files", ()))
+        self.results = ResultsTable(
+            results_dir if self.trainer.is_global_zero else None,
+            title,
+            self.random_weights,
+            finished + len(categories),
+            self.label,
+            config=earlier.config if earlier is not None else self.run_config(datamodule),
+            skipped_files=getattr(datamodule, "skipped_files", ()),
+        )
         if earlier is not None:
             self.results.include(earlier)
             # The loggers of this part get the whole table (a reused CSV logger folder starts a new metrics.csv).
@@ -271,8 +303,12 @@ class AnomalyModule(LightningModule):
         if not keep.any():
             return None
         if not keep.all():
-            batch = {key: [item for item, kept in zip(value, keep) if kept] if isinstance(value, list)
-                     else value[keep.to(value.device)] for key, value in batch.items()}
+            batch = {
+                key: [item for item, kept in zip(value, keep) if kept]
+                if isinstance(value, list)
+                else value[keep.to(value.device)]
+                for key, value in batch.items()
+            }
         maps, scores = self.anomaly_maps(batch)
         categories = list(batch["category"])
         for run in category_runs(categories):
@@ -280,14 +316,22 @@ class AnomalyModule(LightningModule):
             if category not in self._metrics:
                 raise AnovlError(f"category {category!r} of a batch is not among the datamodule's categories")
             if category in self.results.rows:
-                raise AnovlError(f"images of category {category!r} came after the category was finished; the "
-                                 "test data must come grouped by category, as anovl's datamodules give it")
+                raise AnovlError(
+                    f"images of category {category!r} came after the category was finished; the "
+                    "test data must come grouped by category, as anovl's datamodules give it"
+                )
             if self.trainer.world_size == 1 and self._open_category not in (None, category):
                 self._finish_category(self._open_category)
             self._open_category = category
             regions = batch.get("region_sizes")
-            self._metrics[category].update(maps[run], batch["mask"][run], scores[run], batch["label"][run],
-                                           batch["has_mask"][run], None if regions is None else regions[run])
+            self._metrics[category].update(
+                maps[run],
+                batch["mask"][run],
+                scores[run],
+                batch["label"][run],
+                batch["has_mask"][run],
+                None if regions is None else regions[run],
+            )
             self._image_counts[category] += run.stop - run.start
             if self.trainer.world_size == 1 and self._image_counts[category] == self._expected_counts.get(category):
                 # Written now, so that a failure in the next category cannot lose it.
@@ -341,25 +385,35 @@ class AnomalyModule(LightningModule):
         datamodule = self.trainer.datamodule
         dataset = getattr(datamodule, "dataset", None)
         if dataset is None or not hasattr(dataset, "samples"):
-            raise AnovlError("fit needs one of anovl's datamodules (MVTec, VisA, Folder, synthetic), whose labelled "
-                             "images with masks are the training data")
+            raise AnovlError(
+                "fit needs one of anovl's datamodules (MVTec, VisA, Folder, synthetic), whose labelled "
+                "images with masks are the training data"
+            )
         if getattr(datamodule, "mode", "resize") != "resize":
             raise AnovlError("fit trains on square images: set the data's mode to 'resize' (tile mode is for test)")
         check_training_samples(dataset.samples, type(datamodule).__name__)
-        seed = torch.initial_seed() % 2 ** 31  # the run's seed_everything
+        seed = torch.initial_seed() % 2**31  # the run's seed_everything
         data = TrainingData(dataset, seed)
         sampler = TrainingSampler(data, self.trainer.world_size, self.trainer.global_rank, seed, self.mosaic_rate)
         workers = datamodule.loader_workers()
-        return OneLineErrorsLoader(data, batch_size=datamodule.batch_size, sampler=sampler, num_workers=workers,
-                                   collate_fn=collate_batch, persistent_workers=workers > 0,
-                                   pin_memory=self.trainer.strategy.root_device.type == "cuda")
+        return OneLineErrorsLoader(
+            data,
+            batch_size=datamodule.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_batch,
+            persistent_workers=workers > 0,
+            pin_memory=self.trainer.strategy.root_device.type == "cuda",
+        )
 
     def val_dataloader(self) -> Any:
         if self.validation is None:
             return []
         if self.trainer.world_size > 1:
-            raise AnovlError("fit's validation data runs in one process; leave engine.validation out under DDP "
-                             "and test the checkpoint afterwards")
+            raise AnovlError(
+                "fit's validation data runs in one process; leave engine.validation out under DDP "
+                "and test the checkpoint afterwards"
+            )
         self.validation.image_size = self.model.preprocessing().image_size
         self.validation.prepare_data()
         self.validation.trainer = self.trainer
@@ -376,8 +430,14 @@ class AnomalyModule(LightningModule):
         for run in category_runs(categories):
             metrics = self._val_metrics.setdefault(categories[run.start], AnomalyMetrics().to(self.device))
             regions = batch.get("region_sizes")
-            metrics.update(maps[run], batch["mask"][run], scores[run], batch["label"][run], batch["has_mask"][run],
-                           None if regions is None else regions[run])
+            metrics.update(
+                maps[run],
+                batch["mask"][run],
+                scores[run],
+                batch["label"][run],
+                batch["has_mask"][run],
+                None if regions is None else regions[run],
+            )
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._val_metrics:
@@ -398,26 +458,28 @@ class AnomalyModule(LightningModule):
         # Every epoch's end is a checkpoint (last.ckpt, and the latest epoch=N file, without which Lightning saves
         # no last.ckpt), so a killed run resumes from its last finished epoch.
         # Lightning puts them in the run's folder (RUN/checkpoints) once its logger has started (a W&B run's id).
-        return [ModelCheckpoint(save_last=True, save_top_k=1),
-                TrainingRun()]
+        return [ModelCheckpoint(save_last=True, save_top_k=1), TrainingRun()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.model.training_losses(batch["image"], batch["mask"], list(batch["category"]),
-                                            list(batch["prompt_name"]))
+        losses = self.model.training_losses(
+            batch["image"], batch["mask"], list(batch["category"]), list(batch["prompt_name"])
+        )
         loss = sum(losses.values())
         size = len(batch["category"])
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size,
-                 sync_dist=True)
+        self.log(
+            "train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True
+        )
         self.log("train/lr", learning_rate(self.trainer), on_step=True, on_epoch=True, batch_size=size)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only the trained part: the frozen CLIP is rebuilt from the settings recorded next to it.
         prefix = MODEL_PREFIX + trained_prefix(self.model)
-        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
-                                    if key.startswith(prefix)}
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)
+        }
         checkpoint[METADATA_KEY] = checkpoint_metadata(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -45,12 +45,17 @@ def check_training_samples(samples: Sequence[Any], data_name: str) -> None:
     unmasked = [sample for sample in samples if sample.label == 1 and not sample.has_mask]
     if unlabelled or unmasked or not any(sample.label == 1 for sample in samples):
         example = (unlabelled or unmasked or [None])[0]
-        what = (f"{len(unlabelled)} of its {len(samples)} images have no label" if unlabelled else
-                f"{len(unmasked)} of its {len(samples)} anomalous images have no mask" if unmasked else
-                "it has no anomalous image")
-        raise AnovlError(f"fit trains on labelled images with pixel masks (a test split with its ground truth), "
-                         f"but {what}" + (f" (e.g. {example.image_path})" if example is not None else "")
-                         + f" in {data_name}")
+        what = (
+            f"{len(unlabelled)} of its {len(samples)} images have no label"
+            if unlabelled
+            else f"{len(unmasked)} of its {len(samples)} anomalous images have no mask"
+            if unmasked
+            else "it has no anomalous image"
+        )
+        raise AnovlError(
+            f"fit trains on labelled images with pixel masks (a test split with its ground truth), "
+            f"but {what}" + (f" (e.g. {example.image_path})" if example is not None else "") + f" in {data_name}"
+        )
 
 
 class TrainingSampler(DistributedSampler):
@@ -65,7 +70,7 @@ class TrainingSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        order += order[:self.total_size - len(order)]  # padded as DistributedSampler pads
+        order += order[: self.total_size - len(order)]  # padded as DistributedSampler pads
         mosaic = (torch.rand(len(order), generator=generator) < self.mosaic_rate).tolist()
         positions = range(self.rank, self.total_size, self.num_replicas)
         # The position in the epoch seeds the mosaic's draws: the same in any number of processes.
@@ -99,10 +104,14 @@ class TrainingData(Dataset):
         for _ in range(4):
             folder = folders[int(torch.randint(len(folders), (1,), generator=generator))]
             parts.append(self.dataset[folder[int(torch.randint(len(folder), (1,), generator=generator))]])
-        return {**item, "image": _mosaic([part["image"] for part in parts]),
-                "mask": (_mosaic([part["mask"][None] for part in parts])[0] > 0.5).to(item["mask"].dtype),
-                "label": torch.tensor(int(any(part["label"] == 1 for part in parts))),
-                "has_mask": torch.tensor(True), "image_path": f"mosaic of {', '.join(p['image_path'] for p in parts)}"}
+        return {
+            **item,
+            "image": _mosaic([part["image"] for part in parts]),
+            "mask": (_mosaic([part["mask"][None] for part in parts])[0] > 0.5).to(item["mask"].dtype),
+            "label": torch.tensor(int(any(part["label"] == 1 for part in parts))),
+            "has_mask": torch.tensor(True),
+            "image_path": f"mosaic of {', '.join(p['image_path'] for p in parts)}",
+        }
 
 
 def _mosaic(tiles: list[torch.Tensor]) -> torch.Tensor:

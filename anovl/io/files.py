@@ -68,8 +68,10 @@ def refuse_links(path: Path, root: Path | str | None = None) -> None:
         except OSError:
             continue  # does not exist (yet): nothing to follow
         if is_link:
-            raise AnovlError(f"refusing to write {path}: {candidate} is a symbolic link (anovl never writes through "
-                             "links in a run or output folder); remove the link or choose another folder")
+            raise AnovlError(
+                f"refusing to write {path}: {candidate} is a symbolic link (anovl never writes through "
+                "links in a run or output folder); remove the link or choose another folder"
+            )
 
 
 def make_folder(folder: Path | str, root: Path | str | None = None) -> Path:
@@ -102,7 +104,7 @@ def _write_bytes(temporary: Path, data: bytes) -> None:
 def _write_all(descriptor: int, data: bytes) -> None:
     view = memoryview(data)
     while view:  # a short write is followed by one that fails (a full disk) or finishes
-        view = view[os.write(descriptor, view):]
+        view = view[os.write(descriptor, view) :]
 
 
 def _fsync(path: Path) -> None:

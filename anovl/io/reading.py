@@ -30,8 +30,10 @@ def read_text(path: Path | str, what: str, max_bytes: int = MAX_BYTES) -> str:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
-                raise AnovlError(f"{what} {path} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} MiB "
-                                 "anovl reads; it is not a file anovl wrote")
+                raise AnovlError(
+                    f"{what} {path} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} MiB "
+                    "anovl reads; it is not a file anovl wrote"
+                )
             data = handle.read(max_bytes + 1)
     except OSError as error:
         raise AnovlError(f"cannot read {what} {path} ({error.strerror or type(error).__name__})") from None
@@ -46,8 +48,9 @@ def read_text(path: Path | str, what: str, max_bytes: int = MAX_BYTES) -> str:
 def _json_depth(text: str) -> int:
     """The deepest nesting of ``[`` / ``{`` outside strings (checked before parsing, which would recurse)."""
     brackets = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    steps = (np.isin(brackets, (ord("["), ord("{"))).astype(np.int64)
-             - np.isin(brackets, (ord("]"), ord("}"))).astype(np.int64))
+    steps = np.isin(brackets, (ord("["), ord("{"))).astype(np.int64) - np.isin(brackets, (ord("]"), ord("}"))).astype(
+        np.int64
+    )
     return int(np.cumsum(steps).max(initial=0))
 
 
@@ -89,8 +92,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: the base class reports it
                 break
             if repeated:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -26,7 +26,8 @@ from anovl.errors import AnovlError
 MAX_COMPONENT_BYTES = 200  # below every common NAME_MAX (255), leaving room for a writer's suffix
 _FORBIDDEN = frozenset('/\\:*?"<>|%')
 _WINDOWS_DEVICES = frozenset(
-    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {f"{stem}{digit}" for stem in ("COM", "LPT") for digit in "0123456789¹²³"}
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{stem}{digit}" for stem in ("COM", "LPT") for digit in "0123456789¹²³"}
 )
 
 

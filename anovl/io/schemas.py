@@ -80,8 +80,9 @@ class SidecarClass(BaseModel):
 class SidecarPreprocessing(_Record):
     image_size: Annotated[StrictInt, Field(ge=16, le=MAX_IMAGE_SIZE)]
     mean: Annotated[list[Annotated[StrictFloat, AfterValidator(_finite)]], Field(min_length=3, max_length=3)]
-    std: Annotated[list[Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0)]],
-                   Field(min_length=3, max_length=3)]
+    std: Annotated[
+        list[Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0)]], Field(min_length=3, max_length=3)
+    ]
     interpolation: StrictStr
 
 

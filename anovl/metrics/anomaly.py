@@ -52,7 +52,12 @@ class AnomalyMetrics(Metric):
         add_cat_states(self, "pixel_scores", "pixel_regions", "image_scores", "image_labels")
 
     def update(
-        self, anomaly_maps: Tensor, masks: Tensor, pred_scores: Tensor, labels: Tensor, has_mask: Tensor,
+        self,
+        anomaly_maps: Tensor,
+        masks: Tensor,
+        pred_scores: Tensor,
+        labels: Tensor,
+        has_mask: Tensor,
         region_sizes: Tensor | None = None,
     ) -> None:
         """Add a batch: B×H×W maps and {0, 1} masks (H×W may change between updates), B scores, labels and flags.

@@ -8,5 +8,15 @@ from anovl.models.base import AnomalyModel, ModelOutput, Preprocessing
 from anovl.models.registry import create_method, list_methods, register_method
 from anovl.models.winclip import WinCLIP
 
-__all__ = ["AnoVL", "AnomalyCLIP", "AnomalyModel", "AprilGAN", "ModelOutput", "Preprocessing", "WinCLIP",
-           "create_method", "list_methods", "register_method"]
+__all__ = [
+    "AnoVL",
+    "AnomalyCLIP",
+    "AnomalyModel",
+    "AprilGAN",
+    "ModelOutput",
+    "Preprocessing",
+    "WinCLIP",
+    "create_method",
+    "list_methods",
+    "register_method",
+]

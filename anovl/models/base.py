@@ -73,8 +73,9 @@ class AnomalyModel(nn.Module):
 
     image_size: int
 
-    def forward(self, images: torch.Tensor, categories: Sequence[str],
-                prompt_names: Sequence[str] | None = None) -> ModelOutput:
+    def forward(
+        self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None
+    ) -> ModelOutput:
         # Methods add the batch_extras they name as keyword arguments with defaults.
         raise NotImplementedError
 
@@ -98,29 +99,38 @@ class AnomalyModel(nn.Module):
     def label(self) -> str:
         """The method, its variant and every setting that differs from the reference, e.g.
         ``AnoVL-tta-lowrank[lr=0.01,rank=4]``; two runs with different settings get different labels."""
-        return make_label(self.method or type(self).__name__, self.variant,
-                          setting_differences(self.settings(), self.reference_settings()))
+        return make_label(
+            self.method or type(self).__name__,
+            self.variant,
+            setting_differences(self.settings(), self.reference_settings()),
+        )
 
     @property
     def order_dependent(self) -> bool:
         """True where results depend on the images seen before (such runs refuse DDP and ``--resume``)."""
         return False
 
-    def check_inputs(self, images: torch.Tensor, categories: Sequence[str],
-                     prompt_names: Sequence[str] | None) -> tuple[torch.Tensor, list[str]]:
+    def check_inputs(
+        self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None
+    ) -> tuple[torch.Tensor, list[str]]:
         """Validate a forward's inputs, with one clear error for each kind of mistake. Returns the images as
         float32 (half, bfloat16 and double images are accepted) and the prompt names (see :func:`prompt_names_for`)."""
         check_image_batch(images)
         if images.device != self.device:
-            raise AnovlError(f"images are on {images.device} but the model is on {self.device}; "
-                             "move them with images.to(model.device)")
+            raise AnovlError(
+                f"images are on {images.device} but the model is on {self.device}; "
+                "move them with images.to(model.device)"
+            )
         height, width = images.shape[-2:]
         size = self.image_size
         if min(height, width) != size or not (height == width or self.handles_wide_images):
-            expected = f"{size}×{size}" + (f" or longer on one side ({size}×W, H×{size})"
-                                           if self.handles_wide_images else "")
-            raise AnovlError(f"images are {height}×{width} but the model expects {expected}; resize them "
-                             "(anovl.data.transforms) or set image_size")
+            expected = f"{size}×{size}" + (
+                f" or longer on one side ({size}×W, H×{size})" if self.handles_wide_images else ""
+            )
+            raise AnovlError(
+                f"images are {height}×{width} but the model expects {expected}; resize them "
+                "(anovl.data.transforms) or set image_size"
+            )
         prompt_names = prompt_names_for(categories, prompt_names)
         for what, names in (("category", categories), ("prompt name", prompt_names)):
             if len(names) != images.shape[0]:
@@ -139,8 +149,13 @@ class AnomalyModel(nn.Module):
         """The part that ``anovl fit`` trains (its parameters and its state dict); None: training-free."""
         return None
 
-    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, categories: Sequence[str],
-                        prompt_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        categories: Sequence[str],
+        prompt_names: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The loss terms of a batch of labelled images (``masks`` B×S×S in {0, 1}); ``fit`` minimises their
         sum and logs each term. Gradients must reach only :meth:`trained_module`'s parameters."""
         raise NotImplementedError(f"{type(self).__name__} declares a trained module but no training_losses")
@@ -169,8 +184,9 @@ def prompt_names_for(categories: Sequence[str], prompt_names: Sequence[str] | No
     if isinstance(categories, str):
         raise AnovlError(f"give a list of categories, one per image, not the string {categories!r}")
     if prompt_names is None:
-        return [category_info(category).prompt_name if isinstance(category, str) else category
-                for category in categories]
+        return [
+            category_info(category).prompt_name if isinstance(category, str) else category for category in categories
+        ]
     if isinstance(prompt_names, str):
         raise AnovlError(f"give a list of prompt names, one per image, not the string {prompt_names!r}")
     return list(prompt_names)
@@ -207,8 +223,7 @@ def short_value(value: Any) -> str:
 def setting_differences(settings: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """Flattened ``key: value`` of every setting that differs from the reference (keys as short as unique)."""
     flat, flat_reference = _flatten(json_data(settings)), _flatten(json_data(reference))
-    changed = {key: value for key, value in flat.items()
-               if key not in flat_reference or flat_reference[key] != value}
+    changed = {key: value for key, value in flat.items() if key not in flat_reference or flat_reference[key] != value}
     for key in flat_reference:
         if key not in flat and not any(other.startswith(f"{key}.") or key.startswith(f"{other}.") for other in flat):
             changed[key] = None
@@ -239,14 +254,20 @@ def check_image_batch(images: Any) -> None:
     if images.shape[0] == 0:
         raise AnovlError("the batch is empty; give at least one image")
     if not images.is_floating_point():
-        raise AnovlError(f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
-                         "anovl.data.transforms (resize_image, then normalize)")
+        raise AnovlError(
+            f"images must be CLIP-normalised float tensors, got {images.dtype}; prepare them with "
+            "anovl.data.transforms (resize_image, then normalize)"
+        )
 
 
 def check_label(label: str) -> str:
     """A user-given run label: non-empty, one line, no path separators or control characters (it names W&B
     runs, columns and folders, and is printed)."""
-    if (not isinstance(label, str) or not label.strip() or any(char in label for char in "/\\")
-            or not label.isprintable()):
+    if (
+        not isinstance(label, str)
+        or not label.strip()
+        or any(char in label for char in "/\\")
+        or not label.isprintable()
+    ):
         raise AnovlError(f"label {label!r} must be a non-empty line without '/', '\\' or control characters")
     return label.strip()

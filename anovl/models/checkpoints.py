@@ -31,8 +31,10 @@ def trained_prefix(model: AnomalyModel) -> str:
     """The state-dict prefix of the model's trained module inside the model (e.g. ``heads.``)."""
     module = model.trained_module()
     if module is None:
-        raise AnovlError(f"{model.method or type(model).__name__} is training-free (it declares no trained module); "
-                         "fit trains methods such as anovl.models.AprilGAN")
+        raise AnovlError(
+            f"{model.method or type(model).__name__} is training-free (it declares no trained module); "
+            "fit trains methods such as anovl.models.AprilGAN"
+        )
     for name, candidate in model.named_modules():
         if candidate is module:
             return f"{name}." if name else ""
@@ -42,14 +44,21 @@ def trained_prefix(model: AnomalyModel) -> str:
 def checkpoint_metadata(model: AnomalyModel) -> dict[str, Any]:
     settings = model.settings()
     # The registered name (or class path) identifies the method, so that moving its file keeps checkpoints valid.
-    return json_data({"method": model.method or type(model).__name__, "record": method_record(model),
-                      "settings": {key: settings.get(key) for key in COMPATIBILITY_KEYS if key in settings},
-                      "training": model.training_settings(), "trained_prefix": trained_prefix(model)})
+    return json_data(
+        {
+            "method": model.method or type(model).__name__,
+            "record": method_record(model),
+            "settings": {key: settings.get(key) for key in COMPATIBILITY_KEYS if key in settings},
+            "training": model.training_settings(),
+            "trained_prefix": trained_prefix(model),
+        }
+    )
 
 
 def _describe(method: str, settings: dict[str, Any]) -> str:
     return f"{method} on {settings.get('backbone')}" + "".join(
-        f", {key} {settings[key]}" for key in COMPATIBILITY_KEYS[1:] if key in settings)
+        f", {key} {settings[key]}" for key in COMPATIBILITY_KEYS[1:] if key in settings
+    )
 
 
 def check_compatible(metadata: Any, model: AnomalyModel, source: str) -> None:
@@ -59,8 +68,10 @@ def check_compatible(metadata: Any, model: AnomalyModel, source: str) -> None:
     ours = checkpoint_metadata(model)
     theirs_settings = {key: metadata["settings"].get(key) for key in ours["settings"]}
     if metadata.get("record") != ours["record"] or theirs_settings != ours["settings"]:
-        raise AnovlError(f"{source} is a checkpoint of {_describe(str(metadata.get('method')), metadata['settings'])}; "
-                         f"it cannot be loaded into {_describe(ours['method'], ours['settings'])}")
+        raise AnovlError(
+            f"{source} is a checkpoint of {_describe(str(metadata.get('method')), metadata['settings'])}; "
+            f"it cannot be loaded into {_describe(ours['method'], ours['settings'])}"
+        )
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -74,8 +85,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated zips, bad pickles and code-running pickles differ in type
-        raise AnovlError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a weights file "
-                         f"({type(error).__name__})") from None
+        raise AnovlError(
+            f"cannot read checkpoint {path}: it is corrupt, truncated or not a weights file ({type(error).__name__})"
+        ) from None
     if not isinstance(data, dict):
         raise AnovlError(f"{path} holds a {type(data).__name__}, not a checkpoint")
     return data
@@ -86,19 +98,25 @@ def load_trained_state(model: AnomalyModel, state: dict[str, Any], source: str) 
     module: nn.Module = model.trained_module()
     expected = module.state_dict()
     if set(state) != set(expected) or any(
-            not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape for key, value in expected.items()):
+        not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape for key, value in expected.items()
+    ):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = sorted(key for key in set(state) & set(expected)
-                       if not isinstance(state[key], torch.Tensor) or state[key].shape != expected[key].shape)
-        raise AnovlError(f"{source} does not fit {model.method}'s trained part: missing {missing or 'none'}, "
-                         f"unexpected {extra or 'none'}, other shapes {wrong or 'none'}")
+        wrong = sorted(
+            key
+            for key in set(state) & set(expected)
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != expected[key].shape
+        )
+        raise AnovlError(
+            f"{source} does not fit {model.method}'s trained part: missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'}, other shapes {wrong or 'none'}"
+        )
     module.load_state_dict(state)
 
 
 def lightning_trained_state(model: AnomalyModel, state_dict: dict[str, Any]) -> dict[str, Any]:
     """The trained module's part of a checkpoint's ``state_dict`` (keys as AnomalyModule saves them)."""
     prefix = MODEL_PREFIX + trained_prefix(model)
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 def load_trained_weights(model: AnomalyModel, path: str | os.PathLike) -> None:
@@ -113,6 +131,7 @@ def load_trained_weights(model: AnomalyModel, path: str | os.PathLike) -> None:
         return
     foreign = model.foreign_trained_state(data)
     if foreign is None:
-        raise AnovlError(f"{path} is neither a checkpoint written by anovl fit nor a release of "
-                         f"{model.method}'s authors")
+        raise AnovlError(
+            f"{path} is neither a checkpoint written by anovl fit nor a release of {model.method}'s authors"
+        )
     load_trained_state(model, foreign, str(path))

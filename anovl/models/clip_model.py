@@ -38,14 +38,23 @@ class CLIPAnomalyModel(AnomalyModel):
             (``bicubic``: open_clip's; ``bilinear``: see :func:`~anovl.backbones.create_backbone`).
     """
 
-    def __init__(self, backbone: str, pretrained: str | None, image_size: int | None = None, init_seed: int = 0,
-                 tokenizer: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 use_text_cache: bool = True, position_interpolation: str = "bicubic"):
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: str | None,
+        image_size: int | None = None,
+        init_seed: int = 0,
+        tokenizer: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_text_cache: bool = True,
+        position_interpolation: str = "bicubic",
+    ):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            built = create_backbone(backbone, pretrained, image_size, tokenizer=tokenizer,
-                                    position_interpolation=position_interpolation)
+            built = create_backbone(
+                backbone, pretrained, image_size, tokenizer=tokenizer, position_interpolation=position_interpolation
+            )
         self.pretrained = pretrained
         self.init_seed = init_seed
         self.clip = built.clip
@@ -69,8 +78,9 @@ class CLIPAnomalyModel(AnomalyModel):
 
     prompts: Prompts  # set by methods with text prompts
 
-    def text_states(self, category: str, prompt_name: str | None = None,
-                    device: torch.device | str = "cpu") -> TextEmbeddings:
+    def text_states(
+        self, category: str, prompt_name: str | None = None, device: torch.device | str = "cpu"
+    ) -> TextEmbeddings:
         """State embeddings (``.states``: normalised [normal, abnormal], (2, D)) and per-sentence embeddings
         (``.sentences``) of :attr:`prompts` for a category, encoded once and kept per device. The sentences name
         ``prompt_name`` (default: :mod:`anovl.categories`' name for the category) in the category's domain."""
@@ -88,5 +98,10 @@ class CLIPAnomalyModel(AnomalyModel):
             pretrained = str(Path(pretrained).expanduser().resolve())  # the same file, however it is named
         # A user's model config is recorded by a hash of its content too: the name alone may be reused.
         config = {"backbone_config": self.backbone_config} if self.backbone_config is not None else {}
-        return {"backbone": self.backbone_name, **config, "pretrained": pretrained, "image_size": self.image_size,
-                "init_seed": self.init_seed if pretrained is None else None}
+        return {
+            "backbone": self.backbone_name,
+            **config,
+            "pretrained": pretrained,
+            "image_size": self.image_size,
+            "init_seed": self.init_seed if pretrained is None else None,
+        }

@@ -20,7 +20,8 @@ from anovl.registry import Registry
 
 M = TypeVar("M", bound=type[AnomalyModel])
 METHODS: Registry[str, type[AnomalyModel]] = Registry(
-    "method", "a plugin registers its own with @anovl.register_method(name); a class path works too")
+    "method", "a plugin registers its own with @anovl.register_method(name); a class path works too"
+)
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 
@@ -81,4 +82,3 @@ def normalised_record(record: dict[str, Any]) -> dict[str, Any]:
     if name is None:
         return record
     return {"method": name, **{key: value for key, value in record.items() if key != "class_path"}}
-

@@ -65,8 +65,13 @@ class DelayedProgress:
     work prints nothing; only on the first process of a distributed run (``RANK`` / ``LOCAL_RANK`` 0)."""
 
     def __init__(self, description: str, total: int, delay: float | None = None):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True))
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
         self.task = self.progress.add_task(description, total=total)
         self._lock = threading.Lock()
         self._done = False
@@ -103,7 +108,7 @@ def encode_sentences(backbone: Backbone, sentences: list[str], batch_size: int =
     description = f"Encoding {len(sentences)} prompt sentences ({backbone.name}; cached afterwards)"
     with DelayedProgress(description, len(sentences)) as progress:
         for start in range(0, len(sentences), batch_size):
-            tokens = backbone.tokenizer(sentences[start:start + batch_size]).to(device)
+            tokens = backbone.tokenizer(sentences[start : start + batch_size]).to(device)
             chunks.append(backbone.clip.encode_text(tokens).float().cpu())
             progress.advance(len(tokens))
     return torch.cat(chunks)
@@ -145,8 +150,9 @@ class TextEmbeddingCache:
         sentences = tuple(sentences)
         if sentences not in self._token_digests:
             ids = torch.as_tensor(tokenizer(list(sentences))).cpu()
-            self._token_digests[sentences] = "ids:" + hashlib.sha256(
-                f"{tuple(ids.shape)}{ids.dtype}".encode() + ids.numpy().tobytes()).hexdigest()
+            self._token_digests[sentences] = (
+                "ids:" + hashlib.sha256(f"{tuple(ids.shape)}{ids.dtype}".encode() + ids.numpy().tobytes()).hexdigest()
+            )
         return self._token_digests[sentences]
 
     def path(self, sentences: Sequence[str]) -> Path:
@@ -168,22 +174,24 @@ class TextEmbeddingCache:
         embeddings = self._load(sentences)
         if embeddings is not None and not self._hit_logged:
             self._hit_logged = True
-            log.info("text embeddings read from the cache in %s (not encoded again; later reads are not logged)",
-                     self.cache_dir)
+            log.info(
+                "text embeddings read from the cache in %s (not encoded again; later reads are not logged)",
+                self.cache_dir,
+            )
         if embeddings is None:
             embeddings = encode_sentences(self.backbone, sentences)
             if self.use_disk:
                 self._save(sentences, embeddings)
         return embeddings
 
-    def get(self, normal: Sequence[str], abnormal: Sequence[str],
-            device: torch.device | str = "cpu") -> TextEmbeddings:
+    def get(self, normal: Sequence[str], abnormal: Sequence[str], device: torch.device | str = "cpu") -> TextEmbeddings:
         """State and per-sentence embeddings of the normal and abnormal sentences on ``device`` (encoded once)."""
         memory_key = (tuple(normal), tuple(abnormal))
         if memory_key not in self._memory:
             encoded = self.sentence_embeddings([*normal, *abnormal])
-            self._memory[memory_key] = TextEmbeddings.from_sentence_embeddings(encoded[:len(normal)],
-                                                                               encoded[len(normal):])
+            self._memory[memory_key] = TextEmbeddings.from_sentence_embeddings(
+                encoded[: len(normal)], encoded[len(normal) :]
+            )
         if torch.device(device).type == "cpu":
             return self._memory[memory_key]
         key = (memory_key, str(device))
@@ -203,11 +211,16 @@ class TextEmbeddingCache:
         except Exception as error:  # noqa: BLE001 - any unreadable entry (hostile or damaged) is just re-encoded
             log.warning("ignoring unreadable text-embedding cache %s (%s); re-encoding", path, error)
             return None
-        if (metadata != self.key(sentences) or embeddings.ndim != 2 or embeddings.shape[0] != len(sentences)
-                or embeddings.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-                or embeddings.shape[1] != self._width()):
-            log.warning("ignoring text-embedding cache %s: it holds other sentences, shapes or dtypes; re-encoding",
-                        path)
+        if (
+            metadata != self.key(sentences)
+            or embeddings.ndim != 2
+            or embeddings.shape[0] != len(sentences)
+            or embeddings.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or embeddings.shape[1] != self._width()
+        ):
+            log.warning(
+                "ignoring text-embedding cache %s: it holds other sentences, shapes or dtypes; re-encoding", path
+            )
             return None
         if not torch.isfinite(embeddings).all():
             log.warning("ignoring text-embedding cache %s: it holds NaN or infinite values; re-encoding", path)
@@ -219,8 +232,9 @@ class TextEmbeddingCache:
         space's (the visual tower's output), else one short sentence encoded, once."""
         if self._text_width is None:
             width = getattr(getattr(self.backbone.clip, "visual", None), "output_dim", None)
-            self._text_width = int(width) if isinstance(width, int) else int(
-                encode_sentences(self.backbone, ["a photo"]).shape[1])
+            self._text_width = (
+                int(width) if isinstance(width, int) else int(encode_sentences(self.backbone, ["a photo"]).shape[1])
+            )
         return self._text_width
 
     def _save(self, sentences: list[str], embeddings: torch.Tensor) -> None:
@@ -229,8 +243,17 @@ class TextEmbeddingCache:
             # Atomic and never through a link (anovl.io), so a crash or a parallel process never leaves a
             # half-written file.
             make_folder(path.parent)
-            write_file(path, lambda target: save_file({"embeddings": embeddings.contiguous()}, str(target),
-                                                      metadata=self.key(sentences)), self.cache_dir)
+            write_file(
+                path,
+                lambda target: save_file(
+                    {"embeddings": embeddings.contiguous()}, str(target), metadata=self.key(sentences)
+                ),
+                self.cache_dir,
+            )
         except Exception as error:  # noqa: BLE001 - the cache is optional: no write error may stop a run
-            log.warning("could not write text-embedding cache %s (%s: %s); continuing without it",
-                        path, type(error).__name__, error)
+            log.warning(
+                "could not write text-embedding cache %s (%s: %s); continuing without it",
+                path,
+                type(error).__name__,
+                error,
+            )

@@ -27,8 +27,11 @@ def tiny_timm_name(model_name: str) -> str:
     tiny_name = f"anovl_tiny_{model_name}"
     if timm.is_model(tiny_name):
         return tiny_name
-    original = timm.models.get_model_entrypoint(model_name) if hasattr(timm.models, "get_model_entrypoint") \
+    original = (
+        timm.models.get_model_entrypoint(model_name)
+        if hasattr(timm.models, "get_model_entrypoint")
         else timm.models.model_entrypoint(model_name)
+    )
     shrink = dict(depth=TINY_LAYERS)
     if original.__module__ not in _FIXED_WIDTH_MODULES:
         shrink.update(embed_dim=TINY_WIDTH, num_heads=TINY_HEADS)
@@ -76,6 +79,9 @@ def register_tiny(name: str, simple_tokenizer: bool = False) -> str:
     With ``simple_tokenizer`` the name is ``anovl-tiny-simple-tok:<name>`` with "siglip" spelt "sig-lip":
     open_clip picks SigLIP's hub tokenizer by the model name alone.
     """
-    tiny_name = (f"anovl-tiny-simple-tok:{re.sub('siglip', 'sig-lip', name, flags=re.IGNORECASE)}"
-                 if simple_tokenizer else f"anovl-tiny:{name}")
+    tiny_name = (
+        f"anovl-tiny-simple-tok:{re.sub('siglip', 'sig-lip', name, flags=re.IGNORECASE)}"
+        if simple_tokenizer
+        else f"anovl-tiny:{name}"
+    )
     return register_model_config(tiny_config(name, simple_tokenizer), name=tiny_name)

@@ -26,8 +26,14 @@ from benchmarks.sections.throughput import throughput_section
 SectionFunction = Callable[[BenchConfig, torch.device, Path], Section]
 
 SECTION_FUNCTIONS: dict[str, SectionFunction] = {
-    "pipeline": pipeline_section, "throughput": throughput_section, "reference": reference_section,
-    "encoder": encoder_section, "text": text_section, "metrics": metrics_section, "testrun": testrun_section,
-    "precision": precision_section, "fit": fit_section,
+    "pipeline": pipeline_section,
+    "throughput": throughput_section,
+    "reference": reference_section,
+    "encoder": encoder_section,
+    "text": text_section,
+    "metrics": metrics_section,
+    "testrun": testrun_section,
+    "precision": precision_section,
+    "fit": fit_section,
 }
 assert tuple(SECTION_FUNCTIONS) == SECTIONS, "benchmarks.common.SECTIONS lists the sections in report order"

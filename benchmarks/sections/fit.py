@@ -51,7 +51,7 @@ def fit_inputs(model, batch: int, device: torch.device):
     size = model.image_size
     images = torch.randn(batch, 3, size, size, generator=generator)
     masks = torch.zeros(batch, size, size)
-    masks[::2, size // 4:size // 2, size // 3:size // 2] = 1
+    masks[::2, size // 4 : size // 2, size // 3 : size // 2] = 1
     return images.to(device), masks.to(device), ["bottle"] * batch
 
 
@@ -80,8 +80,11 @@ def _peak(method: str, settings: dict[str, Any], batch: int, device: str, precis
     device_ = torch.device(device)
     model = create_method(method, **settings).to(device_)
     images, masks, categories = fit_inputs(model, batch, device_)
-    call = step_function(model, images, masks, categories, device_, precision) if what == "step" else \
-        forward_function(model, images, categories, device_, precision)
+    call = (
+        step_function(model, images, masks, categories, device_, precision)
+        if what == "step"
+        else forward_function(model, images, categories, device_, precision)
+    )
     meter = PeakMemory(device)
     meter.start()
     call()
@@ -92,8 +95,17 @@ def fit_section(config: BenchConfig, device: torch.device, workdir: Path) -> Sec
     section = Section(
         f"anovl fit: one training step against the test forward ({config.precision}"
         f"{', quick: ' + config.backbone if config.quick else ', published settings'})",
-        ["method", "batch", "forward img/s", "step img/s", f"step ÷ forward time (≤ {TARGET})", "forward peak",
-         "step peak", f"step ÷ forward memory (≤ {TARGET})"])
+        [
+            "method",
+            "batch",
+            "forward img/s",
+            "step img/s",
+            f"step ÷ forward time (≤ {TARGET})",
+            "forward peak",
+            "step peak",
+            f"step ÷ forward memory (≤ {TARGET})",
+        ],
+    )
     # CPU memory is a process's resident high-water mark: a fresh one per measurement; CUDA's is reset in place.
     isolate = config.isolate and device.type == "cpu"
     key = "cuda_extra" if device.type == "cuda" else "extra_rss"
@@ -105,15 +117,36 @@ def fit_section(config: BenchConfig, device: torch.device, workdir: Path) -> Sec
             step = step_function(model, images, masks, categories, device, config.precision)
             forward = forward_function(model, images, categories, device, config.precision)
             forward_time, step_time = interleaved_minimum([forward, step], config.repeats, device)
-            memory = [run_isolated(_peak, method, settings, batch, str(device), config.precision, what,
-                                   threads=config.threads, isolate=isolate)[key] for what in ("forward", "step")]
+            memory = [
+                run_isolated(
+                    _peak,
+                    method,
+                    settings,
+                    batch,
+                    str(device),
+                    config.precision,
+                    what,
+                    threads=config.threads,
+                    isolate=isolate,
+                )[key]
+                for what in ("forward", "step")
+            ]
             memory_ratio = memory[1] / memory[0] if memory[0] and memory[1] is not None else None
-            section.rows.append([
-                model.label, str(batch), f"{batch / forward_time:.3g}", f"{batch / step_time:.3g}",
-                target(step_time / forward_time <= TARGET, ratio(step_time / forward_time)),
-                megabytes(memory[0]), megabytes(memory[1]),
-                "n/a" if memory_ratio is None else target(memory_ratio <= TARGET, ratio(memory_ratio))])
+            section.rows.append(
+                [
+                    model.label,
+                    str(batch),
+                    f"{batch / forward_time:.3g}",
+                    f"{batch / step_time:.3g}",
+                    target(step_time / forward_time <= TARGET, ratio(step_time / forward_time)),
+                    megabytes(memory[0]),
+                    megabytes(memory[1]),
+                    "n/a" if memory_ratio is None else target(memory_ratio <= TARGET, ratio(memory_ratio)),
+                ]
+            )
         del model
-    section.notes.append("Random weights. Both run the frozen visual side without gradients; the step adds the "
-                         "trained part's backward, the losses and the optimiser step.")
+    section.notes.append(
+        "Random weights. Both run the frozen visual side without gradients; the step adds the "
+        "trained part's backward, the losses and the optimiser step."
+    )
     return section

@@ -12,12 +12,23 @@ import torch
 from scipy import ndimage
 
 from anovl.metrics import AnomalyMetrics, functional
-from benchmarks.common import (BenchConfig, PeakMemory, Section, megabytes, ratio, run_isolated, seconds,
-                               synthetic_maps, synthetic_masks, target)
+from benchmarks.common import (
+    BenchConfig,
+    PeakMemory,
+    Section,
+    megabytes,
+    ratio,
+    run_isolated,
+    seconds,
+    synthetic_maps,
+    synthetic_masks,
+    target,
+)
 
 
-def threshold_pro_curve(maps: np.ndarray, masks: np.ndarray,
-                        num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def threshold_pro_curve(
+    maps: np.ndarray, masks: np.ndarray, num_thresholds: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at ``num_thresholds`` thresholds, computed as cflow-ad's ``cal_pro_score`` does.
 
     For each threshold ``min + k·(max − min)/num_thresholds`` every map is binarised (score > threshold) and, per
@@ -68,9 +79,14 @@ def _exact_metrics_child(meter: PeakMemory, data: str) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = AnomalyMetrics()
     for index in range(0, len(maps), 16):
-        batch_maps = torch.from_numpy(maps[index:index + 16])
-        metrics.update(batch_maps, torch.from_numpy(masks[index:index + 16]).float(), batch_maps.amax((1, 2)),
-                       torch.from_numpy(labels[index:index + 16]), torch.ones(len(batch_maps), dtype=torch.bool))
+        batch_maps = torch.from_numpy(maps[index : index + 16])
+        metrics.update(
+            batch_maps,
+            torch.from_numpy(masks[index : index + 16]).float(),
+            batch_maps.amax((1, 2)),
+            torch.from_numpy(labels[index : index + 16]),
+            torch.ones(len(batch_maps), dtype=torch.bool),
+        )
     values = metrics.compute()
     return {"seconds": time.perf_counter() - start, **meter.stop(), **values}
 
@@ -81,8 +97,12 @@ def _threshold_baseline_child(meter: PeakMemory, data: str, count: int) -> dict[
     start = time.perf_counter()
     fprs, pros = threshold_pro_curve(maps, masks)
     elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, **meter.stop(), "cflow_pro": cflow_pro_from_curve(fprs, pros),
-            "aupro": aupro_from_curve(fprs, pros)}
+    return {
+        "seconds": elapsed,
+        **meter.stop(),
+        "cflow_pro": cflow_pro_from_curve(fprs, pros),
+        "aupro": aupro_from_curve(fprs, pros),
+    }
 
 
 def metrics_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:
@@ -93,10 +113,10 @@ def metrics_section(config: BenchConfig, device: torch.device, workdir: Path) ->
     for name, array in (("maps", maps.numpy()), ("masks", masks.numpy()), ("labels", labels.numpy())):
         np.save(data / f"{name}.npy", array)
     count = min(config.baseline_maps or config.num_maps, config.num_maps)
-    exact = run_isolated(_exact_metrics_child, PeakMemory(), str(data), threads=config.threads,
-                         isolate=config.isolate)
-    baseline = run_isolated(_threshold_baseline_child, PeakMemory(), str(data), count, threads=config.threads,
-                            isolate=config.isolate)
+    exact = run_isolated(_exact_metrics_child, PeakMemory(), str(data), threads=config.threads, isolate=config.isolate)
+    baseline = run_isolated(
+        _threshold_baseline_child, PeakMemory(), str(data), count, threads=config.threads, isolate=config.isolate
+    )
     subset = functional.RankedScores.from_maps(maps[:count].numpy(), masks[:count].numpy())
     extrapolated = baseline["seconds"] * config.num_maps / count
     speed = extrapolated / exact["seconds"]
@@ -105,16 +125,28 @@ def metrics_section(config: BenchConfig, device: torch.device, workdir: Path) ->
     return Section(
         f"Pixel metrics over {config.num_maps} maps of {config.map_size}×{config.map_size}",
         ["implementation", "time", "peak extra memory", "ratio"],
-        [["exact: AnomalyMetrics update (batches of 16) + compute, all 7 metrics", seconds(exact["seconds"]),
-          f"{megabytes(extra)} {target(extra is not None and extra < 2 * 2**30, '< 2 GB')}", ""],
-         [f"baseline: 200-threshold connected-component PRO only{scaled}", seconds(extrapolated),
-          megabytes(baseline["extra_rss"]), f"exact is {ratio(speed)} faster {target(speed >= 10, '≥ 10×')}"]],
-        [f"Synthetic MVTec-like set: {int(labels.sum())} anomalous images (1–3 blobs or scratches each), "
-         f"{masks.float().mean().item():.1%} anomalous pixels, smooth maps correlated with the masks: exact pixel "
-         f"AUROC {exact['pixel_auroc']:.3f}, AUPRO {exact['pixel_aupro']:.3f}.",
-         "Both on the CPU, whatever the device. Peak extra memory: resident-set high-water mark above the level "
-         f"with the maps loaded, in a fresh process{' (baseline: for its ' + str(count) + ' maps)' if scaled else ''}.",
-         f"Agreement on the {count} baseline maps: cflow-style PRO {baseline['cflow_pro']:.5f} (baseline) vs "
-         f"{functional.cflow_pro(subset):.5f} (anovl.metrics); AUPRO from the 200-threshold curve "
-         f"{baseline['aupro']:.4f} vs exact {functional.aupro(subset):.4f}."],
+        [
+            [
+                "exact: AnomalyMetrics update (batches of 16) + compute, all 7 metrics",
+                seconds(exact["seconds"]),
+                f"{megabytes(extra)} {target(extra is not None and extra < 2 * 2**30, '< 2 GB')}",
+                "",
+            ],
+            [
+                f"baseline: 200-threshold connected-component PRO only{scaled}",
+                seconds(extrapolated),
+                megabytes(baseline["extra_rss"]),
+                f"exact is {ratio(speed)} faster {target(speed >= 10, '≥ 10×')}",
+            ],
+        ],
+        [
+            f"Synthetic MVTec-like set: {int(labels.sum())} anomalous images (1–3 blobs or scratches each), "
+            f"{masks.float().mean().item():.1%} anomalous pixels, smooth maps correlated with the masks: exact pixel "
+            f"AUROC {exact['pixel_auroc']:.3f}, AUPRO {exact['pixel_aupro']:.3f}.",
+            "Both on the CPU, whatever the device. Peak extra memory: resident-set high-water mark above the level "
+            f"with the maps loaded, in a fresh process{' (baseline: for its ' + str(count) + ' maps)' if scaled else ''}.",
+            f"Agreement on the {count} baseline maps: cflow-style PRO {baseline['cflow_pro']:.5f} (baseline) vs "
+            f"{functional.cflow_pro(subset):.5f} (anovl.metrics); AUPRO from the 200-threshold curve "
+            f"{baseline['aupro']:.4f} vs exact {functional.aupro(subset):.4f}.",
+        ],
     )

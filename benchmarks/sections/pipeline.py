@@ -30,9 +30,21 @@ from torch.utils.data import DataLoader
 from anovl.data import AnomalyDataset, MVTecDataModule, collate_batch
 from anovl.data.datamodule import available_cores
 from anovl.data.decoded_cache import DecodedCache
-from benchmarks.common import (CLASS_NAME, LIGHTNING_PRECISION, BenchConfig, Section, autocast, build_model,
-                               generate_test_set, interleaved_minimum, random_images, ratio, seconds, target,
-                               time_call)
+from benchmarks.common import (
+    CLASS_NAME,
+    LIGHTNING_PRECISION,
+    BenchConfig,
+    Section,
+    autocast,
+    build_model,
+    generate_test_set,
+    interleaved_minimum,
+    random_images,
+    ratio,
+    seconds,
+    target,
+    time_call,
+)
 
 CPU = torch.device("cpu")
 TIMER_FILE = "ANOVL_BENCH_LOOP_TIMES"
@@ -48,36 +60,72 @@ class LoopTimer(Callback):
         self.images = 0
         self.start = time.perf_counter()
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.images += len(batch["category"])
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.device_ids and torch.cuda.is_available():
             torch.cuda.synchronize()
-        Path(os.environ[TIMER_FILE]).write_text(json.dumps({"seconds": time.perf_counter() - self.start,
-                                                            "images": self.images}))
+        Path(os.environ[TIMER_FILE]).write_text(
+            json.dumps({"seconds": time.perf_counter() - self.start, "images": self.images})
+        )
 
 
-def cli_run(config: BenchConfig, device: torch.device, root: Path, workdir: Path, views: int,
-            name: str) -> dict[str, float]:
+def cli_run(
+    config: BenchConfig, device: torch.device, root: Path, workdir: Path, views: int, name: str
+) -> dict[str, float]:
     """``anovl test`` on ``root`` in a child process; its loop time, image count and whole wall time."""
     timer_file = workdir / f"{name}.json"
     command = [
-        sys.executable, "-m", "anovl.cli", "test", "--model", "anovl",
-        "--model.init_args.backbone", config.backbone, "--model.init_args.pretrained", str(config.pretrained or "null"),
-        "--model.init_args.num_views", str(views),
-        "--data", "anovl.data.MVTecDataModule", "--data.init_args.root", str(root),
-        "--data.init_args.batch_size", str(max(config.batch_sizes)),
-        "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu", "--trainer.devices", "1",
-        "--trainer.precision", LIGHTNING_PRECISION[config.precision], "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false", "--trainer.default_root_dir", str(workdir / name),
-        "--trainer.callbacks+", "benchmarks.sections.pipeline.LoopTimer",
+        sys.executable,
+        "-m",
+        "anovl.cli",
+        "test",
+        "--model",
+        "anovl",
+        "--model.init_args.backbone",
+        config.backbone,
+        "--model.init_args.pretrained",
+        str(config.pretrained or "null"),
+        "--model.init_args.num_views",
+        str(views),
+        "--data",
+        "anovl.data.MVTecDataModule",
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.batch_size",
+        str(max(config.batch_sizes)),
+        "--trainer.accelerator",
+        "gpu" if device.type == "cuda" else "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        LIGHTNING_PRECISION[config.precision],
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(workdir / name),
+        "--trainer.callbacks+",
+        "benchmarks.sections.pipeline.LoopTimer",
         *(["--engine.tf32", "true"] if config.precision == "tf32" else []),
     ]
     repository = str(Path(__file__).resolve().parents[2])
-    environment = {**os.environ, TIMER_FILE: str(timer_file), "ANOVL_CACHE_DIR": str(workdir / "anovl-cache"),
-                   "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
+    environment = {
+        **os.environ,
+        TIMER_FILE: str(timer_file),
+        "ANOVL_CACHE_DIR": str(workdir / "anovl-cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")])),
+    }
     start = time.perf_counter()
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=workdir)
     wall = time.perf_counter() - start
@@ -139,18 +187,28 @@ def loader_rate(dataset: AnomalyDataset, workers: int, batch: int) -> float:
 
 
 def pipeline_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:
-    root = generate_test_set(workdir / "pipeline-set", config.pipeline_categories, config.pipeline_good,
-                             config.pipeline_defect, config.pipeline_size, config.data_workers)
-    size = build_model(config.backbone, config.pretrained, 1, None, workdir / "text-cache", torch.device("cpu")).image_size
+    root = generate_test_set(
+        workdir / "pipeline-set",
+        config.pipeline_categories,
+        config.pipeline_good,
+        config.pipeline_defect,
+        config.pipeline_size,
+        config.data_workers,
+    )
+    size = build_model(
+        config.backbone, config.pretrained, 1, None, workdir / "text-cache", torch.device("cpu")
+    ).image_size
     datamodule = MVTecDataModule(root, image_size=size)
     datamodule.setup("test")
     everything = datamodule.dataset.samples
     # The data path is measured on an even spread of the images: a few hundred are enough for a per-image cost.
-    samples = everything[::max(1, len(everything) // config.pipeline_data_images)]
+    samples = everything[:: max(1, len(everything) // config.pipeline_data_images)]
     batch = max(config.batch_sizes)
-    section = Section(f"Whole `anovl test` and its data path ({config.backbone}, {config.pipeline_size} px PNGs, "
-                      f"{len(everything)} images, batch {batch}, {device.type}, {config.precision})",
-                      ["quantity", "measured", "reference", "ratio"])
+    section = Section(
+        f"Whole `anovl test` and its data path ({config.backbone}, {config.pipeline_size} px PNGs, "
+        f"{len(everything)} images, batch {batch}, {device.type}, {config.precision})",
+        ["quantity", "measured", "reference", "ratio"],
+    )
 
     def add(row: list[str]) -> None:
         print("| " + " | ".join(row) + " |", flush=True)  # a run cut off by its time limit keeps it in its log
@@ -164,14 +222,25 @@ def pipeline_section(config: BenchConfig, device: torch.device, workdir: Path) -
         model = model_only_rate(config, device, workdir, views)
         goal = 0.85 if views > 1 else 0.6
         verdict = target(whole / model >= goal, f"≥ {goal} on a GPU") if device.type == "cuda" else ""
-        add([f"`anovl test`, {views} view{'s' * (views > 1)}: images/s (loop; whole process "
-                     f"{seconds(run['wall'])})", f"{whole:.3g}", f"model alone {model:.3g}",
-                     f"{ratio(whole / model)} {verdict}".strip()])
+        add(
+            [
+                f"`anovl test`, {views} view{'s' * (views > 1)}: images/s (loop; whole process {seconds(run['wall'])})",
+                f"{whole:.3g}",
+                f"model alone {model:.3g}",
+                f"{ratio(whole / model)} {verdict}".strip(),
+            ]
+        )
 
     plain = AnomalyDataset(samples, size, nonzero_masks=datamodule.nonzero_masks)
     path, floor = data_path_and_floor(plain, DATA_REPEATS)
-    add(["data path, CPU ms/image per worker (decode, resize, masks, regions)", f"{path * 1e3:.3g}",
-                 f"Pillow decode {floor * 1e3:.3g}", f"{ratio(path / floor)} {target(path / floor <= 1.3, '≤ 1.3×')}"])
+    add(
+        [
+            "data path, CPU ms/image per worker (decode, resize, masks, regions)",
+            f"{path * 1e3:.3g}",
+            f"Pillow decode {floor * 1e3:.3g}",
+            f"{ratio(path / floor)} {target(path / floor <= 1.3, '≤ 1.3×')}",
+        ]
+    )
 
     cores = available_cores()
     counts = sorted({1, *[k for k in (2, 4, 8, 16) if k <= cores]})
@@ -180,17 +249,29 @@ def pipeline_section(config: BenchConfig, device: torch.device, workdir: Path) -
         rate = loader_rate(plain, workers, LOADER_BATCH)
         single = single or rate
         verdict = "" if workers == 1 else target(rate / single >= 0.8 * workers, f"≥ {0.8 * workers:.2g}×")
-        add([f"loader, {workers} worker{'s' * (workers > 1)}: images/s", f"{rate:.3g}",
-                     "1 worker" if workers > 1 else "", f"{ratio(rate / single)} {verdict}".strip()])
+        add(
+            [
+                f"loader, {workers} worker{'s' * (workers > 1)}: images/s",
+                f"{rate:.3g}",
+                "1 worker" if workers > 1 else "",
+                f"{ratio(rate / single)} {verdict}".strip(),
+            ]
+        )
 
     cache_dir = workdir / "decoded-cache"
-    dataset_pass(AnomalyDataset(samples, size, nonzero_masks=datamodule.nonzero_masks,
-                                cache=DecodedCache(10**12, cache_dir)))  # first pass: decodes and writes
+    dataset_pass(
+        AnomalyDataset(samples, size, nonzero_masks=datamodule.nonzero_masks, cache=DecodedCache(10**12, cache_dir))
+    )  # first pass: decodes and writes
     cache = DecodedCache(10**12, cache_dir)
     cached = dataset_pass(AnomalyDataset(samples, size, nonzero_masks=datamodule.nonzero_masks, cache=cache))
-    add([f"decoded cache, second pass: ms/image (hit rate {cache.hits / (cache.hits + cache.misses):.0%})",
-                 f"{cached * 1e3:.3g}", f"decoding {path * 1e3:.3g}",
-                 f"{ratio(path / cached)} faster {target(path / cached >= 10, '≥ 10×')}"])
+    add(
+        [
+            f"decoded cache, second pass: ms/image (hit rate {cache.hits / (cache.hits + cache.misses):.0%})",
+            f"{cached * 1e3:.3g}",
+            f"decoding {path * 1e3:.3g}",
+            f"{ratio(path / cached)} faster {target(path / cached >= 10, '≥ 10×')}",
+        ]
+    )
 
     section.notes += [
         f"Data path, loader and cache on {len(samples)} of the {len(everything)} images (an even spread).",

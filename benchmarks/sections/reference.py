@@ -10,23 +10,35 @@ import torch
 
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
-from benchmarks.common import (CLASS_NAME, STAGES, BenchConfig, Section, StageTimer, autocast, build_model,
-                               random_images, ratio, staged_forward)
+from benchmarks.common import (
+    CLASS_NAME,
+    STAGES,
+    BenchConfig,
+    Section,
+    StageTimer,
+    autocast,
+    build_model,
+    random_images,
+    ratio,
+    staged_forward,
+)
 from tests.reference.pipeline import reference_pipeline
 
 
 def reference_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:
     batch = max(config.batch_sizes)
-    model = build_model(config.backbone, config.pretrained, NUM_REFERENCE_VIEWS, TTAConfig(),
-                        workdir / "text-cache", device)
+    model = build_model(
+        config.backbone, config.pretrained, NUM_REFERENCE_VIEWS, TTAConfig(), workdir / "text-cache", device
+    )
     images = random_images(batch, model.image_size, device)
     names = [CLASS_NAME] * batch
     count = min(config.reference_images, batch)
     with autocast(device, config.precision):
         reference_pipeline(model, images[:1], names[:1])  # warm-up
         reference_timer = StageTimer(device)
-        reference_maps, reference_scores = reference_pipeline(model, images[:count], names[:count],
-                                                              reference_timer.stage)
+        reference_maps, reference_scores = reference_pipeline(
+            model, images[:count], names[:count], reference_timer.stage
+        )
         output = model(images, names)  # warm-up, and the outputs compared
         timers = []
         for _ in range(config.repeats):
@@ -42,10 +54,12 @@ def reference_section(config: BenchConfig, device: torch.device, workdir: Path) 
     section = Section(
         f"AnoVL vs the one-image-at-a-time reference pipeline ({config.backbone}, {NUM_REFERENCE_VIEWS} views + TTA)",
         ["part", "reference ms/img", f"AnoVL batch {batch} ms/img", "speed-up"],
-        notes=[f"Reference: `reference_pipeline` on {count} images, each of the {NUM_REFERENCE_VIEWS} views a "
-               f"separate dual-path call, TTA per image. AnoVL: `staged_forward` on a batch of {batch}, minimum of "
-               f"{config.repeats}. Largest difference of their outputs: map {map_error:.2g}, score "
-               f"{score_error:.2g}."],
+        notes=[
+            f"Reference: `reference_pipeline` on {count} images, each of the {NUM_REFERENCE_VIEWS} views a "
+            f"separate dual-path call, TTA per image. AnoVL: `staged_forward` on a batch of {batch}, minimum of "
+            f"{config.repeats}. Largest difference of their outputs: map {map_error:.2g}, score "
+            f"{score_error:.2g}."
+        ],
     )
     for part, stages in (("whole pipeline", STAGES), ("encoder", ("encoder",)), ("TTA", ("tta",))):
         reference = per_image(reference_timer, count, stages)

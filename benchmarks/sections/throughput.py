@@ -12,15 +12,31 @@ from anovl.metrics import AnomalyMetrics
 from anovl.models.anovl.torch_model import AnoVL
 from anovl.models.anovl.tta import TTAConfig
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS
-from benchmarks.common import (CLASS_NAME, STAGES, BenchConfig, Section, StageTimer, autocast, build_model,
-                               metric_targets, random_images, ratio, staged_forward, time_call)
+from benchmarks.common import (
+    CLASS_NAME,
+    STAGES,
+    BenchConfig,
+    Section,
+    StageTimer,
+    autocast,
+    build_model,
+    metric_targets,
+    random_images,
+    ratio,
+    staged_forward,
+    time_call,
+)
 
-PIPELINES = (("TFA, 1 view", 1, False), (f"TFA, {NUM_REFERENCE_VIEWS} views", NUM_REFERENCE_VIEWS, False),
-             (f"TFA+TTA (5 steps), {NUM_REFERENCE_VIEWS} views", NUM_REFERENCE_VIEWS, True))
+PIPELINES = (
+    ("TFA, 1 view", 1, False),
+    (f"TFA, {NUM_REFERENCE_VIEWS} views", NUM_REFERENCE_VIEWS, False),
+    (f"TFA+TTA (5 steps), {NUM_REFERENCE_VIEWS} views", NUM_REFERENCE_VIEWS, True),
+)
 
 
-def measure_pipeline(model: AnoVL, batch: int, device: torch.device, precision: str,
-                     repeats: int) -> tuple[float, StageTimer]:
+def measure_pipeline(
+    model: AnoVL, batch: int, device: torch.device, precision: str, repeats: int
+) -> tuple[float, StageTimer]:
     """Minimum end-to-end seconds of ``model(images, names)`` + metrics update, and the staged run of the
     smallest total, over ``repeats`` alternating repetitions after a one-image warm-up."""
     images = random_images(batch, model.image_size, device)
@@ -53,22 +69,44 @@ def stage_cells(timer: StageTimer, batch: int) -> list[str]:
 def throughput_section(config: BenchConfig, device: torch.device, workdir: Path) -> Section:
     section = Section(
         f"Throughput and stage split ({config.backbone})",
-        ["pipeline", "batch", "images/s", "× batch 1", *[f"{stage} ms/img" for stage in STAGES],
-         "Σ stages ÷ end-to-end"],
-        notes=["images/s: end-to-end `model(images, names)` + `AnomalyMetrics.update`, minimum of "
-               f"{config.repeats} repetitions. Stages: `staged_forward`, timed inside the real `AnoVL.forward` "
-               "call (text = embedding look-up; tta = seeds, adaptation and the adapted map), each "
-               "synchronised on CUDA. Σ stages ÷ end-to-end near 1 says the split accounts for the whole call."],
+        [
+            "pipeline",
+            "batch",
+            "images/s",
+            "× batch 1",
+            *[f"{stage} ms/img" for stage in STAGES],
+            "Σ stages ÷ end-to-end",
+        ],
+        notes=[
+            "images/s: end-to-end `model(images, names)` + `AnomalyMetrics.update`, minimum of "
+            f"{config.repeats} repetitions. Stages: `staged_forward`, timed inside the real `AnoVL.forward` "
+            "call (text = embedding look-up; tta = seeds, adaptation and the adapted map), each "
+            "synchronised on CUDA. Σ stages ÷ end-to-end near 1 says the split accounts for the whole call."
+        ],
     )
     for name, num_views, with_tta in PIPELINES:
-        model = build_model(config.backbone, config.pretrained, num_views, TTAConfig() if with_tta else None,
-                            workdir / "text-cache", device)
+        model = build_model(
+            config.backbone,
+            config.pretrained,
+            num_views,
+            TTAConfig() if with_tta else None,
+            workdir / "text-cache",
+            device,
+        )
         single = None
         for batch in config.batch_sizes:
             total, timer = measure_pipeline(model, batch, device, config.precision, config.repeats)
             rate = batch / total
             single = rate if batch == 1 else single
-            section.rows.append([name, str(batch), f"{rate:.3g}", ratio(rate / single) if single else "",
-                                 *stage_cells(timer, batch), f"{timer.total / total:.2f}"])
+            section.rows.append(
+                [
+                    name,
+                    str(batch),
+                    f"{rate:.3g}",
+                    ratio(rate / single) if single else "",
+                    *stage_cells(timer, batch),
+                    f"{timer.total / total:.2f}",
+                ]
+            )
         del model
     return section

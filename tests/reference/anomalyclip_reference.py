@@ -80,7 +80,7 @@ def make_batch():
     for index, label in enumerate(LABELS):
         if label:
             top, left = 5 + 9 * index, 3 + 7 * index
-            masks[index, top:top + 18, left:left + 24] = 1
+            masks[index, top : top + 18, left : left + 24] = 1
     return images, masks, torch.tensor(LABELS)
 
 
@@ -122,8 +122,11 @@ def main(repo: Path, out: Path) -> None:
 
     torch.manual_seed(SEED + 3)
     prompt_learner = PromptLearner(model, DESIGN)
-    initial = {key: value.detach().clone() for key, value in prompt_learner.state_dict().items()
-               if key.startswith(("ctx_", "compound_prompts_text"))}
+    initial = {
+        key: value.detach().clone()
+        for key, value in prompt_learner.state_dict().items()
+        if key.startswith(("ctx_", "compound_prompts_text"))
+    }
     model.visual.DAPM_replace(DPAM_layer=DPAM_LAYER)
 
     # test.py, one image at a time
@@ -166,16 +169,24 @@ def main(repo: Path, out: Path) -> None:
     optimizer.zero_grad()
     (map_loss + image_loss).backward()
     optimizer.step()
-    learned = {key: value for key, value in prompt_learner.named_parameters()
-               if key.startswith(("ctx_", "compound_prompts_text"))}
+    learned = {
+        key: value
+        for key, value in prompt_learner.named_parameters()
+        if key.startswith(("ctx_", "compound_prompts_text"))
+    }
 
     arrays = {
-        "config": np.array(json.dumps(CONFIG)), "image_size": np.array(IMAGE_SIZE),
+        "config": np.array(json.dumps(CONFIG)),
+        "image_size": np.array(IMAGE_SIZE),
         "weights_sha256": np.array(checksum),
-        "images": images.numpy(), "masks": masks.numpy(), "labels": labels.numpy(),
-        "pred_score": torch.cat(scores).numpy(), "anomaly_map_raw": torch.stack(raw_maps).numpy(),
+        "images": images.numpy(),
+        "masks": masks.numpy(),
+        "labels": labels.numpy(),
+        "pred_score": torch.cat(scores).numpy(),
+        "anomaly_map_raw": torch.stack(raw_maps).numpy(),
         "anomaly_map": torch.stack(smoothed_maps).float().numpy(),
-        "map_loss": np.array(float(map_loss)), "image_loss": np.array(float(image_loss)),
+        "map_loss": np.array(float(map_loss)),
+        "image_loss": np.array(float(image_loss)),
     }
     for key, value in initial.items():
         arrays[f"initial/{key}"] = value.numpy()
@@ -184,8 +195,10 @@ def main(repo: Path, out: Path) -> None:
         arrays[f"updated/{key}"] = value.detach().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
-    print(f"wrote {out}: map loss {float(map_loss):.6f}, image loss {float(image_loss):.6f}, "
-          f"scores {torch.cat(scores).numpy()}")
+    print(
+        f"wrote {out}: map loss {float(map_loss):.6f}, image loss {float(image_loss):.6f}, "
+        f"scores {torch.cat(scores).numpy()}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,18 +84,26 @@ def write_dataset(root: Path) -> dict[str, list]:
             if anomaly:
                 mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
                 top, left = rng.integers(0, IMAGE_SIZE - 16, 2)
-                mask[top:top + 12 + index * 2, left:left + 10] = 255
+                mask[top : top + 12 + index * 2, left : left + 10] = 255
                 mask_path = f"{name}/ground_truth/{specie}/{index:03d}_mask.png"
                 (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask).save(root / mask_path)
-            meta["test"][name].append({"img_path": image_path, "mask_path": mask_path, "cls_name": name,
-                                       "specie_name": specie, "anomaly": anomaly})
+            meta["test"][name].append(
+                {
+                    "img_path": image_path,
+                    "mask_path": mask_path,
+                    "cls_name": name,
+                    "specie_name": specie,
+                    "anomaly": anomaly,
+                }
+            )
         for index in range(TRAIN_IMAGES):
             image_path = f"{name}/train/good/{index:03d}.png"
             (root / image_path).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(root / image_path)
-            meta["train"][name].append({"img_path": image_path, "mask_path": "", "cls_name": name,
-                                        "specie_name": "good", "anomaly": 0})
+            meta["train"][name].append(
+                {"img_path": image_path, "mask_path": "", "cls_name": name, "specie_name": "good", "anomaly": 0}
+            )
     (root / "meta.json").write_text(json.dumps(meta))
     return meta
 
@@ -119,8 +127,9 @@ def install_stand_ins() -> None:
     tabulate.tabulate = lambda *args, **kwargs: ""
     for module in (measure, skimage, pkg_resources, tabulate):
         module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
-    sys.modules.update({"skimage": skimage, "skimage.measure": measure, "pkg_resources": pkg_resources,
-                        "tabulate": tabulate})
+    sys.modules.update(
+        {"skimage": skimage, "skimage.measure": measure, "pkg_resources": pkg_resources, "tabulate": tabulate}
+    )
     to = torch.Tensor.to
 
     def to_cpu_for_cuda(self, *args, **kwargs):
@@ -187,26 +196,56 @@ def main() -> None:
             value = forward(self, *loss_args)
             record[name].append(value.item())
             return value
+
         return recorded
 
     adam_step = torch.optim.Adam.step
 
     def recorded_step(self, *step_args, **step_kwargs):
         # Adam's first step moves every weight by about lr·sign(gradient): the gradients say more.
-        record["gradients"].append([parameter.grad.clone() for group in self.param_groups
-                                    for parameter in group["params"]])
+        record["gradients"].append(
+            [parameter.grad.clone() for group in self.param_groups for parameter in group["params"]]
+        )
         return adam_step(self, *step_args, **step_kwargs)
 
     authors_model.LinearLayer.__init__ = recorded_linear_init
     torch.optim.Adam.step = recorded_step
     authors_loss.FocalLoss.forward = recorded_forward(authors_loss.FocalLoss.forward, "focal")
     authors_loss.BinaryDiceLoss.forward = recorded_forward(authors_loss.BinaryDiceLoss.forward, "dice")
-    common = ["--config_path", str(config_path), "--model", MODEL_NAME, "--pretrained", "",
-              "--image_size", str(IMAGE_SIZE), "--features_list", *map(str, LAYERS)]
+    common = [
+        "--config_path",
+        str(config_path),
+        "--model",
+        MODEL_NAME,
+        "--pretrained",
+        "",
+        "--image_size",
+        str(IMAGE_SIZE),
+        "--features_list",
+        *map(str, LAYERS),
+    ]
     batch = len(CLASSES) * len(TEST_IMAGES)
-    run_script(repo, "train.py", ["--dataset", "visa", "--train_data_path", str(data_root), "--save_path",
-                                  str(work / "train"), "--epoch", "1", "--batch_size", str(batch),
-                                  "--print_freq", "1", "--save_freq", "1", *common])
+    run_script(
+        repo,
+        "train.py",
+        [
+            "--dataset",
+            "visa",
+            "--train_data_path",
+            str(data_root),
+            "--save_path",
+            str(work / "train"),
+            "--epoch",
+            "1",
+            "--batch_size",
+            str(batch),
+            "--print_freq",
+            "1",
+            "--save_freq",
+            "1",
+            *common,
+        ],
+    )
     trained = torch.load(work / "train" / "epoch_1.pth", weights_only=True)["trainable_linearlayer"]
     initial = record["heads"][0]
     # Inference with given heads: the initial ones, saved in the authors' release format.
@@ -229,10 +268,27 @@ def main() -> None:
     for mode in ("zero_shot", "few_shot"):
         record["roc"].clear()
         save_path = work / mode
-        run_script(repo, "test.py", ["--data_path", str(data_root), "--save_path", str(save_path),
-                                     "--checkpoint_path", str(given), "--dataset", "visa", "--mode", mode,
-                                     "--k_shot", str(K_SHOT), "--few_shot_features", *map(str, FEW_SHOT_LAYERS),
-                                     *common])
+        run_script(
+            repo,
+            "test.py",
+            [
+                "--data_path",
+                str(data_root),
+                "--save_path",
+                str(save_path),
+                "--checkpoint_path",
+                str(given),
+                "--dataset",
+                "visa",
+                "--mode",
+                mode,
+                "--k_shot",
+                str(K_SHOT),
+                "--few_shot_features",
+                *map(str, FEW_SHOT_LAYERS),
+                *common,
+            ],
+        )
         outputs[f"{mode}_maps"] = np.concatenate(
             [pixels.reshape(images_per_class, IMAGE_SIZE, IMAGE_SIZE) for pixels in record["roc"][0::2]]
         ).astype(np.float32)
@@ -240,7 +296,7 @@ def main() -> None:
         if mode == "few_shot":
             outputs["few_shot_images"] = np.array((save_path / "k_shot.txt").read_text().split())
     clip = record["clip"][0]
-    first_step_loss = sum(record["focal"][:len(LAYERS)]) + sum(record["dice"][:len(LAYERS)])
+    first_step_loss = sum(record["focal"][: len(LAYERS)]) + sum(record["dice"][: len(LAYERS)])
     np.savez_compressed(
         args.out,
         initial_weight=np.stack([initial[f"fc.{i}.weight"].numpy() for i in range(len(LAYERS))]),
@@ -250,8 +306,10 @@ def main() -> None:
         # LinearLayer's parameters in order: fc.0.weight, fc.0.bias, fc.1.weight, ...
         gradient_weight=np.stack([gradient.numpy() for gradient in record["gradients"][0][0::2]]),
         gradient_bias=np.stack([gradient.numpy() for gradient in record["gradients"][0][1::2]]),
-        focal=np.array(record["focal"][:len(LAYERS)]), dice=np.array(record["dice"][:len(LAYERS)]),
-        loss=np.array(first_step_loss), parameter_names=np.array(sorted(name for name, _ in clip.named_parameters())),
+        focal=np.array(record["focal"][: len(LAYERS)]),
+        dice=np.array(record["dice"][: len(LAYERS)]),
+        loss=np.array(first_step_loss),
+        parameter_names=np.array(sorted(name for name, _ in clip.named_parameters())),
         **outputs,
     )
     print(f"wrote {args.out}")

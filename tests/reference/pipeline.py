@@ -35,8 +35,9 @@ def _untimed(stage: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def reference_pipeline(model, images: torch.Tensor, class_names: Sequence[str],
-                       stage: Callable[[str], ContextManager] = _untimed) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_pipeline(
+    model, images: torch.Tensor, class_names: Sequence[str], stage: Callable[[str], ContextManager] = _untimed
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps (B, S, S) and image scores (B,) of an :class:`anovl.AnoVL` ``model``, one image at a time.
 
     ``stage(name)`` is entered around each stage (text, views, encoder, maps, tta): the benchmark passes its
@@ -55,16 +56,19 @@ def reference_pipeline(model, images: torch.Tensor, class_names: Sequence[str],
             with stage("maps"):
                 local = [tokens[0] for tokens in encoded[0].patch_tokens]
                 image_map = torch.stack([patch_probability_map(t, states, model.image_size) for t in local]).mean(0)
-                view_scores = [(F.normalize(out.global_tokens[0], dim=-1) @ states.T.to(out.global_tokens.dtype))
-                               .softmax(-1)[1] for out in encoded]
+                view_scores = [
+                    (F.normalize(out.global_tokens[0], dim=-1) @ states.T.to(out.global_tokens.dtype)).softmax(-1)[1]
+                    for out in encoded
+                ]
                 score = torch.stack(view_scores).mean()
         if model.tta is not None:
             with stage("tta"):
                 seeds = image_seeds(image[None], model.tta.config.seed)
                 sentences = embeddings.sentences[None].to(images.device)
                 adapted = [model.tta(tokens[None], states[None], sentences, seeds, [name])[0] for tokens in local]
-                image_map = torch.stack([patch_probability_map(t, states.float(), model.image_size)
-                                         for t in adapted]).mean(0)
+                image_map = torch.stack(
+                    [patch_probability_map(t, states.float(), model.image_size) for t in adapted]
+                ).mean(0)
         maps.append(image_map)
         scores.append(score)
     return torch.stack(maps), torch.stack(scores)

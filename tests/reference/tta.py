@@ -31,8 +31,9 @@ class AuthorsTextAdapter(nn.Module):
         return 0.5 * x + 0.5 * torch.tanh(self.fc(F.normalize(x, dim=-1))) @ self.text
 
 
-def authors_tta(tokens: torch.Tensor, states: torch.Tensor, sentences: torch.Tensor, order: Sequence[int],
-                seed: int, steps: int = 5) -> dict[int, torch.Tensor]:
+def authors_tta(
+    tokens: torch.Tensor, states: torch.Tensor, sentences: torch.Tensor, order: Sequence[int], seed: int, steps: int = 5
+) -> dict[int, torch.Tensor]:
     """Adapted tokens of the images ``tokens[i]`` (N, D) with ``states[i]`` (2, D), of one category whose
     sentence embeddings are ``sentences`` (M, D), run in ``order``: {image index: adapted tokens}.
 
@@ -49,7 +50,7 @@ def authors_tta(tokens: torch.Tensor, states: torch.Tensor, sentences: torch.Ten
         for _ in range(steps):
             both = adapter(torch.cat([x, x + NOISE_STD * torch.randn_like(x)]))
             log_probs = (F.normalize(both, dim=-1) @ t.T).log_softmax(-1)
-            clean, noisy = log_probs[:len(x)], log_probs[len(x):]
+            clean, noisy = log_probs[: len(x)], log_probs[len(x) :]
             entropy = -(clean.exp() * clean).sum(-1).mean()
             loss = entropy + LABEL_WEIGHT * (-clean[:, 0] - noisy[:, 1]).mean()
             optimizer.zero_grad()

@@ -33,8 +33,8 @@ def stitch(left: torch.Tensor, right: torch.Tensor, width: int) -> torch.Tensor:
     diff = width - size
     out = left.new_zeros(*left.shape[:-1], width)
     out[..., :diff] = left[..., :diff]
-    out[..., size:] = right[..., size - diff:]
-    out[..., diff:size] = (left[..., diff:] + right[..., :size - diff]) / 2
+    out[..., size:] = right[..., size - diff :]
+    out[..., diff:size] = (left[..., diff:] + right[..., : size - diff]) / 2
     return out
 
 
@@ -54,7 +54,7 @@ def tile_map(tokens: torch.Tensor, states: torch.Tensor, size: int) -> torch.Ten
     probabilities = on_grid(cosines(tokens, states).softmax(-1))[1]
     grid = probabilities.shape[-1]
     padded = F.pad(probabilities[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
-    smoothed = sum(padded[i:i + grid, j:j + grid] for i in range(3) for j in range(3)) / 9
+    smoothed = sum(padded[i : i + grid, j : j + grid] for i in range(3) for j in range(3)) / 9
     return F.interpolate(smoothed[None, None], size=(size, size), mode="bilinear", align_corners=True)[0, 0]
 
 
@@ -82,26 +82,39 @@ class LinearAdapter(nn.Module):
         return 0.5 * x + 0.5 * self.fc(F.normalize(x, dim=-1))
 
 
-def stitched_log_probs(logits: torch.Tensor, size: int, width: int,
-                       softmax_before_stitching: bool = False) -> torch.Tensor:
+def stitched_log_probs(
+    logits: torch.Tensor, size: int, width: int, softmax_before_stitching: bool = False
+) -> torch.Tensor:
     """Per-token logits of the two tiles (2, N, 2) → per-pixel log-probabilities (2, S·W): each tile's logits
     upsampled, stitched, then the softmax per pixel. ``softmax_before_stitching``: a wrong variant (the
     tokens' probabilities upsampled and stitched), to show that the comparison can tell."""
     per_token = logits.softmax(-1) if softmax_before_stitching else logits
-    left, right = (F.interpolate(on_grid(tile)[None], size=(size, size), mode="bilinear", align_corners=True)[0]
-                   for tile in per_token)
+    left, right = (
+        F.interpolate(on_grid(tile)[None], size=(size, size), mode="bilinear", align_corners=True)[0]
+        for tile in per_token
+    )
     stitched = stitch(left, right, width).reshape(2, -1)
     return stitched.log() if softmax_before_stitching else stitched.log_softmax(0)
 
 
-def adapt(adapter: LinearAdapter, optimizer, tokens: torch.Tensor, states: torch.Tensor, size: int, width: int,
-          noise, softmax_before_stitching: bool = False) -> torch.Tensor:
+def adapt(
+    adapter: LinearAdapter,
+    optimizer,
+    tokens: torch.Tensor,
+    states: torch.Tensor,
+    size: int,
+    width: int,
+    noise,
+    softmax_before_stitching: bool = False,
+) -> torch.Tensor:
     """Five steps of the §8 loss on one image's tiles (2, N, D); its adapted map (S, W)."""
     for _ in range(5):
         noisy = tokens + 0.055 * noise()
         logits = cosines(adapter(torch.cat([tokens, noisy])), states)  # (4, N, 2): clean tiles, noisy tiles
-        clean, corrupted = (stitched_log_probs(logits[:2], size, width, softmax_before_stitching),
-                            stitched_log_probs(logits[2:], size, width, softmax_before_stitching))
+        clean, corrupted = (
+            stitched_log_probs(logits[:2], size, width, softmax_before_stitching),
+            stitched_log_probs(logits[2:], size, width, softmax_before_stitching),
+        )
         entropy = -(clean.exp() * clean).sum(0).mean()
         loss = entropy + 0.5 * (-clean[0] - corrupted[1]).mean()
         optimizer.zero_grad()
@@ -124,13 +137,17 @@ def naive_reference_tta(model, images: list[torch.Tensor], category: str, seed: 
             optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=0.01)
         else:
             adapter.fc.reset_parameters()
-        maps.append(adapt(adapter, optimizer, tokens, states, image.shape[-2], image.shape[-1],
-                          lambda: torch.randn_like(tokens)))
+        maps.append(
+            adapt(
+                adapter, optimizer, tokens, states, image.shape[-2], image.shape[-1], lambda: torch.randn_like(tokens)
+            )
+        )
     return maps
 
 
-def naive_independent_tta(model, image: torch.Tensor, category: str, lr: float = 1e-3,
-                          softmax_before_stitching: bool = False) -> torch.Tensor:
+def naive_independent_tta(
+    model, image: torch.Tensor, category: str, lr: float = 1e-3, softmax_before_stitching: bool = False
+) -> torch.Tensor:
     """One image alone: the adapter's initial weights and the noise from the image's own seed, fresh AdamW."""
     _, _, tokens, states = naive_tfa(model, image, category)
     (seed,) = image_seeds(image[None], TTAConfig().seed)
@@ -141,5 +158,13 @@ def naive_independent_tta(model, image: torch.Tensor, category: str, lr: float =
         bound = 1 / math.sqrt(tokens.shape[-1])
         nn.init.uniform_(adapter.fc.bias, -bound, bound, generator=generator)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.01)
-    return adapt(adapter, optimizer, tokens, states, image.shape[-2], image.shape[-1],
-                 lambda: torch.randn(tokens.shape, generator=generator), softmax_before_stitching)
+    return adapt(
+        adapter,
+        optimizer,
+        tokens,
+        states,
+        image.shape[-2],
+        image.shape[-1],
+        lambda: torch.randn(tokens.shape, generator=generator),
+        softmax_before_stitching,
+    )

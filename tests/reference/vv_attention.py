@@ -26,12 +26,12 @@ def naive_local_streams(visual, images: torch.Tensor) -> list[torch.Tensor]:
         heads, width = attn.num_heads, h.shape[-1]
         d_head = width // heads
         y = block.ln_1(h)
-        v = (y @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:])
+        v = y @ attn.in_proj_weight[2 * width :].T + attn.in_proj_bias[2 * width :]
         a_vv = torch.zeros_like(h)
         for b in range(h.shape[0]):
             head_outputs = []
             for head in range(heads):
-                vh = v[b, :, head * d_head:(head + 1) * d_head]
+                vh = v[b, :, head * d_head : (head + 1) * d_head]
                 rows = []
                 for i in range(vh.shape[0]):
                     scores = torch.stack([vh[i] @ vh[j] for j in range(vh.shape[0])]) / math.sqrt(d_head)
@@ -60,23 +60,25 @@ def naive_vv_branch(block, x: torch.Tensor) -> torch.Tensor:
     attn = block.attn
     if kind == "ResidualAttentionBlock":
         width = x.shape[-1]
-        v = block.ln_1(x) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
+        v = block.ln_1(x) @ attn.in_proj_weight[2 * width :].T + attn.in_proj_bias[2 * width :]
         return block.ls_1(attn.out_proj(naive_value_attention(v, attn.num_heads)))
     if kind == "CustomResidualAttentionBlock":
         width = x.shape[-1]
-        v = block.ln_1(x) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
+        v = block.ln_1(x) @ attn.in_proj_weight[2 * width :].T + attn.in_proj_bias[2 * width :]
         out = naive_value_attention(v, attn.num_heads)
         if attn.head_scale is not None:
             batch, length, _ = out.shape
-            out = (out.reshape(batch, length, attn.num_heads, -1) * attn.head_scale.reshape(1, 1, -1, 1)).reshape(out.shape)
+            out = (out.reshape(batch, length, attn.num_heads, -1) * attn.head_scale.reshape(1, 1, -1, 1)).reshape(
+                out.shape
+            )
         return block.ls_1(block.ln_attn(attn.out_proj(attn.ln_inner(out))))
     post_norm = kind in ("EvaBlockPostNorm", "ResPostRelPosBlock")
     y = x if post_norm else block.norm1(x)
     if attn.qkv is not None:
         v_bias = getattr(attn, "v_bias", None)
         width = attn.qkv.weight.shape[0] // 3
-        v = y @ attn.qkv.weight[2 * width:].T
-        bias = v_bias if v_bias is not None else (attn.qkv.bias[2 * width:] if attn.qkv.bias is not None else None)
+        v = y @ attn.qkv.weight[2 * width :].T
+        bias = v_bias if v_bias is not None else (attn.qkv.bias[2 * width :] if attn.qkv.bias is not None else None)
         v = v + bias if bias is not None else v
     else:
         v = attn.v_proj(y)
@@ -105,7 +107,12 @@ def tower_parts(visual):
             x, rope = out if isinstance(out, tuple) else (out, None)
             return trunk.norm_pre(x), {} if rope is None else {"rope": rope}
 
-        return embed, list(trunk.blocks), trunk.num_prefix_tokens, lambda x: visual.head(trunk.forward_head(trunk.norm(x)))
+        return (
+            embed,
+            list(trunk.blocks),
+            trunk.num_prefix_tokens,
+            lambda x: visual.head(trunk.forward_head(trunk.norm(x))),
+        )
 
     def pool(x):
         return visual._pool(x)[0] @ visual.proj

@@ -16,8 +16,11 @@ import torch
 
 def naive_window_masks(grid: int, scale: int) -> list[list[int]]:
     """The patch indices of every scale×scale window of a grid×grid patch grid, row by row."""
-    return [[(top + row) * grid + left + col for row in range(scale) for col in range(scale)]
-            for top in range(grid - scale + 1) for left in range(grid - scale + 1)]
+    return [
+        [(top + row) * grid + left + col for row in range(scale) for col in range(scale)]
+        for top in range(grid - scale + 1)
+        for left in range(grid - scale + 1)
+    ]
 
 
 def naive_harmonic_aggregation(scores: torch.Tensor, masks: list[list[int]], grid: int) -> torch.Tensor:

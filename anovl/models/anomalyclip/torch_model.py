@@ -39,13 +39,14 @@ class AnomalyCLIPOutput(ModelOutput):
     image_logits: torch.Tensor  # (B, 2) cosine / temperature of the image embedding with the text states
 
 
-def layer_probabilities(tokens: torch.Tensor, states: torch.Tensor, image_size: int,
-                        temperature: float) -> torch.Tensor:
+def layer_probabilities(
+    tokens: torch.Tensor, states: torch.Tensor, image_size: int, temperature: float
+) -> torch.Tensor:
     """(B, N, D) patch tokens of a square grid → (B, 2, S, S) [normal, abnormal] probabilities: softmax of the
     cosines / temperature per token, bilinearly upsampled (align_corners=False) as the authors' maps."""
     probabilities = (F.normalize(tokens, dim=-1) @ states.t() / temperature).softmax(-1)
     batch, count, _ = probabilities.shape
-    side = int(round(count ** 0.5))
+    side = int(round(count**0.5))
     grid = probabilities.transpose(1, 2).reshape(batch, 2, side, side)
     return F.interpolate(grid, (image_size, image_size), mode="bilinear")
 
@@ -120,34 +121,47 @@ class AnomalyCLIP(CLIPAnomalyModel):
     ):
         name = resolve_model_name(backbone)
         check_prompt_text_tower(name, open_clip.get_model_config(name), "AnomalyCLIP's deep text prompts")
-        for what, value, low in (("n_ctx", n_ctx, 1), ("depth", depth, 1), ("t_n_ctx", t_n_ctx, 0),
-                                 ("dpam_blocks", dpam_blocks, 0)):
+        for what, value, low in (
+            ("n_ctx", n_ctx, 1),
+            ("depth", depth, 1),
+            ("t_n_ctx", t_n_ctx, 0),
+            ("dpam_blocks", dpam_blocks, 0),
+        ):
             if not isinstance(value, int) or value < low:
                 raise AnovlError(f"{what} must be an integer of at least {low}, got {value!r}")
         if t_n_ctx > n_ctx:
-            raise AnovlError(f"t_n_ctx ({t_n_ctx}) cannot exceed n_ctx ({n_ctx}): the deep tokens replace context "
-                             "positions")
+            raise AnovlError(
+                f"t_n_ctx ({t_n_ctx}) cannot exceed n_ctx ({n_ctx}): the deep tokens replace context positions"
+            )
         if temperature <= 0 or sigma < 0:
             raise AnovlError(f"temperature must be positive and sigma not negative, got {temperature} and {sigma}")
         if learning_rate <= 0 or len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-            raise AnovlError(f"learning_rate must be positive and betas two numbers in [0, 1), got {learning_rate!r} "
-                             f"and {betas!r}")
-        super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache,
-                         position_interpolation)
+            raise AnovlError(
+                f"learning_rate must be positive and betas two numbers in [0, 1), got {learning_rate!r} and {betas!r}"
+            )
+        super().__init__(
+            backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache, position_interpolation
+        )
         self.position_interpolation = position_interpolation
         blocks = self.encoder.num_layers
         if dpam_blocks > blocks:
             raise AnovlError(f"dpam_blocks {dpam_blocks} exceeds the {blocks} blocks of {self.backbone_name}")
         layers = tuple(layers)
-        if not layers or len(set(layers)) != len(layers) or \
-                not all(isinstance(layer, int) and 1 <= layer <= blocks for layer in layers):
-            raise AnovlError(f"layers must be distinct block numbers from 1 to {blocks} (the depth of "
-                             f"{self.backbone_name}), counted from 1 as the authors do (6, 12, 18, 24 for ViT-L), "
-                             f"got {list(layers)}")
+        if (
+            not layers
+            or len(set(layers)) != len(layers)
+            or not all(isinstance(layer, int) and 1 <= layer <= blocks for layer in layers)
+        ):
+            raise AnovlError(
+                f"layers must be distinct block numbers from 1 to {blocks} (the depth of "
+                f"{self.backbone_name}), counted from 1 as the authors do (6, 12, 18, 24 for ViT-L), "
+                f"got {list(layers)}"
+            )
         self.text_tower = PromptTextTower(self.clip)
         if depth > self.text_tower.num_layers:
-            raise AnovlError(f"depth {depth} exceeds the {self.text_tower.num_layers} text blocks of "
-                             f"{self.backbone_name}")
+            raise AnovlError(
+                f"depth {depth} exceeds the {self.text_tower.num_layers} text blocks of {self.backbone_name}"
+            )
         self.layers = layers
         self.dpam_blocks, self.n_ctx, self.depth, self.t_n_ctx = dpam_blocks, n_ctx, depth, t_n_ctx
         self.sigma, self.temperature, self.object_name = float(sigma), float(temperature), object_name
@@ -176,10 +190,12 @@ class AnomalyCLIP(CLIPAnomalyModel):
         placeholder = word[(word != empty).nonzero()[0, 0]]
         starts = []
         for row in ids:
-            runs = [i for i in range(len(row) - self.n_ctx + 1) if bool((row[i:i + self.n_ctx] == placeholder).all())]
+            runs = [i for i in range(len(row) - self.n_ctx + 1) if bool((row[i : i + self.n_ctx] == placeholder).all())]
             if not runs:
-                raise AnovlError(f"the tokenizer of {self.backbone_name} does not keep the {self.n_ctx} context "
-                                 f"placeholders of {self.prompt_sentences()[0]!r} as one token each")
+                raise AnovlError(
+                    f"the tokenizer of {self.backbone_name} does not keep the {self.n_ctx} context "
+                    f"placeholders of {self.prompt_sentences()[0]!r} as one token each"
+                )
             starts.append(runs[0])
         if starts[0] != starts[1]:
             raise AnovlError(f"the tokenizer of {self.backbone_name} puts the prompts' contexts at different positions")
@@ -190,10 +206,16 @@ class AnomalyCLIP(CLIPAnomalyModel):
         tower = self.text_tower
         embeddings = tower.token_embedding(self.token_ids)
         start = self.context_start
-        embeddings = torch.cat([embeddings[:, :start], self.prompts.context.to(embeddings.dtype),
-                                embeddings[:, start + self.n_ctx:]], 1)
-        states = tower.encode(embeddings, self.token_ids, list(self.prompts.deep_tokens), deep_start=start,
-                              deep_dtype=torch.float16 if self.deep_tokens_float16 else None)
+        embeddings = torch.cat(
+            [embeddings[:, :start], self.prompts.context.to(embeddings.dtype), embeddings[:, start + self.n_ctx :]], 1
+        )
+        states = tower.encode(
+            embeddings,
+            self.token_ids,
+            list(self.prompts.deep_tokens),
+            deep_start=start,
+            deep_dtype=torch.float16 if self.deep_tokens_float16 else None,
+        )
         return F.normalize(states.float(), dim=-1)
 
     # --- forward --------------------------------------------------------------------------------------------
@@ -201,12 +223,16 @@ class AnomalyCLIP(CLIPAnomalyModel):
     def encode_images(self, images: torch.Tensor):
         """The frozen visual side: DPAM patch tokens of ``layers`` and the image embedding (no gradients)."""
         with torch.no_grad():
-            return self.encoder(images, layers=[layer - 1 for layer in self.layers],
-                                local_start=self.encoder.num_layers - self.dpam_blocks,
-                                final_norm=self.image_norm)
+            return self.encoder(
+                images,
+                layers=[layer - 1 for layer in self.layers],
+                local_start=self.encoder.num_layers - self.dpam_blocks,
+                final_norm=self.image_norm,
+            )
 
-    def forward(self, images: torch.Tensor, categories: Sequence[str],
-                prompt_names: Sequence[str] | None = None) -> AnomalyCLIPOutput:
+    def forward(
+        self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None
+    ) -> AnomalyCLIPOutput:
         """Maps and scores of CLIP-normalised ``images`` (B, 3, S, S). The prompts are object-agnostic: the
         categories are checked but do not change them."""
         images, _ = self.check_inputs(images, categories, prompt_names)
@@ -226,8 +252,10 @@ class AnomalyCLIP(CLIPAnomalyModel):
     def _probabilities(self, images: torch.Tensor, states: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per layer the (B, 2, S, S) [normal, abnormal] probabilities, and the (B, 2) image logits."""
         encoded = self.encode_images(images)
-        probabilities = [layer_probabilities(tokens.float(), states, self.image_size, self.temperature)
-                         for tokens in encoded.patch_tokens]
+        probabilities = [
+            layer_probabilities(tokens.float(), states, self.image_size, self.temperature)
+            for tokens in encoded.patch_tokens
+        ]
         image_logits = F.normalize(encoded.global_tokens.float(), dim=-1) @ states.t() / self.temperature
         return probabilities, image_logits
 
@@ -248,23 +276,29 @@ class AnomalyCLIP(CLIPAnomalyModel):
             return None
         return convert_authors_state_dict(data)
 
-    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, categories: Sequence[str],
-                        prompt_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        categories: Sequence[str],
+        prompt_names: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The authors' objective on labelled images (masks B×S×S): per layer the focal loss of the
         [normal, abnormal] maps and the Dice losses of the abnormal map against the mask and of the normal
         map against its complement, summed over layers and weighted 4; plus the cross entropy of the image
         logits (cosine / temperature) against the label, which is "anomalous" where the mask is not empty."""
         images, _ = self.check_inputs(images, categories, prompt_names)
         if masks.shape != (images.shape[0], *images.shape[-2:]):
-            raise AnovlError(f"masks must be B×S×S like the images, got {tuple(masks.shape)} for "
-                             f"{tuple(images.shape)} images")
+            raise AnovlError(
+                f"masks must be B×S×S like the images, got {tuple(masks.shape)} for {tuple(images.shape)} images"
+            )
         probabilities, image_logits = self._probabilities(images, self.text_states())
         target = (masks > 0.5).to(images.dtype)
         labels = target.flatten(1).amax(1).long()
         return {
             "focal": MAP_LOSS_WEIGHT * sum(focal_loss(p, target) for p in probabilities),
-            "dice": MAP_LOSS_WEIGHT * sum(binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target)
-                                          for p in probabilities),
+            "dice": MAP_LOSS_WEIGHT
+            * sum(binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target) for p in probabilities),
             "image": F.cross_entropy(image_logits, labels),
         }
 
@@ -278,26 +312,50 @@ class AnomalyCLIP(CLIPAnomalyModel):
         return digest.hexdigest()[:16]
 
     def _method_settings(self) -> dict[str, Any]:
-        return {"layers": list(self.layers),
-                "dpam_blocks": self.dpam_blocks, "n_ctx": self.n_ctx, "depth": self.depth, "t_n_ctx": self.t_n_ctx,
-                "sigma": self.sigma, "temperature": self.temperature, "object_name": self.object_name,
-                "deep_tokens_float16": self.deep_tokens_float16, "image_norm": self.image_norm,
-                "prompt_seed": self.prompt_seed, "position_interpolation": self.position_interpolation}
+        return {
+            "layers": list(self.layers),
+            "dpam_blocks": self.dpam_blocks,
+            "n_ctx": self.n_ctx,
+            "depth": self.depth,
+            "t_n_ctx": self.t_n_ctx,
+            "sigma": self.sigma,
+            "temperature": self.temperature,
+            "object_name": self.object_name,
+            "deep_tokens_float16": self.deep_tokens_float16,
+            "image_norm": self.image_norm,
+            "prompt_seed": self.prompt_seed,
+            "position_interpolation": self.position_interpolation,
+        }
 
     def settings(self) -> dict[str, Any]:
-        return json_data({**self.backbone_settings(), **self._method_settings(),
-                          "prompt_weights": self.prompt_fingerprint()})
+        return json_data(
+            {**self.backbone_settings(), **self._method_settings(), "prompt_weights": self.prompt_fingerprint()}
+        )
 
     def reference_settings(self) -> dict[str, Any]:
         backbone, pretrained, image_size = REFERENCE_BACKBONE
-        return json_data({
-            "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
-            "layers": list(REFERENCE_LAYERS), "dpam_blocks": 19, "n_ctx": 12, "depth": 9, "t_n_ctx": 4,
-            "sigma": 4.0, "temperature": 0.07, "object_name": "object", "deep_tokens_float16": True,
-            "image_norm": False, "prompt_seed": self.prompt_seed, "position_interpolation": "bilinear",
-            # learned weights are not a setting: the label does not name them
-            "prompt_weights": self.prompt_fingerprint(),
-        })
+        return json_data(
+            {
+                "backbone": backbone,
+                "pretrained": pretrained,
+                "image_size": image_size,
+                "init_seed": None,
+                "layers": list(REFERENCE_LAYERS),
+                "dpam_blocks": 19,
+                "n_ctx": 12,
+                "depth": 9,
+                "t_n_ctx": 4,
+                "sigma": 4.0,
+                "temperature": 0.07,
+                "object_name": "object",
+                "deep_tokens_float16": True,
+                "image_norm": False,
+                "prompt_seed": self.prompt_seed,
+                "position_interpolation": "bilinear",
+                # learned weights are not a setting: the label does not name them
+                "prompt_weights": self.prompt_fingerprint(),
+            }
+        )
 
 
 def convert_authors_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -310,18 +368,21 @@ def convert_authors_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Te
     """
     state = checkpoint.get("prompt_learner", checkpoint)
     if not isinstance(state, dict) or "ctx_pos" not in state or "ctx_neg" not in state:
-        raise AnovlError("not an AnomalyCLIP prompt learner: no ctx_pos / ctx_neg "
-                         f"(keys: {', '.join(sorted(map(str, state))[:8]) if isinstance(state, dict) else '-'})")
+        raise AnovlError(
+            "not an AnomalyCLIP prompt learner: no ctx_pos / ctx_neg "
+            f"(keys: {', '.join(sorted(map(str, state))[:8]) if isinstance(state, dict) else '-'})"
+        )
     contexts = []
     for key in ("ctx_pos", "ctx_neg"):
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.ndim != 4 or value.shape[:2] != (1, 1):
-            raise AnovlError(f"{key} must be a 1×1×n_ctx×width tensor (one class, one state), got "
-                             f"{tuple(getattr(value, 'shape', ()))}")
+            raise AnovlError(
+                f"{key} must be a 1×1×n_ctx×width tensor (one class, one state), got "
+                f"{tuple(getattr(value, 'shape', ()))}"
+            )
         contexts.append(value[0, 0].float())
     deep = []
     while f"compound_prompts_text.{len(deep)}" in state:
         deep.append(state[f"compound_prompts_text.{len(deep)}"].float())
     width = contexts[0].shape[-1]
-    return {"context": torch.stack(contexts),
-            "deep_tokens": torch.stack(deep) if deep else torch.zeros(0, 0, width)}
+    return {"context": torch.stack(contexts), "deep_tokens": torch.stack(deep) if deep else torch.zeros(0, 0, width)}

@@ -7,6 +7,15 @@ from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
 from anovl.models.text_cache import TextEmbeddingCache, TextEmbeddings
 
 __all__ = [
-    "ADAPTERS", "Adapter", "AnoVL", "AnoVLOutput", "PromptSet", "TTAConfig", "TestTimeAdaptation",
-    "TextEmbeddingCache", "TextEmbeddings", "create_adapter", "register_adapter",
+    "ADAPTERS",
+    "Adapter",
+    "AnoVL",
+    "AnoVLOutput",
+    "PromptSet",
+    "TTAConfig",
+    "TestTimeAdaptation",
+    "TextEmbeddingCache",
+    "TextEmbeddings",
+    "create_adapter",
+    "register_adapter",
 ]

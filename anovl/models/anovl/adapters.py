@@ -33,8 +33,9 @@ def register_adapter(name: str) -> Callable[[A], A]:
     return decorator
 
 
-def create_adapter(name: str, dim: int, sentences: torch.Tensor,
-                   generators: Sequence[torch.Generator] | None = None, **kwargs: Any) -> "Adapter":
+def create_adapter(
+    name: str, dim: int, sentences: torch.Tensor, generators: Sequence[torch.Generator] | None = None, **kwargs: Any
+) -> "Adapter":
     return ADAPTERS.lookup(name)(dim, sentences, generators, **kwargs)
 
 
@@ -45,8 +46,14 @@ def check_adapter_args(name: str, args: dict[str, Any]) -> None:
     if not isinstance(args, dict):
         raise AnovlError(f"tta.adapter_args must be a mapping of argument names to values, got {args!r}")
     parameters = list(inspect.signature(cls.__init__).parameters.values())[4:]  # after self, dim, sentences, generators
-    takes = ", ".join(parameter.name for parameter in parameters
-                      if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)) or "no arguments"
+    takes = (
+        ", ".join(
+            parameter.name
+            for parameter in parameters
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        )
+        or "no arguments"
+    )
     try:
         inspect.signature(cls.__init__).bind(None, 0, None, None, **args)
     except TypeError as error:
@@ -64,8 +71,9 @@ def _linear_init_(weight: torch.Tensor, bias: torch.Tensor | None, generator: to
 class BatchedLinear(nn.Module):
     """A stack of independent ``nn.Linear`` layers, one per image."""
 
-    def __init__(self, batch: int, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | None = None):
+    def __init__(
+        self, batch: int, in_features: int, out_features: int, bias: bool = True, device: torch.device | None = None
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(batch, out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(batch, out_features, device=device)) if bias else None

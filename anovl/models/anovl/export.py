@@ -21,8 +21,9 @@ class ExportableAnoVL(nn.Module):
     ``states`` (C, 2, D) are the classes' normalised [normal, abnormal] text embeddings, a constant buffer.
     """
 
-    def __init__(self, encoder: ValueWiseViT, states: torch.Tensor, image_size: int, num_views: int,
-                 layers: Sequence[int]):
+    def __init__(
+        self, encoder: ValueWiseViT, states: torch.Tensor, image_size: int, num_views: int, layers: Sequence[int]
+    ):
         super().__init__()
         if not 1 <= num_views <= NUM_REFERENCE_VIEWS:
             raise AnovlError(f"num_views must be between 1 and {NUM_REFERENCE_VIEWS}, got {num_views}")

@@ -9,26 +9,47 @@ from anovl.errors import AnovlError
 from anovl.models.components.prompts import Prompts, check_prompt_name, check_texts
 
 NORMAL_STATES = (
-    "normal {}", "flawless {}", "perfect {}", "unblemished {}",
-    "{} without flaw", "{} without defect", "{} without damage",
+    "normal {}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
 )
 ABNORMAL_STATES = (
-    "damaged {}", "abnormal {}", "imperfect {}", "blemished {}",
-    "{} with flaw", "{} with defect", "{} with damage",
+    "damaged {}",
+    "abnormal {}",
+    "imperfect {}",
+    "blemished {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
 )
 # "{art}" is the article agreeing with the domain phrase ("an industrial photo", "a surface picture").
 TEMPLATES = (
-    "a cropped {domain} of the {}", "a cropped {domain} of a {}",
-    "a close-up {domain} of a {}", "a close-up {domain} of the {}",
-    "a bright {domain} of a {}", "a bright {domain} of the {}",
-    "a dark {domain} of the {}", "a dark {domain} of a {}",
-    "a jpeg corrupted {domain} of a {}", "a jpeg corrupted {domain} of the {}",
-    "a blurry {domain} of the {}", "a blurry {domain} of a {}",
-    "{art} {domain} of a {}", "{art} {domain} of the {}",
-    "{art} {domain} of a small {}", "{art} {domain} of the small {}",
-    "{art} {domain} of a large {}", "{art} {domain} of the large {}",
-    "{art} {domain} of the {} for visual inspection", "{art} {domain} of a {} for visual inspection",
-    "{art} {domain} of the {} for anomaly detection", "{art} {domain} of a {} for anomaly detection",
+    "a cropped {domain} of the {}",
+    "a cropped {domain} of a {}",
+    "a close-up {domain} of a {}",
+    "a close-up {domain} of the {}",
+    "a bright {domain} of a {}",
+    "a bright {domain} of the {}",
+    "a dark {domain} of the {}",
+    "a dark {domain} of a {}",
+    "a jpeg corrupted {domain} of a {}",
+    "a jpeg corrupted {domain} of the {}",
+    "a blurry {domain} of the {}",
+    "a blurry {domain} of a {}",
+    "{art} {domain} of a {}",
+    "{art} {domain} of the {}",
+    "{art} {domain} of a small {}",
+    "{art} {domain} of the small {}",
+    "{art} {domain} of a large {}",
+    "{art} {domain} of the large {}",
+    "{art} {domain} of the {} for visual inspection",
+    "{art} {domain} of a {} for visual inspection",
+    "{art} {domain} of the {} for anomaly detection",
+    "{art} {domain} of a {} for anomaly detection",
 )
 OBJECT_DOMAINS = ("industrial photo", "industrial image", "manufacturing image")
 TEXTURE_DOMAINS = ("industrial photo", "textural photo", "surface picture")
@@ -51,11 +72,15 @@ class PromptSet(Prompts):
     abnormal_states: tuple[str, ...] = ABNORMAL_STATES
     templates: tuple[str, ...] = TEMPLATES
     domains: dict[str, tuple[str, ...]] = field(
-        default_factory=lambda: {categories.OBJECT: OBJECT_DOMAINS, categories.TEXTURE: TEXTURE_DOMAINS})
+        default_factory=lambda: {categories.OBJECT: OBJECT_DOMAINS, categories.TEXTURE: TEXTURE_DOMAINS}
+    )
 
     def __post_init__(self) -> None:
-        for name, placeholder_for in (("normal_states", "the object name"), ("abnormal_states", "the object name"),
-                                      ("templates", "the state")):
+        for name, placeholder_for in (
+            ("normal_states", "the object name"),
+            ("abnormal_states", "the object name"),
+            ("templates", "the state"),
+        ):
             object.__setattr__(self, name, check_texts("prompt set", name, getattr(self, name), placeholder_for))
         for domain, phrases in self.domains.items():
             if isinstance(phrases, str) or not phrases:
@@ -64,8 +89,10 @@ class PromptSet(Prompts):
 
     def domain_phrases(self, domain: str) -> tuple[str, ...]:
         if domain not in self.domains:
-            raise AnovlError(f"no prompt phrases for the domain {domain!r}; the prompt set has "
-                             f"{', '.join(sorted(self.domains))} (add it to the prompt set's domains)")
+            raise AnovlError(
+                f"no prompt phrases for the domain {domain!r}; the prompt set has "
+                f"{', '.join(sorted(self.domains))} (add it to the prompt set's domains)"
+            )
         return self.domains[domain]
 
     def _sentences(self, prompt_name: str, domain: str, states: tuple[str, ...]) -> list[str]:

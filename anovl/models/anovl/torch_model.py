@@ -106,8 +106,9 @@ class AnoVL(CLIPAnomalyModel):
         self.layers = tuple(layers)
         for layer in self.layers:
             if not -self.encoder.num_layers <= layer < self.encoder.num_layers:
-                raise AnovlError(f"layer {layer} out of range for {self.backbone_name} with "
-                                 f"{self.encoder.num_layers} blocks")
+                raise AnovlError(
+                    f"layer {layer} out of range for {self.backbone_name} with {self.encoder.num_layers} blocks"
+                )
         self.prompts = prompts or PromptSet()
         self.tta_config = tta
         self.tta = TestTimeAdaptation(tta) if tta is not None else None
@@ -131,22 +132,34 @@ class AnoVL(CLIPAnomalyModel):
             self.tta.reset()
 
     def settings(self) -> dict[str, Any]:
-        return json_data({
-            **self.backbone_settings(), "num_views": self.num_views,
-            "layers": list(self.layers), "prompts": self.prompts.to_dict(),
-            "tta": asdict(self.tta_config) if self.tta_config is not None else None,
-            "wide_images": self.wide_images,
-        })
+        return json_data(
+            {
+                **self.backbone_settings(),
+                "num_views": self.num_views,
+                "layers": list(self.layers),
+                "prompts": self.prompts.to_dict(),
+                "tta": asdict(self.tta_config) if self.tta_config is not None else None,
+                "wide_images": self.wide_images,
+            }
+        )
 
     def reference_settings(self) -> dict[str, Any]:
         backbone, pretrained, image_size = REFERENCE_BACKBONE
         # A TTA run is compared with the reference TTA of its own adapter, which the variant already names.
         tta = TTAConfig(adapter=self.tta_config.adapter) if self.tta_config is not None else None
-        return json_data({
-            "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "init_seed": None,
-            "num_views": NUM_REFERENCE_VIEWS, "layers": [-1], "prompts": PromptSet().to_dict(),
-            "tta": asdict(tta) if tta is not None else None, "wide_images": "visa-reference",
-        })
+        return json_data(
+            {
+                "backbone": backbone,
+                "pretrained": pretrained,
+                "image_size": image_size,
+                "init_seed": None,
+                "num_views": NUM_REFERENCE_VIEWS,
+                "layers": [-1],
+                "prompts": PromptSet().to_dict(),
+                "tta": asdict(tta) if tta is not None else None,
+                "wide_images": "visa-reference",
+            }
+        )
 
     def _stage(self, name: str) -> contextlib.AbstractContextManager:
         """Context around one stage of ``forward``; ``stage_timer`` (name → context manager) times them."""
@@ -156,15 +169,25 @@ class AnoVL(CLIPAnomalyModel):
         """The export hook of ``anovl export``: the training-free forward for ``classes`` ((category, prompt name),
         in class-index order) with their state embeddings baked in; ``num_views`` defaults to the model's."""
         if self.tta is not None:
-            raise AnovlError("test-time adaptation trains an adapter on every image and cannot be exported; export the "
-                             "training-free model (remove model.init_args.tta from the config)")
-        states = torch.stack([self.text_states(category, prompt_name).states.float().cpu()
-                              for category, prompt_name in classes])
-        return ExportableAnoVL(self.encoder, states, self.image_size,
-                               self.num_views if num_views is None else num_views, self.layers).eval()
+            raise AnovlError(
+                "test-time adaptation trains an adapter on every image and cannot be exported; export the "
+                "training-free model (remove model.init_args.tta from the config)"
+            )
+        states = torch.stack(
+            [self.text_states(category, prompt_name).states.float().cpu() for category, prompt_name in classes]
+        )
+        return ExportableAnoVL(
+            self.encoder, states, self.image_size, self.num_views if num_views is None else num_views, self.layers
+        ).eval()
 
-    def forward(self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None,
-                corrupted_image: torch.Tensor | None = None, seeds: Sequence[int] | None = None) -> AnoVLOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        categories: Sequence[str],
+        prompt_names: Sequence[str] | None = None,
+        corrupted_image: torch.Tensor | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> AnoVLOutput:
         """Anomaly maps and scores for CLIP-normalised ``images`` (B, 3, S, S) of the given categories, or
         (B, 3, S, W) images (W > S) cut into tiles as ``wide_images`` says.
 
@@ -181,8 +204,9 @@ class AnoVL(CLIPAnomalyModel):
     def _separate_tiles(self, images, categories, prompt_names, corrupted_image, seeds) -> AnoVLOutput:
         """Every tile as a square image of its own; maps stitched, scores averaged over the tiles."""
         batch, (height, width) = images.shape[0], images.shape[-2:]
-        tiles, count, per_tile = tile_batch(images, categories=categories, prompt_names=prompt_names,
-                                            corrupted_image=corrupted_image, seeds=seeds)
+        tiles, count, per_tile = tile_batch(
+            images, categories=categories, prompt_names=prompt_names, corrupted_image=corrupted_image, seeds=seeds
+        )
         output = self._run(tiles, **per_tile)
         anomaly_map, pred_score = untile(output.anomaly_map, output.pred_score, height, width)
         return AnoVLOutput(
@@ -203,8 +227,9 @@ class AnoVL(CLIPAnomalyModel):
         count = tiles.shape[0] // batch
         size = self.image_size
         with self._stage("text"):
-            embeddings = [self.text_states(category, name, images.device)
-                          for category, name in zip(categories, prompt_names)]
+            embeddings = [
+                self.text_states(category, name, images.device) for category, name in zip(categories, prompt_names)
+            ]
             states = torch.stack([e.states for e in embeddings])
         chunk_size = self.encoder_chunk_size or (None if images.is_cuda else CPU_ENCODER_CHUNK)
 
@@ -231,23 +256,42 @@ class AnoVL(CLIPAnomalyModel):
                 if self.tta.config.corruption == "image" and corrupted_image is not None:
                     corrupted_tiles = split_tiles(corrupted_image) if wide else corrupted_image
                     with torch.no_grad():
-                        corrupted = [tokens.reshape(batch, -1, tokens.shape[-1]) for tokens in self.encoder(
-                            corrupted_tiles, layers=self.layers, chunk_size=chunk_size).patch_tokens]
+                        corrupted = [
+                            tokens.reshape(batch, -1, tokens.shape[-1])
+                            for tokens in self.encoder(
+                                corrupted_tiles, layers=self.layers, chunk_size=chunk_size
+                            ).patch_tokens
+                        ]
                 tfa_map = maps
-                sentences = (embeddings[0].sentences.expand(batch, -1, -1)
-                             if all(e is embeddings[0] for e in embeddings)
-                             else torch.stack([e.sentences for e in embeddings]))  # (B, M, D), a view if it can
+                sentences = (
+                    embeddings[0].sentences.expand(batch, -1, -1)
+                    if all(e is embeddings[0] for e in embeddings)
+                    else torch.stack([e.sentences for e in embeddings])
+                )  # (B, M, D), a view if it can
                 seeds = list(seeds) if seeds is not None else image_seeds(images, self.tta.config.seed)
-                pixel_logits = (functools.partial(stitched_pixel_logits, image_size=size, height=height, width=width)
-                                if wide else None)
+                pixel_logits = (
+                    functools.partial(stitched_pixel_logits, image_size=size, height=height, width=width)
+                    if wide
+                    else None
+                )
                 adapted = [
-                    self.tta(tokens, states, sentences, seeds, categories,
-                             None if corrupted is None else corrupted[index], pixel_logits)
+                    self.tta(
+                        tokens,
+                        states,
+                        sentences,
+                        seeds,
+                        categories,
+                        None if corrupted is None else corrupted[index],
+                        pixel_logits,
+                    )
                     for index, tokens in enumerate(patch_tokens)
                 ]
-                maps = stitched(layer_mean_map([t.reshape(batch * count, -1, t.shape[-1]) for t in adapted],
-                                               tile_states.float(), size))
-        global_tokens = encoded.global_tokens[:batch * count]  # of the identity views
+                maps = stitched(
+                    layer_mean_map(
+                        [t.reshape(batch * count, -1, t.shape[-1]) for t in adapted], tile_states.float(), size
+                    )
+                )
+        global_tokens = encoded.global_tokens[: batch * count]  # of the identity views
         return AnoVLOutput(
             anomaly_map=maps,
             pred_score=scores,

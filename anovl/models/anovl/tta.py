@@ -76,10 +76,14 @@ class TTAConfig:
             (self.noise_std >= 0, f"tta.noise_std must be >= 0, got {self.noise_std}"),
             (self.mode in MODES, f"tta.mode must be one of {MODES}, got {self.mode!r}"),
             (self.corruption in CORRUPTIONS, f"tta.corruption must be one of {CORRUPTIONS}, got {self.corruption!r}"),
-            (self.pseudo_labels in PSEUDO_LABELS,
-             f"tta.pseudo_labels must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}"),
-            (0 <= self.normal_quantile <= self.abnormal_quantile <= 1,
-             "tta quantiles need 0 <= normal_quantile <= abnormal_quantile <= 1"),
+            (
+                self.pseudo_labels in PSEUDO_LABELS,
+                f"tta.pseudo_labels must be one of {PSEUDO_LABELS}, got {self.pseudo_labels!r}",
+            ),
+            (
+                0 <= self.normal_quantile <= self.abnormal_quantile <= 1,
+                "tta quantiles need 0 <= normal_quantile <= abnormal_quantile <= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,8 +104,13 @@ def state_log_probs(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     return state_logits(tokens, states).log_softmax(-1)
 
 
-def tta_loss(clean: torch.Tensor, corrupted: torch.Tensor, labels: torch.Tensor,
-             entropy_weight: float, pseudo_label_weight: float) -> torch.Tensor:
+def tta_loss(
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    labels: torch.Tensor,
+    entropy_weight: float,
+    pseudo_label_weight: float,
+) -> torch.Tensor:
     """Per-image loss (B,) from clean / corrupted log-probabilities (B, N, 2).
 
     entropy_weight · mean H(p^c) + pseudo_label_weight · (mean over labelled clean tokens of
@@ -116,8 +125,9 @@ def tta_loss(clean: torch.Tensor, corrupted: torch.Tensor, labels: torch.Tensor,
     return entropy_weight * entropy + pseudo_label_weight * (clean_term + corrupted_term)
 
 
-def pseudo_labels(tokens: torch.Tensor, states: torch.Tensor, config: TTAConfig,
-                  pixel_logits: PixelLogits | None = None) -> torch.Tensor:
+def pseudo_labels(
+    tokens: torch.Tensor, states: torch.Tensor, config: TTAConfig, pixel_logits: PixelLogits | None = None
+) -> torch.Tensor:
     """Labels (B, N) for the clean tokens, or (B, P) for the pixels ``pixel_logits`` maps the tokens' logits to:
     0 normal, 1 abnormal, -1 unlabelled."""
     logits = state_logits(tokens, states)
@@ -146,18 +156,26 @@ class TestTimeAdaptation:
         """Forget the carried-over reference-mode optimiser state (e.g. at the start of a run)."""
         self._carried = None
 
-    def __call__(self, tokens: torch.Tensor, states: torch.Tensor, sentences: torch.Tensor,
-                 seeds: Sequence[int], categories: Sequence[str],
-                 corrupted_tokens: torch.Tensor | None = None, pixel_logits: PixelLogits | None = None
-                 ) -> torch.Tensor:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        states: torch.Tensor,
+        sentences: torch.Tensor,
+        seeds: Sequence[int],
+        categories: Sequence[str],
+        corrupted_tokens: torch.Tensor | None = None,
+        pixel_logits: PixelLogits | None = None,
+    ) -> torch.Tensor:
         """Adapted tokens (B, N, D) from clean tokens (B, N, D), states (B, 2, D), sentences (B, M, D).
 
         With ``pixel_logits`` (per-token logits → per-pixel logits of the same images) the loss is the mean
         over those pixels, softmax taken per pixel; else over the tokens.
         """
         if self.config.corruption == "image" and corrupted_tokens is None:
-            raise AnovlError("tta.corruption is 'image' but the data gives no corrupted images; "
-                             "turn on the datamodule's corruption or use tta.corruption: token")
+            raise AnovlError(
+                "tta.corruption is 'image' but the data gives no corrupted images; "
+                "turn on the datamodule's corruption or use tta.corruption: token"
+            )
         # Lightning runs test steps under inference mode; adaptation needs autograd on fresh tensors.
         with torch.inference_mode(False), torch.enable_grad():
             tokens = tokens.detach().clone().float()
@@ -166,14 +184,18 @@ class TestTimeAdaptation:
                 corrupted_tokens = corrupted_tokens.detach().clone().float()
             if self.config.mode == "reference":
                 results = [
-                    self._adapt_reference(tokens[i:i + 1], states[i:i + 1], sentences[i:i + 1], categories[i],
-                                          None if corrupted_tokens is None else corrupted_tokens[i:i + 1],
-                                          pixel_logits)
+                    self._adapt_reference(
+                        tokens[i : i + 1],
+                        states[i : i + 1],
+                        sentences[i : i + 1],
+                        categories[i],
+                        None if corrupted_tokens is None else corrupted_tokens[i : i + 1],
+                        pixel_logits,
+                    )
                     for i in range(tokens.shape[0])
                 ]
             else:
-                results = [self._adapt_independent(tokens, states, sentences, seeds, corrupted_tokens,
-                                                   pixel_logits)]
+                results = [self._adapt_independent(tokens, states, sentences, seeds, corrupted_tokens, pixel_logits)]
         self.last_losses = torch.cat([losses for _, losses in results], dim=1)
         return torch.cat([adapted for adapted, _ in results])
 
@@ -182,32 +204,33 @@ class TestTimeAdaptation:
         Reference mode keeps PyTorch's default implementation, the authors' optimiser to the last bit."""
         parameters = list(adapter.parameters())
         fused = self.config.mode == "independent" and parameters[0].device.type == "cuda"
-        return torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay,
-                                 fused=fused or None)
+        return torch.optim.AdamW(
+            parameters, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused or None
+        )
 
     def _adapt_independent(self, tokens, states, sentences, seeds, corrupted_tokens, pixel_logits):
         generators = [torch.Generator(device=tokens.device).manual_seed(int(seed)) for seed in seeds]
-        adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, generators,
-                                 **self.config.adapter_args)
+        adapter = create_adapter(
+            self.config.adapter, tokens.shape[-1], sentences, generators, **self.config.adapter_args
+        )
 
         def noise() -> torch.Tensor:
-            return torch.stack([
-                torch.randn(tokens.shape[1:], generator=generator, device=tokens.device) for generator in generators
-            ])
+            return torch.stack(
+                [torch.randn(tokens.shape[1:], generator=generator, device=tokens.device) for generator in generators]
+            )
 
-        return self._train(adapter, self._optimizer(adapter), tokens, states, corrupted_tokens, noise,
-                           pixel_logits)
+        return self._train(adapter, self._optimizer(adapter), tokens, states, corrupted_tokens, noise, pixel_logits)
 
     def _adapt_reference(self, tokens, states, sentences, category, corrupted_tokens, pixel_logits):
         if self._carried is None or self._carried[0] != category:
-            adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, None,
-                                     **self.config.adapter_args)
+            adapter = create_adapter(self.config.adapter, tokens.shape[-1], sentences, None, **self.config.adapter_args)
             self._carried = (category, adapter, self._optimizer(adapter))
         else:
             adapter = self._carried[1]
             adapter.reset_parameters()
-        return self._train(adapter, self._carried[2], tokens, states, corrupted_tokens,
-                           lambda: torch.randn_like(tokens), pixel_logits)
+        return self._train(
+            adapter, self._carried[2], tokens, states, corrupted_tokens, lambda: torch.randn_like(tokens), pixel_logits
+        )
 
     def _train(self, adapter, optimizer, tokens, states, corrupted_tokens, noise, pixel_logits):
         """Adapt for ``config.steps`` steps; returns adapted tokens (B, N, D) and losses (steps, B)."""
@@ -222,8 +245,9 @@ class TestTimeAdaptation:
             if pixel_logits is not None:
                 clean, noisy = pixel_logits(clean), pixel_logits(noisy)
             # Summed over images so that each image's gradient is its own loss's gradient.
-            losses = tta_loss(clean.log_softmax(-1), noisy.log_softmax(-1), labels,
-                              config.entropy_weight, config.pseudo_label_weight)
+            losses = tta_loss(
+                clean.log_softmax(-1), noisy.log_softmax(-1), labels, config.entropy_weight, config.pseudo_label_weight
+            )
             history.append(losses.detach())
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()

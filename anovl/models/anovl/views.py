@@ -7,10 +7,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-ROTATIONS = (-math.pi / 4, -3 * math.pi / 16, -math.pi / 8, -math.pi / 16,
-             math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4)
-TRANSLATIONS = tuple((sign_a * step, sign_b * step) for step in (0.2, 0.1)
-                     for sign_a in (1, -1) for sign_b in (1, -1))
+ROTATIONS = (
+    -math.pi / 4,
+    -3 * math.pi / 16,
+    -math.pi / 8,
+    -math.pi / 16,
+    math.pi / 16,
+    math.pi / 8,
+    3 * math.pi / 16,
+    math.pi / 4,
+)
+TRANSLATIONS = tuple((sign_a * step, sign_b * step) for step in (0.2, 0.1) for sign_a in (1, -1) for sign_b in (1, -1))
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 NUM_REFERENCE_VIEWS = 22
 

@@ -39,8 +39,13 @@ from anovl.models.registry import register_method
 LOGIT_SCALE = 100.0  # the authors' fixed scale of cosine similarities (not the CLIP's logit_scale)
 # The authors' published zero-shot setting (train.sh / test_zero_shot.sh).
 REFERENCE_SETTINGS = {
-    "backbone": "ViT-L-14-336", "pretrained": "openai", "image_size": 518, "init_seed": None,
-    "layers": [6, 12, 18, 24], "few_shot": None, "prompts": AprilGANPrompts().to_dict(),
+    "backbone": "ViT-L-14-336",
+    "pretrained": "openai",
+    "image_size": 518,
+    "init_seed": None,
+    "layers": [6, 12, 18, 24],
+    "few_shot": None,
+    "prompts": AprilGANPrompts().to_dict(),
 }
 
 
@@ -55,10 +60,15 @@ class AprilGANOutput(ModelOutput):
 
 def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> tuple[int, ...]:
     layers = tuple(layers)
-    if not layers or any(not isinstance(layer, int) or not 1 <= layer <= num_layers for layer in layers) \
-            or len(set(layers)) != len(layers):
-        raise AnovlError(f"{what} must be distinct block numbers from 1 to {num_layers} (the tower's depth), "
-                         f"counted from 1 as the authors do (e.g. 6, 12, 18, 24 for ViT-L), got {list(layers)}")
+    if (
+        not layers
+        or any(not isinstance(layer, int) or not 1 <= layer <= num_layers for layer in layers)
+        or len(set(layers)) != len(layers)
+    ):
+        raise AnovlError(
+            f"{what} must be distinct block numbers from 1 to {num_layers} (the tower's depth), "
+            f"counted from 1 as the authors do (e.g. 6, 12, 18, 24 for ViT-L), got {list(layers)}"
+        )
     return layers
 
 
@@ -106,15 +116,21 @@ class AprilGAN(CLIPAnomalyModel):
         super().__init__(backbone, pretrained, image_size, init_seed, tokenizer, cache_dir, use_text_cache)
         depth = self.encoder.num_layers
         self.layers = _check_layers(layers, depth, "layers")
-        self.few_shot_layers = _check_layers(few_shot_layers if few_shot_layers is not None else self.layers, depth,
-                                             "few_shot_layers")
-        if not (isinstance(lr, (int, float)) and lr > 0) or len(tuple(betas)) != 2 \
-                or not all(0 <= beta < 1 for beta in betas):
+        self.few_shot_layers = _check_layers(
+            few_shot_layers if few_shot_layers is not None else self.layers, depth, "few_shot_layers"
+        )
+        if (
+            not (isinstance(lr, (int, float)) and lr > 0)
+            or len(tuple(betas)) != 2
+            or not all(0 <= beta < 1 for beta in betas)
+        ):
             raise AnovlError(f"lr must be positive and betas two numbers in [0, 1), got lr={lr!r}, betas={betas!r}")
         self.lr, self.betas = float(lr), tuple(float(beta) for beta in betas)
         if few_shot_images is not None and "{category}" not in str(few_shot_images):
-            raise AnovlError(f"few_shot_images must contain '{{category}}' (e.g. data/mvtec/{{category}}/train/good), "
-                             f"got {few_shot_images!r}")
+            raise AnovlError(
+                f"few_shot_images must contain '{{category}}' (e.g. data/mvtec/{{category}}/train/good), "
+                f"got {few_shot_images!r}"
+            )
         if not (isinstance(k_shot, int) and k_shot >= 1):
             raise AnovlError(f"k_shot must be a positive number of normal images, got {k_shot!r}")
         self.few_shot_images, self.k_shot, self.few_shot_seed = few_shot_images, k_shot, few_shot_seed
@@ -142,11 +158,19 @@ class AprilGAN(CLIPAnomalyModel):
         self._memory.clear()
 
     def settings(self) -> dict[str, Any]:
-        shots = sorted({len(bank[0]) // self.grid_size ** 2 for bank in self._memory.values()})
-        few_shot = {"layers": list(self.few_shot_layers), "shots": shots[0] if len(shots) == 1 else shots} \
-            if self._memory else None
-        return {**self.backbone_settings(), "layers": list(self.layers), "few_shot": few_shot,
-                "prompts": self.prompts.to_dict(), "heads": self.heads_fingerprint()}
+        shots = sorted({len(bank[0]) // self.grid_size**2 for bank in self._memory.values()})
+        few_shot = (
+            {"layers": list(self.few_shot_layers), "shots": shots[0] if len(shots) == 1 else shots}
+            if self._memory
+            else None
+        )
+        return {
+            **self.backbone_settings(),
+            "layers": list(self.layers),
+            "few_shot": few_shot,
+            "prompts": self.prompts.to_dict(),
+            "heads": self.heads_fingerprint(),
+        }
 
     def reference_settings(self) -> dict[str, Any]:
         # The heads' weights are named by their fingerprint in results.json (so --resume compares them) but
@@ -182,20 +206,28 @@ class AprilGAN(CLIPAnomalyModel):
     def configure_optimizer(self, parameters) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
 
-    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, categories: Sequence[str],
-                        prompt_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        categories: Sequence[str],
+        prompt_names: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Focal and Dice loss, each summed over the blocks, of one batch of labelled images."""
         images, prompt_names = self.check_inputs(images, categories, prompt_names)
         if masks.shape != (images.shape[0], *images.shape[-2:]):
-            raise AnovlError(f"masks must be B×S×S like the images, got {tuple(masks.shape)} for "
-                             f"{tuple(images.shape)} images")
+            raise AnovlError(
+                f"masks must be B×S×S like the images, got {tuple(masks.shape)} for {tuple(images.shape)} images"
+            )
         with torch.no_grad():
             _, tokens = self.encode(images, self.layers)
         states = self.states(categories, prompt_names, images.device)
         target = (masks > 0.5).to(images.dtype)
         probabilities = self.layer_probabilities(tokens, states)
-        return {"focal": sum(focal_loss(p, target) for p in probabilities),
-                "dice": sum(binary_dice_loss(p[:, 1], target) for p in probabilities)}
+        return {
+            "focal": sum(focal_loss(p, target) for p in probabilities),
+            "dice": sum(binary_dice_loss(p[:, 1], target) for p in probabilities),
+        }
 
     # ----------------------------------------------------------------- few-shot
 
@@ -210,17 +242,16 @@ class AprilGAN(CLIPAnomalyModel):
         if self.few_shot_images is None or category in self._memory:
             return
         folder = Path(str(self.few_shot_images).replace("{category}", category)).expanduser()
-        files = sorted(path for path in folder.glob("*") if is_image_file(path)) \
-            if folder.is_dir() else []
+        files = sorted(path for path in folder.glob("*") if is_image_file(path)) if folder.is_dir() else []
         if not files:
-            raise AnovlError(f"few-shot APRIL-GAN found no normal images of {category!r} in {folder} "
-                             "(few_shot_images)")
+            raise AnovlError(f"few-shot APRIL-GAN found no normal images of {category!r} in {folder} (few_shot_images)")
         # k draws among the files (with replacement, as the authors draw), from the seed and the category alone.
         generator = torch.Generator().manual_seed(self.few_shot_seed * 1_000_003 + sum(map(ord, category)))
         chosen = [files[int(index)] for index in torch.randint(len(files), (self.k_shot,), generator=generator)]
         size = (self.image_size, self.image_size)
-        self.remember(category, torch.stack([normalize(resize_image(load_rgb(path), size)) for path in chosen])
-                      .to(self.device))
+        self.remember(
+            category, torch.stack([normalize(resize_image(load_rgb(path), size)) for path in chosen]).to(self.device)
+        )
 
     def forget(self) -> None:
         """Back to zero-shot: drop every category's memory bank."""
@@ -271,22 +302,26 @@ class AprilGAN(CLIPAnomalyModel):
         maps = []
         for index, category in enumerate(categories):
             bank = self._memory[category]
-            distances = [1 - (F.normalize(layer[index], dim=-1) @ memory.T).amax(dim=1)
-                         for layer, memory in zip(tokens, bank)]
+            distances = [
+                1 - (F.normalize(layer[index], dim=-1) @ memory.T).amax(dim=1) for layer, memory in zip(tokens, bank)
+            ]
             maps.append(sum(self._upsample(distance.view(1, -1, 1))[0, 0] for distance in distances))
         return torch.stack(maps)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, categories: Sequence[str],
-                prompt_names: Sequence[str] | None = None) -> AprilGANOutput:
+    def forward(
+        self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None
+    ) -> AprilGANOutput:
         """Anomaly maps (B, S, S) and image scores (B,) of CLIP-normalised ``images`` (B, 3, S, S)."""
         images, prompt_names = self.check_inputs(images, categories, prompt_names)
         few_shot = bool(self._memory)
         if few_shot:
             missing = sorted(set(categories) - set(self._memory))
             if missing:
-                raise AnovlError(f"few-shot APRIL-GAN has no normal images of {', '.join(missing)}; give each "
-                                 "category's with remember(category, images), or forget() all for zero-shot")
+                raise AnovlError(
+                    f"few-shot APRIL-GAN has no normal images of {', '.join(missing)}; give each "
+                    "category's with remember(category, images), or forget() all for zero-shot"
+                )
         wanted = list(dict.fromkeys([*self.layers, *(self.few_shot_layers if few_shot else ())]))
         image_embeddings, tokens = self.encode(images, wanted)
         by_layer = dict(zip(wanted, tokens))
@@ -295,12 +330,18 @@ class AprilGAN(CLIPAnomalyModel):
         anomaly_map = sum(p[:, 1] for p in probabilities)
         similarity = torch.einsum("bd,bkd->bk", F.normalize(image_embeddings, dim=-1), states)
         pred_score = (LOGIT_SCALE * similarity).softmax(dim=-1)[:, 1]
-        few_shot_map = self.few_shot_map([by_layer[layer] for layer in self.few_shot_layers],
-                                         categories) if few_shot else None
+        few_shot_map = (
+            self.few_shot_map([by_layer[layer] for layer in self.few_shot_layers], categories) if few_shot else None
+        )
         if few_shot_map is not None:
             anomaly_map = anomaly_map + few_shot_map
-        return AprilGANOutput(anomaly_map=anomaly_map, pred_score=pred_score, layer_probabilities=probabilities,
-                              few_shot_map=few_shot_map, text_states=states)
+        return AprilGANOutput(
+            anomaly_map=anomaly_map,
+            pred_score=pred_score,
+            layer_probabilities=probabilities,
+            few_shot_map=few_shot_map,
+            text_states=states,
+        )
 
 
 def few_shot_image_scores(zero_shot_scores: torch.Tensor, map_maxima: torch.Tensor) -> torch.Tensor:

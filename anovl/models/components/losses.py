@@ -11,8 +11,9 @@ import torch
 from anovl.errors import AnovlError
 
 
-def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
-               smooth: float = 1e-5) -> torch.Tensor:
+def focal_loss(
+    probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
+) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) of class probabilities, averaged over every pixel of the batch.
 
     Args:
@@ -27,8 +28,10 @@ def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float =
     """
     classes = probabilities.shape[1] if probabilities.ndim > 1 else 0
     if classes < 2 or target.shape != probabilities.shape[:1] + probabilities.shape[2:]:
-        raise AnovlError(f"focal_loss takes B×C×... probabilities (C ≥ 2) and B×... targets, got "
-                         f"{tuple(probabilities.shape)} and {tuple(target.shape)}")
+        raise AnovlError(
+            f"focal_loss takes B×C×... probabilities (C ≥ 2) and B×... targets, got "
+            f"{tuple(probabilities.shape)} and {tuple(target.shape)}"
+        )
     if not 0 <= smooth <= 1:
         raise AnovlError(f"focal_loss: smooth must lie in [0, 1], got {smooth}")
     # Classes last, one row per pixel.
@@ -47,8 +50,10 @@ def binary_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: fl
     keeps a normal image (empty mask) finite and rewards an all-low map for it.
     """
     if probability.shape != target.shape or probability.ndim < 1:
-        raise AnovlError(f"binary_dice_loss takes a map and a mask of the same shape (B×...), got "
-                         f"{tuple(probability.shape)} and {tuple(target.shape)}")
+        raise AnovlError(
+            f"binary_dice_loss takes a map and a mask of the same shape (B×...), got "
+            f"{tuple(probability.shape)} and {tuple(target.shape)}"
+        )
     flat, mask = probability.reshape(len(probability), -1), target.reshape(len(target), -1).to(probability.dtype)
     dice = (2 * (flat * mask).sum(1) + smooth) / (flat.sum(1) + mask.sum(1) + smooth)
     return 1 - dice.mean()

@@ -61,8 +61,11 @@ class EnsemblePrompts(Prompts):
     templates: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        for name, placeholder_for in (("normal_states", "the object name"), ("anomalous_states", "the object name"),
-                                      ("templates", "the state")):
+        for name, placeholder_for in (
+            ("normal_states", "the object name"),
+            ("anomalous_states", "the object name"),
+            ("templates", "the state"),
+        ):
             object.__setattr__(self, name, check_texts(type(self).__name__, name, getattr(self, name), placeholder_for))
 
     def _sentences(self, prompt_name: str, states: tuple[str, ...]) -> list[str]:

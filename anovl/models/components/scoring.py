@@ -57,8 +57,9 @@ def layer_mean_map(patch_tokens: Sequence[torch.Tensor], states: torch.Tensor, i
     return torch.stack([anomaly_map(tokens, states, image_size) for tokens in patch_tokens]).mean(0)
 
 
-def maps_and_scores(patch_tokens: Sequence[torch.Tensor], global_tokens: torch.Tensor, states: torch.Tensor,
-                    image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def maps_and_scores(
+    patch_tokens: Sequence[torch.Tensor], global_tokens: torch.Tensor, states: torch.Tensor, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """AnoVL's training-free map-and-score step (METHOD §4-5), shared by its forward and its export:
     the layer-mean map (B, S, S) and the score over views (B,)."""
     return layer_mean_map(patch_tokens, states, image_size), image_score(global_tokens, states)
@@ -71,8 +72,7 @@ def stitched_pixel_logits(logits: torch.Tensor, image_size: int, height: int, wi
     batch, _, classes = logits.shape
     tiles = batch * len(tile_offsets(max(height, width), image_size))
     per_tile = logits.reshape(tiles, -1, classes).transpose(1, 2).reshape(tiles * classes, -1)
-    upsampled = F.interpolate(token_grid(per_tile), size=(image_size, image_size), mode="bilinear",
-                              align_corners=True)
+    upsampled = F.interpolate(token_grid(per_tile), size=(image_size, image_size), mode="bilinear", align_corners=True)
     # Class-major, so that each class's n tiles of an image stay consecutive for stitch_tiles.
     class_major = upsampled.reshape(tiles, classes, image_size, image_size).transpose(0, 1)
     stitched = stitch_tiles(class_major.reshape(classes * tiles, image_size, image_size), height, width)

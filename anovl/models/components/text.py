@@ -22,8 +22,9 @@ class TextStates:
         self._prompts: Prompts | None = None
         self._sentences: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
-    def __call__(self, prompts: Prompts, category: str, prompt_name: str | None = None,
-                 device: torch.device | str = "cpu") -> TextEmbeddings:
+    def __call__(
+        self, prompts: Prompts, category: str, prompt_name: str | None = None, device: torch.device | str = "cpu"
+    ) -> TextEmbeddings:
         """The embeddings of ``prompts``' sentences naming ``prompt_name`` (default: :mod:`anovl.categories`' name
         for the category) in the category's domain, on ``device``."""
         if prompts is not self._prompts:  # another prompt set (a method's prompts replaced): other sentences

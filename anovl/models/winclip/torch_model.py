@@ -27,8 +27,13 @@ from anovl.models.winclip.windows import check_scales, harmonic_aggregation, har
 
 # anomalib 2.7.0's WinClipModel: BACKBONE, PRETRAINED, the backbone's native size, scales and TEMPERATURE.
 REFERENCE_SETTINGS = {
-    "backbone": "ViT-B-16-plus-240", "pretrained": "laion400m_e31", "image_size": 240, "init_seed": None,
-    "scales": [2, 3], "temperature": 0.07, "prompts": WinCLIPPrompts().to_dict(),
+    "backbone": "ViT-B-16-plus-240",
+    "pretrained": "laion400m_e31",
+    "image_size": 240,
+    "init_seed": None,
+    "scales": [2, 3],
+    "temperature": 0.07,
+    "prompts": WinCLIPPrompts().to_dict(),
 }
 
 
@@ -80,8 +85,10 @@ class WinCLIP(CLIPAnomalyModel):
 
     def settings(self) -> dict[str, Any]:
         return {
-            **self.backbone_settings(), "scales": list(self.scales),
-            "temperature": self.temperature, "prompts": self.prompts.to_dict(),
+            **self.backbone_settings(),
+            "scales": list(self.scales),
+            "temperature": self.temperature,
+            "prompts": self.prompts.to_dict(),
         }
 
     def reference_settings(self) -> dict[str, Any]:
@@ -114,8 +121,9 @@ class WinCLIP(CLIPAnomalyModel):
         return (similarity / self.temperature).softmax(dim=-1)[..., 1]
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, categories: Sequence[str],
-                prompt_names: Sequence[str] | None = None) -> WinCLIPOutput:
+    def forward(
+        self, images: torch.Tensor, categories: Sequence[str], prompt_names: Sequence[str] | None = None
+    ) -> WinCLIPOutput:
         """Anomaly maps (B, S, S) and image scores (B,) of CLIP-normalised ``images`` (B, 3, S, S).
 
         ``prompt_names`` (default: :mod:`anovl.categories`' names for the categories) go into the prompts.
@@ -123,8 +131,9 @@ class WinCLIP(CLIPAnomalyModel):
         images, prompt_names = self.check_inputs(images, categories, prompt_names)
         image_embeddings, window_embeddings = self.encode(images)
         # anomalib's states: the normalised means of the unnormalised sentence embeddings, as text_states gives.
-        states = torch.stack([self.text_states(category, name, images.device).states
-                              for category, name in zip(categories, prompt_names)])
+        states = torch.stack(
+            [self.text_states(category, name, images.device).states for category, name in zip(categories, prompt_names)]
+        )
         states = states.to(image_embeddings.dtype)
         image_scores = self.anomalous_probability(image_embeddings, states)
         scale_maps = [
@@ -135,6 +144,10 @@ class WinCLIP(CLIPAnomalyModel):
         grid_map = harmonic_mean([whole_image, *scale_maps])
         anomaly_map = F.interpolate(grid_map.unsqueeze(1), size=images.shape[-2:], mode="bilinear").squeeze(1)
         return WinCLIPOutput(
-            anomaly_map=anomaly_map, pred_score=image_scores, image_embeddings=image_embeddings,
-            window_embeddings=window_embeddings, scale_maps=scale_maps, text_states=states,
+            anomaly_map=anomaly_map,
+            pred_score=image_scores,
+            image_embeddings=image_embeddings,
+            window_embeddings=window_embeddings,
+            scale_maps=scale_maps,
+            text_states=states,
         )

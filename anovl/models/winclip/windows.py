@@ -11,16 +11,19 @@ from anovl.errors import AnovlError
 
 def check_scales(scales: Sequence[int], grid_size: int) -> tuple[int, ...]:
     """The window sizes (in patches) as a tuple; each must fit the ``grid_size``×``grid_size`` patch grid."""
-    if isinstance(scales, (str, int)) or not all(isinstance(scale, int) and not isinstance(scale, bool)
-                                                 for scale in scales):
+    if isinstance(scales, (str, int)) or not all(
+        isinstance(scale, int) and not isinstance(scale, bool) for scale in scales
+    ):
         raise AnovlError(f"scales must be a list of window sizes in patches, e.g. [2, 3], got {scales!r}")
     scales = tuple(scales)
     if len(set(scales)) != len(scales):
         raise AnovlError(f"scales must not repeat a window size, got {list(scales)}")
     for scale in scales:
         if not 1 <= scale <= grid_size:
-            raise AnovlError(f"window scale {scale} does not fit the {grid_size}×{grid_size} patch grid; "
-                             f"use sizes from 1 to {grid_size} (WinCLIP's reference: [2, 3])")
+            raise AnovlError(
+                f"window scale {scale} does not fit the {grid_size}×{grid_size} patch grid; "
+                f"use sizes from 1 to {grid_size} (WinCLIP's reference: [2, 3])"
+            )
     return scales
 
 
