@@ -23,7 +23,14 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from anovl.data import FolderDataModule, load_rgb
+from anovl.data import (
+    FolderDataModule,
+    MVTecDataModule,
+    VisADataModule,
+    generate_mvtec_like,
+    generate_visa_like,
+    load_rgb,
+)
 from anovl.data.image_io import BadImageError
 from anovl.deploy.sidecar import Sidecar
 from anovl.errors import AnovlError
@@ -664,3 +671,22 @@ def test_every_skipped_file_is_named_in_a_warning(tmp_path, name):
         samples = FolderDataModule(tmp_path).samples
     assert [sample.image_path.name for sample in samples] == ["kept.png"]
     assert any(name in str(warning.message) and "skipped" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.parametrize(
+    "generate, size, datamodule, folder",
+    [
+        (generate_mvtec_like, 32, MVTecDataModule, "widget/test/scratch"),
+        (generate_visa_like, (32, 32), VisADataModule, "widget/Data/Images/Anomaly"),
+    ],
+)
+def test_every_layout_names_every_skipped_file(tmp_path, generate, size, datamodule, folder):
+    root = generate(tmp_path, ["widget"], n_good=1, n_defect=1, n_train=0, image_size=size)
+    (tmp_path / folder / "anim.gif").write_bytes(b"GIF89a")
+    (tmp_path / folder / "notes.txt").write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = datamodule(root).samples
+    assert not any(sample.image_path.suffix in (".gif", ".txt") for sample in samples) and samples
+    named = [str(warning.message) for warning in caught if "skipped" in str(warning.message)]
+    assert len(named) == 1 and "anim.gif" in named[0] and "notes.txt" in named[0], named

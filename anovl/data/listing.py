@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from anovl.data.dataset import Sample
@@ -41,14 +41,17 @@ def warn_unused_images(paths: Sequence[Path], layout: str) -> None:
         )
 
 
-def warn_skipped_files(folder: Path) -> None:
-    """The visible files below ``folder`` that are not supported images (a .gif, a .webp, notes) are named,
-    every one, in a warning: the data is never dropped silently."""
+def warn_skipped_files(folder: Path, recursive: bool = True, listed: Collection[Path] = ()) -> None:
+    """The visible files in ``folder`` (and below it, if ``recursive``) that are not supported images (a .gif, a
+    .webp, notes) are named, every one, in a warning: no layout drops data silently. ``listed`` files (a split
+    file names them) are used whatever their extension, so they are not named."""
     skipped = []
     for directory, folders, files in os.walk(folder):  # links to folders are not followed
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [name for name in folders if not name.startswith(".")] if recursive else []
         skipped += [
-            Path(directory, name) for name in files if not name.startswith(".") and not has_image_extension(Path(name))
+            Path(directory, name)
+            for name in files
+            if not name.startswith(".") and not has_image_extension(Path(name)) and Path(directory, name) not in listed
         ]
     skipped.sort()
     if skipped:

@@ -8,7 +8,14 @@ from typing import Any
 from anovl.data.datamodule import AnomalyDataModule
 from anovl.data.dataset import Sample
 from anovl.data.image_io import has_image_extension
-from anovl.data.listing import category_selection, find_mask, index_by_stem, require_dir, warn_unused_images
+from anovl.data.listing import (
+    category_selection,
+    find_mask,
+    index_by_stem,
+    require_dir,
+    warn_skipped_files,
+    warn_unused_images,
+)
 from anovl.data.paths import walk_files
 from anovl.errors import AnovlError
 
@@ -28,7 +35,8 @@ class MVTecDataModule(AnomalyDataModule):
     ``.../<name>.<ext>``. Normal images get all-zero masks. An anomalous image without a mask is an error, or
     with ``on_bad_image='skip'`` a warning and the image kept for image metrics only (``has_mask`` False).
     Images elsewhere below ``test/`` (directly in it, or in deeper folders) are named in an
-    :class:`~anovl.data.listing.UnusedFilesWarning`. Symlinks: see :mod:`anovl.data.paths`.
+    :class:`~anovl.data.listing.UnusedFilesWarning`, and so are files below it that are not supported images
+    (a .gif, notes). Symlinks: see :mod:`anovl.data.paths`.
 
     Args:
         root: dataset root.
@@ -79,6 +87,7 @@ class MVTecDataModule(AnomalyDataModule):
             [path for path in found if path.parent.parent != test_dir],
             f"images in {test_dir}/<good|defect>/, one folder deep",
         )
+        warn_skipped_files(test_dir)
         if not images:
             raise AnovlError(
                 f"No test images in {test_dir}; expected {test_dir}/good/*.png and {test_dir}/<defect>/*.png"

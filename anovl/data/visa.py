@@ -9,7 +9,7 @@ from typing import Any
 
 from anovl.data.datamodule import AnomalyDataModule
 from anovl.data.dataset import ResizeMode, Sample
-from anovl.data.listing import category_selection, require_dir
+from anovl.data.listing import category_selection, require_dir, warn_skipped_files
 from anovl.data.paths import relative_entry
 from anovl.errors import AnovlError
 
@@ -35,7 +35,8 @@ class VisADataModule(AnomalyDataModule):
 
     The split file must be UTF-8 (a BOM is fine). Its paths must stay inside the root (no absolute paths, no
     ``..``, no symlink leading out) unless ``allow_outside_root=True``. A row repeated verbatim is dropped with a
-    warning naming the lines; two different rows for one image are an error.
+    warning naming the lines; two different rows for one image are an error. Files beside the listed images that
+    are not supported images (a .gif, notes) are named in an :class:`~anovl.data.listing.UnusedFilesWarning`.
 
     Args:
         root: dataset root (holding ``split_csv/``).
@@ -73,7 +74,11 @@ class VisADataModule(AnomalyDataModule):
         if missing:
             raise AnovlError(f"Categories {missing} have no test rows in {split_file}; found: {', '.join(found)}")
         selected = set(self.requested_categories or found)
-        return [self._sample(root, split_file, line, row) for line, row in test_rows if row["object"] in selected]
+        samples = [self._sample(root, split_file, line, row) for line, row in test_rows if row["object"] in selected]
+        listed = {sample.image_path for sample in samples}
+        for folder in sorted({path.parent for path in listed}):
+            warn_skipped_files(folder, recursive=False, listed=listed)
+        return samples
 
     def _sample(self, root: Path, split_file: Path, line: int, row: dict[str, str]) -> Sample:
         if row["label"] not in VISA_LABELS:
