@@ -173,6 +173,7 @@ def fit_checkpoint(protocol: Protocol, method: str, train: str, extra: list[str]
     if found:
         return found[-1]
     entry = protocol.methods[method]
+    assert entry.fit is not None, "called for trained methods only"
     _run(
         [
             "fit",

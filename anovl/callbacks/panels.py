@@ -94,7 +94,7 @@ class PanelWriter(Callback):
         self._pending = {}
         if self.max_per_category:
             self._names = output_names(trainer)
-            samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
+            samples = getattr(getattr(getattr(trainer, "datamodule", None), "dataset", None), "samples", ())
             self._keys = {str(sample.image_path): sample.key for sample in samples}
             self._categories = list(dict.fromkeys(sample.category for sample in samples))
 

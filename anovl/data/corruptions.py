@@ -76,9 +76,10 @@ def resolve_corruption(spec: CorruptionSpec) -> CorruptionConfig | None:
         unknown = sorted(set(spec) - known)
         if unknown:
             raise AnovlError(f"unknown corruption settings {unknown}; valid ones are {sorted(known)}")
-        return CorruptionConfig(
-            **{name: tuple(value) if isinstance(value, list) else value for name, value in spec.items()}
-        )
+        settings: dict[str, Any] = {
+            name: tuple(value) if isinstance(value, list) else value for name, value in spec.items()
+        }
+        return CorruptionConfig(**settings)
     raise AnovlError(f"corruption must be a preset name, a dict of settings or None, not {type(spec).__name__}")
 
 

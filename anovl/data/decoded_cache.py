@@ -74,8 +74,11 @@ class DecodedCache:
         except (OSError, UnicodeDecodeError):
             pass
         try:
+            hasher = hashlib.sha256()  # hashlib.file_digest needs Python 3.11; anovl supports 3.10
             with open(path, "rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    hasher.update(chunk)
+            digest = hasher.hexdigest()
         except OSError:
             return None
         self._write(memo, digest.encode("ascii"))

@@ -90,7 +90,7 @@ class FolderDataModule(AnomalyDataModule):
         mask_dir = self._masks()
         if mask_dir is not None:
             require_dir(mask_dir, "Mask folder", "a folder of masks")
-        mask_root = base if mask_dir is not None and mask_dir.parent == base else mask_dir
+        mask_root = base if mask_dir is None or mask_dir.parent == base else mask_dir
         mask_indexes: dict[Path, dict[str, list[Path]]] = {}
         category = base.resolve().name
         prompt_name = self.prompt_name_for(category)

@@ -147,7 +147,7 @@ class SyntheticMVTecDataModule(MVTecDataModule):
         self.generation = {"n_good": n_good, "n_defect": n_defect, "image_size": image_size_on_disk, "seed": data_seed}
 
     def prepare_data(self) -> None:
-        missing = [category for category in self.requested_categories if not (self.root / category).is_dir()]
+        missing = [category for category in self.requested_categories or [] if not (self.root / category).is_dir()]
         if self.generate and missing:
             generate_mvtec_like(self.root, missing, **self.generation)
 

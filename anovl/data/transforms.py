@@ -58,9 +58,10 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _clip_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's mean and std as 3×1×1 tensors on ``device``, made once per device (no copy per batch)."""
-    return tuple(
+    mean, std = (
         torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device) for values in (CLIP_MEAN, CLIP_STD)
     )
+    return mean, std
 
 
 def prepare_batch(batch: dict[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,8 @@ class TrainingSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        # torch types the sampler's dataset as Dataset, which declares no __len__
+        order = torch.randperm(len(cast(Sized, self.dataset)), generator=generator).tolist()
         order += order[: self.total_size - len(order)]  # padded as DistributedSampler pads
         mosaic = (torch.rand(len(order), generator=generator) < self.mosaic_rate).tolist()
         positions = range(self.rank, self.total_size, self.num_replicas)

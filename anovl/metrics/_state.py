@@ -43,8 +43,8 @@ def split_pixels(anomaly_maps: Tensor, masks: Tensor, dtype: torch.dtype) -> tup
     anomalous = masks > 0.5
     if anomaly_maps.device.type == "cpu":
         # NumPy's boolean indexing is about 10× faster than torch's on the CPU (~2 s of an MVTec-sized run).
-        positive, sizes, negative = functional.split_pixels(anomaly_maps.numpy(), anomalous.numpy())
-        return torch.from_numpy(positive), torch.from_numpy(sizes).to(dtype), torch.from_numpy(negative)
+        positive, counts, negative = functional.split_pixels(anomaly_maps.numpy(), anomalous.numpy())
+        return torch.from_numpy(positive), torch.from_numpy(counts).to(dtype), torch.from_numpy(negative)
     sizes = torch.from_numpy(region_sizes(anomalous.cpu().numpy())).to(device=anomaly_maps.device, dtype=dtype)
     return anomaly_maps[anomalous], sizes, anomaly_maps[~anomalous]
 

@@ -95,7 +95,7 @@ class AnomalyMetrics(Metric):
         pixel_scores, regions = state_to_numpy(self.pixel_scores), state_to_numpy(self.pixel_regions)
         anomalous = regions > 0
         pixel = RankedScores.from_unsorted(pixel_scores[anomalous], pixel_scores[regions == 0], regions[anomalous])
-        thresholds = {}
+        thresholds: dict[str, float] = {}
         results = {
             "pixel_auroc": functional.auroc(pixel, name="pixel_auroc"),
             "pixel_ap": functional.average_precision(pixel, name="pixel_ap"),

@@ -27,14 +27,20 @@ MAX_CHECKPOINT_BYTES = 4 << 30  # heads and learned prompts are megabytes; a CLI
 COMPATIBILITY_KEYS = ("backbone", "image_size", "layers")
 
 
-def trained_prefix(model: AnomalyModel) -> str:
-    """The state-dict prefix of the model's trained module inside the model (e.g. ``heads.``)."""
+def trained_module(model: AnomalyModel) -> nn.Module:
+    """The model's trained module; one clear error for a training-free method."""
     module = model.trained_module()
     if module is None:
         raise AnovlError(
             f"{model.method or type(model).__name__} is training-free (it declares no trained module); "
             "fit trains methods such as anovl.models.AprilGAN"
         )
+    return module
+
+
+def trained_prefix(model: AnomalyModel) -> str:
+    """The state-dict prefix of the model's trained module inside the model (e.g. ``heads.``)."""
+    module = trained_module(model)
     for name, candidate in model.named_modules():
         if candidate is module:
             return f"{name}." if name else ""
@@ -95,7 +101,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_trained_state(model: AnomalyModel, state: dict[str, Any], source: str) -> None:
     """Load the trained module's tensors (keys relative to it); one error for missing, extra or misshapen ones."""
-    module: nn.Module = model.trained_module()
+    module = trained_module(model)
     expected = module.state_dict()
     if set(state) != set(expected) or any(
         not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape for key, value in expected.items()

@@ -21,6 +21,8 @@ class ExportableAnoVL(nn.Module):
     ``states`` (C, 2, D) are the classes' normalised [normal, abnormal] text embeddings, a constant buffer.
     """
 
+    states: torch.Tensor  # the buffer, declared so that its type is known
+
     def __init__(
         self, encoder: ValueWiseViT, states: torch.Tensor, image_size: int, num_views: int, layers: Sequence[int]
     ):
