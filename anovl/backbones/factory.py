@@ -11,7 +11,7 @@ import warnings
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import open_clip
 import torch
@@ -81,11 +81,16 @@ def _hash_parameters(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# What open_clip.create_model builds. open_clip ships no type information, so mypy sees these classes (and the
+# attributes anovl uses, e.g. encode_text and visual) as Any.
+OpenClipModel: TypeAlias = open_clip.CLIP | open_clip.CustomTextCLIP | open_clip.CoCa
+
+
 @dataclass
 class Backbone:
     """A frozen CLIP with its V-V visual encoder, tokenizer and a fingerprint of its weights."""
 
-    clip: nn.Module
+    clip: OpenClipModel
     visual: ValueWiseViT
     tokenizer: Tokenizer
     name: str
@@ -201,16 +206,16 @@ def config_fingerprint(name: str) -> str | None:
 def _resize_positions_bilinear(visual: nn.Module, image_size: int, name: str) -> None:
     """Resize an open_clip ViT's class-token positional embedding to ``image_size`` bilinearly (align_corners=False)."""
     positions = getattr(visual, "positional_embedding", None)
-    grid = getattr(visual, "grid_size", None)
     if (
         not isinstance(visual, open_clip.transformer.VisionTransformer)
         or positions is None
-        or positions.shape[0] != grid[0] * grid[1] + 1
+        or positions.shape[0] != visual.grid_size[0] * visual.grid_size[1] + 1
     ):
         raise AnovlError(
             f"bilinear position interpolation needs an open_clip ViT with a class token; {name} "
             "has another vision tower (use position_interpolation='bicubic')"
         )
+    grid = visual.grid_size
     side = image_size // visual.patch_size[0]
     width = positions.shape[1]
     patches = positions[1:].reshape(1, grid[0], grid[1], width).permute(0, 3, 1, 2)
@@ -219,7 +224,7 @@ def _resize_positions_bilinear(visual: nn.Module, image_size: int, name: str) ->
     visual.grid_size, visual.image_size = (side, side), (image_size, image_size)
 
 
-def _build(name: str, kwargs: dict, pretrained: str | None = None) -> nn.Module:
+def _build(name: str, kwargs: dict, pretrained: str | None = None) -> OpenClipModel:
     """open_clip's model; a Hugging Face text tower whose config cannot be fetched gets one clear error."""
     hf_text = open_clip.get_model_config(name)["text_cfg"].get("hf_model_name")
     try:
@@ -234,7 +239,7 @@ def _build(name: str, kwargs: dict, pretrained: str | None = None) -> nn.Module:
         ) from None
 
 
-def _load_local(name: str, path: Path, kwargs: dict) -> nn.Module:
+def _load_local(name: str, path: Path, kwargs: dict) -> OpenClipModel:
     # Read once on its own so a file that cannot be read and one that does not fit get different advice.
     try:
         open_clip_factory.load_state_dict(str(path), weights_only=True)

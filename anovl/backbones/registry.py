@@ -16,7 +16,7 @@ from torch import nn
 
 import anovl.backbones.open_clip_vit  # noqa: F401  (registers the open_clip tower encoder, tried first)
 import anovl.backbones.timm_vit  # noqa: F401  (registers the timm tower encoder)
-from anovl.backbones.value_wise import ENCODERS, ValueWiseViT, block_ops_for
+from anovl.backbones.value_wise import ENCODERS, TowerEncoder, block_ops_for
 from anovl.errors import AnovlError
 
 
@@ -39,7 +39,7 @@ def _blocks_of(tower: nn.Module):
     return getattr(getattr(trunk, "transformer", None), "resblocks", None)
 
 
-def unsupported_reasons(tower: nn.Module) -> tuple[type[ValueWiseViT] | None, list[str]]:
+def unsupported_reasons(tower: nn.Module) -> tuple[TowerEncoder | None, list[str]]:
     """The encoder class for ``tower`` and why it cannot run (no reasons: it can)."""
     for encoder in ENCODERS.values():
         reasons = encoder.unsupported(tower)
@@ -55,7 +55,7 @@ def unsupported_reasons(tower: nn.Module) -> tuple[type[ValueWiseViT] | None, li
     ]
 
 
-def check_supported(visual: nn.Module, name: str = "backbone") -> type[ValueWiseViT]:
+def check_supported(visual: nn.Module, name: str = "backbone") -> TowerEncoder:
     """The encoder class for a built vision tower, or one clear error naming the model and the reason."""
     encoder, reasons = unsupported_reasons(visual)
     if reasons:

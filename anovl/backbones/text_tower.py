@@ -37,7 +37,7 @@ class PromptTextTower:
     """
 
     def __init__(self, clip: nn.Module):
-        text = getattr(clip, "text", clip)
+        text: Any = getattr(clip, "text", clip)  # open_clip's towers, which ship no type information
         if isinstance(text, TextTransformer):
             self.pool_type, self.eos_id = text.pool_type, text.eos_id
             self.cls_emb, self.pad_mask = text.cls_emb, text.use_pad_mask or text.cls_emb is not None

@@ -17,6 +17,7 @@ Local tokens take the same head per token; an attention pool acts on each token 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from open_clip.timm_model import TimmModel
@@ -171,6 +172,8 @@ register_block_ops(ResPostRelPosBlock, RelPosAttention, ResPostRelPosOps())
 class TimmViT(ValueWiseViT):
     """open_clip ``TimmModel`` around a timm ``VisionTransformer``, ``Eva`` or ``VisionTransformerRelPos`` trunk."""
 
+    visual: TimmModel  # the tower it wraps (the base class knows only an nn.Module)
+
     def __init__(self, tower: TimmModel):
         super().__init__(tower, tower.trunk.blocks)
         self.grid = tuple(tower.trunk.patch_embed.grid_size)
@@ -189,7 +192,7 @@ class TimmViT(ValueWiseViT):
         attn_pool = getattr(trunk, "attn_pool", None)
         if attn_pool is not None and getattr(attn_pool, "pos_embed", None) is not None:
             reasons.append("an attention pool with its own position embedding")
-        grid = trunk.patch_embed.grid_size
+        grid = cast(tuple[int, int], trunk.patch_embed.grid_size)  # torch types a submodule's attributes loosely
         if grid[0] != grid[1] or tower.image_size[0] != tower.image_size[1]:
             reasons.append("a non-square patch grid")
         return reasons

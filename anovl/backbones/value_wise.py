@@ -24,7 +24,7 @@ norm, projection) applied to the token. The image score keeps using the tower's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +135,18 @@ def block_ops_for(blocks: Sequence[nn.Module]) -> tuple[list[BlockOps], list[str
     return ops, reasons
 
 
+class TowerEncoder(Protocol):
+    """A registered :class:`ValueWiseViT` subclass: built from the tower alone (it finds its own blocks)."""
+
+    def __call__(self, tower: nn.Module, /) -> ValueWiseViT: ...
+
+    def unsupported(self, tower: nn.Module) -> list[str] | None: ...
+
+    def patch_size_of(self, tower: nn.Module) -> int: ...
+
+
 # Tower encoders by name, tried in registration order; a new tower type is one more registered subclass.
-ENCODERS: Registry[str, type["ValueWiseViT"]] = Registry("tower encoder", "@register_encoder(name)")
+ENCODERS: Registry[str, TowerEncoder] = Registry("tower encoder", "@register_encoder(name)")
 register_encoder = ENCODERS.decorator
 
 
