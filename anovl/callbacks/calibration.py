@@ -4,6 +4,7 @@ scores and map pixels, computed by running the model on them before the images t
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -16,13 +17,16 @@ from anovl.data.folder import FolderDataModule
 from anovl.errors import AnovlError
 from anovl.thresholds import Thresholds, quantile_thresholds
 
+if TYPE_CHECKING:
+    from anovl.engine.module import AnomalyModule
+
 
 def calibrate_on_normal_images(
     trainer: Trainer, pl_module: LightningModule, normal_images: str, quantile: float
 ) -> Thresholds:
     """Run the model on the normal images, preprocessed as the data to predict is (size, resize mode,
     corruption branch), under that data's category and prompt name; every process runs all of them."""
-    data = trainer.datamodule
+    data = getattr(trainer, "datamodule", None)
     categories = getattr(data, "categories", None)
     if not isinstance(data, AnomalyDataModule):
         raise AnovlError("predictions.normal_images needs one of anovl's datamodules (data.class_path)")
@@ -44,6 +48,8 @@ def calibrate_on_normal_images(
     ]
     corruptor = Corruptor(data.corruption, data.seed) if data.corruption is not None else None
     dataset = AnomalyDataset(samples, data.image_size, data.mode, on_bad_image=data.on_bad_image, corruptor=corruptor)
+    # Lightning hands callbacks a LightningModule; anovl's predict runs an AnomalyModule
+    module = cast("AnomalyModule", pl_module)
     image_scores, pixel_values = [], []
     with trainer.precision_plugin.predict_step_context():
         for batch in DataLoader(dataset, batch_size=data.batch_size, collate_fn=collate_batch):
@@ -54,7 +60,7 @@ def calibrate_on_normal_images(
                 },
                 0,
             )
-            maps, scores = pl_module.anomaly_maps(batch)
+            maps, scores = module.anomaly_maps(batch)
             image_scores.append(scores.detach().float().cpu().numpy())
             pixel_values.append(maps.detach().float().cpu().numpy().ravel())
     return quantile_thresholds(np.concatenate(image_scores), np.concatenate(pixel_values), quantile, str(normal_images))

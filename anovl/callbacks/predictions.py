@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from anovl.callbacks.panels import output_names, output_root
 from anovl.data.image_io import load_rgb
 from anovl.errors import AnovlError
 from anovl.io import append_text, csv_cell, make_folder, terminal, write_file
+from anovl.io.files import Writer
 from anovl.io.output_names import OutputNames
 from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold
@@ -157,6 +159,7 @@ class AnomalyMapWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        assert self.directory is not None and self._scores_file is not None, "setup('predict') sets them"
         labels = batch["label"].tolist() if "label" in batch else [-1] * len(prediction["image_path"])
         rows = []
         for index, (image_path, category) in enumerate(zip(prediction["image_path"], prediction["category"])):
@@ -166,11 +169,11 @@ class AnomalyMapWriter(BasePredictionWriter):
             anomaly_map, rgb = self._map_and_image(prediction["anomaly_map"][index], batch["image"][index], image_path)
             values = anomaly_map.numpy()
             mask = values >= thresholds.pixel if thresholds.pixel is not None else None
-            files = {}
-            if self.overlays:
+            files: dict[str, Writer] = {}
+            if rgb is not None:  # loaded for overlays only
                 files[f"{stem}_overlay.png"] = Image.fromarray(overlay(rgb, values, thresholds.pixel)).save
             if self.raw_maps:
-                files[f"{stem}_map.npy"] = lambda path, values=values: np.save(path, values.astype(np.float32))
+                files[f"{stem}_map.npy"] = partial(np.save, arr=values.astype(np.float32))
                 files[f"{stem}_map.png"] = map_to_png16(values).save
             if mask is not None:
                 files[f"{stem}_mask.png"] = mask_to_png(mask).save
@@ -203,10 +206,11 @@ class AnomalyMapWriter(BasePredictionWriter):
         return resize_map(anomaly_map, size), rgb
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.directory is not None, "setup('predict') sets it"
         if trainer.world_size > 1:
             trainer.strategy.barrier()  # every part is written
             if trainer.is_global_zero:
-                samples = getattr(getattr(trainer.datamodule, "dataset", None), "samples", ())
+                samples = getattr(getattr(getattr(trainer, "datamodule", None), "dataset", None), "samples", ())
                 merge_score_parts(
                     self.directory,
                     trainer.world_size,
@@ -215,7 +219,7 @@ class AnomalyMapWriter(BasePredictionWriter):
                 )
         if not trainer.is_global_zero:
             return
-        for category in getattr(trainer.datamodule, "categories", None) or []:
+        for category in getattr(getattr(trainer, "datamodule", None), "categories", None) or []:
             self.thresholds_for(category)
         write_file(
             self.directory / "thresholds.json",
