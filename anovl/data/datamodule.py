@@ -38,7 +38,8 @@ class OneLineErrorsLoader(DataLoader):
     """A DataLoader that passes on a worker's AnovlError (a bad file) as the one line it was, not as the worker
     traceback that PyTorch puts into the message."""
 
-    def __iter__(self) -> Iterator[Any]:
+    # torch declares its own iterator class as the return type; a generator iterates the same batches
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         iterator = super().__iter__()
         while True:
             try:
@@ -220,6 +221,7 @@ class AnomalyDataModule(LightningDataModule):
     @property
     def dataset(self) -> AnomalyDataset:
         self.setup()
+        assert self._dataset is not None, "setup() sets it"
         return self._dataset
 
     def test_dataloader(self) -> DataLoader:
@@ -228,10 +230,12 @@ class AnomalyDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # `anovl fit` trains on these labelled images (the auxiliary-data protocol trains on a test split with
         # masks); the module orders and augments them (anovl.engine.AnomalyModule.train_dataloader).
+        assert self.trainer is not None, "Lightning calls it during fit"
         return self.trainer.lightning_module.train_dataloader()
 
     def val_dataloader(self) -> DataLoader:
         # fit's optional validation data is another datamodule (AnomalyModule's `validation`); none by default.
+        assert self.trainer is not None, "Lightning calls it during fit"
         return self.trainer.lightning_module.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:

@@ -144,6 +144,7 @@ class AnomalyDataset(Dataset):
 
     def _resized_mask(self, sample: Sample, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
         """The model-sized ``bool H×W`` mask."""
+        assert sample.mask_path is not None, "called for samples with a mask"
         mask, _ = self._cached(
             sample.mask_path,
             ("mask", self.nonzero_masks, sample.label, image_hw, out_hw),
@@ -184,6 +185,7 @@ class AnomalyDataset(Dataset):
 
     def read_mask(self, sample: Sample, image_hw: tuple[int, int]) -> np.ndarray:
         """The mask of a sample at its image's size; BadImageError if unusable or, for an anomalous image, empty."""
+        assert sample.mask_path is not None, "called for samples with a mask"
         mask = load_mask(sample.mask_path, self.nonzero_masks)
         check_mask_size(sample.image_path, image_hw, sample.mask_path, mask.shape)
         if sample.label == 1 and not mask.any():
