@@ -94,10 +94,6 @@ def _read_error(path: Path, problem: str) -> AnovlError:
     )
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 class ResultsTable:
     """Per-category metrics of one run, and their mean.
 
@@ -148,8 +144,7 @@ class ResultsTable:
             document = parse_json(read_text(path, "results file"), "the file")
         except AnovlError as error:
             raise _read_error(path, str(error)) from None
-        _check_document(path, document)
-        validate(
+        record = validate(
             document,
             ResultsRecord,
             f"{path} (not a results file that anovl test wrote)",
@@ -157,21 +152,21 @@ class ResultsTable:
         )
         table = cls(
             path.parent,
-            document["title"],
-            document["random_weights"],
-            label=document["label"],
-            config=document.get("config"),
-            skipped_files=document.get("skipped_files") or [],
+            record.title,
+            record.random_weights,
+            label=record.label,
+            config=record.config,
+            skipped_files=record.skipped_files or [],
         )
-        for record in document["categories"]:
-            category = record["category"]
-            table.rows[category] = {
-                name: math.nan if value is None else float(value)
-                for name, value in record.items()
-                if name not in ("category", "images")
+        for row in record.categories:
+            metrics = row.model_dump(exclude_unset=True, exclude={"category", "images"})
+            table.rows[row.category] = {name: math.nan if value is None else value for name, value in metrics.items()}
+            table.image_counts[row.category] = row.images
+        for category, pair in (record.thresholds.categories if record.thresholds else {}).items():
+            table.thresholds[category] = {
+                kind: math.nan if getattr(pair, kind) is None else getattr(pair, kind)
+                for kind in THRESHOLD_KEYS.values()
             }
-            table.image_counts[category] = record["images"]
-        table.thresholds = _read_thresholds(path, document)
         return table
 
     def check_categories(self, known: Sequence[str]) -> None:
@@ -350,60 +345,3 @@ class ResultsTable:
             console.print(self._skipped_note(), style="yellow")
         if self.directory is not None:
             console.print(f"Results written to {rich_text(self.directory)}/{{{','.join(RESULT_FILES)}}}")
-
-
-def _read_thresholds(path: Path, document: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """The per-category F1-max thresholds of a results.json (none in files written before anovl saved them)."""
-    section = document.get("thresholds")
-    if section is None:
-        return {}
-    categories = section.get("categories") if isinstance(section, dict) else None
-    if not isinstance(categories, dict):
-        raise _read_error(path, "'thresholds' has no 'categories' object")
-    thresholds = {}
-    for category, values in categories.items():
-        if not isinstance(values, dict) or not all(
-            values.get(kind) is None or _is_number(values.get(kind)) for kind in THRESHOLD_KEYS.values()
-        ):
-            raise _read_error(path, f"the thresholds of {category!r} are not numbers or null")
-        thresholds[category] = {
-            kind: math.nan if values.get(kind) is None else float(values[kind]) for kind in THRESHOLD_KEYS.values()
-        }
-    return thresholds
-
-
-def _check_document(path: Path, document: object) -> None:
-    """Raise a clear AnovlError naming the first field of a results.json that anovl test would not write."""
-    if not isinstance(document, dict):
-        raise _read_error(path, f"the top level is a {type(document).__name__}, not an object")
-    for field, kind in (("title", str), ("label", str), ("random_weights", bool), ("categories", list)):
-        if field not in document:
-            raise _read_error(path, f"the field {field!r} is missing")
-        if not isinstance(document[field], kind):
-            raise _read_error(path, f"{field!r} is a {type(document[field]).__name__}, not a {kind.__name__}")
-    for field, kind in (("config", dict), ("skipped_files", list)):
-        if document.get(field) is not None and not isinstance(document[field], kind):
-            raise _read_error(path, f"{field!r} is a {type(document[field]).__name__}, not a {kind.__name__}")
-    if not all(isinstance(message, str) for message in document.get("skipped_files") or []):
-        raise _read_error(path, "'skipped_files' holds something other than text")
-    seen = set()
-    for index, record in enumerate(document["categories"]):
-        where = f"categories[{index}]"
-        if not isinstance(record, dict):
-            raise _read_error(path, f"{where} is a {type(record).__name__}, not an object")
-        category = record.get("category")
-        if not isinstance(category, str) or not category:
-            raise _read_error(path, f"{where} has no category name")
-        if category in seen:
-            raise _read_error(path, f"the category {category!r} appears twice")
-        seen.add(category)
-        images = record.get("images")
-        if not isinstance(images, int) or isinstance(images, bool) or images < 0:
-            raise _read_error(path, f"{where} ({category!r}): 'images' is {images!r}, not a count")
-        for name, value in record.items():
-            if name in ("category", "images"):
-                continue
-            if name not in ALL_METRIC_TITLES:
-                raise _read_error(path, f"{where} ({category!r}) has an unknown metric {name!r}")
-            if value is not None and not (_is_number(value) and 0 <= value <= 100):
-                raise _read_error(path, f"{where} ({category!r}): {name} is {value!r}, not a percentage or null")

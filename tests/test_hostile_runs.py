@@ -114,7 +114,7 @@ def test_run_dir_onto_a_finished_run_with_other_settings_refuses(data, tmp_path,
         ("[" * 200_000 + "]" * 200_000, "nested more than"),
         (
             json.dumps({"title": "t", "label": "x", "random_weights": False, "categories": [], "config": [1]}),
-            "'config' is a list",
+            "config: Input should be a valid dictionary",
         ),
         (
             json.dumps(

@@ -117,22 +117,38 @@ def document(**fields):
 @pytest.mark.parametrize(
     "broken, fragment",
     [
-        ([1, 2], "top level is a list"),
-        (document(title=None), "'title' is a NoneType"),
-        (document(random_weights="no"), "'random_weights' is a str"),
-        (document(categories={"bottle": {}}), "'categories' is a dict"),
-        (document(config=[1]), "'config' is a list"),
-        (document(skipped_files=[1]), "skipped_files"),
-        (document(categories=["bottle"]), "categories[0] is a str"),
-        (document(categories=[record(category=None)]), "no category name"),
-        (document(categories=[record(), record()]), "'bottle' appears twice"),
-        (document(categories=[record(images=-1)]), "'images' is -1"),
-        (document(categories=[record(images=2.5)]), "'images' is 2.5"),
-        (document(categories=[record(images=True)]), "'images' is True"),
-        (document(categories=[record(pixel_auroc="90")]), "pixel_auroc is '90'"),
-        (document(categories=[record(pixel_auroc=1e9)]), "not a percentage"),
-        (document(categories=[record(pixel_auroc=True)]), "pixel_auroc is True"),
-        (document(categories=[record(invented_metric=1.0)]), "unknown metric 'invented_metric'"),
+        ([1, 2], "the top level: Input should be a valid dictionary"),
+        (document(title=None), "title: Input should be a valid string (got None)"),
+        (document(random_weights="no"), "random_weights: Input should be a valid boolean (got 'no')"),
+        (document(categories={"bottle": {}}), "categories: Input should be a valid list"),
+        (document(config=[1]), "config: Input should be a valid dictionary (got [1])"),
+        (document(skipped_files=[1]), "skipped_files[0]: Input should be a valid string"),
+        (document(categories=["bottle"]), "categories[0]: Input should be a valid dictionary"),
+        (document(categories=[record(category=None)]), "categories[0].category: Input should be a valid string"),
+        (document(categories=[record(category="")]), "categories[0].category: String should have at least 1"),
+        (document(categories=[record(), record()]), "categories: categories listed more than once: 'bottle'"),
+        (document(categories=[record(images=-1)]), "categories[0].images: Input should be greater than or equal to 0"),
+        (document(categories=[record(images=2.5)]), "categories[0].images: Input should be a valid integer (got 2.5)"),
+        (
+            document(categories=[record(images=True)]),
+            "categories[0].images: Input should be a valid integer (got True)",
+        ),
+        (document(categories=[record(pixel_auroc="90")]), "categories[0].pixel_auroc: Input should be a valid number"),
+        (document(categories=[record(pixel_auroc=1e9)]), "pixel_auroc: Input should be less than or equal to 100"),
+        (document(categories=[record(pixel_auroc=-0.5)]), "pixel_auroc: Input should be greater than or equal to 0"),
+        (document(categories=[record(pixel_auroc=True)]), "pixel_auroc: Input should be a valid number (got True)"),
+        (document(categories=[record(image_ap=math.inf)]), "image_ap: Input should be a finite number"),
+        (document(categories=[record(invented_metric=1.0)]), "invented_metric: is not a field of this record"),
+        # Caught since the schema: a finished flag that is not a boolean, thresholds of a category without a row.
+        (document(complete="false"), "complete: Input should be a valid boolean (got 'false')"),
+        (
+            document(thresholds={"categories": {"cable": {"image": 0.5}}, "mean": {"image": 0.5}}),
+            "names categories without a row: 'cable'",
+        ),
+        (
+            document(thresholds={"categories": {"bottle": {"image": -1.0}}, "mean": {"image": 0.5}}),
+            "thresholds.categories.bottle.image: Input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_structurally_wrong_results_json_is_one_clear_error(tmp_path, broken, fragment):
@@ -140,6 +156,13 @@ def test_structurally_wrong_results_json_is_one_clear_error(tmp_path, broken, fr
     with pytest.raises(AnovlError) as error:
         ResultsTable.read(tmp_path)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_row_schema_knows_every_metric_a_table_writes():
+    from anovl.io.schemas import ResultsRow
+    from anovl.results import ALL_METRIC_TITLES
+
+    assert set(ResultsRow.model_fields) == {"category", "images", *ALL_METRIC_TITLES}
 
 
 @pytest.mark.parametrize("text", ["{", "\xff\xfe", "NaN", '{"title": NaN}'])

@@ -140,9 +140,15 @@ def validate(document: Any, schema: type[Model], where: str, hint: str = "") -> 
         return schema.model_validate(document)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "the top level"
-        value = repr(first.get("input"))[:80]
-        raise AnovlError(f"{where}: {field}: {first['msg']} (got {value}){'; ' + hint if hint else ''}") from None
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+        field = field or "the top level"
+        if first["type"] == "value_error":  # a schema's own check: its message says what is wrong
+            problem = str(first["ctx"]["error"])
+        elif first["type"] == "extra_forbidden":
+            problem = f"is not a field of this record (got {repr(first.get('input'))[:80]})"
+        else:
+            problem = f"{first['msg']} (got {repr(first.get('input'))[:80]})"
+        raise AnovlError(f"{where}: {field}: {problem}{'; ' + hint if hint else ''}") from None
 
 
 def read_json(path: Path | str, schema: type[Model], what: str, hint: str = "", max_bytes: int = MAX_BYTES) -> Model:

@@ -1,13 +1,24 @@
 """Schemas (pydantic) of the JSON records anovl reads back: what :func:`anovl.io.reading.read_json`
-validates. Booleans must be booleans, counts non-negative integers, thresholds finite numbers in [0, 1],
-sizes within limits, names non-empty and unique."""
+validates. Booleans must be booleans, counts non-negative integers, thresholds finite numbers in [0, 1e6],
+metrics finite percentages, sizes within limits, names non-empty and unique."""
 
 from __future__ import annotations
 
 import math
 from typing import Annotated, Any, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 MAX_IMAGE_SIZE = 4096  # the largest model input an export may declare (in pixels per side)
 MAX_EXPORT_CLASSES = 10_000
@@ -23,6 +34,12 @@ def _no_control(text: str) -> str:
     if any(not char.isprintable() for char in text):
         raise ValueError("must not contain control characters")
     return text
+
+
+def _refuse_repeated(names: list[str], problem: str) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{problem}: {', '.join(map(repr, repeated))}")
 
 
 # A threshold on a method's maps or scores: probabilities for AnoVL and WinCLIP, sums over blocks for APRIL-GAN
@@ -54,12 +71,56 @@ class ResultsThresholds(_Record):
     thresholds: ThresholdsSection
 
 
-class ResultsRecord(_Record):
-    """What ``--resume`` needs beyond the rows (checked field by field in :mod:`anovl.results`): the config
-    as sections of settings, and the thresholds."""
+# A metric in percent (metric × 100), null where undefined (e.g. image AUROC without anomalous images).
+Percent = Optional[Annotated[StrictFloat, Field(ge=0.0, le=100.0, allow_inf_nan=False)]]
 
+
+class ResultsRow(BaseModel):
+    """One category's row of a results.json: its name, image count and metrics (the names of
+    :data:`anovl.results.ALL_METRIC_TITLES`; another name is refused, not dropped)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    category: Annotated[StrictStr, Field(min_length=1)]
+    images: Annotated[StrictInt, Field(ge=0)]
+    pixel_auroc: Percent = None
+    pixel_ap: Percent = None
+    pixel_f1max: Percent = None
+    pixel_aupro: Percent = None
+    image_auroc: Percent = None
+    image_ap: Percent = None
+    image_f1max: Percent = None
+    pixel_aupro_cflow: Percent = None
+
+
+class ResultsRecord(_Record):
+    """A results.json as ``anovl test`` writes it and ``--resume`` / ``compare`` read it: the rows (each
+    category once), the config as sections of settings, the skipped files and the thresholds (only of
+    categories that have a row). Other fields (``units``, ``columns``, ``mean``) are written for readers and
+    recomputed, so they are not read."""
+
+    title: StrictStr
+    label: StrictStr
+    random_weights: StrictBool
+    complete: StrictBool = False
+    categories: list[ResultsRow]
     config: Optional[dict[StrictStr, dict[StrictStr, Any]]] = None
+    skipped_files: Optional[list[StrictStr]] = None
     thresholds: Optional[ThresholdsSection] = None
+
+    @field_validator("categories")
+    @classmethod
+    def _each_category_once(cls, rows: list[ResultsRow]) -> list[ResultsRow]:
+        _refuse_repeated([row.category for row in rows], "categories listed more than once")
+        return rows
+
+    @model_validator(mode="after")
+    def _thresholds_of_rows(self) -> ResultsRecord:
+        rows = {row.category for row in self.categories}
+        stray = [name for name in (self.thresholds.categories if self.thresholds else {}) if name not in rows]
+        if stray:
+            raise ValueError(f"thresholds.categories names categories without a row: {', '.join(map(repr, stray))}")
+        return self
 
 
 class GridState(_Record):
@@ -96,7 +157,4 @@ class SidecarRecord(_Record):
     settings: dict[StrictStr, Any]
 
     def model_post_init(self, context: Any) -> None:
-        categories = [entry.category for entry in self.classes]
-        repeated = sorted({name for name in categories if categories.count(name) > 1})
-        if repeated:
-            raise ValueError(f"classes repeated: {', '.join(repeated)}")
+        _refuse_repeated([entry.category for entry in self.classes], "classes repeated")
