@@ -2,7 +2,10 @@
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +99,47 @@ def test_a_damaged_entry_is_a_miss(tmp_path):
 def test_bad_cache_size_is_refused(tmp_path):
     with pytest.raises(AnovlError, match="decoded_cache_gb=-1"):
         MVTecDataModule(tmp_path, decoded_cache_gb=-1)
+
+
+def test_a_planted_link_in_the_cache_folder_is_never_written_through(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("precious")
+    cache = DecodedCache(max_bytes=10**6, directory=tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    keys = ["ab" * 32, "cd" * 32]
+    for key in keys:
+        (tmp_path / "cache" / f"{key}{ENTRY_SUFFIX}").symlink_to(outside)
+    with pytest.warns(UserWarning, match="decoded cache: refusing to write .* is a symbolic link") as caught:
+        for key in keys:
+            cache.put(key, np.ones((4, 5, 3), dtype=np.uint8), (8, 10))
+    assert len(caught) == 1  # one warning, not one per image
+    assert outside.read_text() == "precious" and cache.get(keys[0]) is None
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [f"{key}{ENTRY_SUFFIX}" for key in keys]
+
+
+FSIZE_SCRIPT = """
+import resource, sys
+from pathlib import Path
+import numpy as np
+from anovl.data.decoded_cache import DecodedCache
+cache = DecodedCache(max_bytes=10**9, directory=Path(sys.argv[1]))
+cache.put("ab" * 32, np.full((10, 10), 7, dtype=np.uint8), (20, 20))
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+cache.put("cd" * 32, np.zeros((100, 100, 3), dtype=np.uint8), (100, 100))  # over the limit: lost, not fatal
+array, _ = cache.get("ab" * 32)
+print("earlier entry", int(array.sum()), "new entry", cache.get("cd" * 32))
+"""
+
+
+def test_a_file_size_limit_loses_only_the_entry(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", FSIZE_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "earlier entry 700 new entry None" in result.stdout
+    assert "decoded cache: cannot write" in result.stderr and "File too large" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{'ab' * 32}{ENTRY_SUFFIX}"]  # no partial file

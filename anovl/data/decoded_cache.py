@@ -7,8 +7,9 @@ changed file or setting is a miss, never a stale hit. Entries are read memory-ma
 remembered under its status (inode, size, modification and change times), so a second run does not read
 the files it hits, only their status.
 
-The folder is ``$ANOVL_CACHE_DIR/decoded`` (default ``~/.cache/anovl/decoded``). Writes are atomic (a
-temporary file renamed into place), so loader workers and parallel runs may share it. When a datamodule is
+The folder is ``$ANOVL_CACHE_DIR/decoded`` (default ``~/.cache/anovl/decoded``). Writes go through
+:mod:`anovl.io` (a temporary file renamed into place, never through a link), so loader workers and parallel
+runs may share it. When a datamodule is
 set up the folder is pruned to its size limit, least recently used entries (and digests) first (a run then adds at most
 its own images). A damaged entry is a miss and is rewritten.
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from anovl.cache import cache_root
+from anovl.errors import AnovlError
+from anovl.io import write_file
 
 MAGIC = b"ANOVLDC1"
 _HEADER = np.dtype([("magic", "S8"), ("source_hw", "<u4", 2), ("shape", "<u4", 3)])
@@ -41,6 +44,7 @@ class DecodedCache:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.write_failed = False
 
     def key(self, path: Path, *settings: object) -> str | None:
         """SHA-256 of the file's content and the settings; None if the file cannot be read (the loader then
@@ -114,19 +118,15 @@ class DecodedCache:
         self._write(self.directory / f"{key}{ENTRY_SUFFIX}", header.tobytes() + data.tobytes())
 
     def _write(self, path: Path, content: bytes) -> None:
-        """Write atomically (a temporary file renamed into place); a failed write (a full disk) loses only it."""
+        """Write through anovl.io (atomic, never through a link); a failed write (a full disk, a planted link)
+        loses only this entry, and the first one per process is named in a warning."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-            try:
-                with os.fdopen(handle, "wb") as file:
-                    file.write(content)
-                os.replace(temporary, path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        except OSError:
-            pass
+            self.directory.mkdir(parents=True, exist_ok=True)  # the user's own folder: it may be a link
+            write_file(path, content, self.directory)
+        except (OSError, AnovlError) as error:
+            if not self.write_failed:
+                self.write_failed = True
+                warnings.warn(f"decoded cache: {error}; images are decoded without it", stacklevel=3)
 
     def prune(self) -> None:
         """Delete least recently used entries until the folder holds at most ``max_bytes``."""
@@ -134,7 +134,9 @@ class DecodedCache:
             entries = [
                 (entry.stat().st_mtime_ns, entry.stat().st_size, Path(entry.path))
                 for entry in os.scandir(self.directory)
-                if entry.name.endswith((ENTRY_SUFFIX, MEMO_SUFFIX)) and entry.is_file(follow_symlinks=False)
+                if entry.name.endswith((ENTRY_SUFFIX, MEMO_SUFFIX))
+                and not entry.name.startswith(".")  # another process's temporary file
+                and entry.is_file(follow_symlinks=False)
             ]
         except OSError:
             return
