@@ -139,12 +139,8 @@ def document(**fields):
         (document(categories=[record(pixel_auroc=True)]), "pixel_auroc: Input should be a valid number (got True)"),
         (document(categories=[record(image_ap=math.inf)]), "image_ap: Input should be a finite number"),
         (document(categories=[record(invented_metric=1.0)]), "invented_metric: is not a field of this record"),
-        # Caught since the schema: a finished flag that is not a boolean, thresholds of a category without a row.
+        # Caught since the schema: a finished flag that is not a boolean, a negative threshold.
         (document(complete="false"), "complete: Input should be a valid boolean (got 'false')"),
-        (
-            document(thresholds={"categories": {"cable": {"image": 0.5}}, "mean": {"image": 0.5}}),
-            "names categories without a row: 'cable'",
-        ),
         (
             document(thresholds={"categories": {"bottle": {"image": -1.0}}, "mean": {"image": 0.5}}),
             "thresholds.categories.bottle.image: Input should be greater than or equal to 0",

@@ -17,7 +17,6 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
-    model_validator,
 )
 
 MAX_IMAGE_SIZE = 4096  # the largest model input an export may declare (in pixels per side)
@@ -95,9 +94,8 @@ class ResultsRow(BaseModel):
 
 class ResultsRecord(_Record):
     """A results.json as ``anovl test`` writes it and ``--resume`` / ``compare`` read it: the rows (each
-    category once), the config as sections of settings, the skipped files and the thresholds (only of
-    categories that have a row). Other fields (``units``, ``columns``, ``mean``) are written for readers and
-    recomputed, so they are not read."""
+    category once), the config as sections of settings, the skipped files and the thresholds. Other fields
+    (``units``, ``columns``, ``mean``) are written for readers and recomputed, so they are not read."""
 
     title: StrictStr
     label: StrictStr
@@ -113,14 +111,6 @@ class ResultsRecord(_Record):
     def _each_category_once(cls, rows: list[ResultsRow]) -> list[ResultsRow]:
         _refuse_repeated([row.category for row in rows], "categories listed more than once")
         return rows
-
-    @model_validator(mode="after")
-    def _thresholds_of_rows(self) -> ResultsRecord:
-        rows = {row.category for row in self.categories}
-        stray = [name for name in (self.thresholds.categories if self.thresholds else {}) if name not in rows]
-        if stray:
-            raise ValueError(f"thresholds.categories names categories without a row: {', '.join(map(repr, stray))}")
-        return self
 
 
 class GridState(_Record):
