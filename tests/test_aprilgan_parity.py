@@ -6,16 +6,27 @@ weights come from ``parity_weights`` and on a tiny VisA-layout dataset (``write_
 here for anovl. Mutations that these tests catch are listed in docs/METHOD.md (APRIL-GAN).
 """
 
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+import yaml
+from lightning.pytorch import Callback
 from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anovl.backbones import register_model_config
+from anovl.data import MVTecDataModule
 from anovl.data.transforms import normalize
+from anovl.engine import Engine
 from anovl.models.aprilgan import AprilGAN, few_shot_image_scores
 from tests.reference import aprilgan as reference
 
@@ -75,18 +86,18 @@ def setup(tmp_path_factory, stored):
         ]
     )
     classes = [entry["cls_name"] for entry in entries]
-    return model, images, masks, classes, load
+    return model, images, masks, classes, load, folder
 
 
 def test_zero_shot_maps_and_scores_equal_the_authors(setup, stored):
-    model, images, _, classes, _ = setup
+    model, images, _, classes, *_ = setup
     output = model(images, classes, classes)
     np.testing.assert_allclose(output.anomaly_map.numpy(), stored["zero_shot_maps"], rtol=0, atol=MAP_TOLERANCE)
     np.testing.assert_allclose(output.pred_score.numpy(), stored["zero_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-9)
 
 
 def test_one_training_step_equals_the_authors(setup, stored):
-    model, images, masks, classes, _ = setup
+    model, images, masks, classes, *_ = setup
     heads = {key: value.clone() for key, value in model.heads.state_dict().items()}
     try:
         optimizer = model.configure_optimizer(model.trained_module().parameters())
@@ -111,7 +122,7 @@ def test_one_training_step_equals_the_authors(setup, stored):
 
 
 def test_few_shot_maps_and_scores_equal_the_authors(setup, stored):
-    model, images, _, classes, load = setup
+    model, images, _, classes, load, _ = setup
     chosen = [str(path) for path in stored["few_shot_images"]]
     try:
         for name in reference.CLASSES:
@@ -131,3 +142,115 @@ def test_few_shot_maps_and_scores_equal_the_authors(setup, stored):
         ]
     )
     np.testing.assert_allclose(scores.numpy(), stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7)
+
+
+class ScoresSeen(Callback):
+    """The image scores that callbacks (pictures, predictions) get, by image path."""
+
+    def __init__(self):
+        self.scores = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if outputs is not None:
+            self.scores.update(zip(outputs["image_path"], outputs["pred_score"].tolist()))
+
+
+def few_shot_folder(stored, folder, target):
+    """The authors' draw of normal images, as the only ones in each category's folder (``target/<category>``);
+    with ``k_shot`` 8, anovl's draw from two files takes both."""
+    for path in stored["few_shot_images"]:
+        category = str(path).split("/")[0]
+        (target / category).mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "visa" / str(path), target / category)
+    return str(target / "{category}")
+
+
+def reference_order(folder):
+    """The reference's test images in its order."""
+    return [
+        str(folder / "visa" / name / "test" / specie / f"{index:03d}.png")
+        for name in reference.CLASSES
+        for index, (specie, _) in enumerate(reference.TEST_IMAGES)
+    ]
+
+
+def few_shot_run(setup, stored, tmp_path, batch_size):
+    """``anovl test`` of few-shot APRIL-GAN (few_shot_images) on the reference data: the scores the callbacks
+    (pictures among them) got, in the reference's order, and results.json."""
+    model, *_, folder = setup
+    model.few_shot_images, model.k_shot = few_shot_folder(stored, folder, tmp_path / "shots"), 8
+    seen = ScoresSeen()
+    data = MVTecDataModule(
+        root=str(folder / "visa"), image_size=reference.IMAGE_SIZE, batch_size=batch_size, num_workers=0
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Engine(
+                {"enable_progress_bar": False, "callbacks": [seen]},
+                run_dir=tmp_path / f"run{batch_size}",
+                pictures={"max_per_category": 1},
+            ).test(model, data)
+    finally:
+        model.few_shot_images = None
+        model.forget()
+    results = json.loads((tmp_path / f"run{batch_size}" / "results.json").read_text())
+    return np.array([seen.scores[path] for path in reference_order(folder)]), results
+
+
+def test_few_shot_run_gives_the_authors_image_scores_and_metrics(setup, stored, tmp_path):
+    scores, results = few_shot_run(setup, stored, tmp_path, batch_size=2)
+    np.testing.assert_allclose(scores, stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7)
+    labels = [anomaly for _, anomaly in reference.TEST_IMAGES]
+    per_class = len(labels)
+    rows = {row["category"]: row for row in results["categories"]}
+    for index, name in enumerate(reference.CLASSES):
+        authors = stored["few_shot_scores"][index * per_class : (index + 1) * per_class]
+        assert rows[name]["image_auroc"] == pytest.approx(100 * roc_auc_score(labels, authors))
+        assert rows[name]["image_ap"] == pytest.approx(100 * average_precision_score(labels, authors))
+    assert results["label"].startswith("APRIL-GAN-few-shot[")
+    assert len(list((tmp_path / "run2" / "pictures").glob("*/*.png"))) == len(reference.CLASSES)
+    assert results["config"]["model"]["few_shot"] == {"layers": reference.FEW_SHOT_LAYERS, "shots": 8, "seed": 0}
+    # The scores do not depend on the batch size (normalised over the whole category, not per batch).
+    np.testing.assert_allclose(few_shot_run(setup, stored, tmp_path, batch_size=1)[0], scores, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow  # about 45 s: two processes start, each imports torch and Lightning
+def test_few_shot_predict_in_two_processes_gives_the_authors_scores(setup, stored, tmp_path):
+    """``anovl predict`` of few-shot APRIL-GAN under DDP (2 gloo processes, each with a share of every category):
+    scores.csv holds the authors' image scores."""
+    *_, folder = setup
+    (tmp_path / "parity.json").write_text(json.dumps(reference.CONFIG))
+    model = {
+        "backbone": str(tmp_path / "parity.json"),
+        "pretrained": str(folder / "clip.pt"),
+        "image_size": reference.IMAGE_SIZE,
+        "layers": reference.LAYERS,
+        "few_shot_layers": reference.FEW_SHOT_LAYERS,
+        "checkpoint": str(folder / "given.pth"),
+        "few_shot_images": few_shot_folder(stored, folder, tmp_path / "shots"),
+        "k_shot": 8,
+    }
+    data = {"root": str(folder / "visa"), "batch_size": 1, "num_workers": 0}
+    config = {
+        "model": {"class_path": "aprilgan", "init_args": model},
+        "data": {"class_path": "anovl.data.MVTecDataModule", "init_args": data},
+        "trainer": {"devices": 2, "strategy": "ddp", "accelerator": "cpu", "enable_progress_bar": False},
+        "predictions": {"output_dir": str(tmp_path / "out"), "overlays": False, "raw_maps": False},
+    }
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "anovl.cli", "predict", "--config", str(tmp_path / "predict.yaml")],
+        env={**os.environ, "ANOVL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (tmp_path / "out" / "scores.csv").open() as handle:
+        scores = {row["image_path"]: float(row["score"]) for row in csv.DictReader(handle)}
+    np.testing.assert_allclose(
+        [scores[path] for path in reference_order(folder)], stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7
+    )

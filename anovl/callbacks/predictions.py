@@ -136,6 +136,12 @@ class AnomalyMapWriter(BasePredictionWriter):
         write_file(self._scores_file, _csv_rows([SCORE_COLUMNS]), self._root)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.normal_images is not None and getattr(getattr(pl_module, "model", None), "scores_need_category", False):
+            raise AnovlError(
+                "predictions.normal_images cannot calibrate a model whose image scores are normalised over a "
+                "whole category (few-shot APRIL-GAN): the normal images would form a category of their own; "
+                "give thresholds (a test run's results.json) instead"
+            )
         if self.normal_images is not None:
             self._normal_thresholds = calibrate_on_normal_images(trainer, pl_module, self.normal_images, self.quantile)
 
@@ -153,20 +159,26 @@ class AnomalyMapWriter(BasePredictionWriter):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        prediction: dict[str, Any],
+        prediction: dict[str, Any] | None,
         batch_indices: Any,
         batch: dict[str, Any],
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        if prediction is None:
+            return  # padding only, or held until its category's scores are final (AnomalyModule.predict_step)
         assert self.directory is not None and self._scores_file is not None, "setup('predict') sets them"
-        labels = batch["label"].tolist() if "label" in batch else [-1] * len(prediction["image_path"])
+        # From the prediction, not the batch: a model whose scores need the whole category hands over a
+        # category's images at once.
+        labels = prediction["label"].tolist()
         rows = []
         for index, (image_path, category) in enumerate(zip(prediction["image_path"], prediction["category"])):
             thresholds = self.thresholds_for(category)
             folder = make_folder(self.directory / self._names.folder(category), self._root)
             stem = self._names.stem(image_path, category)
-            anomaly_map, rgb = self._map_and_image(prediction["anomaly_map"][index], batch["image"][index], image_path)
+            anomaly_map, rgb = self._map_and_image(
+                prediction["anomaly_map"][index], prediction["image"][index], image_path
+            )
             values = anomaly_map.numpy()
             mask = values >= thresholds.pixel if thresholds.pixel is not None else None
             files: dict[str, Writer] = {}

@@ -75,6 +75,32 @@ def _distributed_sampler(dataloader: Any) -> DistributedSampler | None:
     return None
 
 
+def _select(batch: dict[str, Any], index: slice | torch.Tensor) -> dict[str, Any]:
+    """The items ``index`` (a slice, or a boolean mask) of a batch's tensors and lists."""
+    if isinstance(index, slice):
+        return {key: value[index] if isinstance(value, (list, torch.Tensor)) else value for key, value in batch.items()}
+    return {
+        key: [item for item, kept in zip(value, index) if kept]
+        if isinstance(value, list)
+        else value[index.to(value.device)]
+        if isinstance(value, torch.Tensor)
+        else value
+        for key, value in batch.items()
+    }
+
+
+def _concatenate(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch of the items of ``parts`` (dicts of the same keys), in order."""
+    return {
+        key: torch.cat([part[key] for part in parts])
+        if isinstance(first, torch.Tensor)
+        else [item for part in parts for item in part[key]]
+        if isinstance(first, list)
+        else first
+        for key, first in parts[0].items()
+    }
+
+
 def _images_per_category(datamodule: Any) -> dict[str, int]:
     """How many test images each category has, where the datamodule says (anovl's datamodules do)."""
     samples = getattr(getattr(datamodule, "dataset", None), "samples", None)
@@ -165,6 +191,11 @@ class AnomalyModule(LightningModule):
         self._open_category: str | None = None  # of the last images added to the metrics
         self._samples_seen = 0
         self._sampler: DistributedSampler | None = None
+        # Outputs held until their category's image scores are final (AnomalyModel.scores_need_category).
+        self._holding = False
+        self._held: dict[str, list[dict[str, Any]]] = {}
+        self._released: list[dict[str, Any]] = []
+        self._categories: list[str] = []
 
     @property
     def random_weights(self) -> bool:
@@ -248,10 +279,7 @@ class AnomalyModule(LightningModule):
         self._metrics = {category: AnomalyMetrics(cflow_pro=self.cflow_pro).to(self.device) for category in categories}
         self._image_counts = dict.fromkeys(categories, 0)
         self._expected_counts = _images_per_category(datamodule)
-        self._current_category = None
-        self._open_category = None
-        self._samples_seen = 0
-        self._sampler = _distributed_sampler(self.trainer.test_dataloaders)
+        self._start_holding(self.trainer.test_dataloaders)
         run_dir = run_directory(self.trainer)
         settings = self.model.settings()
         weights = settings.get("pretrained", None)
@@ -278,6 +306,22 @@ class AnomalyModule(LightningModule):
             for category in earlier.rows:
                 self._log_category(category)
 
+    def _start_holding(self, dataloaders: Any) -> None:
+        """Per-run state of test and predict."""
+        self._current_category = None
+        self._open_category = None
+        self._samples_seen = 0
+        self._sampler = _distributed_sampler(dataloaders)
+        self._holding = self.model.scores_need_category
+        self._held = {}
+        self._released = []
+        self._categories = list(getattr(self.trainer.datamodule, "categories", None) or ())
+        if self._holding and self.trainer.world_size > 1 and not self._categories:
+            raise AnovlError(
+                f"{self.label}'s image scores need whole categories, which several processes can only gather "
+                "with a datamodule that lists its categories (anovl's do); run it in one process"
+            )
+
     def _log_category(self, category: str) -> None:
         self._log_metrics({f"{category}/{name}": value for name, value in self.results.rows[category].items()})
 
@@ -296,23 +340,12 @@ class AnomalyModule(LightningModule):
         positions = self._sampler.rank + self._sampler.num_replicas * torch.arange(first, first + batch_size)
         return positions < len(self._sampler.dataset)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        """Updates the category metrics; returns the real (not padded) images' ``batch`` entries with
-        ``anomaly_map`` and ``pred_score`` added, for callbacks."""
-        keep = self._real_samples(len(batch["category"]))
-        if not keep.any():
-            return None
-        if not keep.all():
-            batch = {
-                key: [item for item, kept in zip(value, keep) if kept]
-                if isinstance(value, list)
-                else value[keep.to(value.device)]
-                for key, value in batch.items()
-            }
-        maps, scores = self.anomaly_maps(batch)
-        categories = list(batch["category"])
-        for run in category_runs(categories):
-            category = categories[run.start]
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+        """Updates the category metrics; returns, for callbacks, the real (not padded) images' ``batch`` entries
+        with ``anomaly_map`` and ``pred_score`` added (see :meth:`_final_outputs`)."""
+        outputs = self._outputs(batch)
+        for run in category_runs(list(outputs["category"])) if outputs is not None else ():
+            category = outputs["category"][run.start]
             if category not in self._metrics:
                 raise AnovlError(f"category {category!r} of a batch is not among the datamodule's categories")
             if category in self.results.rows:
@@ -323,24 +356,95 @@ class AnomalyModule(LightningModule):
             if self.trainer.world_size == 1 and self._open_category not in (None, category):
                 self._finish_category(self._open_category)
             self._open_category = category
-            regions = batch.get("region_sizes")
-            self._metrics[category].update(
-                maps[run],
-                batch["mask"][run],
-                scores[run],
-                batch["label"][run],
-                batch["has_mask"][run],
-                None if regions is None else regions[run],
-            )
+            self._collect(category, _select(outputs, run))
             self._image_counts[category] += run.stop - run.start
             if self.trainer.world_size == 1 and self._image_counts[category] == self._expected_counts.get(category):
                 # Written now, so that a failure in the next category cannot lose it.
                 self._finish_category(category)
+        return self._final_outputs(outputs, batch_idx, self.trainer.num_test_batches[dataloader_idx])
+
+    def _outputs(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """The batch's real (not padded) images with ``anomaly_map`` and ``pred_score``; None: all padding."""
+        keep = self._real_samples(len(batch["category"]))
+        if not keep.any():
+            return None
+        if not keep.all():
+            batch = _select(batch, keep)
+        maps, scores = self.anomaly_maps(batch)
         return {**batch, "anomaly_map": maps, "pred_score": scores}
+
+    def _update_metrics(self, category: str, outputs: dict[str, Any]) -> None:
+        regions = outputs.get("region_sizes")
+        self._metrics[category].update(
+            *(
+                value.to(self.device)
+                for value in (outputs["anomaly_map"], outputs["mask"], outputs["pred_score"], outputs["label"])
+            ),
+            outputs["has_mask"].to(self.device),
+            None if regions is None else regions.to(self.device),
+        )
+
+    # ----------------------------------------------------------------- image scores final per category
+
+    def _collect(self, category: str, outputs: dict[str, Any]) -> None:
+        """One category's part of a batch: to the metrics (test), or held (on the CPU) until the category's
+        image scores are final, for a model whose scores need the whole category."""
+        if self._holding:
+            self._held.setdefault(category, []).append(
+                {
+                    key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+                    for key, value in outputs.items()
+                }
+            )
+        elif self.trainer.testing:
+            self._update_metrics(category, outputs)
+
+    def _release(self, categories: list[str]) -> None:
+        """Final image scores (:meth:`AnomalyModel.category_scores`) of the held outputs of ``categories``, each
+        over every process's share (a collective under DDP: every process passes the same list); the outputs
+        then go to the metrics (test) and to the callbacks (:meth:`_final_outputs`)."""
+        for category in categories:
+            held = self._held.pop(category, [])
+            mine = (
+                torch.cat([part["pred_score"] for part in held]).float() if held else torch.empty(0),
+                torch.cat([part["anomaly_map"].flatten(1).amax(1) for part in held]).float()
+                if held
+                else torch.empty(0),
+            )
+            shares = [mine]
+            if self.trainer.world_size > 1:
+                shares = [None] * self.trainer.world_size
+                torch.distributed.all_gather_object(shares, mine)
+            if not held:
+                continue
+            first = sum(len(share[0]) for share in shares[: self.trainer.global_rank])
+            final = self.model.category_scores(
+                torch.cat([share[0] for share in shares]), torch.cat([share[1] for share in shares])
+            )
+            final = final[first : first + len(mine[0])]
+            for part in held:
+                count = len(part["pred_score"])
+                part["pred_score"], final = final[:count], final[count:]
+                if self.trainer.testing:
+                    self._update_metrics(category, part)
+            self._released.extend(held)
+
+    def _final_outputs(self, outputs: dict[str, Any] | None, batch_idx: int, batches: float) -> dict[str, Any] | None:
+        """What the callbacks get from a step: its outputs, or, where image scores need the whole category,
+        the held outputs of every category released in this step (a finished category in one process; under
+        DDP, every category at the last batch, which all processes reach together)."""
+        if not self._holding:
+            return outputs
+        if batch_idx == batches - 1:
+            self._release(list(self._categories) if self.trainer.world_size > 1 else list(self._held))
+        released, self._released = self._released, []
+        return _concatenate(released) if released else None
 
     def _finish_category(self, category: str) -> None:
         if category in self.results.rows:
             return
+        if self.trainer.world_size == 1:
+            self._release([category])
         metric = self._metrics[category]
         with warnings.catch_warnings():
             # compute() before any update on this process is expected under DDP (its share may be empty).
@@ -366,17 +470,25 @@ class AnomalyModule(LightningModule):
     # ----------------------------------------------------------------- predict
 
     def on_predict_start(self) -> None:
-        self._current_category = None
+        self._start_holding(self.trainer.predict_dataloaders)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """Per image: ``anomaly_map`` (H×W), ``pred_score``, ``image_path`` and ``category`` (CPU tensors)."""
-        maps, scores = self.anomaly_maps(batch)
-        return {
-            "anomaly_map": maps.detach().float().cpu(),
-            "pred_score": scores.detach().float().cpu(),
-            "image_path": list(batch["image_path"]),
-            "category": list(batch["category"]),
-        }
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+        """Per real (not padded) image: ``anomaly_map`` (H×W) and ``pred_score`` (CPU float tensors), the
+        ``image``, ``label``, ``image_path`` and ``category`` (see :meth:`_final_outputs`)."""
+        outputs = self._outputs(batch)
+        if outputs is not None:
+            outputs = {
+                "anomaly_map": outputs["anomaly_map"].detach().float().cpu(),
+                "pred_score": outputs["pred_score"].detach().float().cpu(),
+                **{key: outputs[key] for key in ("image", "label", "image_path", "category")},
+            }
+            for run in category_runs(list(outputs["category"])):
+                category = outputs["category"][run.start]
+                if self._open_category not in (None, category) and self.trainer.world_size == 1:
+                    self._release([self._open_category])
+                self._open_category = category
+                self._collect(category, _select(outputs, run))
+        return self._final_outputs(outputs, batch_idx, self.trainer.num_predict_batches[dataloader_idx])
 
     # ----------------------------------------------------------------- fit (methods trained on auxiliary data)
 

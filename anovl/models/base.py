@@ -143,6 +143,17 @@ class AnomalyModel(nn.Module):
     def start_category(self, category: str) -> None:
         """Called before the first images of each category (state carried within a category resets here)."""
 
+    @property
+    def scores_need_category(self) -> bool:
+        """True where an image's final score depends on its whole category (:meth:`category_scores`)."""
+        return False
+
+    def category_scores(self, scores: torch.Tensor, map_maxima: torch.Tensor) -> torch.Tensor:
+        """The final image scores of one whole category from its images' ``forward`` scores and anomaly-map
+        maxima (both (N,), in any order: the result must not depend on it). Called only where
+        :attr:`scores_need_category`; the framework holds a category's outputs until then."""
+        return scores
+
     # ----------------------------------------------------------------- training (anovl fit)
 
     def trained_module(self) -> nn.Module | None:

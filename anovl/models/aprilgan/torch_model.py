@@ -158,12 +158,13 @@ class AprilGAN(CLIPAnomalyModel):
         self._memory.clear()
 
     def settings(self) -> dict[str, Any]:
-        shots = sorted({len(bank[0]) // self.grid_size**2 for bank in self._memory.values()})
-        few_shot = (
-            {"layers": list(self.few_shot_layers), "shots": shots[0] if len(shots) == 1 else shots}
-            if self._memory
-            else None
-        )
+        few_shot: dict[str, Any] | None = None
+        if self.few_shot_images is not None:
+            # Known before any category's bank is drawn (a run records its settings when it starts).
+            few_shot = {"layers": list(self.few_shot_layers), "shots": self.k_shot, "seed": self.few_shot_seed}
+        elif self._memory:
+            shots = sorted({len(bank[0]) // self.grid_size**2 for bank in self._memory.values()})
+            few_shot = {"layers": list(self.few_shot_layers), "shots": shots[0] if len(shots) == 1 else shots}
         return {
             **self.backbone_settings(),
             "layers": list(self.layers),
@@ -179,7 +180,7 @@ class AprilGAN(CLIPAnomalyModel):
 
     @property
     def variant(self) -> str:
-        return "few-shot" if self._memory else ""
+        return "few-shot" if self.scores_need_category else ""
 
     def heads_fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -252,6 +253,14 @@ class AprilGAN(CLIPAnomalyModel):
         self.remember(
             category, torch.stack([normalize(resize_image(load_rgb(path), size)) for path in chosen]).to(self.device)
         )
+
+    @property
+    def scores_need_category(self) -> bool:
+        # Few-shot image scores normalise the map maxima over the whole category (few_shot_image_scores).
+        return bool(self._memory) or self.few_shot_images is not None
+
+    def category_scores(self, scores: torch.Tensor, map_maxima: torch.Tensor) -> torch.Tensor:
+        return few_shot_image_scores(scores, map_maxima)
 
     def forget(self) -> None:
         """Back to zero-shot: drop every category's memory bank."""
