@@ -365,3 +365,15 @@ def test_few_shot_from_a_folder_per_category(tmp_path):
     assert model.label.startswith("APRIL-GAN-few-shot")
     with pytest.raises(AnovlError, match="no normal images of 'screw'"):
         model.start_category("screw")
+
+
+def test_threshold_calibration_refuses_scores_normalised_per_category(tmp_path):
+    from types import SimpleNamespace
+
+    from anovl.callbacks import AnomalyMapWriter
+
+    few_shot = tiny_aprilgan(few_shot_images=str(tmp_path / "{category}"))
+    assert few_shot.scores_need_category and not tiny_aprilgan().scores_need_category
+    writer = AnomalyMapWriter(normal_images=str(tmp_path))
+    with pytest.raises(AnovlError, match="normalised over a whole category"):
+        writer.on_predict_start(None, SimpleNamespace(model=few_shot))
