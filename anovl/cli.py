@@ -19,16 +19,15 @@ import sys
 import threading
 from collections.abc import Callable
 from importlib import import_module
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from anovl.commands import COMMANDS, DESCRIPTION
 from anovl.compare import main as compare_main
+from anovl.configs import CONFIG_OPTIONS, config_document, option_values
 from anovl.errors import AnovlError
 from anovl.grid import main as grid_main
-from anovl.io import parse_yaml, read_yaml
 from anovl.protocol import main as protocol_main
 from anovl.signals import stop_requested
 
@@ -61,22 +60,6 @@ def exported_model_arguments(command_line: list[str]) -> list[str]:
     return arguments
 
 
-def _config_document(value: str) -> Any:
-    """The YAML document a ``--config`` value gives: a file's content, read by anovl's bounded reader (a key
-    given twice, which the parser would drop silently, is one error line), or the value itself (inline YAML, as
-    ``anovl grid`` passes a variant's mapping; None where it is not YAML: the CLI's parser reports that)."""
-    try:
-        is_file = Path(value).is_file()
-    except (OSError, ValueError):  # a name too long, a NUL byte
-        is_file = False
-    if is_file:
-        return read_yaml(value, "config file")
-    try:
-        return parse_yaml(value, "--config")
-    except AnovlError:
-        return None
-
-
 def plugin_specs(command_line: list[str]) -> list[str]:
     """The plugins named on a command line: ``--plugins`` values and ``plugins:`` in every ``--config``, a
     file or inline YAML, in command-line order.
@@ -90,15 +73,11 @@ def plugin_specs(command_line: list[str]) -> list[str]:
         elif isinstance(value, list):
             specs.extend(str(item) for item in value)
 
-    for index, argument in enumerate(command_line):
-        option, _, inline = argument.partition("=")
-        value = inline if inline else (command_line[index + 1] if index + 1 < len(command_line) else None)
-        if value is None:
-            continue
+    for option, value in option_values(command_line):
         if option in ("--plugins", "--plugins+"):
             add(yaml.safe_load(value))
-        elif option in ("-c", "--config"):
-            document = _config_document(value)
+        elif option in CONFIG_OPTIONS:
+            document = config_document(value)
             if isinstance(document, dict):
                 add(document.get("plugins"))
     return list(dict.fromkeys(specs))

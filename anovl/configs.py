@@ -8,11 +8,14 @@ A config is a YAML mapping. A registered method's name stands for its class wher
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from anovl.errors import AnovlError
-from anovl.io import read_yaml
+from anovl.io import parse_yaml, read_yaml
+
+CONFIG_OPTIONS = ("-c", "--config")
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str, holds: str) -> dict[str, Any]:
@@ -56,3 +59,52 @@ def with_class_paths(document: Any) -> Any:
     if "class_path" in document:  # a --model value given as a mapping (or another class's, left alone)
         document["class_path"] = method_path(document["class_path"], strict=False)
     return document
+
+
+def option_values(command_line: list[str]) -> Iterator[tuple[str, str]]:
+    """Each option of a command line with the value after it: ``--option value`` or ``--option=value``."""
+    for index, argument in enumerate(command_line):
+        option, equals, inline = argument.partition("=")
+        if equals:
+            yield option, inline
+        elif index + 1 < len(command_line):
+            yield option, command_line[index + 1]
+
+
+def config_document(value: str) -> Any:
+    """The YAML document a ``--config`` value gives: a file's content, read by anovl's bounded reader (a key
+    given twice, which the parser would drop silently, is one error line), or the value itself (inline YAML, as
+    ``anovl grid`` passes a variant's mapping; None where it is not YAML: the CLI's parser reports that)."""
+    try:
+        is_file = Path(value).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        is_file = False
+    if is_file:
+        return read_yaml(value, "config file")
+    try:
+        return parse_yaml(value, "--config")
+    except AnovlError:
+        return None
+
+
+def chooses_model_first(command_line: list[str]) -> bool:
+    """Whether the first option of a command line about the model chooses its class: ``--model.class_path``,
+    ``--model`` with a name, class path or mapping holding ``class_path`` (not ``--model .init_args.NAME VALUE``),
+    or a ``--config`` (file or inline) whose ``model:`` is such a value. False where a setting comes first
+    (``--model.init_args.NAME``, a ``model:`` without a class) or nothing is about the model."""
+
+    def names_class(model: Any) -> bool:
+        return (isinstance(model, str) and not model.startswith(".")) or (
+            isinstance(model, dict) and "class_path" in model
+        )
+
+    for option, value in option_values(command_line):
+        if option in CONFIG_OPTIONS:
+            document = config_document(value)
+            if isinstance(document, dict) and "model" in document:
+                return names_class(document["model"])
+        elif option in ("--model", "--model.class_path"):
+            return option == "--model.class_path" or names_class(config_document(value))
+        elif option.startswith("--model."):
+            return False
+    return False

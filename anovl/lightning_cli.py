@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.commands import COMMANDS, DESCRIPTION
-from anovl.configs import method_path, with_class_paths
+from anovl.configs import chooses_model_first, method_path, with_class_paths
 
 # The datamodules are imported so that their short class names resolve (jsonargparse looks among loaded subclasses).
 from anovl.data import (  # noqa: F401
@@ -142,9 +142,9 @@ class AnovlCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None:  # LightningCLI reads sys.argv (given both, it warns)
-            sys.argv[1:] = method_arguments(sys.argv[1:])
+            sys.argv[1:] = method_arguments(with_default_model(sys.argv[1:]))
         elif isinstance(args, list):
-            args = method_arguments(args)
+            args = method_arguments(with_default_model(args))
         super().parse_arguments(parser, args)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -225,7 +225,6 @@ class AnovlCLI(LightningCLI):
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         parser.add_argument(
             "--plugins",
             type=list[str],
@@ -300,6 +299,17 @@ class AnovlCLI(LightningCLI):
 
     def predict(self, **kwargs: Any) -> None:
         self.engine.predict(**kwargs)
+
+
+def with_default_model(arguments: list[str]) -> list[str]:
+    """A command line with ``--model`` AnoVL first (after the subcommand) unless the model's class is chosen before
+    any of its settings (jsonargparse takes no setting before a class). Not a parser default: jsonargparse would
+    carry that class's defaults (backbone, layers, ...) over to a class chosen later where the names match, in
+    place of the chosen class's own; an argument carries over only the settings given."""
+    if chooses_model_first(arguments):
+        return arguments
+    head = 1 if arguments[:1] in (["fit"], ["test"], ["predict"]) else 0
+    return [*arguments[:head], "--model", DEFAULT_MODEL, *arguments[head:]]
 
 
 def method_arguments(arguments: list[str]) -> list[str]:

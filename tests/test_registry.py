@@ -1,7 +1,9 @@
 """One registry behaviour (list, "did you mean", replace with a warning) and the method registry: short names on
 the CLI and in configs, results.json naming the method, and a results.json of the class-path era still resuming."""
 
+import inspect
 import json
+import sys
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ import yaml
 
 from anovl import AnovlError
 from anovl.data import generate_mvtec_like
+from anovl.lightning_cli import resolved_config
 from anovl.models import AnoVL, WinCLIP, create_method, list_methods, register_method
 from anovl.models.base import AnomalyModel
 from anovl.models.registry import METHODS, method_name
@@ -79,6 +82,47 @@ def test_register_method_checks_the_name_and_the_class(monkeypatch):
         pass
 
     assert "toy" not in METHODS and Toy.__name__ == "Toy"  # went into the patched registry only
+
+
+def constructor_defaults(cls: type) -> dict:
+    """A class's constructor defaults as they read in a printed config (tuples are YAML lists)."""
+    parameters = inspect.signature(cls).parameters.values()
+    return {p.name: json.loads(json.dumps(p.default)) for p in parameters if p.default is not p.empty}
+
+
+@pytest.mark.parametrize("method", ["anovl", "winclip", "aprilgan", "anomalyclip"])
+@pytest.mark.parametrize("given", ["--model", "config file", "inline name", "a setting first"])
+def test_a_chosen_method_gets_its_own_defaults(method, given, tmp_path, monkeypatch):
+    # The CLI's default model (AnoVL) is no parser default: jsonargparse would keep its backbone, pretrained,
+    # image_size and layers for another method chosen later, in place of that method's own defaults.
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    config = tmp_path / "method.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": method}}))
+    choice = {
+        "--model": ["--model", method],
+        "config file": ["--config", str(config)],
+        "inline name": ["--config", f"model: {method}"],
+        "a setting first": ["--model.init_args.init_seed", "3", "--model", method],  # a given setting carries over
+    }
+    model = resolved_config(["test", *choice[given], "--data", "anovl.data.SyntheticMVTecDataModule"])["model"]
+    setting = {"init_seed": 3} if given == "a setting first" else {}
+    assert model["init_args"] == {**constructor_defaults(METHODS.lookup(method)), **setting}
+
+
+@pytest.mark.parametrize(
+    "arguments, given",
+    [
+        ([], {}),
+        (["--config", "data: {init_args: {batch_size: 2}}"], {}),
+        (["--config", "model: {init_args: {num_views: 3}}"], {"num_views": 3}),  # settings, but no class
+        (["--model.init_args.num_views", "3"], {"num_views": 3}),
+    ],
+)
+def test_without_a_model_named_anywhere_anovl_runs_with_its_defaults(arguments, given, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    model = resolved_config(["test", *arguments, "--data", "anovl.data.SyntheticMVTecDataModule"])["model"]
+    assert model["class_path"] == "anovl.models.AnoVL"
+    assert model["init_args"] == {**constructor_defaults(AnoVL), **given}
 
 
 @pytest.fixture(scope="module")
