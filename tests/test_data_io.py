@@ -27,6 +27,8 @@ from anovl.data import (
     stitch_tiles,
     tile_offsets,
 )
+from anovl.data.image_io import load_mask_image
+from anovl.data.transforms import resize_mask_image
 from anovl.errors import AnovlError
 
 
@@ -195,6 +197,46 @@ def test_mask_modes(tmp_path):
     np.testing.assert_array_equal(load_mask(save(palette, tmp_path / "p.png")), expected)
 
 
+def naive_mask_rule(values: np.ndarray, nonzero: bool) -> np.ndarray | None:
+    """The rule of load_mask's docstring for 8-bit values, written out; None where it refuses the file."""
+    if len(set(np.unique(values).tolist()) - {0}) <= 1:
+        return values > 0
+    scale = 1 if values.max() <= 1 else 255
+    if np.mean((values > scale / 4) & (values < 3 * scale / 4)) > 0.25:
+        return None
+    return values > 0 if nonzero else values > scale / 2
+
+
+def test_eight_bit_masks_follow_the_rule_as_wider_masks_do(tmp_path):
+    # 8-bit masks are judged from their histogram and never leave Pillow; the same values stored as 32-bit
+    # integers go through float64 arrays. Both must give the written-out rule, 0/255 images, the same errors.
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        values = np.zeros((int(rng.integers(3, 30)), int(rng.integers(3, 30))), dtype=np.uint8)
+        kind = trial % 5
+        if kind == 0:  # binary: the extreme foreground values, then random ones
+            values[rng.random(values.shape) < 0.3] = (1, 254, 255)[trial // 5] if trial < 15 else rng.integers(1, 256)
+        elif kind == 1:  # a soft edge around a 255 region
+            values[rng.random(values.shape) < 0.3] = 255
+            values[0, : values.shape[1] // 2] = rng.integers(1, 255, values.shape[1] // 2)
+        elif kind == 2:  # class indices
+            values[:] = rng.integers(0, 4, values.shape) * (rng.random(values.shape) < 0.2)
+        elif kind == 3:  # a photo saved as a mask
+            values[:] = rng.integers(0, 256, values.shape)
+        # kind 4: empty
+        expected = {nonzero: naive_mask_rule(values, nonzero) for nonzero in (False, True)}
+        for name, image in (("L.png", Image.fromarray(values)), ("I.tif", Image.fromarray(values.astype(np.int32)))):
+            path = save(image, tmp_path / f"{trial}{name}")
+            for nonzero, truth in expected.items():
+                if truth is None:
+                    with pytest.raises(BadImageError, match="does not look like a mask"):
+                        load_mask_image(path, nonzero)
+                    continue
+                decoded = load_mask_image(path, nonzero)
+                assert decoded.mode == "L", name
+                np.testing.assert_array_equal(np.asarray(decoded), truth * np.uint8(255), err_msg=f"{trial} {name}")
+
+
 def test_mask_size_check_names_both_files():
     check_mask_size("img.png", (10, 20), "mask.png", (10, 20))
     with pytest.raises(BadImageError) as error:
@@ -229,6 +271,23 @@ def test_mask_resize_matches_the_reference(size):
     image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
     reference = T.Compose([T.Resize((size, size)), T.ToTensor()])(image)[0] > 0.5
     np.testing.assert_array_equal(resize_mask(mask, (size, size)), reference.numpy())
+
+
+@pytest.mark.parametrize("out_hw", [(48, 40), (16, 16), (300, 260)])
+def test_mask_resize_of_the_anomalous_rows_equals_one_pillow_resize(out_hw):
+    # Only the rows between the first and the last anomalous one take Pillow's row pass: bit for bit one resize.
+    rng = np.random.default_rng(sum(out_hw))
+    for trial in range(12):
+        mask = np.zeros((int(rng.integers(20, 200)), int(rng.integers(20, 200))), dtype=bool)
+        for _ in range(trial % 4):  # none to three blobs, anywhere (edges included)
+            top, left = rng.integers(0, mask.shape[0]), rng.integers(0, mask.shape[1])
+            mask[top : top + int(rng.integers(1, 30)), left : left + int(rng.integers(1, 30))] = True
+        image = Image.fromarray(mask.astype(np.uint8) * 255)
+        height, width = out_hw
+        whole = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)) > 127
+        resized = resize_mask_image(image, out_hw)
+        assert resized.dtype == bool and resized.shape == out_hw
+        np.testing.assert_array_equal(resized, whole, err_msg=f"trial {trial}")
 
 
 @pytest.mark.parametrize("height,width", [(1000, 1500), (1168, 1284), (1500, 1000), (64, 64)])

@@ -46,7 +46,7 @@ def test_cached_items_equal_decoded_ones_and_need_no_decoding(tmp_path, layout, 
     assert first.dataset.cache.hits == 0 and first.dataset.cache.misses > 0
     # The second run reads only cache entries: decoding would fail now.
     monkeypatch.setattr("anovl.data.dataset.load_rgb_resized", None)
-    monkeypatch.setattr("anovl.data.dataset.load_mask", None)
+    monkeypatch.setattr("anovl.data.dataset.load_mask_image", None)
     monkeypatch.setattr("anovl.data.decoded_cache.hashlib.file_digest", None)  # nor hash unchanged files again
     second = make(decoded_cache_gb=1)
     assert_same_items(items(second), decoded)

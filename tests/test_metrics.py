@@ -333,6 +333,9 @@ def test_region_size_map_matches_a_flood_fill():
     for mask, sizes in zip(masks > 0.5, stacked):
         assert np.array_equal(functional.region_size_map(mask), naive_region_size_map(mask))
         assert np.array_equal(sizes, naive_region_size_map(mask))  # no region crosses images of a stack
+    for empty in (np.zeros((5, 4), dtype=bool), np.zeros((2, 5, 4), dtype=bool)):
+        sizes = functional.region_size_map(empty)
+        assert sizes.dtype == stacked.dtype == np.int32 and sizes.shape == empty.shape and not sizes.any()
 
 
 def test_region_sizes_from_the_loader_give_the_same_metrics():

@@ -33,11 +33,11 @@ from anovl.data.image_io import (
     BadImageError,
     check_mask_size,
     check_pixel_budget,
-    load_mask,
+    load_mask_image,
     load_rgb,
     load_rgb_resized,
 )
-from anovl.data.transforms import resize_mask, shorter_side_size
+from anovl.data.transforms import resize_mask_image, shorter_side_size
 from anovl.metrics.functional import region_size_map
 
 OnBadImage = Literal["error", "skip"]
@@ -148,7 +148,7 @@ class AnomalyDataset(Dataset):
         mask, _ = self._cached(
             sample.mask_path,
             ("mask", self.nonzero_masks, sample.label, image_hw, out_hw),
-            lambda: (resize_mask(self.read_mask(sample, image_hw), out_hw), image_hw),
+            lambda: (resize_mask_image(self.read_mask(sample, image_hw), out_hw), image_hw),
         )
         return mask > 0
 
@@ -183,12 +183,13 @@ class AnomalyDataset(Dataset):
         check_pixel_budget(sample.image_path, "image", *out_hw, "resized")
         return out_hw
 
-    def read_mask(self, sample: Sample, image_hw: tuple[int, int]) -> np.ndarray:
-        """The mask of a sample at its image's size; BadImageError if unusable or, for an anomalous image, empty."""
+    def read_mask(self, sample: Sample, image_hw: tuple[int, int]) -> Image.Image:
+        """The mask of a sample at its image's size (an ``L`` image of 0 and 255); BadImageError if unusable or,
+        for an anomalous image, empty."""
         assert sample.mask_path is not None, "called for samples with a mask"
-        mask = load_mask(sample.mask_path, self.nonzero_masks)
-        check_mask_size(sample.image_path, image_hw, sample.mask_path, mask.shape)
-        if sample.label == 1 and not mask.any():
+        mask = load_mask_image(sample.mask_path, self.nonzero_masks)
+        check_mask_size(sample.image_path, image_hw, sample.mask_path, (mask.height, mask.width))
+        if sample.label == 1 and not np.asarray(mask).any():
             raise BadImageError(
                 f"Mask {sample.mask_path} of anomalous image {sample.image_path} marks no pixel as "
                 "anomalous (see the mask rule in anovl.data.image_io); fix the mask"

@@ -117,13 +117,33 @@ def load_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
     :data:`MAX_MID_RANGE_FRACTION` of its pixels in the middle half of the range, as in a photo) raises
     :class:`BadImageError`.
     """
+    return np.asarray(load_mask_image(path, nonzero)) > 0
+
+
+def load_mask_image(path: str | Path, nonzero: bool = False) -> Image.Image:
+    """:func:`load_mask` as an ``L`` image of 0 (normal) and 255 (anomalous), ready for a Pillow resize.
+
+    8-bit and 1-bit masks (MVTec's, VisA's) are judged from their histogram and cut with a lookup table, never
+    leaving Pillow; other modes go through float64 values.
+    """
     with _open_upright(path, "mask") as mask:
+        what = f"Mask {path} (mode {mask.mode})"
         try:
+            if mask.mode in ("1", "L"):
+                return _binarise_8bit(mask if mask.mode == "L" else mask.convert("L"), nonzero, what)
             values = _mask_values(mask)
+        except BadImageError:
+            raise
         except Exception as error:
             raise _bad_file_error(path, "mask", error) from error
-        mode = mask.mode
-    return _binarise(values, nonzero, f"Mask {path} (mode {mode})")
+    if np.isnan(values).any() or values.min() < 0:
+        raise BadImageError(f"{what} holds negative or NaN values, which no mask rule reads; {_FIX}")
+
+    def count_between(low: float, high: float) -> int:
+        return int(np.count_nonzero((values > low) & (values < high)))
+
+    cut = _mask_cut(float(values.max()), count_between, values.size, nonzero, what)
+    return Image.fromarray((values > cut).astype(np.uint8) * 255)
 
 
 def check_mask_size(
@@ -206,23 +226,33 @@ def _mask_values(mask: Image.Image) -> np.ndarray:
     return colour
 
 
-def _binarise(values: np.ndarray, nonzero: bool, what: str) -> np.ndarray:
-    if np.isnan(values).any() or values.min() < 0:
-        raise BadImageError(f"{what} holds negative or NaN values, which no mask rule reads; {_FIX}")
-    high = values.max()
-    if high == 0:
-        return np.zeros(values.shape, dtype=bool)
-    soft = (values > 0) & (values < high)
-    if not soft.any():  # zero and one other value: binary at any depth
-        return values > 0
+def _binarise_8bit(mask: Image.Image, nonzero: bool, what: str) -> Image.Image:
+    """The rule on an ``L`` image, from its histogram; a 0/255 mask comes back as it is."""
+    counts = np.asarray(mask.histogram())
+    levels = np.arange(256)
+
+    def count_between(low: float, high: float) -> int:
+        return int(counts[(levels > low) & (levels < high)].sum())
+
+    cut = _mask_cut(float(levels[counts > 0].max()), count_between, mask.width * mask.height, nonzero, what)
+    if not counts[1:255].any():
+        return mask  # 0 and 255 only: the cut (below 255) changes nothing
+    return mask.point([255 if level > cut else 0 for level in levels])
+
+
+def _mask_cut(high: float, count_between: Callable[[float, float], int], size: int, nonzero: bool, what: str) -> float:
+    """The mask rule: anomalous pixels are those above the returned value. ``high`` is the largest value (none
+    negative); ``count_between(low, high)`` counts the pixels strictly between two values."""
+    if high == 0 or count_between(0, high) == 0:  # empty, or zero and one other value: binary at any depth
+        return 0.0
     scale = next(full for full in _MASK_RANGES if high <= full)
-    mid_range = np.count_nonzero((values > 0.25 * scale) & (values < 0.75 * scale)) / values.size
+    mid_range = count_between(0.25 * scale, 0.75 * scale) / size
     if mid_range > MAX_MID_RANGE_FRACTION:
         raise BadImageError(
             f"{what} does not look like a mask: {100 * mid_range:.0f}% of its pixels are mid-range values "
             f"(0..{scale:g}); is it an image saved as a mask? {_FIX}"
         )
-    return values > 0 if nonzero else values > scale / 2
+    return 0.0 if nonzero else scale / 2
 
 
 def _bad_file_error(path: str | Path, kind: str, error: BaseException) -> BadImageError:

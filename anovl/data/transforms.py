@@ -35,10 +35,27 @@ def resize_image(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Resize a ``bool H×W`` mask as the reference does: bilinear on a 0/255 image, then > 0.5 of the range."""
+    return resize_mask_image(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"), size_hw)
+
+
+def resize_mask_image(mask: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
+    """:func:`resize_mask` of an ``L`` image of 0 and 255 (:func:`~anovl.data.image_io.load_mask_image`).
+
+    Pillow resizes rows first, each on its own, then columns. Rows without an anomalous pixel give zero rows, so
+    only the rows between the first and the last anomalous one go through the row pass (a defect covers a small
+    band of a 1024 px mask); the column pass then runs on the whole height as in one ``resize`` call: the same
+    pixels, bit for bit.
+    """
     height, width = size_hw
-    image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    rows = np.flatnonzero(np.asarray(mask).any(axis=1))
+    if rows.size == 0:
+        return np.zeros(size_hw, dtype=bool)
+    first, last = int(rows[0]), int(rows[-1]) + 1
+    band = mask.crop((0, first, mask.width, last)).resize((width, last - first), Image.Resampling.BILINEAR)
+    rows_resized = Image.new("L", (width, mask.height))
+    rows_resized.paste(band, (0, first))
     # ToTensor divides by 255, so "> 0.5" is "> 127.5", i.e. >= 128 on the 8-bit values.
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)) > 127
+    return np.asarray(rows_resized.resize((width, height), Image.Resampling.BILINEAR)) > 127
 
 
 def normalize(rgb: np.ndarray) -> torch.Tensor:

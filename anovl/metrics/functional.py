@@ -35,6 +35,8 @@ def region_size_map(anomalous: np.ndarray) -> np.ndarray:
 
     The loader computes it where the mask is decoded, so that the metrics never label regions on the host.
     """
+    if not anomalous.any():  # a normal image's mask: nothing to label
+        return np.zeros(anomalous.shape, dtype=np.int32)
     structure = _PER_IMAGE_8_CONNECTIVITY if anomalous.ndim == 3 else _PER_IMAGE_8_CONNECTIVITY[1]
     labels, _ = ndimage.label(anomalous, structure=structure)
     counts = np.bincount(labels.ravel())
