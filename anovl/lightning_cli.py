@@ -272,7 +272,7 @@ class AnovlCLI(LightningCLI):
             run_dir=self.given_run_dir if self.resume_dir is None else None,
             **engine,
         )
-        self.model = self.engine.prepare(self.model, self.datamodule, str(self.subcommand))
+        self.model = self.engine.prepare(self.model, self.datamodule, str(self.subcommand), config.get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
@@ -293,9 +293,7 @@ class AnovlCLI(LightningCLI):
             rank_zero_info(f"Trained {model.label}: {last}; test it with anovl test --config ... --ckpt_path {last}")
 
     def test(self, **kwargs: Any) -> None:
-        if kwargs.get("ckpt_path"):
-            check_checkpoint_file(kwargs["ckpt_path"], self.model.model)
-        self.engine.test(**kwargs)
+        self.engine.test(**kwargs)  # prepare (after_instantiate_classes) has loaded a ckpt_path
 
     def predict(self, **kwargs: Any) -> None:
         self.engine.predict(**kwargs)

@@ -50,12 +50,14 @@ def test_label_names_what_differs_from_the_published_settings(model):
         f"AnomalyCLIP[backbone=anovl-tiny-vit-text3;{config}deep_tokens_float16=False;depth=2;dpam_blocks=2;"
         "image_size=64;init_seed=0;layers=1,3;n_ctx=4;pretrained=None;sigma=0;t_n_ctx=2]"
     )
-    # Learned weights are no setting of the label, but results.json records them.
+    # Trained prompts (unlike the seeded initial ones) are named in the label by their fingerprint.
     before = model.settings()["prompt_weights"]
     trained = make()
     with torch.no_grad():
         trained.prompts.context.add_(1.0)
-    assert trained.label == model.label and trained.settings()["prompt_weights"] != before
+    fingerprint = trained.settings()["prompt_weights"]
+    assert fingerprint != before and "prompt_weights" not in model.label
+    assert f";prompt_weights={fingerprint};" in trained.label
 
 
 def test_maps_and_scores_against_a_naive_restatement(model):

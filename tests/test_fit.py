@@ -224,9 +224,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path):
 
 
 def run_main(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    """The exit code (0 where ``main`` returns) and stderr of an in-process ``anovl`` command."""
+    try:
         main(args)
-    return exit_info.value.code, capsys.readouterr().err
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
 
 
 def test_bad_input_gets_one_line(data_root, tmp_path, capsys, monkeypatch):
@@ -377,3 +381,39 @@ def test_threshold_calibration_refuses_scores_normalised_per_category(tmp_path):
     writer = AnomalyMapWriter(normal_images=str(tmp_path))
     with pytest.raises(AnovlError, match="normalised over a whole category"):
         writer.on_predict_start(None, SimpleNamespace(model=few_shot))
+
+
+def test_trained_heads_name_the_label_and_resume_refuses_other_heads(data_root, tmp_path, capsys, monkeypatch):
+    _, trainer = fit(data_root, tmp_path / "fit", epochs=1)
+    trained = Path(trainer.checkpoint_callback.last_model_path)
+    # Other heads: the same checkpoint with one weight moved.
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["state_dict"]["model.heads.0.bias"] += 1
+    other = tmp_path / "other.ckpt"
+    torch.save(checkpoint, other)
+    fingerprints = [tiny_aprilgan(checkpoint=path).heads_fingerprint() for path in (trained, other)]
+    assert fingerprints[0] != fingerprints[1] and "heads" not in tiny_aprilgan().label
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "test"
+    test_args = [
+        "test",
+        *TINY,
+        "--data",
+        "anovl.data.SyntheticMVTecDataModule",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.generate",
+        "false",
+        "--data.init_args.categories",
+        "[widget]",
+    ]
+    code, err = run_main([*test_args, "--run_dir", str(run), "--ckpt_path", str(trained)], capsys)
+    assert code == 0, err
+    label = yaml.safe_load((run / "results.json").read_text())["label"]
+    assert f"heads={fingerprints[0]}" in label  # known before the run starts (W&B names, compare, grid)
+    # --resume with the run's own checkpoint goes on; with other heads it is refused in one line.
+    code, err = run_main([*test_args, "--resume", str(run), "--ckpt_path", str(trained)], capsys)
+    assert code == 0, err
+    code, err = run_main([*test_args, "--resume", str(run), "--ckpt_path", str(other)], capsys)
+    assert code == 2 and err.count("anovl: error:") == 1 and "heads" in err, err

@@ -112,7 +112,7 @@ class Engine:
     def test(self, model: AnomalyModel | AnomalyModule, datamodule: Any, **trainer_kwargs: Any) -> ResultsTable:
         """Per-category metrics of ``model`` on ``datamodule``, results files, pictures, loggers; returns the
         results table (the earlier run's where ``resume`` finds nothing left to run)."""
-        module = self._module_for(model, datamodule, "test")
+        module = self._module_for(model, datamodule, "test", trainer_kwargs.get("ckpt_path"))
         if self.finished is not None:
             rank_zero_info(f"All categories of {self.resume_dir} are finished; nothing to resume.")
             self.finished.print()
@@ -124,7 +124,7 @@ class Engine:
 
     def predict(self, model: AnomalyModel | AnomalyModule, datamodule: Any, **trainer_kwargs: Any) -> None:
         """Anomaly maps and scores of ``datamodule``'s images, written by the predictions writer."""
-        module = self._module_for(model, datamodule, "predict")
+        module = self._module_for(model, datamodule, "predict", trainer_kwargs.get("ckpt_path"))
         # The writer saves every map; keeping them all in memory as well would only cost RAM.
         if trainer_kwargs.get("return_predictions") is None:
             trainer_kwargs["return_predictions"] = False
@@ -135,13 +135,20 @@ class Engine:
 
     # ----------------------------------------------------------------- preparing a run
 
-    def prepare(self, model: AnomalyModel, datamodule: Any, stage: str) -> AnomalyModule:
+    def prepare(
+        self, model: AnomalyModel, datamodule: Any, stage: str, ckpt_path: str | Path | None = None
+    ) -> AnomalyModule:
         """Wrap ``model`` for ``stage`` and check everything that can be checked before the trainer starts: the
         data's image size, the data's listing (a wrong root fails here, and synthetic data is generated once), and
         for ``resume`` the earlier run's settings. Called by :meth:`test` / :meth:`predict`; the CLI calls it as
-        soon as it has built its objects."""
+        soon as it has built its objects. A ``test`` / ``predict`` checkpoint file (``ckpt_path``) is loaded
+        here, so that the label, the W&B names and ``resume``'s check see the trained weights."""
         if self.seed is not None and self.trainer is None:
             seed_everything(self.seed, verbose=False)
+        if stage != "fit" and ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            from anovl.models.checkpoints import load_trained_weights
+
+            load_trained_weights(model, str(ckpt_path))
         model_size = model_input_size(model)
         data_size = getattr(datamodule, "image_size", None)
         if isinstance(data_size, int) and data_size != model_size:
@@ -166,12 +173,14 @@ class Engine:
         self.module = module
         return module
 
-    def _module_for(self, model: AnomalyModel | AnomalyModule, datamodule: Any, stage: str) -> AnomalyModule:
+    def _module_for(
+        self, model: AnomalyModel | AnomalyModule, datamodule: Any, stage: str, ckpt_path: str | Path | None
+    ) -> AnomalyModule:
         if isinstance(model, AnomalyModule):
             if model is not self.module:
                 raise AnovlError("give the Engine the method (an AnomalyModel); it wraps it in AnomalyModule itself")
             return model
-        return self.prepare(model, datamodule, stage)
+        return self.prepare(model, datamodule, stage, ckpt_path)
 
     def _trainer(self, model: AnomalyModel | None = None, datamodule: Any = None, stage: str = "test") -> Trainer:
         if self.trainer is None:

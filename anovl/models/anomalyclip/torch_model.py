@@ -170,6 +170,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
         self.prompts = LearnedPrompts(n_ctx, depth, t_n_ctx, self.text_tower.width, prompt_seed)
         token_ids, self.context_start = self._prompt_tokens()
         self.register_buffer("token_ids", token_ids, persistent=False)
+        self._initial_prompts = self.prompt_fingerprint()
         if checkpoint is not None:
             from anovl.models.checkpoints import load_trained_weights  # noqa: PLC0415 - the checkpoints import models
 
@@ -352,8 +353,8 @@ class AnomalyCLIP(CLIPAnomalyModel):
                 "image_norm": False,
                 "prompt_seed": self.prompt_seed,
                 "position_interpolation": "bilinear",
-                # learned weights are not a setting: the label does not name them
-                "prompt_weights": self.prompt_fingerprint(),
+                # trained or loaded prompts differ from the seeded initial ones: the label names their fingerprint
+                "prompt_weights": self._initial_prompts,
             }
         )
 

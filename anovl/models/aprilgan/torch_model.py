@@ -144,6 +144,7 @@ class AprilGAN(CLIPAnomalyModel):
             torch.manual_seed(init_seed)
             self.heads = nn.ModuleList(nn.Linear(width, embed_dim) for _ in self.layers).to(self.device)
         self._memory: dict[str, list[torch.Tensor]] = {}  # category → per few-shot block, (M, width) normalised
+        self._initial_heads = self.heads_fingerprint()
         self.checkpoint = None
         if checkpoint is not None:
             from anovl.models.checkpoints import load_trained_weights
@@ -174,9 +175,9 @@ class AprilGAN(CLIPAnomalyModel):
         }
 
     def reference_settings(self) -> dict[str, Any]:
-        # The heads' weights are named by their fingerprint in results.json (so --resume compares them) but
-        # not in the label: a label says which settings differ, and the weights are what training gives.
-        return {**REFERENCE_SETTINGS, "heads": self.heads_fingerprint()}
+        # Trained or loaded heads differ from the seeded initial ones: their fingerprint goes into the label, so
+        # that runs of two trainings get two labels (compare, grid, W&B).
+        return {**REFERENCE_SETTINGS, "heads": self._initial_heads}
 
     @property
     def variant(self) -> str:
