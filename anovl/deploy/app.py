@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from anovl.data.image_io import BadImageError, load_rgb
@@ -32,6 +31,7 @@ from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
 from anovl.io import html_text, write_file
 from anovl.io.safe_names import safe_component
+from anovl.models.base import AnomalyModel
 from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.thresholds import check_threshold
 from anovl.visualization import overlay
@@ -52,7 +52,7 @@ class Analyzer:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: AnomalyModel,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         max_upload_mb: float = MAX_UPLOAD_MB,
@@ -134,6 +134,7 @@ class Analyzer:
             raise AnovlError(f"this exported model knows the classes {', '.join(self.fixed_classes)}, not {category!r}")
         self._remove_old_outputs()
         rgb = self.load(path)
+        assert path is not None, "load() refuses a missing upload"
         image_threshold, pixel_threshold = self.thresholds(category)
         notes = []
         if pixel_threshold is None:
@@ -141,6 +142,7 @@ class Analyzer:
             notes.append(f"no pixel threshold was given: the mask marks map values at or above {pixel_threshold:g}")
         result = predict(self.model, rgb, category, image_threshold, pixel_threshold)
         verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
+        assert result.pred_mask is not None, "a pixel threshold is always given"
         mask = result.pred_mask.astype(np.uint8) * 255
         # The class comes from the page: the file name must not let it choose a folder; the token keeps
         # concurrent requests (the same image and class, say) from sharing a file.
@@ -244,7 +246,7 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = (), keep_files_s: int
     return demo
 
 
-def load_app_model(args: argparse.Namespace, overrides: dict[str, Any]) -> torch.nn.Module:
+def load_app_model(args: argparse.Namespace, overrides: dict[str, Any]) -> AnomalyModel:
     if args.exported:
         if args.config or args.weights or overrides:
             raise AnovlError(

@@ -21,21 +21,24 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
-from torch import nn
 
 from anovl.deploy.sidecar import FORMATS, INPUT_NAMES, OUTPUT_NAMES, ExportClass, Sidecar, sidecar_path
 from anovl.errors import AnovlError
 from anovl.io import make_folder, refuse_links, replace_together, write_error
 from anovl.thresholds import check_threshold
 
+if TYPE_CHECKING:  # the one method with an export hook so far, and its graph
+    from anovl.models.anovl.export import ExportableAnoVL
+    from anovl.models.anovl.torch_model import AnoVL
+
 ONNX_OPSET = 18  # GridSample with reflection padding needs opset >= 16
 
 
 @contextlib.contextmanager
-def _views_set_to(model: nn.Module, num_views: int) -> Iterator[None]:
+def _views_set_to(model: AnoVL, num_views: int) -> Iterator[None]:
     before = model.num_views
     model.num_views = num_views
     try:
@@ -44,7 +47,7 @@ def _views_set_to(model: nn.Module, num_views: int) -> Iterator[None]:
         model.num_views = before
 
 
-def build_exportable(model: nn.Module, classes: Sequence[ExportClass], num_views: int | None = None) -> nn.Module:
+def build_exportable(model: AnoVL, classes: Sequence[ExportClass], num_views: int | None = None) -> ExportableAnoVL:
     """The export graph of ``model`` for ``classes`` (in this index order), from the method's export hook."""
     hook = getattr(model, "export_module", None)
     if hook is None:
@@ -62,13 +65,13 @@ def build_exportable(model: nn.Module, classes: Sequence[ExportClass], num_views
     return hook([(entry.category, entry.prompt_name) for entry in resolved], num_views)
 
 
-def example_inputs(module: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(module: ExportableAnoVL, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, module.image_size, module.image_size, generator=generator)
     return images, torch.arange(batch) % module.states.shape[0]
 
 
-def _write_onnx(module: nn.Module, path: Path) -> None:
+def _write_onnx(module: ExportableAnoVL, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecations are not the user's business
@@ -82,10 +85,11 @@ def _write_onnx(module: nn.Module, path: Path) -> None:
             dynamo=True,
             verbose=False,
         )
+    assert program is not None, "dynamo=True returns the program"
     program.save(str(path), external_data=False)
 
 
-def _write_openvino(module: nn.Module, path: Path) -> None:
+def _write_openvino(module: ExportableAnoVL, path: Path) -> None:
     import openvino as ov
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -96,7 +100,7 @@ def _write_openvino(module: nn.Module, path: Path) -> None:
     ov.save_model(converted, str(path), compress_to_fp16=False)
 
 
-def _write_torchscript(module: nn.Module, path: Path) -> None:
+def _write_torchscript(module: ExportableAnoVL, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on shapes read as Python numbers (they are fixed by S)
         traced = torch.jit.trace(module, example_inputs(module), check_trace=False)
@@ -111,7 +115,7 @@ WRITERS = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _wri
 
 
 def export_model(
-    model: nn.Module,
+    model: AnoVL,
     classes: Sequence[ExportClass | str],
     output: str | os.PathLike,
     format: str = "onnx",
@@ -124,11 +128,11 @@ def export_model(
     """
     if format not in FORMATS:
         raise AnovlError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    classes = [(ExportClass.parse(entry) if isinstance(entry, str) else entry).resolved() for entry in classes]
-    for entry in classes:
+    entries = [(ExportClass.parse(entry) if isinstance(entry, str) else entry).resolved() for entry in classes]
+    for entry in entries:
         check_threshold(f"the image threshold of {entry.category}", entry.image_threshold)
         check_threshold(f"the pixel threshold of {entry.category}", entry.pixel_threshold)
-    module = build_exportable(model, classes, num_views)
+    module = build_exportable(model, entries, num_views)
     path = Path(output).expanduser()
     if not path.suffix:
         path = path.with_suffix(FORMATS[format])
@@ -141,7 +145,7 @@ def export_model(
     sidecar = Sidecar(
         format=format,
         image_size=model.image_size,
-        classes=list(classes),
+        classes=entries,
         num_views=module.num_views,
         label=label,
         settings=settings,

@@ -87,7 +87,7 @@ class Prediction:
 
 def _as_rgb(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
-        return load_rgb(image)
+        return load_rgb(Path(image))
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     array = np.asarray(image)
@@ -118,14 +118,14 @@ def prepare(
     return resized, normalize(resized).unsqueeze(0)
 
 
-def model_preprocessing(model: torch.nn.Module) -> Preprocessing:
+def model_preprocessing(model: AnomalyModel) -> Preprocessing:
     method = getattr(model, "preprocessing", None)
     return method() if callable(method) else Preprocessing(model.image_size)
 
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module,
+    model: AnomalyModel,
     image: str | os.PathLike | Image.Image | np.ndarray,
     category: str,
     image_threshold: float | None = None,
@@ -283,6 +283,7 @@ class ExportedModel(AnomalyModel):
             with torch.no_grad():
                 maps, scores = self.scripted(images.float(), class_index.to(images.device))
         else:
+            assert self._runner is not None, "__init__ sets a runner where there is no TorchScript module"
             maps, scores = (
                 torch.from_numpy(np.asarray(output)).to(images.device)
                 for output in self._runner(images.detach().float().cpu().contiguous().numpy(), class_index.numpy())

@@ -58,8 +58,8 @@ class Preprocessing:
     """How images must be prepared for a model: bilinear resize to ``image_size`` and normalisation."""
 
     image_size: int
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
+    mean: tuple[float, ...] = CLIP_MEAN  # an exported model's sidecar may say otherwise (then refused)
+    std: tuple[float, ...] = CLIP_STD
     interpolation: str = "bilinear"
 
 
