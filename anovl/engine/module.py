@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -51,6 +52,7 @@ from anovl.models.checkpoints import (
     checkpoint_metadata,
     lightning_trained_state,
     load_trained_state,
+    trained_module,
     trained_prefix,
 )
 from anovl.models.components.tiling import tile_batch, untile
@@ -266,7 +268,7 @@ class AnomalyModule(LightningModule):
         self._resumed = earlier
 
     def on_test_start(self) -> None:
-        datamodule = self.trainer.datamodule
+        datamodule = getattr(self.trainer, "datamodule", None)  # set by Lightning, not declared on Trainer
         categories = getattr(datamodule, "categories", None)
         if categories is None:
             raise AnovlError("test needs a datamodule with a 'categories' list (e.g. MVTecDataModule)")
@@ -315,7 +317,7 @@ class AnomalyModule(LightningModule):
         self._holding = self.model.scores_need_category
         self._held = {}
         self._released = []
-        self._categories = list(getattr(self.trainer.datamodule, "categories", None) or ())
+        self._categories = list(getattr(getattr(self.trainer, "datamodule", None), "categories", None) or ())
         if self._holding and self.trainer.world_size > 1 and not self._categories:
             raise AnovlError(
                 f"{self.label}'s image scores need whole categories, which several processes can only gather "
@@ -323,6 +325,7 @@ class AnomalyModule(LightningModule):
             )
 
     def _log_category(self, category: str) -> None:
+        assert self.results is not None, "on_test_start makes the table"
         self._log_metrics({f"{category}/{name}": value for name, value in self.results.rows[category].items()})
 
     @staticmethod
@@ -338,13 +341,15 @@ class AnomalyModule(LightningModule):
         if self._sampler is None or self._sampler.drop_last:
             return keep
         positions = self._sampler.rank + self._sampler.num_replicas * torch.arange(first, first + batch_size)
-        return positions < len(self._sampler.dataset)
+        return positions < len(cast(Sized, self._sampler.dataset))  # torch's Dataset type declares no __len__
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         """Updates the category metrics; returns, for callbacks, the real (not padded) images' ``batch`` entries
         with ``anomaly_map`` and ``pred_score`` added (see :meth:`_final_outputs`)."""
         outputs = self._outputs(batch)
+        assert self.results is not None, "on_test_start makes the table"
         for run in category_runs(list(outputs["category"])) if outputs is not None else ():
+            assert outputs is not None, "runs only come from real images"
             category = outputs["category"][run.start]
             if category not in self._metrics:
                 raise AnovlError(f"category {category!r} of a batch is not among the datamodule's categories")
@@ -375,11 +380,15 @@ class AnomalyModule(LightningModule):
 
     def _update_metrics(self, category: str, outputs: dict[str, Any]) -> None:
         regions = outputs.get("region_sizes")
+        maps, masks, scores, labels = (
+            value.to(self.device)
+            for value in (outputs["anomaly_map"], outputs["mask"], outputs["pred_score"], outputs["label"])
+        )
         self._metrics[category].update(
-            *(
-                value.to(self.device)
-                for value in (outputs["anomaly_map"], outputs["mask"], outputs["pred_score"], outputs["label"])
-            ),
+            maps,
+            masks,
+            scores,
+            labels,
             outputs["has_mask"].to(self.device),
             None if regions is None else regions.to(self.device),
         )
@@ -411,7 +420,7 @@ class AnomalyModule(LightningModule):
                 if held
                 else torch.empty(0),
             )
-            shares = [mine]
+            shares: list[Any] = [mine]  # all_gather_object fills in every process's (untyped)
             if self.trainer.world_size > 1:
                 shares = [None] * self.trainer.world_size
                 torch.distributed.all_gather_object(shares, mine)
@@ -441,6 +450,7 @@ class AnomalyModule(LightningModule):
         return _concatenate(released) if released else None
 
     def _finish_category(self, category: str) -> None:
+        assert self.results is not None, "on_test_start makes the table"
         if category in self.results.rows:
             return
         if self.trainer.world_size == 1:
@@ -463,6 +473,7 @@ class AnomalyModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         for category in self._metrics:
             self._finish_category(category)
+        assert self.results is not None, "on_test_start makes the table"
         self._log_metrics({f"mean/{name}": value for name, value in self.results.mean().items()})
         if self.trainer.is_global_zero:
             self.results.print()
@@ -494,9 +505,9 @@ class AnomalyModule(LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         """The datamodule's labelled images (its test split with masks), in :class:`TrainingSampler`'s order."""
-        datamodule = self.trainer.datamodule
+        datamodule = getattr(self.trainer, "datamodule", None)
         dataset = getattr(datamodule, "dataset", None)
-        if dataset is None or not hasattr(dataset, "samples"):
+        if datamodule is None or dataset is None or not hasattr(dataset, "samples"):
             raise AnovlError(
                 "fit needs one of anovl's datamodules (MVTec, VisA, Folder, synthetic), whose labelled "
                 "images with masks are the training data"
@@ -562,7 +573,7 @@ class AnomalyModule(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trained_prefix(self.model)  # a training-free method stops here with a clear error
-        return self.model.configure_optimizer(self.model.trained_module().parameters())
+        return self.model.configure_optimizer(trained_module(self.model).parameters())
 
     def configure_callbacks(self) -> list[Callback]:
         if self._trainer is None or self.trainer.state.fn != "fit":
@@ -577,6 +588,7 @@ class AnomalyModule(LightningModule):
             batch["image"], batch["mask"], list(batch["category"]), list(batch["prompt_name"])
         )
         loss = sum(losses.values())
+        assert isinstance(loss, torch.Tensor), "a method gives at least one loss term"
         size = len(batch["category"])
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
