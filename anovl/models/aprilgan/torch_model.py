@@ -34,6 +34,7 @@ from anovl.models.aprilgan.prompts import AprilGANPrompts
 from anovl.models.base import ModelOutput
 from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.components.losses import binary_dice_loss, focal_loss
+from anovl.models.components.scoring import block_sum
 from anovl.models.registry import register_method
 
 LOGIT_SCALE = 100.0  # the authors' fixed scale of cosine similarities (not the CLIP's logit_scale)
@@ -125,7 +126,7 @@ class AprilGAN(CLIPAnomalyModel):
             or not all(0 <= beta < 1 for beta in betas)
         ):
             raise AnovlError(f"lr must be positive and betas two numbers in [0, 1), got lr={lr!r}, betas={betas!r}")
-        self.lr, self.betas = float(lr), tuple(float(beta) for beta in betas)
+        self.lr, self.betas = float(lr), (float(betas[0]), float(betas[1]))
         if few_shot_images is not None and "{category}" not in str(few_shot_images):
             raise AnovlError(
                 f"few_shot_images must contain '{{category}}' (e.g. data/mvtec/{{category}}/train/good), "
@@ -227,8 +228,8 @@ class AprilGAN(CLIPAnomalyModel):
         target = (masks > 0.5).to(images.dtype)
         probabilities = self.layer_probabilities(tokens, states)
         return {
-            "focal": sum(focal_loss(p, target) for p in probabilities),
-            "dice": sum(binary_dice_loss(p[:, 1], target) for p in probabilities),
+            "focal": block_sum(focal_loss(p, target) for p in probabilities),
+            "dice": block_sum(binary_dice_loss(p[:, 1], target) for p in probabilities),
         }
 
     # ----------------------------------------------------------------- few-shot
@@ -315,7 +316,7 @@ class AprilGAN(CLIPAnomalyModel):
             distances = [
                 1 - (F.normalize(layer[index], dim=-1) @ memory.T).amax(dim=1) for layer, memory in zip(tokens, bank)
             ]
-            maps.append(sum(self._upsample(distance.view(1, -1, 1))[0, 0] for distance in distances))
+            maps.append(block_sum(self._upsample(distance.view(1, -1, 1))[0, 0] for distance in distances))
         return torch.stack(maps)
 
     @torch.no_grad()
@@ -337,7 +338,7 @@ class AprilGAN(CLIPAnomalyModel):
         by_layer = dict(zip(wanted, tokens))
         states = self.states(categories, prompt_names, images.device)
         probabilities = self.layer_probabilities([by_layer[layer] for layer in self.layers], states)
-        anomaly_map = sum(p[:, 1] for p in probabilities)
+        anomaly_map = block_sum(p[:, 1] for p in probabilities)
         similarity = torch.einsum("bd,bkd->bk", F.normalize(image_embeddings, dim=-1), states)
         pred_score = (LOGIT_SCALE * similarity).softmax(dim=-1)[:, 1]
         few_shot_map = (

@@ -5,12 +5,20 @@ per-pixel logits that a joint adaptation of a wide image's tiles takes its loss 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from anovl.data.transforms import stitch_tiles, tile_offsets
+
+
+def block_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` of per-block maps or losses, typed as the tensor it is: a method has at least one block, so
+    it is never ``sum``'s 0 of nothing."""
+    total = sum(terms)
+    assert isinstance(total, torch.Tensor), "at least one block"
+    return total
 
 
 def abnormal_probability(tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
