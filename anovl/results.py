@@ -221,7 +221,7 @@ class ResultsTable:
             for kind in THRESHOLD_KEYS.values()
         }
 
-    def records(self) -> list[dict[str, object]]:
+    def records(self) -> list[dict[str, Any]]:
         """One dict per category, then the mean row: category, images, and the metrics in percent."""
         rows = [(category, self.image_counts[category], row) for category, row in self.rows.items()]
         rows.append((MEAN_ROW, sum(self.image_counts.values()), self.mean()))
