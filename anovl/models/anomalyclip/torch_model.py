@@ -19,6 +19,7 @@ from anovl.errors import AnovlError
 from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.components.losses import binary_dice_loss, focal_loss
+from anovl.models.components.scoring import block_sum
 from anovl.models.components.smoothing import gaussian_blur
 from anovl.models.registry import register_method
 
@@ -93,6 +94,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
     """
 
     method = "AnomalyCLIP"
+    token_ids: torch.Tensor  # a buffer, declared so that its type is known
 
     def __init__(
         self,
@@ -297,9 +299,11 @@ class AnomalyCLIP(CLIPAnomalyModel):
         target = (masks > 0.5).to(images.dtype)
         labels = target.flatten(1).amax(1).long()
         return {
-            "focal": MAP_LOSS_WEIGHT * sum(focal_loss(p, target) for p in probabilities),
+            "focal": MAP_LOSS_WEIGHT * block_sum(focal_loss(p, target) for p in probabilities),
             "dice": MAP_LOSS_WEIGHT
-            * sum(binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target) for p in probabilities),
+            * block_sum(
+                binary_dice_loss(p[:, 1], target) + binary_dice_loss(p[:, 0], 1 - target) for p in probabilities
+            ),
             "image": F.cross_entropy(image_logits, labels),
         }
 
@@ -382,7 +386,7 @@ def convert_authors_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Te
                 f"{tuple(getattr(value, 'shape', ()))}"
             )
         contexts.append(value[0, 0].float())
-    deep = []
+    deep: list[torch.Tensor] = []
     while f"compound_prompts_text.{len(deep)}" in state:
         deep.append(state[f"compound_prompts_text.{len(deep)}"].float())
     width = contexts[0].shape[-1]
