@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from anovl.cli import main
 from anovl.data import SyntheticMVTecDataModule
@@ -56,14 +56,14 @@ def datamodule(root, batch_size=2):
     return SyntheticMVTecDataModule(root, generate=False, categories=["widget"], image_size=64, batch_size=batch_size)
 
 
-def fit(root, save_dir, epochs, ckpt_path=None, batch_size=2, mosaic_rate=0.0, **trainer_args):
+def fit(root, save_dir, epochs, ckpt_path=None, batch_size=2, mosaic_rate=0.0, logger=None, **trainer_args):
     seed_everything(0)
     module = AnomalyModule(tiny_aprilgan(), mosaic_rate=mosaic_rate)
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        logger=CSVLogger(save_dir, name="fit"),
+        logger=logger or CSVLogger(save_dir, name="fit"),
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
@@ -117,6 +117,24 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(data_root, tmp_path):
         not torch.equal(value, heads(fit(data_root, tmp_path / "one", epochs=1)[0])[key])
         for key, value in heads(uninterrupted).items()
     )
+
+
+def test_loss_terms_learning_rate_and_epoch_time_reach_tensorboard(data_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, trainer = fit(data_root, tmp_path, epochs=2, logger=TensorBoardLogger(tmp_path, name="fit"))
+    (events,) = Path(trainer.logger.log_dir).glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    values = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    for name in ("focal", "dice", "loss", "lr"):
+        assert len(values[f"train/{name}_epoch"]) == 2 and len(values[f"train/{name}_step"]) == 6  # 6 images, batch 2
+    assert len(values["train/epoch_time_s"]) == 2 and all(seconds > 0 for seconds in values["train/epoch_time_s"])
+    assert values["train/lr_epoch"] == pytest.approx([1e-3, 1e-3])  # APRIL-GAN's Adam
+    # The total is the sum of the terms, step by step and in the epoch means.
+    for kind in ("step", "epoch"):
+        total = [a + b for a, b in zip(values[f"train/focal_{kind}"], values[f"train/dice_{kind}"])]
+        assert values[f"train/loss_{kind}"] == pytest.approx(total, rel=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
