@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
 import tempfile
@@ -44,7 +45,8 @@ DEMO_CLASSES = ("fabric", "widget")
 DEFAULT_PIXEL_THRESHOLD = 0.5  # without a recorded threshold: the abnormal state is the more probable one
 MAX_UPLOAD_MB = 20
 MAX_MEGAPIXELS = 40
-KEEP_FILES_S = 60  # uploads and outputs are deleted once unused this long
+KEEP_FILES_S = 60  # the app's mask files are deleted once this old (Gradio serves its own copy)
+ORPHAN_UPLOAD_S = 600  # an upload that no request uses is deleted this long after it came
 
 
 class Analyzer:
@@ -96,7 +98,9 @@ class Analyzer:
         if not path:
             raise AnovlError("upload an image first")
         if not os.path.isfile(path):
-            raise AnovlError("the upload is gone (uploads are deleted a while after use); upload the image again")
+            raise AnovlError(
+                "the upload is gone (each upload is deleted when its request ends); upload the image again"
+            )
         name = Path(path).name
         size = os.path.getsize(path)
         if size == 0:
@@ -166,45 +170,99 @@ class Analyzer:
 
 
 class UploadJanitor:
-    """Deletes each upload once it has not been used for ``keep_s`` seconds. Not at once: Gradio keeps identical
-    uploads under one content-hashed path, which a queued request may still need; and not by age since upload
-    (Gradio's ``delete_cache``), which would delete the upload of a request still waiting in the queue."""
+    """Deletes each upload when the last request that uses it ends, accepted or refused.
 
-    def __init__(self, keep_s: float):
-        self.keep_s = keep_s
-        self.last_use: dict[str, float] = {}
+    Gradio stores identical uploads (same bytes, same name) under one content-hashed path, so two strangers
+    uploading the same image at once get one file: deleting it when the first request ends would fail the
+    second, still queued. So every upload is counted when Gradio answers it (:class:`UploadCounter`, before
+    the client can submit a request), and each request's end takes one count off; the file (and its hash
+    folder, once empty) goes at zero. An upload no request ever uses is deleted ``orphan_s`` after it came.
+    """
+
+    def __init__(self, orphan_s: float = ORPHAN_UPLOAD_S):
+        self.orphan_s = orphan_s
+        self.pending: dict[str, tuple[int, float]] = {}  # path -> (uploads not yet used, time of the last)
         self.lock = threading.Lock()
 
+    def uploaded(self, path: str) -> None:
+        with self.lock:
+            count, _ = self.pending.get(path, (0, 0.0))
+            self.pending[path] = (count + 1, time.monotonic())
+        self.sweep()
+
     def used(self, path: str | None) -> None:
+        """A request with ``path`` ended (an upload the counter did not see goes at once)."""
         if path:
             with self.lock:
-                self.last_use[path] = time.monotonic()
+                count, last = self.pending.pop(path, (1, 0.0))
+                if count > 1:
+                    self.pending[path] = (count - 1, last)
+            if count <= 1:
+                _delete_upload(path)
         self.sweep()
-        if self.keep_s > 0:
-            timer = threading.Timer(self.keep_s, self.sweep)
-            timer.daemon = True
-            timer.start()
 
     def sweep(self) -> None:
         now = time.monotonic()
         with self.lock:
-            old = [path for path, last in self.last_use.items() if now - last >= self.keep_s]
+            old = [path for path, (_, last) in self.pending.items() if now - last >= self.orphan_s]
             for path in old:
-                del self.last_use[path]
+                del self.pending[path]
         for path in old:
-            with contextlib.suppress(OSError):
-                Path(path).unlink(missing_ok=True)
+            _delete_upload(path)
 
 
-def build_app(analyzer: Analyzer, classes: Sequence[str] = (), keep_files_s: int = KEEP_FILES_S):
+def _delete_upload(path: str) -> None:
+    with contextlib.suppress(OSError):  # gone already (a second request of the same upload), or not ours
+        Path(path).unlink(missing_ok=True)
+        Path(path).parent.rmdir()  # the hash folder, unless another name of the same bytes is in it
+
+
+class UploadCounter:
+    """ASGI middleware: tells the janitor of every file path in a successful answer of Gradio's ``/upload``."""
+
+    def __init__(self, app: Any, uploads: UploadJanitor):
+        self.app = app
+        self.uploads = uploads
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        status = 0
+        body = bytearray()
+
+        async def counting_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+                if status == 200 and not message.get("more_body"):  # counted before the client has the paths
+                    with contextlib.suppress(ValueError):
+                        for path in json.loads(body):
+                            if isinstance(path, str):
+                                self.uploads.uploaded(path)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def build_app(analyzer: Analyzer, classes: Sequence[str] = (), orphan_upload_s: float = ORPHAN_UPLOAD_S):
     """The Gradio page around ``analyzer`` (``classes`` are offered in the class box; any may be typed
-    unless the model is an export)."""
+    unless the model is an export). Its ``launch`` counts uploads for the :class:`UploadJanitor`."""
     import gradio as gr
+    from starlette.middleware import Middleware
+
+    uploads = UploadJanitor(orphan_upload_s)
+
+    class Demo(gr.Blocks):
+        def launch(self, *args: Any, app_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+            app_kwargs = dict(app_kwargs or {})
+            app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(UploadCounter, uploads=uploads)]
+            return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
     fixed = analyzer.fixed_classes
     choices = list(fixed if fixed is not None else classes)
-    uploads = UploadJanitor(keep_files_s)
-    with gr.Blocks(title="anovl: zero-shot anomaly localisation", analytics_enabled=False) as demo:
+    with Demo(title="anovl: zero-shot anomaly localisation", analytics_enabled=False) as demo:
         gr.Markdown(
             "## anovl: zero-shot anomaly localisation\nUpload an image, pick or type its class, press "
             "**Detect anomalies**."
