@@ -15,6 +15,7 @@ from anovl.lightning_cli import resolved_config
 from anovl.models import AnoVL, WinCLIP, create_method, list_methods, register_method
 from anovl.models.base import AnomalyModel
 from anovl.models.registry import METHODS, method_name
+from anovl.plugins import load_plugin
 from anovl.registry import Registry
 from tests.conftest import TINY
 from tests.test_reliability_input import _cli_in_process, assert_one_error_line, run_main, text_cache  # noqa: F401
@@ -123,6 +124,31 @@ def test_without_a_model_named_anywhere_anovl_runs_with_its_defaults(arguments, 
     model = resolved_config(["test", *arguments, "--data", "anovl.data.SyntheticMVTecDataModule"])["model"]
     assert model["class_path"] == "anovl.models.AnoVL"
     assert model["init_args"] == {**constructor_defaults(AnoVL), **given}
+
+
+def test_a_class_of_a_plugin_imported_again_keeps_its_method_name(tmp_path, monkeypatch):
+    monkeypatch.setattr("anovl.models.registry.METHODS", Registry("method"))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    plugin = tmp_path / "reimported_toy_method.py"
+    plugin.write_text(
+        "from anovl.models.base import AnomalyModel\n"
+        "from anovl.models.registry import register_method\n\n\n"
+        '@register_method("reimported")\n'
+        "class Reimported(AnomalyModel):\n"
+        "    pass\n"
+    )
+    load_plugin(str(plugin))
+    first = sys.modules["reimported_toy_method"].Reimported
+    with pytest.warns(UserWarning, match="method 'reimported' was registered before"):
+        load_plugin(str(plugin))  # run again, as a notebook cell: a new class object under the same name
+    again = sys.modules["reimported_toy_method"].Reimported
+    assert again is not first and method_name(again) == "reimported"
+    assert method_name(first) == "reimported"  # a model built before the re-import is still named
+
+    class Reimported(AnomalyModel):  # a class of the same name in another module is not the method
+        pass
+
+    assert method_name(Reimported) is None
 
 
 @pytest.fixture(scope="module")

@@ -63,9 +63,16 @@ def class_path(cls: type) -> str:
 
 
 def method_name(model: AnomalyModel | type[AnomalyModel]) -> str | None:
-    """The name ``model``'s class is registered under (None for an unregistered class, a subclass included)."""
+    """The name ``model``'s class is registered under (None for an unregistered class, a subclass included).
+
+    A plugin file imported again (a notebook cell run twice) registers a new class object of the same module and
+    name while models of the old one live on: those are named by the class path of the registered entry."""
     cls = model if isinstance(model, type) else type(model)
-    return next((name for name, entry in _builtin_methods().items() if entry is cls), None)
+    methods = _builtin_methods()
+    path = class_path(cls)
+    return next((name for name, entry in methods.items() if entry is cls), None) or next(
+        (name for name, entry in methods.items() if class_path(entry) == path), None
+    )
 
 
 def method_record(model: AnomalyModel) -> dict[str, str]:
