@@ -60,11 +60,21 @@ def test_label_names_what_differs_from_the_published_settings(model):
     assert f";prompt_weights={fingerprint};" in trained.label
 
 
+def test_text_states_gives_the_learned_prompts_for_every_category(model):
+    learned = model.learned_states()
+    assert learned.requires_grad  # what training uses
+    for category, prompt_name in (("bottle", None), ("carpet", "woven fabric")):
+        embeddings = model.text_states(category, prompt_name, "cpu")
+        assert not embeddings.states.requires_grad
+        torch.testing.assert_close(embeddings.states, learned.detach())
+        torch.testing.assert_close(embeddings.sentences, learned.detach())  # the two prompts, normal first
+
+
 def test_maps_and_scores_against_a_naive_restatement(model):
     torch.manual_seed(0)
     images = torch.randn(2, 3, SIZE, SIZE)
     out = model(images, ["bottle", "screw"])
-    states = model.text_states().detach()
+    states = model.learned_states().detach()
     encoded = model.encode_images(images)
     grid = SIZE // model.encoder.patch_size
     expected_maps = []

@@ -282,7 +282,7 @@ def test_anomalyclip_runs_on_the_family(family):
     assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
     assert out.pred_score.shape == (2,) and torch.isfinite(out.pred_score).all()
     # Gradients reach the learned context and the deep tokens, and nothing of the frozen CLIP.
-    states = model.text_states()
+    states = model.learned_states()
     (states[1] @ torch.randn(states.shape[1])).backward()
     assert model.prompts.context.grad.abs().sum() > 0 and model.prompts.deep_tokens.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.clip.parameters())

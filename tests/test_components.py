@@ -2,6 +2,7 @@
 components, never another method's package; the plain-PyTorch core loads no Lightning."""
 
 import ast
+import inspect
 import subprocess
 import sys
 import warnings
@@ -13,11 +14,13 @@ import torch.nn.functional as F
 
 from anovl import AnovlError
 from anovl.backbones import create_backbone
-from anovl.testing.tiny import register_tiny
 from anovl.models import WinCLIP
+from anovl.models.clip_model import CLIPAnomalyModel
 from anovl.models.components.prompts import EnsemblePrompts, check_texts
 from anovl.models.components.tiling import tile_batch, untile
+from anovl.models.registry import METHODS
 from anovl.models.winclip.prompts import ANOMALOUS_STATES, TEMPLATES, WinCLIPPrompts
+from anovl.testing.tiny import register_tiny
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,12 +134,20 @@ def test_text_states_encode_once_per_prompt_set_and_device(winclip, monkeypatch)
     assert len(calls) == 2 and not torch.equal(changed.states, first.states)
 
 
+@pytest.mark.parametrize("method", ["anovl", "winclip", "aprilgan", "anomalyclip"])
+def test_every_method_keeps_the_shared_text_states_signature(method):
+    cls = METHODS.lookup(method)
+    assert issubclass(cls, CLIPAnomalyModel)
+    assert inspect.signature(cls.text_states) == inspect.signature(CLIPAnomalyModel.text_states)
+
+
 def test_plain_tokens_are_the_towers_own_intermediate_tokens():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        open_clip_tower = create_backbone(TINY).visual
-        timm_tower = create_backbone(register_tiny("ViT-B-16-SigLIP", simple_tokenizer=True)).visual
+        open_clip_backbone = create_backbone(TINY)
+        timm_backbone = create_backbone(register_tiny("ViT-B-16-SigLIP", simple_tokenizer=True))
+    open_clip_tower, timm_tower = open_clip_backbone.visual, timm_backbone.visual
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         raw = open_clip_tower.plain_tokens(images, layers=[-1, 0], project=False)
@@ -149,12 +160,19 @@ def test_plain_tokens_are_the_towers_own_intermediate_tokens():
         visual = open_clip_tower.visual
         torch.testing.assert_close(projected, visual.ln_post(reference[0]) @ visual.proj)
         assert not torch.allclose(open_clip_tower.plain_tokens(images)[0], open_clip_tower.vv_tokens(images)[0])
+        # With the image embedding: open_clip's encode_image (all blocks run, not only up to the first), same tokens.
+        embedding, (intermediate,) = open_clip_tower.forward_intermediates(images, layers=[0], project=False)
+        torch.testing.assert_close(embedding, open_clip_backbone.clip.encode_image(images))
+        torch.testing.assert_close(intermediate, reference[0])
 
         trunk = timm_tower.visual.trunk
         images = torch.randn(1, 3, *trunk.patch_embed.img_size)
         raw = timm_tower.plain_tokens(images, layers=[1], project=False)[0]
         reference = trunk.forward_intermediates(images, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
         torch.testing.assert_close(raw, reference)
+        embedding, (intermediate,) = timm_tower.forward_intermediates(images, layers=[1], project=False)
+        torch.testing.assert_close(embedding, timm_backbone.clip.encode_image(images))
+        torch.testing.assert_close(intermediate, reference)
 
 
 @pytest.mark.parametrize(

@@ -249,18 +249,33 @@ class ValueWiseViT(nn.Module):
     ) -> list[torch.Tensor]:
         """The tower's ordinary (not V-V) patch tokens after each requested block (in block order, each once):
         (B, N, D) in the text space, each token through the pooling head as a one-token sequence (as V-V tokens
-        are, :meth:`project_local`), or (B, N, width) as the block gives them with ``project=False``."""
+        are, :meth:`project_local`), or (B, N, width) as the block gives them with ``project=False``. The blocks
+        after the last requested one are not run."""
+        return self._plain_forward(images, layers, project, all_blocks=False)[1]
+
+    def forward_intermediates(
+        self, images: torch.Tensor, layers: Sequence[int] = (-1,), project: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tower's plain forward, as timm's ``forward_intermediates``: its image embedding (B, D) (what
+        ``encode_image`` gives) and the :meth:`plain_tokens` of ``layers``."""
+        tokens, intermediates = self._plain_forward(images, layers, project, all_blocks=True)
+        return self.pool(tokens), intermediates
+
+    def _plain_forward(
+        self, images: torch.Tensor, layers: Sequence[int], project: bool, all_blocks: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last run block's tokens and the requested blocks' patch tokens (see :meth:`plain_tokens`)."""
         wanted = sorted({layer % self.num_layers for layer in layers})
         h, positions = self._embed(images)
         tokens = []
         for index, (ops, block) in enumerate(zip(self.block_ops, self.blocks)):
-            if index > wanted[-1]:
+            if index > wanted[-1] and not all_blocks:
                 break
             h = ops.forward(block, h, positions)
             if index in wanted:
                 patches = h[:, self.num_prefix_tokens :]
                 tokens.append(self.project_local(patches) if project else patches)
-        return tokens
+        return h, tokens
 
     def forward(
         self,

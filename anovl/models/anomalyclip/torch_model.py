@@ -22,6 +22,7 @@ from anovl.models.components.losses import binary_dice_loss, focal_loss
 from anovl.models.components.scoring import block_sum
 from anovl.models.components.smoothing import gaussian_blur
 from anovl.models.registry import register_method
+from anovl.models.text_cache import TextEmbeddings
 
 # The authors' published run: ViT-L/14@336px (OpenAI weights) at 518 px, maps of blocks 6/12/18/24.
 REFERENCE_BACKBONE = ("ViT-L-14-336", "openai", 518)
@@ -204,7 +205,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
             raise AnovlError(f"the tokenizer of {self.backbone_name} puts the prompts' contexts at different positions")
         return ids, starts[0]
 
-    def text_states(self) -> torch.Tensor:
+    def learned_states(self) -> torch.Tensor:
         """(2, D) normalised [normal, abnormal] embeddings of the learned prompts (differentiable)."""
         tower = self.text_tower
         embeddings = tower.token_embedding(self.token_ids)
@@ -220,6 +221,16 @@ class AnomalyCLIP(CLIPAnomalyModel):
             deep_dtype=torch.float16 if self.deep_tokens_float16 else None,
         )
         return F.normalize(states.float(), dim=-1)
+
+    def text_states(
+        self, category: str, prompt_name: str | None = None, device: torch.device | str = "cpu"
+    ) -> TextEmbeddings:
+        """The shared text API (:meth:`CLIPAnomalyModel.text_states`) on the learned prompts: object-agnostic, so
+        the same for every category; the two prompts are the only sentences. Not differentiable: training uses
+        :meth:`learned_states`."""
+        with torch.no_grad():
+            states = self.learned_states().to(device)
+        return TextEmbeddings(states=states, sentences=states)
 
     # --- forward --------------------------------------------------------------------------------------------
 
@@ -240,7 +251,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
         categories are checked but do not change them."""
         images, _ = self.check_inputs(images, categories, prompt_names)
         with torch.no_grad():
-            states = self.text_states()
+            states = self.learned_states()
             probabilities, image_logits = self._probabilities(images, states)
             # The authors' map is (p_abnormal + 1 - p_normal) / 2 per layer, summed over layers.
             summed = torch.stack([(p[:, 1] + 1 - p[:, 0]) / 2 for p in probabilities]).sum(0)
@@ -295,7 +306,7 @@ class AnomalyCLIP(CLIPAnomalyModel):
             raise AnovlError(
                 f"masks must be B×S×S like the images, got {tuple(masks.shape)} for {tuple(images.shape)} images"
             )
-        probabilities, image_logits = self._probabilities(images, self.text_states())
+        probabilities, image_logits = self._probabilities(images, self.learned_states())
         target = (masks > 0.5).to(images.dtype)
         labels = target.flatten(1).amax(1).long()
         return {

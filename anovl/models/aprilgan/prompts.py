@@ -2,7 +2,7 @@
 
 The same compositional structure as WinCLIP's (states × templates, state-major), with the authors' lists:
 one more abnormal state ("broken"), 35 templates. Its state embedding differs: the mean of the *normalised*
-sentence embeddings, normalised again (:meth:`AprilGAN.text_states`).
+sentence embeddings, normalised again (:meth:`AprilGAN.states`).
 """
 
 from __future__ import annotations

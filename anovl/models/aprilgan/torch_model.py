@@ -282,16 +282,12 @@ class AprilGAN(CLIPAnomalyModel):
         return F.normalize(torch.stack(rows), dim=-1)
 
     def encode(self, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The image embeddings (B, D) and the patch tokens (B, N, width) after each of ``layers`` (1-based):
-        the tower's plain forward, its residual stream unnormalised, as the authors take it."""
-        encoder = self.encoder
-        tokens, positions = encoder._embed(images)
-        prefix, wanted, taken = encoder.num_prefix_tokens, set(layers), {}
-        for number, (ops, block) in enumerate(zip(encoder.block_ops, encoder.blocks), start=1):
-            tokens = ops.forward(block, tokens, positions)
-            if number in wanted:
-                taken[number] = tokens[:, prefix:]
-        return encoder.pool(tokens), [taken[number] for number in layers]
+        """The image embeddings (B, D) and the patch tokens (B, N, width) after each of ``layers`` (1-based, in
+        their order): the tower's plain forward, its residual stream unnormalised, as the authors take it."""
+        indices = [number - 1 for number in layers]
+        embeddings, tokens = self.encoder.forward_intermediates(images, indices, project=False)
+        in_block_order = sorted(indices)  # the encoder's order; layers are distinct (_check_layers)
+        return embeddings, [tokens[in_block_order.index(index)] for index in indices]
 
     def _upsample(self, grid_values: torch.Tensor) -> torch.Tensor:
         """(B, N, C) patch values → (B, C, S, S), bilinear with aligned corners as the authors resize."""

@@ -12,5 +12,6 @@ enforces it).
 - ``smoothing``: Gaussian smoothing of maps.
 
 The encoder's public token forwards are on :class:`~anovl.backbones.ValueWiseViT`: ``plain_tokens`` (the tower's
-ordinary patch tokens after any block) and ``vv_tokens`` (the V-V path's).
+ordinary patch tokens after any block), ``forward_intermediates`` (those and the image embedding) and ``vv_tokens``
+(the V-V path's).
 """
