@@ -86,6 +86,8 @@ register_block_ops(CustomResidualAttentionBlock, Attention, CustomAttentionOps()
 class OpenClipViT(ValueWiseViT):
     """open_clip ``VisionTransformer`` (class-token, CLIPA average and CoCa attentional pooling)."""
 
+    visual: VisionTransformer  # the tower it wraps (the base class knows only an nn.Module)
+
     def __init__(self, visual: VisionTransformer):
         super().__init__(visual, visual.transformer.resblocks)
         # The reference head keeps its exact op order: LN of the class token alone, then the projection.

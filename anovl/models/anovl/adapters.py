@@ -113,6 +113,8 @@ class Adapter(nn.Module):
 class TextAdapter(Adapter):
     """Reference TextAdapter: x̃ = ½x + ½·tanh(W·normalize(x) + b)·T over the frozen sentence embeddings T."""
 
+    sentences: torch.Tensor  # the buffer, declared so that its type is known
+
     def __init__(self, dim, sentences, generators):
         super().__init__(dim, sentences, generators)
         # Its own copy: the input may be a view of cached embeddings or an inference-mode tensor.
