@@ -30,7 +30,7 @@ from anovl.data.image_io import BadImageError, load_rgb
 from anovl.deploy.export_cli import MODEL_OVERRIDE_PREFIX, model_from_config, parse_model_overrides
 from anovl.deploy.inferencer import ExportedModel, predict
 from anovl.errors import AnovlError
-from anovl.io import html_text, write_file
+from anovl.io import html_text, replace_together
 from anovl.io.safe_names import safe_component
 from anovl.models.base import AnomalyModel
 from anovl.results import RANDOM_WEIGHTS_WARNING
@@ -75,9 +75,9 @@ class Analyzer:
         self.keep_files_s = keep_files_s
 
     def _remove_old_outputs(self) -> None:
-        """Mask files of earlier requests, once Gradio has served its own copy and they are old enough."""
+        """Mask and overlay files of earlier requests, once Gradio has served its own copy and they are old enough."""
         cutoff = time.time() - self.keep_files_s
-        for old in self.output_dir.glob("*_mask_*.png"):
+        for old in [*self.output_dir.glob("*_mask_*.png"), *self.output_dir.glob("*_overlay_*.png")]:
             with contextlib.suppress(OSError):  # another request's sweep got there first
                 if old.lstat().st_mtime < cutoff:
                     old.unlink()
@@ -130,7 +130,8 @@ class Analyzer:
             raise unreadable from None
 
     def __call__(self, path: str | None, category: str | None) -> dict[str, Any]:
-        """``status`` (Markdown), ``score`` (text), ``overlay`` and ``mask`` (uint8 arrays), ``mask_file`` (a PNG)."""
+        """``status`` (Markdown), ``score`` (text), ``overlay`` and ``mask`` (uint8 arrays), and the same two
+        pictures as PNG files (``overlay_file``, ``mask_file``), each request its own."""
         category = (category or "").strip()
         if not category:
             raise AnovlError("pick or type the class of the object in the image, e.g. 'bottle'")
@@ -148,11 +149,14 @@ class Analyzer:
         verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
         assert result.pred_mask is not None, "a pixel threshold is always given"
         mask = result.pred_mask.astype(np.uint8) * 255
+        heatmap = overlay(result.image, result.anomaly_map)
         # The class comes from the page: the file name must not let it choose a folder; the token keeps
         # concurrent requests (the same image and class, say) from sharing a file.
-        stem = safe_component(f"{Path(path).stem}_{category}_mask")[:120]
-        mask_path = write_file(
-            self.output_dir / f"{stem}_{secrets.token_hex(6)}.png", Image.fromarray(mask).save, self.output_dir
+        stem, token = safe_component(f"{Path(path).stem}_{category}")[:110], secrets.token_hex(6)
+        mask_path = self.output_dir / f"{stem}_mask_{token}.png"
+        overlay_path = self.output_dir / f"{stem}_overlay_{token}.png"
+        replace_together(
+            {mask_path: Image.fromarray(mask).save, overlay_path: Image.fromarray(heatmap).save}, self.output_dir
         )
         status = (
             f"**{html_text(category)}**: image score {result.pred_score:.4f}{verdict}, "
@@ -163,8 +167,9 @@ class Analyzer:
         return {
             "status": "  \n".join([status, *notes]),
             "score": f"{result.pred_score:.4f}{verdict}",
-            "overlay": overlay(result.image, result.anomaly_map),
+            "overlay": heatmap,
             "mask": mask,
+            "overlay_file": str(overlay_path),
             "mask_file": str(mask_path),
         }
 
@@ -298,7 +303,10 @@ def build_app(analyzer: Analyzer, classes: Sequence[str] = (), orphan_upload_s: 
                 return f"**Error:** {html_text(error)}", "", None, None, None  # names from the page, escaped
             finally:
                 uploads.used(path)
-            return result["status"], result["score"], result["overlay"], result["mask"], result["mask_file"]
+            # Pictures as our files, not arrays: Gradio rewrites an array's content-hashed cache file in place
+            # when another request gives identical pixels, cutting short a download of it in progress ("peer
+            # closed connection"); a file is copied into its cache atomically and reused.
+            return result["status"], result["score"], result["overlay_file"], result["mask_file"], result["mask_file"]
 
         run.click(analyze, [upload, category], [status, score, overlay_view, mask_view, mask_file])
     return demo
