@@ -11,15 +11,18 @@ Output file names are made in :mod:`anovl.io.output_names`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from scipy import ndimage
 
 from anovl.data.transforms import CLIP_MEAN, CLIP_STD
+from anovl.errors import AnovlError
 
 OVERLAY_ALPHA = 0.5
 FONT_SIZE = 12
@@ -86,16 +89,36 @@ def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | N
     return blended
 
 
-def map_to_png16(anomaly_map: torch.Tensor | np.ndarray) -> Image.Image:
-    """A map of probabilities in [0, 1] as a 16-bit greyscale PNG image (value · 65535, rounded)."""
+MAP_RANGE_KEY = "anovl:map_range"  # the PNG text chunk of a 16-bit map that records its scale
+
+
+def map_to_png16(anomaly_map: torch.Tensor | np.ndarray, map_range: float = 1.0) -> Image.Image:
+    """A map with values in [0, ``map_range``] as a 16-bit greyscale PNG image (value / map_range · 65535,
+    rounded). ``map_range`` is the method's (:attr:`~anovl.models.base.AnomalyModel.map_range`: 1 for
+    probabilities, the number of summed blocks for APRIL-GAN and AnomalyCLIP), so no value of its maps is
+    clipped; :func:`write_map_png16` records it in the file."""
     values = np.asarray(anomaly_map.detach().float().cpu() if isinstance(anomaly_map, torch.Tensor) else anomaly_map)
-    scaled = np.round(np.clip(values, 0.0, 1.0) * 65535).astype(np.uint16)
+    scaled = np.round(np.clip(values / map_range, 0.0, 1.0) * 65535).astype(np.uint16)
     return Image.fromarray(scaled)
 
 
+def write_map_png16(path: Path, anomaly_map: torch.Tensor | np.ndarray, map_range: float = 1.0) -> None:
+    """:func:`map_to_png16` saved at ``path`` with ``map_range`` in its text chunk ``anovl:map_range``."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MAP_RANGE_KEY, repr(float(map_range)))
+    map_to_png16(anomaly_map, map_range).save(path, format="PNG", pnginfo=info)
+
+
 def png16_to_map(image: Image.Image) -> np.ndarray:
-    """Inverse of :func:`map_to_png16`: float32 values in [0, 1]."""
-    return (np.asarray(image, dtype=np.float64) / 65535).astype(np.float32)
+    """Inverse of :func:`write_map_png16`: float32 values in [0, map_range] (1 without the text chunk)."""
+    recorded = getattr(image, "text", {}).get(MAP_RANGE_KEY, "1")
+    try:
+        map_range = float(recorded)
+    except ValueError:
+        map_range = math.nan
+    if not (math.isfinite(map_range) and map_range > 0):
+        raise AnovlError(f"the 16-bit map records the range {recorded[:40]!r}, not a positive number")
+    return (np.asarray(image, dtype=np.float64) / 65535 * map_range).astype(np.float32)
 
 
 def mask_to_png(mask: np.ndarray) -> Image.Image:

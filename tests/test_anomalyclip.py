@@ -90,6 +90,8 @@ def test_maps_and_scores_against_a_naive_restatement(model):
     torch.testing.assert_close(out.pred_score, (image @ states.t() / 0.07).softmax(-1)[:, 1])
     # Object-agnostic: the category does not change the prompts.
     torch.testing.assert_close(model(images, ["carpet", "carpet"]).anomaly_map, out.anomaly_map)
+    # A probability per block, summed: the map's range is the number of blocks (predict's 16-bit PNG scale).
+    assert model.map_range == len(encoded.patch_tokens) == 2 and 1 < out.anomaly_map.max() <= model.map_range
 
 
 @pytest.mark.parametrize(

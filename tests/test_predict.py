@@ -21,7 +21,7 @@ from anovl.data import FolderDataModule, MVTecDataModule, generate_mvtec_like
 from anovl.data.image_io import load_rgb
 from anovl.data.transforms import normalize, resize_image
 from anovl.engine import AnomalyModule
-from anovl.models import AnoVL
+from anovl.models import AnoVL, AprilGAN
 from anovl.results import ResultsTable
 from anovl.thresholds import RunThresholds
 from anovl.visualization import png16_to_map
@@ -268,3 +268,20 @@ def test_cli_predict_with_a_runs_thresholds(mvtec_run, photos, tmp_path):
     assert missing.returncode == 2 and missing.stderr.rstrip().splitlines()[-1].startswith(
         "anovl: error: predictions.thresholds:"
     )
+
+
+def test_a_map_summed_over_blocks_keeps_its_values_in_the_16_bit_png(photos, tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        model = AprilGAN(TINY, pretrained=None, image_size=SIZE, layers=[1, 2, 3])
+    assert model.map_range == 3  # a probability per block, summed
+    predict(AnomalyModule(model), FolderDataModule(photos, image_size=SIZE, batch_size=2), tmp_path, overlays=False)
+    stems = sorted(path.with_suffix("") for path in (tmp_path / "out" / "photos").glob("*_map.npy"))
+    assert len(stems) == 5
+    for stem in stems:
+        raw = np.load(f"{stem}.npy")
+        assert raw.max() > 1  # a [0, 1] scale would have clipped it
+        written = Image.open(f"{stem}.png")
+        assert written.text["anovl:map_range"] == "3.0"
+        assert np.abs(png16_to_map(written) - raw).max() <= 0.5 * 3 / 65535 + 1e-6

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from anovl import AnovlError
 from anovl.data.transforms import normalize
@@ -21,6 +21,7 @@ from anovl.visualization import (
     panel,
     panel_lines,
     png16_to_map,
+    write_map_png16,
     resize_map,
 )
 
@@ -144,6 +145,19 @@ def test_png16_round_trip(tmp_path):
     decoded = png16_to_map(Image.open(tmp_path / "map.png"))
     assert decoded.dtype == np.float32 and decoded.shape == (17, 23)
     assert np.abs(decoded - anomaly_map.numpy()).max() <= 0.5 / 65535 + 1e-7
+
+
+def test_png16_keeps_a_recorded_range_and_refuses_a_bad_one(tmp_path):
+    anomaly_map = torch.rand(17, 23) * 4  # a sum over four blocks
+    write_map_png16(tmp_path / "map.png", anomaly_map, map_range=4.0)
+    decoded = png16_to_map(Image.open(tmp_path / "map.png"))
+    assert np.abs(decoded - anomaly_map.numpy()).max() <= 0.5 * 4 / 65535 + 1e-6
+    for recorded in ("nan", "-1", "x"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("anovl:map_range", recorded)
+        Image.fromarray(np.zeros((2, 2), dtype=np.uint16)).save(tmp_path / "bad.png", pnginfo=info)
+        with pytest.raises(AnovlError, match="not a positive number"):
+            png16_to_map(Image.open(tmp_path / "bad.png"))
 
 
 def test_readable_stems():

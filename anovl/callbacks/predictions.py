@@ -7,7 +7,7 @@ import io
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,10 @@ from anovl.io.output_names import OutputNames
 from anovl.results import RANDOM_WEIGHTS_WARNING
 from anovl.thresholds import RunThresholds, Thresholds, check_quantile, check_threshold
 from anovl.tracking import run_directory
-from anovl.visualization import denormalize, map_to_png16, mask_to_png, overlay, resize_map
+from anovl.visualization import denormalize, mask_to_png, overlay, resize_map, write_map_png16
+
+if TYPE_CHECKING:
+    from anovl.engine.module import AnomalyModule
 
 SCORE_COLUMNS = (
     "image_path",
@@ -55,8 +58,11 @@ class AnomalyMapWriter(BasePredictionWriter):
 
     * ``<name>_overlay.png``: the heatmap (jet, fixed 0-1 scale) blended over the image, with the outline of
       the predicted mask (white) when a pixel threshold is set;
-    * ``<name>_map.npy``: the anomaly map, float32 H×W, abnormal probability in [0, 1];
-    * ``<name>_map.png``: the same map as a 16-bit greyscale PNG (value / 65535 gives it back to 1/65535);
+    * ``<name>_map.npy``: the anomaly map, float32 H×W, in [0, the method's ``map_range``] (abnormal
+      probability in [0, 1] for AnoVL and WinCLIP; sums over blocks for APRIL-GAN and AnomalyCLIP);
+    * ``<name>_map.png``: the same map as a 16-bit greyscale PNG: value / 65535 × ``map_range`` gives it back
+      (to 1/65535 of the range), the range recorded in the PNG's text chunk ``anovl:map_range``
+      (:func:`~anovl.visualization.png16_to_map` reads it);
     * ``<name>_mask.png``: the predicted mask, 255 where ``map >= pixel threshold`` (with a pixel threshold);
 
     at the image's original size (the model's map resized back bilinearly; EXIF orientation applied), or at
@@ -171,6 +177,7 @@ class AnomalyMapWriter(BasePredictionWriter):
         # From the prediction, not the batch: a model whose scores need the whole category hands over a
         # category's images at once.
         labels = prediction["label"].tolist()
+        map_range = cast("AnomalyModule", pl_module).model.map_range  # anovl's predict runs an AnomalyModule
         rows = []
         for index, (image_path, category) in enumerate(zip(prediction["image_path"], prediction["category"])):
             thresholds = self.thresholds_for(category)
@@ -186,7 +193,7 @@ class AnomalyMapWriter(BasePredictionWriter):
                 files[f"{stem}_overlay.png"] = Image.fromarray(overlay(rgb, values, thresholds.pixel)).save
             if self.raw_maps:
                 files[f"{stem}_map.npy"] = partial(np.save, arr=values.astype(np.float32))
-                files[f"{stem}_map.png"] = map_to_png16(values).save
+                files[f"{stem}_map.png"] = partial(write_map_png16, anomaly_map=values, map_range=map_range)
             if mask is not None:
                 files[f"{stem}_mask.png"] = mask_to_png(mask).save
             for name, writer in files.items():

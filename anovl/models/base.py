@@ -96,6 +96,12 @@ class AnomalyModel(nn.Module):
         return ""
 
     @property
+    def map_range(self) -> float:
+        """The largest value the anomaly map can take: 1 for a map of probabilities; a method whose map sums
+        several maps says so. Pictures that store map values (predict's 16-bit PNG) scale by it."""
+        return 1.0
+
+    @property
     def label(self) -> str:
         """The method, its variant and every setting that differs from the reference, e.g.
         ``AnoVL-tta-lowrank[lr=0.01,rank=4]``; two runs with different settings get different labels."""

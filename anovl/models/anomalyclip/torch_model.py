@@ -343,6 +343,10 @@ class AnomalyCLIP(CLIPAnomalyModel):
             "position_interpolation": self.position_interpolation,
         }
 
+    @property
+    def map_range(self) -> float:
+        return float(len(self.layers))  # a probability per block, summed (the smoothing keeps the bound)
+
     def settings(self) -> dict[str, Any]:
         return json_data(
             {**self.backbone_settings(), **self._method_settings(), "prompt_weights": self.prompt_fingerprint()}

@@ -184,6 +184,11 @@ class AprilGAN(CLIPAnomalyModel):
     def variant(self) -> str:
         return "few-shot" if self.scores_need_category else ""
 
+    @property
+    def map_range(self) -> float:
+        # A probability per block, plus a distance 1 - cos in [0, 2] per few-shot block.
+        return float(len(self.layers) + (2 * len(self.few_shot_layers) if self.scores_need_category else 0))
+
     def heads_fingerprint(self) -> str:
         digest = hashlib.sha256()
         for name, tensor in sorted(self.heads.state_dict().items()):
