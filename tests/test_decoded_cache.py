@@ -2,10 +2,7 @@
 
 import hashlib
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from PIL import Image
 from anovl.data import MVTecDataModule, VisADataModule, generate_mvtec_like, generate_visa_like
 from anovl.data.decoded_cache import ENTRY_SUFFIX, DecodedCache
 from anovl.errors import AnovlError
+from tests.test_hostile_io import run_python
 
 SIZE = 32
 
@@ -132,13 +130,7 @@ print("earlier entry", int(array.sum()), "new entry", cache.get("cd" * 32))
 
 
 def test_a_file_size_limit_loses_only_the_entry(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", FSIZE_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
-    )
+    result = run_python(FSIZE_SCRIPT, tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "earlier entry 700 new entry None" in result.stdout
     assert "decoded cache: cannot write" in result.stderr and "File too large" in result.stderr

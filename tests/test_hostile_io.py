@@ -259,17 +259,22 @@ except AnovlError as error:
 """
 
 
-def test_a_real_file_size_limit_is_one_line_and_keeps_the_earlier_file(run):
-    folder, _ = run
-    target = folder / "map.npy"
-    target.write_bytes(b"earlier good map")
-    result = subprocess.run(
-        [sys.executable, "-c", FSIZE_SCRIPT, str(target)],
+def run_python(script: str, *args: object) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter (where an rlimit may be set), importing this checkout's anovl."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
+
+
+def test_a_real_file_size_limit_is_one_line_and_keeps_the_earlier_file(run):
+    folder, _ = run
+    target = folder / "map.npy"
+    target.write_bytes(b"earlier good map")
+    result = run_python(FSIZE_SCRIPT, target)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "File too large" in result.stdout and str(target) in result.stdout
     assert target.read_bytes() == b"earlier good map" and leftovers(folder) == []
