@@ -1,5 +1,6 @@
 """`anovl fit`: what trains and what stays frozen, checkpoints, resume, processes, precision, bad input."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -178,9 +179,21 @@ def fit_args(data_root, save_dir, *extra):
     ]
 
 
+def validation_metrics(run_dir):
+    """The last epoch's val/<metric> values of a run's metrics.csv."""
+    (path,) = run_dir.glob("*/version_0/metrics.csv")
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    return {key: float(value) for row in rows for key, value in row.items() if key.startswith("val/") and value}
+
+
 def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_path):
     env = cli_env(tmp_path)
-    runs = {}
+    # Validation on 5 images: 2 processes get 3 each, one of them padding, which is left out.
+    validation_root = generate_mvtec_like(tmp_path / "val", ("widget",), n_good=1, n_defect=1, image_size=64)
+    validation = yaml.safe_dump(
+        {"class_path": "anovl.data.MVTecDataModule", "init_args": {"root": str(validation_root), "batch_size": 1}}
+    )
+    runs, validated = {}, {}
     for name, extra in (
         ("one", ["--data.init_args.batch_size", "4"]),
         ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]),
@@ -193,6 +206,8 @@ def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_p
                 *fit_args(data_root, tmp_path / name, *extra),
                 "--trainer.max_epochs",
                 "1",
+                "--engine.validation",
+                validation,
             ],
             check=False,
             env=env,
@@ -204,22 +219,29 @@ def test_ddp_two_processes_equal_one_with_the_same_global_batch(data_root, tmp_p
         assert result.returncode == 0, result.stderr[-3000:]
         (checkpoint,) = (tmp_path / name).glob("*/version_0/checkpoints/last.ckpt")
         runs[name] = torch.load(checkpoint, weights_only=True)["state_dict"]
+        validated[name] = validation_metrics(tmp_path / name)
     for key, value in runs["one"].items():
         # float tolerance: the reductions differ in order; Adam divides by small gradients
         torch.testing.assert_close(runs["two"][key], value, rtol=1e-5, atol=1e-5)
+    # The validation metrics of 2 processes (each with a share) are those of one.
+    assert {"val/pixel_auroc", "val/image_auroc", "val/pixel_aupro"} <= set(validated["one"])
+    assert validated["two"] == pytest.approx(validated["one"], abs=1e-3)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_a_checkpoint_and_exits_143(data_root, tmp_path, processes):
     # With a validation split (the same images here): its test metrics are logged at each epoch's end.
     validation = yaml.safe_dump(
         {"class_path": "anovl.data.MVTecDataModule", "init_args": {"root": str(data_root), "batch_size": 4}}
     )
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "anovl.cli",
             *fit_args(data_root, tmp_path, "--trainer.max_epochs", "1000", "--engine.validation", validation),
+            *(ddp if processes == 2 else []),
         ],
         env=cli_env(tmp_path),
         cwd=tmp_path,

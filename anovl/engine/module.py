@@ -125,7 +125,8 @@ class AnomalyModule(LightningModule):
         tf32: TF32 for float32 on CUDA: faster, maps move slightly; the recorded precision names it.
         validation: ``fit`` only: a datamodule whose test split is run at every epoch's end, reported as
             ``val/<metric>`` (the mean over its categories of the metrics ``test`` reports), e.g. another dataset
-            of the protocol or held-out categories. One process only.
+            of the protocol or held-out categories. Under DDP each process runs a share, and the metrics are
+            those of one process.
         mosaic_rate: ``fit`` only: the share of training images replaced by APRIL-GAN's 2×2 mosaic of four
             images of their category (the authors: 0.2 on MVTec, 0 on VisA); see :mod:`anovl.engine.training`.
 
@@ -378,13 +379,13 @@ class AnomalyModule(LightningModule):
         maps, scores = self.anomaly_maps(batch)
         return {**batch, "anomaly_map": maps, "pred_score": scores}
 
-    def _update_metrics(self, category: str, outputs: dict[str, Any]) -> None:
+    def _update_metrics(self, metrics: AnomalyMetrics, outputs: dict[str, Any]) -> None:
         regions = outputs.get("region_sizes")
         maps, masks, scores, labels = (
             value.to(self.device)
             for value in (outputs["anomaly_map"], outputs["mask"], outputs["pred_score"], outputs["label"])
         )
-        self._metrics[category].update(
+        metrics.update(
             maps,
             masks,
             scores,
@@ -406,7 +407,7 @@ class AnomalyModule(LightningModule):
                 }
             )
         elif self.trainer.testing:
-            self._update_metrics(category, outputs)
+            self._update_metrics(self._metrics[category], outputs)
 
     def _release(self, categories: list[str]) -> None:
         """Final image scores (:meth:`AnomalyModel.category_scores`) of the held outputs of ``categories``, each
@@ -435,7 +436,7 @@ class AnomalyModule(LightningModule):
                 count = len(part["pred_score"])
                 part["pred_score"], final = final[:count], final[count:]
                 if self.trainer.testing:
-                    self._update_metrics(category, part)
+                    self._update_metrics(self._metrics[category], part)
             self._released.extend(held)
 
     def _final_outputs(self, outputs: dict[str, Any] | None, batch_idx: int, batches: float) -> dict[str, Any] | None:
@@ -532,44 +533,39 @@ class AnomalyModule(LightningModule):
     def val_dataloader(self) -> Any:
         if self.validation is None:
             return []
-        if self.trainer.world_size > 1:
-            raise AnovlError(
-                "fit's validation data runs in one process; leave engine.validation out under DDP "
-                "and test the checkpoint afterwards"
-            )
         self.validation.image_size = self.model.preprocessing().image_size
         self.validation.prepare_data()
         self.validation.trainer = self.trainer
         return self.validation.test_dataloader()
 
     def on_validation_epoch_start(self) -> None:
-        self._val_metrics = {}
+        # Every process holds every category's metrics (computed together, in one order, at the epoch's end),
+        # and leaves out the sampler's padding, as test does: N processes report the metrics of one.
+        categories = self.validation.categories if self.validation is not None else []
+        self._val_metrics = {category: AnomalyMetrics().to(self.device) for category in categories}
         self._current_category = None
+        self._samples_seen = 0
+        self._sampler = _distributed_sampler(self.trainer.val_dataloaders)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        with torch.no_grad():
-            maps, scores = self.anomaly_maps(batch)
-        categories = list(batch["category"])
-        for run in category_runs(categories):
-            metrics = self._val_metrics.setdefault(categories[run.start], AnomalyMetrics().to(self.device))
-            regions = batch.get("region_sizes")
-            metrics.update(
-                maps[run],
-                batch["mask"][run],
-                scores[run],
-                batch["label"][run],
-                batch["has_mask"][run],
-                None if regions is None else regions[run],
-            )
+        outputs = self._outputs(batch)
+        if outputs is None:
+            return
+        for run in category_runs(list(outputs["category"])):
+            self._update_metrics(self._val_metrics[outputs["category"][run.start]], _select(outputs, run))
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._val_metrics:
             return
-        per_category = [metrics.compute() for metrics in self._val_metrics.values()]
+        with warnings.catch_warnings():
+            # compute() before any update on this process is expected under DDP (its share may be empty).
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+            per_category = [metrics.compute() for metrics in self._val_metrics.values()]
         for name in per_category[0]:
             values = [row[name] for row in per_category if row[name] == row[name]]  # NaN: undefined, left out
             if values:
-                self.log(f"val/{name}", 100 * sum(values) / len(values), on_epoch=True)
+                # The same value on every process (computed over all of them): sync_dist only quiets Lightning.
+                self.log(f"val/{name}", 100 * sum(values) / len(values), on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trained_prefix(self.model)  # a training-free method stops here with a clear error

@@ -18,6 +18,8 @@ picture up to resampling.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -129,6 +131,18 @@ class TrainingRun(Callback):
     def __init__(self) -> None:
         self.checkpoint_path: str | None = None
         self._started = 0.0
+        self._sigterm_handler: Any = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm_handler = signal.getsignal(signal.SIGTERM)  # anovl's (cli), before Lightning adds its own
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Under DDP, Lightning's SIGTERM handler broadcasts from inside the handler, at whatever point each
+        # process is, which can pair with another collective and hang the processes. anovl's handler only sets
+        # the stop request, and the processes decide together at the batch's end (on_train_batch_end).
+        if trainer.world_size > 1 and callable(self._sigterm_handler):
+            signal.signal(signal.SIGTERM, self._sigterm_handler)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
@@ -137,7 +151,10 @@ class TrainingRun(Callback):
         pl_module.log("train/epoch_time_s", time.perf_counter() - self._started, on_epoch=True, on_step=False)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if signals.stop_requested.is_set():
+        stop = signals.stop_requested.is_set()
+        if trainer.world_size > 1:  # one process's request stops all at this same batch
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             self._save(trainer)
             raise KeyboardInterrupt("stop requested")
 
