@@ -9,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -457,3 +458,28 @@ def test_trained_heads_name_the_label_and_resume_refuses_other_heads(data_root, 
     assert code == 0, err
     code, err = run_main([*test_args, "--resume", str(run), "--ckpt_path", str(other)], capsys)
     assert code == 2 and err.count("anovl: error:") == 1 and "heads" in err, err
+
+
+def test_a_mosaic_is_four_images_of_its_category_resized_with_its_own_mask_regions(data_root):
+    from PIL import Image
+    from scipy import ndimage
+
+    from anovl.engine.training import TrainingData
+
+    dataset = datamodule(data_root).dataset
+    by_path = {str(sample.image_path): index for index, sample in enumerate(dataset.samples)}
+    data = TrainingData(dataset, seed=0)
+    for position in range(4):
+        mosaic = data[(0, position, 0)]
+        parts = [dataset[by_path[path]] for path in mosaic["image_path"].removeprefix("mosaic of ").split(", ")]
+        # Naive reference: the four images pasted 2 × 2 and resized by Pillow (bilinear, antialiased).
+        tiles = [part["image"].permute(1, 2, 0).numpy() for part in parts]
+        grid = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)])
+        expected = np.asarray(Image.fromarray(grid).resize((64, 64), Image.BILINEAR)).astype(int)
+        assert np.abs(mosaic["image"].permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1
+        assert int(mosaic["label"]) == int(any(int(part["label"]) == 1 for part in parts))
+        # The mosaic's region sizes are those of its own mask (8-connected), not of its first image.
+        mask = mosaic["mask"].numpy()
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+        sizes = np.where(labels > 0, np.bincount(labels.ravel())[labels], 0)
+        np.testing.assert_array_equal(mosaic["region_sizes"].numpy(), sizes)

@@ -12,7 +12,8 @@ four images of its category, each drawn as the authors draw it (a defect type, t
 mosaic and its mask are resized back to the input size. The draws come from ``(seed, epoch, position)``,
 never from a global random state. The authors paste the original images and resize the mosaic once; here the
 images are already at the input size, so the mosaic is resized from twice that (antialiased) — the same
-picture up to resampling.
+picture up to resampling (docs/METHOD.md, APRIL-GAN, says exactly how they differ). The mosaic's region sizes
+are its own mask's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from anovl import signals
 from anovl.errors import AnovlError
+from anovl.metrics.functional import region_size_map
 from anovl.tracking import run_directory
 
 # The frozen CLIP stays in eval mode on purpose (anovl.models.clip_model.CLIPAnomalyModel.train).
@@ -107,10 +109,12 @@ class TrainingData(Dataset):
         for _ in range(4):
             folder = folders[int(torch.randint(len(folders), (1,), generator=generator))]
             parts.append(self.dataset[folder[int(torch.randint(len(folder), (1,), generator=generator))]])
+        mask = _mosaic([part["mask"][None] for part in parts])[0] > 0.5
         return {
             **item,
             "image": _mosaic([part["image"] for part in parts]),
-            "mask": (_mosaic([part["mask"][None] for part in parts])[0] > 0.5).to(item["mask"].dtype),
+            "mask": mask.to(item["mask"].dtype),
+            "region_sizes": torch.from_numpy(region_size_map(mask.numpy())),
             "label": torch.tensor(int(any(part["label"] == 1 for part in parts))),
             "has_mask": torch.tensor(True),
             "image_path": f"mosaic of {', '.join(p['image_path'] for p in parts)}",
