@@ -45,7 +45,7 @@ DEMO_CLASSES = ("fabric", "widget")
 DEFAULT_PIXEL_THRESHOLD = 0.5  # without a recorded threshold: the abnormal state is the more probable one
 MAX_UPLOAD_MB = 20
 MAX_MEGAPIXELS = 40
-KEEP_FILES_S = 60  # the app's mask files are deleted once this old (Gradio serves its own copy)
+KEEP_FILES_S = 60  # the app's mask and overlay files are deleted once this old (Gradio serves its own copies)
 ORPHAN_UPLOAD_S = 600  # an upload that no request uses is deleted this long after it came
 
 
