@@ -41,6 +41,7 @@ from benchmarks.common import (
     machine_description,
     quick_config,
     setup_process,
+    smoke_config,
 )
 from benchmarks.sections import SECTION_FUNCTIONS
 
@@ -51,7 +52,13 @@ def run_benchmark(config: BenchConfig, emit: Callable[[str], None] = print) -> s
     sections = [name for name in config.sections if name != "precision" or config.precision != "fp32"]
     # TF32 is a global switch of float32 matrix products, not an autocast dtype.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
-    mode = "quick (small counts, CPU-sized)" if config.quick else "full"
+    mode = (
+        "smoke (a dry run: figures meaningless)"
+        if config.smoke
+        else "quick (small counts, CPU-sized)"
+        if config.quick
+        else "full"
+    )
     header = (
         f"# AnoVL benchmark\n\n- Machine: {machine_description(device)}\n- Date: {date.today().isoformat()}\n"
         f"- Mode: {mode}; device {device}; precision {config.precision}; batch sizes "
@@ -71,7 +78,11 @@ def run_benchmark(config: BenchConfig, emit: Callable[[str], None] = print) -> s
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts and a small model: minutes on a CPU")
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--quick", action="store_true", help="small counts and a small model: minutes on a CPU")
+    presets.add_argument(
+        "--smoke", action="store_true", help="a dry run: a tiny model and a handful of inputs, figures meaningless"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--precision",
@@ -116,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if args.repeats is not None:
         overrides["encoder_repeats"] = args.repeats
-    preset = quick_config if args.quick else full_config
+    preset = smoke_config if args.smoke else quick_config if args.quick else full_config
     config = preset(
         device=args.device,
         precision=args.precision,

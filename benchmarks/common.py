@@ -85,6 +85,7 @@ class BenchConfig:
     isolate: bool = True  # memory measurements in a fresh process; False (tests): in this one, figures may read low
     sections: tuple[str, ...] = SECTIONS
     quick: bool = False
+    smoke: bool = False
 
 
 def full_config(**overrides: Any) -> BenchConfig:
@@ -118,6 +119,36 @@ def quick_config(**overrides: Any) -> BenchConfig:
         quick=True,
     )
     return replace(quick, **overrides)
+
+
+def smoke_config(**overrides: Any) -> BenchConfig:
+    """Every section's code path in seconds on a CPU: the tiny random model and a handful of inputs (gpu.sh's dry
+    run, the tests). Its figures mean nothing."""
+    smoke = quick_config(
+        backbone="anovl-tiny-vit",
+        encoder_backbone="anovl-tiny-vit",
+        batch_sizes=(1, 2),
+        repeats=1,
+        encoder_repeats=1,
+        reference_images=1,
+        num_maps=12,
+        map_size=32,
+        baseline_maps=4,
+        test_categories=1,
+        test_good=1,
+        test_defect=1,
+        precision_categories=1,
+        precision_good=1,
+        precision_defect=1,
+        pipeline_categories=1,
+        pipeline_good=2,
+        pipeline_defect=1,
+        pipeline_size=96,
+        pipeline_views=(2, 1),
+        pipeline_data_images=4,
+        smoke=True,
+    )
+    return replace(smoke, **overrides)
 
 
 # ----------------------------------------------------------------------------- report

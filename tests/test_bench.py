@@ -6,6 +6,10 @@ No timing is asserted: the figures depend on the machine.
 
 import ast
 import mmap
+import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,8 +19,8 @@ import torch
 
 import anovl
 from anovl import AnoVL, TTAConfig
-from anovl.models import AnomalyCLIP, AprilGAN
 from anovl.metrics import AnomalyMetrics, functional
+from anovl.models import AnomalyCLIP, AprilGAN
 from benchmarks import bench, common
 from benchmarks.sections import metrics as metrics_section
 from benchmarks.sections import pipeline, precision, throughput
@@ -122,22 +126,7 @@ def test_peak_memory_sees_fresh_pages():
 
 
 def test_benchmark_runs_end_to_end():
-    config = common.quick_config(
-        backbone=TINY,
-        encoder_backbone=TINY,
-        batch_sizes=(1, 2),
-        repeats=1,
-        encoder_repeats=1,
-        reference_images=1,
-        num_maps=12,
-        map_size=32,
-        baseline_maps=4,
-        test_categories=1,
-        test_good=1,
-        test_defect=1,
-        precision_categories=1,
-        precision_good=1,
-        precision_defect=1,
+    config = common.smoke_config(
         threads=None,
         isolate=False,
         sections=tuple(name for name in common.SECTIONS if name != "pipeline"),  # its own (slow) test below
@@ -145,6 +134,7 @@ def test_benchmark_runs_end_to_end():
     emitted = []
     report = bench.run_benchmark(config, emitted.append)
     assert len(emitted) == 1 + 7  # header and every section but 'precision' (fp32) and 'pipeline'
+    assert "Mode: smoke" in emitted[0]
     for title in (
         "TFA forward vs plain CLIP encode_image",
         "Throughput and stage split",
@@ -194,3 +184,46 @@ def test_pipeline_section_runs_the_cli_and_reports_every_ratio(tmp_path):
     for row in ("`anovl test`, 1 view", "data path, CPU ms/image", "loader, 1 worker", "decoded cache, second pass"):
         assert row in text
     assert "hit rate 100%" in text and "nan" not in text.lower()
+
+
+GPU_SH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+def gpu_sh_runs() -> list[tuple[str, int, list[str]]]:
+    """gpu.sh's ``run NAME SECONDS ARGS...`` lines."""
+    runs = re.findall(r"^run (\S+) (\d+) (.*)$", GPU_SH.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    return [(name, int(limit), args.split()) for name, limit, args in runs]
+
+
+def test_gpu_sh_fits_its_budget_and_every_command_parses():
+    runs = gpu_sh_runs()
+    assert sum(limit for _, limit, _ in runs) <= 460  # + start-up: the whole script within 8 minutes
+    assert len({name for name, _, _ in runs}) == len(runs)  # one report file each
+    covered = set()
+    for _, _, args in runs:
+        options = bench.parse_args(["--device", "cpu", *args])
+        covered.update(options.sections)
+    assert covered == set(common.SECTIONS) - {"text"}  # text-cache start-up: measured on the CPU only
+
+
+@pytest.mark.slow  # ten processes, each importing torch; minutes on a busy 2-core machine
+def test_gpu_sh_dry_run_writes_every_section_under_out(tmp_path):
+    repository = GPU_SH.parents[1]
+    ignored = ["git", "-C", str(repository), "status", "--porcelain", "--ignored"]
+    before = subprocess.run(ignored, capture_output=True, text=True, check=True).stdout
+    environment = {
+        **os.environ,
+        "GPU_SH_SMOKE": "1",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "ANOVL_CACHE_DIR": str(tmp_path / "cache" / "anovl"),
+    }
+    finished = subprocess.run(["bash", str(GPU_SH)], env=environment, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    for name, _, _ in gpu_sh_runs():
+        report = (tmp_path / "out" / f"{name}.md").read_text(encoding="utf-8")
+        assert "Mode: smoke" in report and "section took" in report, name
+        assert (tmp_path / "out" / f"{name}.log").is_file()
+    assert not (tmp_path / "cache" / "anovl").exists()  # nothing in the user's anovl cache
+    assert subprocess.run(ignored, capture_output=True, text=True, check=True).stdout == before  # nor the repository
