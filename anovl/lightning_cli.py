@@ -311,15 +311,16 @@ def with_default_model(arguments: list[str]) -> list[str]:
 
 
 def method_arguments(arguments: list[str]) -> list[str]:
-    """A command line with ``--model NAME`` (or ``--model.class_path NAME``) given as the method's class path."""
+    """A command line with ``--model NAME`` (or ``--model.class_path NAME``, ``--model.help NAME``) given as the
+    method's class path."""
     arguments = list(arguments)
     for index, argument in enumerate(arguments):
         option, equals, value = argument.partition("=")
-        if option not in ("--model", "--model.class_path"):
+        if option not in ("--model", "--model.class_path", "--model.help"):
             continue
         if equals:
             arguments[index] = f"{option}={method_path(value)}"
-        elif index + 1 < len(arguments):
+        elif index + 1 < len(arguments) and not arguments[index + 1].startswith("-"):  # --model.help needs none
             arguments[index + 1] = method_path(arguments[index + 1])
     return arguments
 

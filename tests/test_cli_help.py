@@ -56,6 +56,15 @@ def test_test_help_leads_with_anovl_options_and_hides_training_flags(capsys):
     assert "[--exported FILE]" in help_text.splitlines()[0] and "--exported FILE runs a model written by" in help_text
 
 
+def test_model_help_takes_a_method_name_and_shows_its_own_defaults(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--model.help", "aprilgan"])
+    help_text = " ".join(capsys.readouterr().out.split())  # the help wraps its lines
+    assert exit_info.value.code in (0, None) and "Help for --model.help=anovl.AprilGAN" in help_text
+    assert "default: ViT-L-14-336)" in help_text and "default: (6, 12, 18, 24))" in help_text
+
+
 def test_hidden_training_defaults_still_apply(tmp_path, monkeypatch):
     from anovl.cli import AnovlCLI
 
