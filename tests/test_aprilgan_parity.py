@@ -175,8 +175,9 @@ def reference_order(folder):
 
 
 def few_shot_run(setup, stored, tmp_path, batch_size):
-    """``anovl test`` of few-shot APRIL-GAN (few_shot_images) on the reference data: the scores the callbacks
-    (pictures among them) got, in the reference's order, and results.json."""
+    """``anovl test`` and ``anovl predict`` of few-shot APRIL-GAN (few_shot_images) on the reference data: the
+    scores the test's callbacks (pictures among them) got, results.json, and the scores in predict's scores.csv
+    (scores in the reference's order)."""
     model, *_, folder = setup
     model.few_shot_images, model.k_shot = few_shot_folder(stored, folder, tmp_path / "shots"), 8
     seen = ScoresSeen()
@@ -191,16 +192,30 @@ def few_shot_run(setup, stored, tmp_path, batch_size):
                 run_dir=tmp_path / f"run{batch_size}",
                 pictures={"max_per_category": 1},
             ).test(model, data)
+            Engine(
+                {"enable_progress_bar": False},
+                run_dir=tmp_path / f"predict{batch_size}",
+                predictions={"overlays": False, "raw_maps": False},
+            ).predict(model, data)
     finally:
         model.few_shot_images = None
         model.forget()
     results = json.loads((tmp_path / f"run{batch_size}" / "results.json").read_text())
-    return np.array([seen.scores[path] for path in reference_order(folder)]), results
+    predicted = predicted_scores(tmp_path / f"predict{batch_size}" / "predictions" / "scores.csv", folder)
+    return np.array([seen.scores[path] for path in reference_order(folder)]), results, predicted
+
+
+def predicted_scores(path, folder):
+    """The scores of a predict's scores.csv, in the reference's order."""
+    with path.open() as handle:
+        scores = {row["image_path"]: float(row["score"]) for row in csv.DictReader(handle)}
+    return np.array([scores[image] for image in reference_order(folder)])
 
 
 def test_few_shot_run_gives_the_authors_image_scores_and_metrics(setup, stored, tmp_path):
-    scores, results = few_shot_run(setup, stored, tmp_path, batch_size=2)
+    scores, results, predicted = few_shot_run(setup, stored, tmp_path, batch_size=2)
     np.testing.assert_allclose(scores, stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7)
+    np.testing.assert_allclose(predicted, stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7)
     labels = [anomaly for _, anomaly in reference.TEST_IMAGES]
     per_class = len(labels)
     rows = {row["category"]: row for row in results["categories"]}
@@ -212,7 +227,9 @@ def test_few_shot_run_gives_the_authors_image_scores_and_metrics(setup, stored, 
     assert len(list((tmp_path / "run2" / "pictures").glob("*/*.png"))) == len(reference.CLASSES)
     assert results["config"]["model"]["few_shot"] == {"layers": reference.FEW_SHOT_LAYERS, "shots": 8, "seed": 0}
     # The scores do not depend on the batch size (normalised over the whole category, not per batch).
-    np.testing.assert_allclose(few_shot_run(setup, stored, tmp_path, batch_size=1)[0], scores, rtol=1e-6, atol=1e-7)
+    one_at_a_time, _, predicted_alone = few_shot_run(setup, stored, tmp_path, batch_size=1)
+    np.testing.assert_allclose(one_at_a_time, scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(predicted_alone, predicted, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow  # about 45 s: two processes start, each imports torch and Lightning
@@ -249,8 +266,9 @@ def test_few_shot_predict_in_two_processes_gives_the_authors_scores(setup, store
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    with (tmp_path / "out" / "scores.csv").open() as handle:
-        scores = {row["image_path"]: float(row["score"]) for row in csv.DictReader(handle)}
     np.testing.assert_allclose(
-        [scores[path] for path in reference_order(folder)], stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7
+        predicted_scores(tmp_path / "out" / "scores.csv", folder),
+        stored["few_shot_scores"],
+        rtol=MAP_TOLERANCE,
+        atol=1e-7,
     )
