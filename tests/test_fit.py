@@ -483,3 +483,16 @@ def test_a_mosaic_is_four_images_of_its_category_resized_with_its_own_mask_regio
         labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
         sizes = np.where(labels > 0, np.bincount(labels.ravel())[labels], 0)
         np.testing.assert_array_equal(mosaic["region_sizes"].numpy(), sizes)
+
+
+def test_a_few_shot_run_refuses_a_loader_without_length(tmp_path):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    module = AnomalyModule(tiny_aprilgan(few_shot_images=str(tmp_path / "{category}")))
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(AnovlError, match="data loader with a length"):
+        trainer.predict(module, dataloaders=DataLoader(Endless(), batch_size=None))

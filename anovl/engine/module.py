@@ -20,6 +20,7 @@ writers in :mod:`anovl.callbacks`) see them in ``on_test_batch_end`` / ``on_pred
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sized
@@ -282,7 +283,7 @@ class AnomalyModule(LightningModule):
         self._metrics = {category: AnomalyMetrics(cflow_pro=self.cflow_pro).to(self.device) for category in categories}
         self._image_counts = dict.fromkeys(categories, 0)
         self._expected_counts = _images_per_category(datamodule)
-        self._start_holding(self.trainer.test_dataloaders)
+        self._start_holding(self.trainer.test_dataloaders, self.trainer.num_test_batches)
         run_dir = run_directory(self.trainer)
         settings = self.model.settings()
         weights = settings.get("pretrained", None)
@@ -309,8 +310,8 @@ class AnomalyModule(LightningModule):
             for category in earlier.rows:
                 self._log_category(category)
 
-    def _start_holding(self, dataloaders: Any) -> None:
-        """Per-run state of test and predict."""
+    def _start_holding(self, dataloaders: Any, batches: list[float]) -> None:
+        """Per-run state of test and predict (``batches``: the loaders' lengths)."""
         self._current_category = None
         self._open_category = None
         self._samples_seen = 0
@@ -323,6 +324,12 @@ class AnomalyModule(LightningModule):
             raise AnovlError(
                 f"{self.label}'s image scores need whole categories, which several processes can only gather "
                 "with a datamodule that lists its categories (anovl's do); run it in one process"
+            )
+        if self._holding and not all(math.isfinite(count) for count in batches):
+            # The held outputs are released at the last batch, which a loader without a length never announces.
+            raise AnovlError(
+                f"{self.label}'s image scores need whole categories, which it can only hand over from a data "
+                "loader with a length (anovl's datamodules have one)"
             )
 
     def _log_category(self, category: str) -> None:
@@ -482,7 +489,7 @@ class AnomalyModule(LightningModule):
     # ----------------------------------------------------------------- predict
 
     def on_predict_start(self) -> None:
-        self._start_holding(self.trainer.predict_dataloaders)
+        self._start_holding(self.trainer.predict_dataloaders, self.trainer.num_predict_batches)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         """Per real (not padded) image: ``anomaly_map`` (H×W) and ``pred_score`` (CPU float tensors), the
