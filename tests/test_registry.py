@@ -11,7 +11,7 @@ import yaml
 
 from anovl import AnovlError
 from anovl.data import generate_mvtec_like
-from anovl.lightning_cli import resolved_config
+from anovl.lightning_cli import resolved_config, with_default_model
 from anovl.models import AnoVL, WinCLIP, create_method, list_methods, register_method
 from anovl.models.base import AnomalyModel
 from anovl.models.registry import METHODS, method_name
@@ -124,6 +124,22 @@ def test_without_a_model_named_anywhere_anovl_runs_with_its_defaults(arguments, 
     model = resolved_config(["test", *arguments, "--data", "anovl.data.SyntheticMVTecDataModule"])["model"]
     assert model["class_path"] == "anovl.models.AnoVL"
     assert model["init_args"] == {**constructor_defaults(AnoVL), **given}
+
+
+def test_the_default_model_is_added_only_where_no_class_is_chosen_first(tmp_path):
+    config = tmp_path / "aprilgan.yaml"
+    config.write_text("model: {class_path: aprilgan}\n")
+    chosen = (["--model", "winclip"], ["--model.class_path=winclip"], ["--config", str(config)], ["-c", "model: x.Y"])
+    for arguments in chosen:
+        command = ["test", *arguments, "--model.init_args.k_shot", "2"]
+        assert with_default_model(command) == command
+    default = ["--model", "anovl.models.AnoVL"]
+    for arguments in (
+        [],
+        ["--model.init_args.num_views", "3", "--model", "winclip"],
+        ["--config", "model: {init_args: {}}"],
+    ):
+        assert with_default_model(["fit", *arguments]) == ["fit", *default, *arguments]
 
 
 def test_a_class_of_a_plugin_imported_again_keeps_its_method_name(tmp_path, monkeypatch):
