@@ -92,6 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "other than fp32 adds the 'precision' section",
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--tta-compile", action="store_true", help="TTA's adapter steps through torch.compile (tta.compile)"
+    )
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument(
@@ -133,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         precision=args.precision,
         batch_sizes=tuple(args.batch_sizes),
         sections=tuple(args.sections),
+        tta_compile=args.tta_compile,
         **overrides,
     )
     setup_process(config.threads)

@@ -84,6 +84,7 @@ class BenchConfig:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     isolate: bool = True  # memory measurements in a fresh process; False (tests): in this one, figures may read low
     sections: tuple[str, ...] = SECTIONS
+    tta_compile: bool = False  # TTA's adapter steps through torch.compile (TTAConfig.compile)
     quick: bool = False
     smoke: bool = False
 

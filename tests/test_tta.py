@@ -192,6 +192,7 @@ def test_register_a_new_adapter():
         ({"corruption": "blur"}, "tta.corruption"),
         ({"lr": 0}, "tta.lr"),
         ({"normal_quantile": 0.9, "abnormal_quantile": 0.5}, "quantile"),
+        ({"mode": "reference", "compile": True}, "tta.compile applies to mode 'independent'"),
     ],
 )
 def test_bad_configs(kwargs, message):
@@ -265,3 +266,42 @@ def test_adaptation_steps_need_no_values(adapter, labels):
             module, tta._optimizer(module), tokens, states, None, lambda: torch.randn_like(tokens), None
         )
     assert adapted.shape == (2, 16, 8) and losses.shape == (2, 2)
+
+
+def test_compile_is_not_a_setting_of_the_results(tta_models):
+    # Compiled steps give what eager ones give (slow tests below): one variant, one label, resumable either way.
+    _, token, _ = tta_models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = AnoVL(TINY, pretrained=None, tta=TTAConfig(compile=True))
+    assert compiled.settings() == token.settings() and compiled.label == token.label
+    assert "compile" not in token.settings()["tta"] and token.settings()["tta"]["adapter"] == "text"
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds on a busy CPU
+@pytest.mark.parametrize("adapter", ["text", "lowrank"])
+def test_compiled_steps_equal_eager_ones(adapter):
+    tokens, states, sentences = token_set()
+    eager, compiled = (TestTimeAdaptation(TTAConfig(adapter=adapter, compile=flag)) for flag in (False, True))
+    for scale in (1.0, 1.5):  # the second batch: a fresh adapter through the graph compiled for the first
+        torch.testing.assert_close(
+            run(None, scale * tokens, states, sentences, tta=compiled),
+            run(None, scale * tokens, states, sentences, tta=eager),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        torch.testing.assert_close(compiled.last_losses, eager.last_losses, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # torch.compile
+def test_compiled_tta_maps_equal_eager_maps_under_inference_mode(tta_models):
+    _, token, _ = tta_models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = AnoVL(TINY, pretrained=None, tta=TTAConfig(compile=True))
+    compiled.load_state_dict(token.state_dict())
+    compiled.text_cache = token.text_cache
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():  # as Lightning's test loop runs it
+        expected, adapted = token(images, ["bottle", "carpet"]), compiled(images, ["bottle", "carpet"])
+    torch.testing.assert_close(adapted.anomaly_map, expected.anomaly_map, rtol=1e-5, atol=1e-5)

@@ -85,11 +85,12 @@ def throughput_section(config: BenchConfig, device: torch.device, workdir: Path)
         ],
     )
     for name, num_views, with_tta in PIPELINES:
+        name += ", compiled" if with_tta and config.tta_compile else ""
         model = build_model(
             config.backbone,
             config.pretrained,
             num_views,
-            TTAConfig() if with_tta else None,
+            TTAConfig(compile=config.tta_compile) if with_tta else None,
             workdir / "text-cache",
             device,
         )

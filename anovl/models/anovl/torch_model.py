@@ -6,7 +6,7 @@ import contextlib
 import functools
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -15,7 +15,7 @@ from anovl.data.transforms import split_tiles, stitch_tiles
 from anovl.errors import AnovlError
 from anovl.models.anovl.export import ExportableAnoVL
 from anovl.models.anovl.prompts import PromptSet
-from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig
+from anovl.models.anovl.tta import TestTimeAdaptation, TTAConfig, recorded_settings
 from anovl.models.anovl.views import NUM_REFERENCE_VIEWS, make_views
 from anovl.models.base import ModelOutput, json_data
 from anovl.models.clip_model import CLIPAnomalyModel
@@ -138,7 +138,7 @@ class AnoVL(CLIPAnomalyModel):
                 "num_views": self.num_views,
                 "layers": list(self.layers),
                 "prompts": self.prompts.to_dict(),
-                "tta": asdict(self.tta_config) if self.tta_config is not None else None,
+                "tta": recorded_settings(self.tta_config),
                 "wide_images": self.wide_images,
             }
         )
@@ -156,7 +156,7 @@ class AnoVL(CLIPAnomalyModel):
                 "num_views": NUM_REFERENCE_VIEWS,
                 "layers": [-1],
                 "prompts": PromptSet().to_dict(),
-                "tta": asdict(tta) if tta is not None else None,
+                "tta": recorded_settings(tta),
                 "wide_images": "visa-reference",
             }
         )
