@@ -87,6 +87,36 @@ def config_document(value: str) -> Any:
         return None
 
 
+def model_settings_by_class(command_line: list[str]) -> dict[str, str | None]:
+    """Each model setting a command line gives (``--model.init_args.NAME``, a ``--config``'s or ``--model``'s
+    ``init_args``), with the class chosen when it was last given (None before any). jsonargparse carries a given
+    setting over to a class chosen later where that class takes it, and drops it where not: the CLI names both."""
+    chosen: str | None = None
+    given: dict[str, str | None] = {}
+
+    def take(model: Any) -> None:
+        nonlocal chosen
+        if isinstance(model, str) and not model.startswith("."):
+            chosen = model
+        elif isinstance(model, dict):
+            chosen = model.get("class_path", chosen)
+            settings = model.get("init_args")
+            given.update(dict.fromkeys(settings if isinstance(settings, dict) else (), chosen))
+
+    for option, value in option_values(command_line):
+        if option in CONFIG_OPTIONS:
+            document = config_document(value)
+            if isinstance(document, dict) and "model" in document:
+                take(document["model"])
+        elif option == "--model":
+            take(config_document(value))
+        elif option == "--model.class_path":
+            chosen = value
+        elif option.startswith("--model.") and option != "--model.help":
+            given[option.removeprefix("--model.").removeprefix("init_args.").split(".")[0]] = chosen
+    return given
+
+
 def chooses_model_first(command_line: list[str]) -> bool:
     """Whether the first option of a command line about the model chooses its class: ``--model.class_path``,
     ``--model`` with a name, class path or mapping holding ``class_path`` (not ``--model .init_args.NAME VALUE``),

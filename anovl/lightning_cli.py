@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from anovl.callbacks import AnomalyMapWriter, PanelWriter
 from anovl.commands import COMMANDS, DESCRIPTION
-from anovl.configs import chooses_model_first, method_path, with_class_paths
+from anovl.configs import chooses_model_first, method_path, model_settings_by_class, with_class_paths
 
 # The datamodules are imported so that their short class names resolve (jsonargparse looks among loaded subclasses).
 from anovl.data import (  # noqa: F401
@@ -58,6 +58,7 @@ from anovl.engine import AnomalyModule, Engine
 from anovl.engine.engine import RUNS_DIR, model_input_size, run_folders
 from anovl.engine.engine import TRAINER_DEFAULTS as ENGINE_TRAINER_DEFAULTS
 from anovl.errors import AnovlError
+from anovl.io import terminal
 from anovl.models.base import AnomalyModel
 from anovl.models.checkpoints import (
     METADATA_KEY,
@@ -143,8 +144,10 @@ class AnovlCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None:  # LightningCLI reads sys.argv (given both, it warns)
             sys.argv[1:] = method_arguments(with_default_model(sys.argv[1:]))
+            self.model_settings_given = model_settings_by_class(sys.argv[1:])
         elif isinstance(args, list):
             args = method_arguments(with_default_model(args))
+            self.model_settings_given = model_settings_by_class(args)
         super().parse_arguments(parser, args)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -251,6 +254,9 @@ class AnovlCLI(LightningCLI):
         if self.given_run_dir is not None:
             write_into_run(config, self.given_run_dir)
         self.data_size_given = data_size_given(config.data)
+        note = settings_of_another_class(getattr(self, "model_settings_given", {}), config.model)
+        if note:
+            logging.getLogger("anovl").warning(note)
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -308,6 +314,39 @@ def with_default_model(arguments: list[str]) -> list[str]:
         return arguments
     head = 1 if arguments[:1] in (["fit"], ["test"], ["predict"]) else 0
     return [*arguments[:head], "--model", DEFAULT_MODEL, *arguments[head:]]
+
+
+def settings_of_another_class(given: dict[str, str | None], model: Any) -> str | None:
+    """A note naming the model settings that were given while another class was chosen (e.g. AnoVL's backbone in
+    a dataset config, then ``--model aprilgan``): jsonargparse keeps those the final class takes, in place of
+    its own defaults, and drops the others. None where none is kept."""
+    final = _class_of(model.class_path)
+    earlier = {key: chosen for key, chosen in given.items() if chosen is not None and _class_of(chosen) != final}
+    if not earlier:
+        return None
+    settings = model.get("init_args") or {}
+    final_name = str(model.class_path).rpartition(".")[2]
+    before = ", ".join(
+        sorted({str(method_path(chosen, strict=False)).rpartition(".")[2] for chosen in earlier.values()})
+    )
+    kept = ", ".join(f"{key}={settings[key]}" for key in sorted(earlier) if key in settings)
+    dropped = ", ".join(sorted(key for key in earlier if key not in settings))
+    if not kept:  # settings of the earlier method alone, as when a method config follows a dataset config
+        return None
+    note = f"settings given for {before} carry over to {final_name}: {kept}"
+    if dropped:
+        note += f"; dropped ({final_name} takes none of them): {dropped}"
+    return terminal(note + ". Give settings after choosing the method to change them.")
+
+
+def _class_of(path: Any) -> Any:
+    """The class a class path or method name names (the text itself where it names none)."""
+    path = method_path(path, strict=False)
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
 
 
 def method_arguments(arguments: list[str]) -> list[str]:

@@ -8,10 +8,12 @@ import warnings
 
 import pytest
 import yaml
+from jsonargparse import Namespace
 
 from anovl import AnovlError
+from anovl.configs import model_settings_by_class
 from anovl.data import generate_mvtec_like
-from anovl.lightning_cli import resolved_config, with_default_model
+from anovl.lightning_cli import method_arguments, resolved_config, settings_of_another_class, with_default_model
 from anovl.models import AnoVL, WinCLIP, create_method, list_methods, register_method
 from anovl.models.base import AnomalyModel
 from anovl.models.registry import METHODS, method_name
@@ -234,3 +236,35 @@ def test_results_json_names_an_unregistered_method_by_class_path(tmp_path):
         assert method_record(Local(TINY, pretrained=None)) == {
             "class_path": f"{__name__}.test_results_json_names_an_unregistered_method_by_class_path.<locals>.Local"
         }
+
+
+@pytest.mark.parametrize(
+    "arguments, note",
+    [
+        # A dataset config's AnoVL settings, then another method: what carries over and what is dropped is named.
+        (
+            [
+                "--config",
+                "model: {class_path: anovl, init_args: {backbone: my-vit, num_views: 3}}",
+                "--model",
+                "aprilgan",
+            ],
+            "settings given for AnoVL carry over to AprilGAN: backbone=my-vit; dropped (AprilGAN takes none of them): "
+            "num_views.",
+        ),
+        (["--model.init_args.init_seed", "3", "--model", "winclip"], "carry over to WinCLIP: init_seed=3."),
+        # Given again after the method is chosen, only the earlier method's own, or all for one method: no note.
+        (["--config", "model: {class_path: anovl, init_args: {num_views: 3}}", "--model", "aprilgan"], None),
+        (
+            ["--config", "model: {class_path: anovl, init_args: {image_size: 96}}", "--model.init_args.num_views", "3"],
+            None,
+        ),
+        (["--model", "anovl", "--model.init_args.backbone", "x", "--model", "winclip", "--model.backbone", "y"], None),
+    ],
+)
+def test_settings_given_for_another_method_are_named_when_they_carry_over(arguments, note, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["anovl"])
+    command_line = method_arguments(with_default_model(["test", *arguments]))
+    model = resolved_config(["test", *arguments, "--data", "anovl.data.SyntheticMVTecDataModule"])["model"]
+    said = settings_of_another_class(model_settings_by_class(command_line), Namespace(model))
+    assert said == note if note is None else note in said
