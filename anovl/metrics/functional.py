@@ -35,13 +35,24 @@ def region_size_map(anomalous: np.ndarray) -> np.ndarray:
 
     The loader computes it where the mask is decoded, so that the metrics never label regions on the host.
     """
+    sizes = np.zeros(anomalous.shape, dtype=np.int32)
     if not anomalous.any():  # a normal image's mask: nothing to label
-        return np.zeros(anomalous.shape, dtype=np.int32)
+        return sizes
+    # Every region lies inside the anomalous pixels' bounding box: labelling that alone gives the same sizes, at a
+    # fraction of the cost for a small defect.
+    box = tuple(
+        slice(present[0], present[-1] + 1)
+        for present in (
+            np.flatnonzero(anomalous.any(axis=tuple(other for other in range(anomalous.ndim) if other != axis)))
+            for axis in range(anomalous.ndim)
+        )
+    )
     structure = _PER_IMAGE_8_CONNECTIVITY if anomalous.ndim == 3 else _PER_IMAGE_8_CONNECTIVITY[1]
-    labels, _ = ndimage.label(anomalous, structure=structure)
+    labels, _ = ndimage.label(anomalous[box], structure=structure)
     counts = np.bincount(labels.ravel())
     counts[0] = 0  # the background
-    return counts.astype(np.int32)[labels]
+    sizes[box] = counts[labels]
+    return sizes
 
 
 def split_pixels(anomaly_maps: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
