@@ -34,12 +34,14 @@ def focal_loss(
         )
     if not 0 <= smooth <= 1:
         raise AnovlError(f"focal_loss: smooth must lie in [0, 1], got {smooth}")
-    # Classes last, one row per pixel.
-    rows = probabilities.movedim(1, -1).reshape(-1, classes)
-    one_hot = torch.nn.functional.one_hot(target.reshape(-1).long(), classes).to(rows.dtype)
-    if smooth:
-        one_hot = one_hot.clamp(smooth / (classes - 1), 1.0 - smooth)
-    p_t = (one_hot * rows).sum(1) + smooth
+    # The smoothed one-hot weight of each class, one class at a time: no pixels × classes one-hot, and no
+    # classes-last copy of the probabilities, which dominated a training step's memory at full resolution.
+    index = target.long()
+    low, high = (probabilities.new_tensor(v) for v in ((smooth / (classes - 1), 1.0 - smooth) if smooth else (0, 1)))
+    p_t = torch.where(index == 0, high, low) * probabilities[:, 0]
+    for c in range(1, classes):
+        p_t = p_t + torch.where(index == c, high, low) * probabilities[:, c]
+    p_t = p_t + smooth
     return (-(1 - p_t).pow(gamma) * p_t.log()).mean()
 
 
