@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anovl.errors import AnovlError
-from anovl.models.components.losses import binary_dice_loss, focal_loss
+from anovl.models.components.losses import binary_dice_loss, focal_loss, softmax_focal_dice
 
 
 def naive_focal(probabilities, target, gamma=2.0, smooth=1e-5):
@@ -79,3 +79,23 @@ def test_losses_refuse_mismatched_shapes():
         focal_loss(torch.rand(2, 1, 4, 4), torch.zeros(2, 4, 4))
     with pytest.raises(AnovlError, match="same shape"):
         binary_dice_loss(torch.rand(2, 4, 4), torch.zeros(2, 4, 5))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_softmax_focal_dice_equals_autograd_of_the_two_losses(dtype, tolerance):
+    generator = torch.Generator().manual_seed(0)
+    scores = (3 * torch.randn(3, 2, 6, 5, generator=generator, dtype=dtype)).requires_grad_()
+    target = (torch.rand(3, 6, 5, generator=generator) > 0.6).to(dtype)
+    target[2] = 0  # a normal image
+    weights = torch.tensor([0.7, 1.3], dtype=dtype)  # unequal weights tell the two gradients apart
+    focal, dice = softmax_focal_dice(scores, target)
+    (gradient,) = torch.autograd.grad(weights[0] * focal + weights[1] * dice, scores)
+    reference = scores.detach().clone().requires_grad_()
+    probabilities = reference.softmax(1)
+    expected_focal, expected_dice = focal_loss(probabilities, target), binary_dice_loss(probabilities[:, 1], target)
+    (expected,) = torch.autograd.grad(weights[0] * expected_focal + weights[1] * expected_dice, reference)
+    assert focal.item() == pytest.approx(expected_focal.item(), rel=tolerance)
+    assert dice.item() == pytest.approx(expected_dice.item(), rel=tolerance)
+    torch.testing.assert_close(gradient, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    with pytest.raises(AnovlError, match="B×2×H×W scores"):
+        softmax_focal_dice(scores[:, :1], target)

@@ -33,7 +33,7 @@ from anovl.errors import AnovlError
 from anovl.models.aprilgan.prompts import AprilGANPrompts
 from anovl.models.base import ModelOutput
 from anovl.models.clip_model import CLIPAnomalyModel
-from anovl.models.components.losses import binary_dice_loss, focal_loss
+from anovl.models.components.losses import softmax_focal_dice
 from anovl.models.components.scoring import block_sum
 from anovl.models.registry import register_method
 
@@ -231,11 +231,8 @@ class AprilGAN(CLIPAnomalyModel):
             _, tokens = self.encode(images, self.layers)
         states = self.states(categories, prompt_names, images.device)
         target = (masks > 0.5).to(images.dtype)
-        probabilities = self.layer_probabilities(tokens, states)
-        return {
-            "focal": block_sum(focal_loss(p, target) for p in probabilities),
-            "dice": block_sum(binary_dice_loss(p[:, 1], target) for p in probabilities),
-        }
+        terms = [softmax_focal_dice(self._upsample(logits), target) for logits in self.layer_logits(tokens, states)]
+        return {"focal": block_sum(focal for focal, _ in terms), "dice": block_sum(dice for _, dice in terms)}
 
     # ----------------------------------------------------------------- few-shot
 
@@ -300,14 +297,17 @@ class AprilGAN(CLIPAnomalyModel):
         grid = grid_values.transpose(1, 2).reshape(batch, channels, self.grid_size, self.grid_size)
         return F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
 
-    def layer_probabilities(self, tokens: list[torch.Tensor], states: torch.Tensor) -> list[torch.Tensor]:
-        """Per block, [normal, abnormal] probabilities (B, 2, S, S) from its patch tokens and the states (B, 2, D)."""
-        probabilities = []
+    def layer_logits(self, tokens: list[torch.Tensor], states: torch.Tensor) -> list[torch.Tensor]:
+        """Per block, [normal, abnormal] logits per patch (B, N, 2) from its patch tokens and the states (B, 2, D)."""
+        logits = []
         for head, layer_tokens in zip(self.heads, tokens):
             projected = F.normalize(head(layer_tokens), dim=-1)
-            logits = LOGIT_SCALE * torch.einsum("bnd,bkd->bnk", projected, states.to(projected.dtype))
-            probabilities.append(self._upsample(logits).softmax(dim=1))
-        return probabilities
+            logits.append(LOGIT_SCALE * torch.einsum("bnd,bkd->bnk", projected, states.to(projected.dtype)))
+        return logits
+
+    def layer_probabilities(self, tokens: list[torch.Tensor], states: torch.Tensor) -> list[torch.Tensor]:
+        """Per block, [normal, abnormal] probabilities (B, 2, S, S): the logits resized, then a softmax."""
+        return [self._upsample(logits).softmax(dim=1) for logits in self.layer_logits(tokens, states)]
 
     def few_shot_map(self, tokens: list[torch.Tensor], categories: Sequence[str]) -> torch.Tensor:
         """(B, S, S): per few-shot block, ``min over the category's bank of (1 - cos)``, resized and summed."""

@@ -59,3 +59,49 @@ def binary_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: fl
     flat, mask = probability.reshape(len(probability), -1), target.reshape(len(target), -1).to(probability.dtype)
     dice = (2 * (flat * mask).sum(1) + smooth) / (flat.sum(1) + mask.sum(1) + smooth)
     return 1 - dice.mean()
+
+
+def softmax_focal_dice(
+    scores: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5, dice_smooth: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`focal_loss` and :func:`binary_dice_loss` (of the abnormal channel) of ``softmax(scores, dim=1)``,
+    for ``B×2×H×W`` normal/abnormal scores and a ``B×H×W`` binary mask, with the gradient written out: the
+    backward keeps only the probabilities, where autograd keeps several full-size maps of the two losses."""
+    if scores.ndim != 4 or scores.shape[1] != 2 or target.shape != scores.shape[:1] + scores.shape[2:]:
+        raise AnovlError(
+            f"softmax_focal_dice takes B×2×H×W scores and a B×H×W mask, got {tuple(scores.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    return _SoftmaxFocalDice.apply(scores, target, gamma, smooth, dice_smooth)
+
+
+class _SoftmaxFocalDice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, target, gamma, smooth, dice_smooth):  # type: ignore[override]
+        probabilities = scores.softmax(dim=1)
+        ctx.save_for_backward(probabilities, target)
+        ctx.constants = gamma, smooth, dice_smooth
+        return focal_loss(probabilities, target, gamma, smooth), binary_dice_loss(
+            probabilities[:, 1], target, dice_smooth
+        )
+
+    @staticmethod
+    def backward(ctx, focal_grad, dice_grad):  # type: ignore[override]
+        probabilities, target = ctx.saved_tensors
+        gamma, smooth, dice_smooth = ctx.constants
+        normal, abnormal = probabilities[:, 0], probabilities[:, 1]
+        anomalous = target.long() == 1
+        # Focal: loss = mean(-(1 - p_t)^γ log p_t), p_t = w_0 p_0 + w_1 p_1 + smooth (smoothed one-hot weights).
+        low, high = (probabilities.new_tensor(v) for v in ((smooth, 1.0 - smooth) if smooth else (0, 1)))
+        weight_normal, weight_abnormal = torch.where(anomalous, low, high), torch.where(anomalous, high, low)
+        p_t = weight_normal * normal + weight_abnormal * abnormal + smooth
+        rest = 1 - p_t
+        d_p_t = (gamma * rest.pow(gamma - 1) * p_t.log() - rest.pow(gamma) / p_t) * (focal_grad / p_t.numel())
+        # Dice of the abnormal channel: 1 - mean_b (2 Σ p t + s) / (Σ p + Σ t + s).
+        mask = target.to(probabilities.dtype)
+        sums = (2 * (abnormal * mask).flatten(1).sum(1) + dice_smooth)[:, None, None]
+        totals = (abnormal.flatten(1).sum(1) + mask.flatten(1).sum(1) + dice_smooth)[:, None, None]
+        d_abnormal = (sums - 2 * mask * totals) / totals.pow(2) * (dice_grad / len(probabilities))
+        gradient = torch.stack([d_p_t * weight_normal, d_p_t * weight_abnormal + d_abnormal], dim=1)
+        # Through the softmax over the two channels.
+        return probabilities * (gradient - (gradient * probabilities).sum(1, keepdim=True)), None, None, None, None
