@@ -368,9 +368,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data_root, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def last_epoch_saved() -> int:
+        # Only the newest epoch's file is kept (epoch=N-step=M.ckpt): a poll may miss any one N on a fast machine.
+        saved = tmp_path.glob("killed/*/version_0/checkpoints/epoch=*-*.ckpt")
+        return max((int(path.name.split("-")[0].removeprefix("epoch=")) for path in saved), default=-1)
+
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("killed/*/version_0/checkpoints/epoch=2-*.ckpt")) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while last_epoch_saved() < 2 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
     (last,) = tmp_path.glob("killed/*/version_0/checkpoints/last.ckpt")
