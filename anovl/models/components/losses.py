@@ -34,15 +34,25 @@ def focal_loss(
         )
     if not 0 <= smooth <= 1:
         raise AnovlError(f"focal_loss: smooth must lie in [0, 1], got {smooth}")
-    # The smoothed one-hot weight of each class, one class at a time: no pixels × classes one-hot, and no
-    # classes-last copy of the probabilities, which dominated a training step's memory at full resolution.
-    index = target.long()
-    low, high = (probabilities.new_tensor(v) for v in ((smooth / (classes - 1), 1.0 - smooth) if smooth else (0, 1)))
-    p_t = torch.where(index == 0, high, low) * probabilities[:, 0]
-    for c in range(1, classes):
-        p_t = p_t + torch.where(index == c, high, low) * probabilities[:, c]
-    p_t = p_t + smooth
+    p_t = _target_probability(probabilities, _class_weights(probabilities, target, smooth), smooth)
     return (-(1 - p_t).pow(gamma) * p_t.log()).mean()
+
+
+def _class_weights(probabilities: torch.Tensor, target: torch.Tensor, smooth: float) -> list[torch.Tensor]:
+    """Per class, each pixel's smoothed one-hot weight (``1 - smooth`` for its class, ``smooth / (C - 1)`` for the
+    others). One map per class: no pixels × classes one-hot and no classes-last copy of the probabilities, which
+    dominated a training step's memory at full resolution."""
+    classes, index = probabilities.shape[1], target.long()
+    low, high = (probabilities.new_tensor(v) for v in ((smooth / (classes - 1), 1.0 - smooth) if smooth else (0, 1)))
+    return [torch.where(index == c, high, low) for c in range(classes)]
+
+
+def _target_probability(probabilities: torch.Tensor, weights: list[torch.Tensor], smooth: float) -> torch.Tensor:
+    """``p_t = Σ_c w_c p_c + smooth``: the smoothed probability of each pixel's class."""
+    p_t = weights[0] * probabilities[:, 0]
+    for c in range(1, len(weights)):
+        p_t = p_t + weights[c] * probabilities[:, c]
+    return p_t + smooth
 
 
 def binary_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -89,12 +99,10 @@ class _SoftmaxFocalDice(torch.autograd.Function):
     def backward(ctx, focal_grad, dice_grad):  # type: ignore[override]
         probabilities, target = ctx.saved_tensors
         gamma, smooth, dice_smooth = ctx.constants
-        normal, abnormal = probabilities[:, 0], probabilities[:, 1]
-        anomalous = target.long() == 1
+        abnormal = probabilities[:, 1]
         # Focal: loss = mean(-(1 - p_t)^γ log p_t), p_t = w_0 p_0 + w_1 p_1 + smooth (smoothed one-hot weights).
-        low, high = (probabilities.new_tensor(v) for v in ((smooth, 1.0 - smooth) if smooth else (0, 1)))
-        weight_normal, weight_abnormal = torch.where(anomalous, low, high), torch.where(anomalous, high, low)
-        p_t = weight_normal * normal + weight_abnormal * abnormal + smooth
+        weight_normal, weight_abnormal = weights = _class_weights(probabilities, target, smooth)
+        p_t = _target_probability(probabilities, weights, smooth)
         rest = 1 - p_t
         d_p_t = (gamma * rest.pow(gamma - 1) * p_t.log() - rest.pow(gamma) / p_t) * (focal_grad / p_t.numel())
         # Dice of the abnormal channel: 1 - mean_b (2 Σ p t + s) / (Σ p + Σ t + s).
