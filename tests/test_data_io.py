@@ -27,7 +27,7 @@ from anovl.data import (
     stitch_tiles,
     tile_offsets,
 )
-from anovl.data.image_io import load_mask_image
+from anovl.data.image_io import load_mask_image, load_rgb_resized
 from anovl.data.transforms import resize_mask_image
 from anovl.errors import AnovlError
 
@@ -101,6 +101,42 @@ def test_float_image_is_min_max_scaled(tmp_path):
     values = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
     loaded = load_rgb(save(Image.fromarray(values, "F"), tmp_path / "f.tif"))
     np.testing.assert_array_equal(loaded[0, :, 0], [0, 128, 255])
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "LA", "I;16", "I", "F", "RGB", "RGBA", "P", "CMYK"])
+def test_the_resized_load_equals_pillow_resizing_the_rgb_conversion(tmp_path, mode):
+    """Grey images are resized as one channel (a third of the work): the same pixels as resizing the RGB image
+    that load_rgb gives, and for 8-bit modes as the reference's ``convert("RGB").resize(...)``."""
+    rgb = random_rgb(61, 97, seed=3)
+    image = Image.fromarray(rgb).convert("L" if mode in ("I;16", "I", "F") else "RGB")
+    if mode in ("I;16", "I", "F"):
+        scale = {"I;16": 257, "I": 257, "F": 1 / 255}[mode]
+        values = np.asarray(image).astype(np.float64) * scale
+        image = (
+            Image.fromarray(values.astype(np.float32), "F")
+            if mode == "F"
+            else Image.fromarray(values.astype(np.uint16))
+        )
+    elif mode == "P":
+        image = image.quantize(32)
+    else:
+        image = image.convert(mode)
+    path = save(image, tmp_path / ("x.tif" if mode in ("F", "CMYK", "I") else "x.png"))
+    resized, source_hw = load_rgb_resized(path, lambda height, width: (23, 37))
+    assert source_hw == (61, 97) and resized.shape == (23, 37, 3) and resized.dtype == np.uint8
+    np.testing.assert_array_equal(resized, resize_image(load_rgb(path), (23, 37)))
+    if mode not in ("I;16", "I", "F"):
+        reference = Image.open(path).convert("RGB").resize((37, 23), Image.Resampling.BILINEAR)
+        np.testing.assert_array_equal(resized, np.asarray(reference))
+
+
+def test_a_float_image_with_inf_is_refused_by_the_resized_load_too(tmp_path):
+    values = np.array([[0.0, 1.0, np.inf]], dtype=np.float32)
+    path = save(Image.fromarray(values, "F"), tmp_path / "f.tif")
+    for load in (load_rgb, lambda file: load_rgb_resized(file, lambda height, width: (2, 2))):
+        with pytest.raises(BadImageError, match="non-finite") as error:
+            load(path)
+        assert_one_line_naming(error, path)
 
 
 def test_cmyk_jpeg_comes_back_as_rgb(tmp_path):

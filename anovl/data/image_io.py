@@ -37,6 +37,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 # Pillow modes holding more than 8 bits per pixel in a single integer channel; values are 0..65535.
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+# 8-bit-or-less grey modes whose RGB conversion repeats the grey value (alpha dropped); "L" gives that grey.
+_GREY_MODES = frozenset({"1", "L", "LA"})
 
 _FIX = "re-save or replace the file"
 
@@ -64,13 +66,7 @@ def is_image_file(path: Path) -> bool:
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image as an upright ``uint8 H×W×3`` RGB array; raises :class:`BadImageError` if unusable."""
     with _open_upright(path, "image") as image:
-        if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
-            # Scaling to the finite range would make every other pixel black (one inf) or fail (NaN).
-            raise BadImageError(f"image {path} has non-finite pixel values (inf or NaN); {_FIX}")
-        try:
-            return np.array(_rgb_image(image), dtype=np.uint8)
-        except Exception as error:
-            raise _bad_file_error(path, "image", error) from error
+        return _rgb_array(_converted(image, path), path)
 
 
 def load_rgb_resized(
@@ -78,32 +74,48 @@ def load_rgb_resized(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_rgb` then :func:`~anovl.data.transforms.resize_image` to ``size_for(height, width)``, the same
     pixels, without the full-size array in between (a loader worker's two largest copies); returns the resized
-    ``uint8 H×W×3`` array and the image's own (height, width). ``size_for`` may raise :class:`BadImageError`."""
+    ``uint8 H×W×3`` array and the image's own (height, width). ``size_for`` may raise :class:`BadImageError`.
+
+    A grey image is resized as one channel and then repeated: Pillow resizes each channel on its own with the
+    same coefficients, so this equals resizing its RGB conversion, at a third of the work.
+    """
     with _open_upright(path, "image") as image:
-        try:
-            rgb = _rgb_image(image)
-        except Exception as error:
-            raise _bad_file_error(path, "image", error) from error
-        height, width = rgb.height, rgb.width
+        converted = _converted(image, path)
+        height, width = converted.height, converted.width
         out_height, out_width = size_for(height, width)
         try:
-            return np.array(rgb.resize((out_width, out_height), Image.Resampling.BILINEAR), dtype=np.uint8), (
-                height,
-                width,
-            )
+            resized = converted.resize((out_width, out_height), Image.Resampling.BILINEAR)
         except Exception as error:
             raise _bad_file_error(path, "image", error) from error
+        return _rgb_array(resized, path), (height, width)
 
 
-def _rgb_image(image: Image.Image) -> Image.Image:
-    """The RGB image of any mode by the module's conversion rules."""
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
-        gray = _high_depth_to_uint8(image)
-        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if image.mode == "P":
-        # Going through RGBA keeps Pillow from warning about palette transparency; alpha is then dropped.
-        image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
+def _converted(image: Image.Image, path: str | Path) -> Image.Image:
+    """The image by the module's conversion rules: ``L`` where every RGB channel would be the same grey (which
+    resizes at a third of the cost), ``RGB`` otherwise."""
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        # Scaling to the finite range would make every other pixel black (one inf) or fail (NaN).
+        raise BadImageError(f"image {path} has non-finite pixel values (inf or NaN); {_FIX}")
+    try:
+        if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+            return Image.fromarray(_high_depth_to_uint8(image))
+        if image.mode in _GREY_MODES:
+            return image if image.mode == "L" else image.convert("L")
+        if image.mode == "P":
+            # Going through RGBA keeps Pillow from warning about palette transparency; alpha is then dropped.
+            image = image.convert("RGBA")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as error:
+        raise _bad_file_error(path, "image", error) from error
+
+
+def _rgb_array(image: Image.Image, path: str | Path) -> np.ndarray:
+    """``uint8 H×W×3`` of an ``RGB`` or ``L`` image (grey repeated in the three channels: Pillow's conversion)."""
+    try:
+        array = np.array(image, dtype=np.uint8)
+    except Exception as error:
+        raise _bad_file_error(path, "image", error) from error
+    return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
 
 
 def load_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
