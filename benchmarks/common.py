@@ -112,7 +112,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
         precision_categories=2,
         precision_good=4,
         precision_defect=2,
-        pipeline_categories=2,
+        pipeline_categories=3,  # two object styles and a texture: MVTec AD's mix (10 objects, 5 textures)
         pipeline_good=4,
         pipeline_defect=2,
         data_workers=1,
