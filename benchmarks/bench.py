@@ -77,7 +77,11 @@ def run_benchmark(config: BenchConfig, emit: Callable[[str], None] = print) -> s
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,  # a misspelt option (--baseline-map) is an error, not a prefix of another
+    )
     presets = parser.add_mutually_exclusive_group()
     presets.add_argument("--quick", action="store_true", help="small counts and a small model: minutes on a CPU")
     presets.add_argument(

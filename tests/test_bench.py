@@ -181,9 +181,22 @@ def test_pipeline_section_runs_the_cli_and_reports_every_ratio(tmp_path):
         threads=None,
     )
     text = pipeline.pipeline_section(config, torch.device("cpu"), tmp_path).markdown()
-    for row in ("`anovl test`, 1 view", "data path, CPU ms/image", "loader, 1 worker", "decoded cache, second pass"):
+    for row in (
+        "`anovl test`, 1 view",
+        "data path, CPU ms/image",
+        "loader, 1 worker",
+        "decoded cache, first pass",
+        "decoded cache, second pass",
+    ):
         assert row in text
     assert "hit rate 100%" in text and "nan" not in text.lower()
+
+
+def test_a_misspelt_option_is_refused_not_taken_as_a_prefix(capsys):
+    assert bench.parse_args(["--baseline-maps", "3"]).baseline_maps == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--baseline-map", "3"])
+    assert "unrecognized arguments: --baseline-map" in capsys.readouterr().err
 
 
 GPU_SH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
