@@ -144,6 +144,18 @@ def test_few_shot_maps_and_scores_equal_the_authors(setup, stored):
     np.testing.assert_allclose(scores.numpy(), stored["few_shot_scores"], rtol=MAP_TOLERANCE, atol=1e-7)
 
 
+def test_few_shot_scores_of_a_category_whose_maxima_are_all_equal_are_half_the_zero_shot_ones():
+    zero_shot = torch.tensor([0.2, 0.9, 0.4])
+    maxima = torch.tensor([1.0, 3.0, 2.0])
+    # The authors' formula written out: 0.5 * (score + (max - min(max)) / (max(max) - min(max))).
+    expected = [0.5 * (0.2 + 0.0), 0.5 * (0.9 + 1.0), 0.5 * (0.4 + 0.5)]
+    np.testing.assert_allclose(few_shot_image_scores(zero_shot, maxima).numpy(), expected, rtol=1e-6)
+    for scores, equal_maxima in ((zero_shot[:1], maxima[:1]), (zero_shot, torch.full((3,), 2.5))):
+        with pytest.warns(UserWarning, match="same anomaly-map maximum"):
+            final = few_shot_image_scores(scores, equal_maxima)
+        np.testing.assert_array_equal(final.numpy(), 0.5 * scores.numpy())  # finite: the authors' 0/0 gives NaN
+
+
 class ScoresSeen(Callback):
     """The image scores that callbacks (pictures, predictions) get, by image path."""
 

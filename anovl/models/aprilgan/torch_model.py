@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,6 +359,20 @@ class AprilGAN(CLIPAnomalyModel):
 
 def few_shot_image_scores(zero_shot_scores: torch.Tensor, map_maxima: torch.Tensor) -> torch.Tensor:
     """The authors' few-shot image score of one category's test images: ``0.5 · (zero-shot score +
-    min-max normalised maximum of the anomaly map)``, the normalisation over the category's images."""
-    span = map_maxima.max() - map_maxima.min()
-    return 0.5 * (zero_shot_scores + (map_maxima - map_maxima.min()) / span)
+    min-max normalised maximum of the anomaly map)``, the normalisation over the category's images.
+
+    Where every image's maximum is the same (a category of one image, as in a small predict run), each image is
+    the category's minimum, so its normalised maximum is 0 here (the authors divide 0 by 0: NaN scores), with a
+    warning: those scores are half the zero-shot ones.
+    """
+    lowest = map_maxima.min()
+    span = map_maxima.max() - lowest
+    if span == 0:
+        warnings.warn(
+            f"few-shot image scores: all {len(map_maxima)} image(s) of a category have the same anomaly-map maximum "
+            "(a category of one image?), so the maximum cannot be min-max normalised over the category; their "
+            "scores are half the zero-shot scores",
+            stacklevel=2,
+        )
+        return 0.5 * zero_shot_scores
+    return 0.5 * (zero_shot_scores + (map_maxima - lowest) / span)
