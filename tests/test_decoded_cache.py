@@ -1,6 +1,5 @@
 """The decoded-image cache: what it serves equals decoding, a changed file is decoded again, the size limit holds."""
 
-import hashlib
 import os
 import time
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anovl.data import MVTecDataModule, VisADataModule, generate_mvtec_like, generate_visa_like
+from anovl.data import MVTecDataModule, VisADataModule, decoded_cache, generate_mvtec_like, generate_visa_like
 from anovl.data.decoded_cache import ENTRY_SUFFIX, DecodedCache
 from anovl.errors import AnovlError
 from tests.test_hostile_io import run_python
@@ -45,13 +44,14 @@ def test_cached_items_equal_decoded_ones_and_need_no_decoding(tmp_path, layout, 
     # The second run reads only cache entries: decoding would fail now.
     monkeypatch.setattr("anovl.data.dataset.load_rgb_resized", None)
     monkeypatch.setattr("anovl.data.dataset.load_mask_image", None)
-    monkeypatch.setattr("anovl.data.decoded_cache.hashlib.file_digest", None)  # nor hash unchanged files again
+    # Nor hash unchanged files again: their digests are remembered (the module's `open` reads a file to hash it).
+    monkeypatch.setattr(decoded_cache, "open", None, raising=False)
     second = make(decoded_cache_gb=1)
     assert_same_items(items(second), decoded)
     masks = sum(sample.mask_path is not None for sample in second.samples)
     assert (second.dataset.cache.hits, second.dataset.cache.misses) == (len(decoded) + masks, 0)
     # Another size is another entry, which needs decoding (here: fails).
-    monkeypatch.setattr("anovl.data.decoded_cache.hashlib.file_digest", hashlib.file_digest)
+    monkeypatch.delattr(decoded_cache, "open")
     with pytest.raises(TypeError, match="not callable"):
         items(make(SIZE + 16, decoded_cache_gb=1))
 
