@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,33 +88,80 @@ def config_document(value: str) -> Any:
         return None
 
 
+@dataclass(frozen=True)
+class ClassChosen:
+    """An option chose the model's class: ``class_path`` as given (a method name or class path; whatever YAML
+    gives, e.g. None for ``class_path: null``, which the parser then reports)."""
+
+    class_path: Any
+
+
+@dataclass(frozen=True)
+class SettingGiven:
+    """An option gave the model setting ``name`` (``--model.init_args.NAME``, ``--model.NAME``, ``init_args``)."""
+
+    name: Any
+
+
+@dataclass(frozen=True)
+class OtherModelOption:
+    """An option about the model that neither chooses a class nor names a setting (``--model.help``, ``model:``
+    null or without class and settings, ``--model .init_args.NAME VALUE``): it still comes before any later
+    choice, so a class chosen after it is not chosen first."""
+
+    option: str
+
+
+ModelEvent = ClassChosen | SettingGiven | OtherModelOption
+
+
+def _model_value_events(model: Any) -> list[ModelEvent]:
+    """What a ``--model`` value or a config's ``model:`` gives: a name or class path chooses a class (a value
+    starting with ``.`` does not); a mapping its ``class_path``, then the keys of its ``init_args``."""
+    if isinstance(model, str) and not model.startswith("."):
+        return [ClassChosen(model)]
+    if not isinstance(model, dict):
+        return []
+    events: list[ModelEvent] = [ClassChosen(model["class_path"])] if "class_path" in model else []
+    settings = model.get("init_args")
+    return events + [SettingGiven(name) for name in (settings if isinstance(settings, dict) else ())]
+
+
+def model_events(command_line: list[str]) -> Iterator[ModelEvent]:
+    """What a command line's options say about the model, in order: every option about it (``--config`` with a
+    ``model:`` key, file or inline; ``--model``; ``--model.class_path``; ``--model.NAME``; ``--model.help``)
+    gives one or more events, :class:`OtherModelOption` where it gives no other. Lazy: a ``--config`` file is
+    read when the walk reaches it."""
+    for option, value in option_values(command_line):
+        if option in CONFIG_OPTIONS:
+            document = config_document(value)
+            if not (isinstance(document, dict) and "model" in document):
+                continue
+            events = _model_value_events(document["model"])
+        elif option == "--model":
+            events = _model_value_events(config_document(value))
+        elif option == "--model.class_path":
+            events = [ClassChosen(value)]
+        elif option == "--model.help":
+            events = []
+        elif option.startswith("--model."):
+            events = [SettingGiven(option.removeprefix("--model.").removeprefix("init_args.").split(".")[0])]
+        else:
+            continue
+        yield from events or [OtherModelOption(option)]
+
+
 def model_settings_by_class(command_line: list[str]) -> dict[str, str | None]:
     """Each model setting a command line gives (``--model.init_args.NAME``, a ``--config``'s or ``--model``'s
     ``init_args``), with the class chosen when it was last given (None before any). jsonargparse carries a given
     setting over to a class chosen later where that class takes it, and drops it where not: the CLI names both."""
     chosen: str | None = None
     given: dict[str, str | None] = {}
-
-    def take(model: Any) -> None:
-        nonlocal chosen
-        if isinstance(model, str) and not model.startswith("."):
-            chosen = model
-        elif isinstance(model, dict):
-            chosen = model.get("class_path", chosen)
-            settings = model.get("init_args")
-            given.update(dict.fromkeys(settings if isinstance(settings, dict) else (), chosen))
-
-    for option, value in option_values(command_line):
-        if option in CONFIG_OPTIONS:
-            document = config_document(value)
-            if isinstance(document, dict) and "model" in document:
-                take(document["model"])
-        elif option == "--model":
-            take(config_document(value))
-        elif option == "--model.class_path":
-            chosen = value
-        elif option.startswith("--model.") and option != "--model.help":
-            given[option.removeprefix("--model.").removeprefix("init_args.").split(".")[0]] = chosen
+    for event in model_events(command_line):
+        if isinstance(event, ClassChosen):
+            chosen = event.class_path
+        elif isinstance(event, SettingGiven):
+            given[event.name] = chosen
     return given
 
 
@@ -122,19 +170,4 @@ def chooses_model_first(command_line: list[str]) -> bool:
     ``--model`` with a name, class path or mapping holding ``class_path`` (not ``--model .init_args.NAME VALUE``),
     or a ``--config`` (file or inline) whose ``model:`` is such a value. False where a setting comes first
     (``--model.init_args.NAME``, a ``model:`` without a class) or nothing is about the model."""
-
-    def names_class(model: Any) -> bool:
-        return (isinstance(model, str) and not model.startswith(".")) or (
-            isinstance(model, dict) and "class_path" in model
-        )
-
-    for option, value in option_values(command_line):
-        if option in CONFIG_OPTIONS:
-            document = config_document(value)
-            if isinstance(document, dict) and "model" in document:
-                return names_class(document["model"])
-        elif option in ("--model", "--model.class_path"):
-            return option == "--model.class_path" or names_class(config_document(value))
-        elif option.startswith("--model."):
-            return False
-    return False
+    return isinstance(next(model_events(command_line), None), ClassChosen)
