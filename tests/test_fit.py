@@ -1,6 +1,7 @@
 """`anovl fit`: what trains and what stays frozen, checkpoints, resume, processes, precision, bad input."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from anovl.cli import main
 from anovl.data import SyntheticMVTecDataModule
 from anovl.data.synthetic import generate_mvtec_like
-from anovl.engine import AnomalyModule
+from anovl.engine import AnomalyModule, Engine
 from anovl.errors import AnovlError
 from anovl.models import AprilGAN
 
@@ -464,6 +465,38 @@ def test_trained_heads_name_the_label_and_resume_refuses_other_heads(data_root, 
     assert code == 0, err
     code, err = run_main([*test_args, "--resume", str(run), "--ckpt_path", str(other)], capsys)
     assert code == 2 and err.count("anovl: error:") == 1 and "heads" in err, err
+
+
+def test_a_direct_trainer_test_with_ckpt_path_records_the_trained_heads_as_the_engine_does(data_root, tmp_path):
+    fitted_module, fitted = fit(data_root, tmp_path / "fit", epochs=1)
+    trained = fitted.checkpoint_callback.last_model_path
+    fingerprint = tiny_aprilgan(checkpoint=trained).heads_fingerprint()
+    untrained = tiny_aprilgan()
+    assert fingerprint != untrained.heads_fingerprint() and "heads" not in untrained.label
+    options = {"enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "logger": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Engine(options, run_dir=tmp_path / "engine").test(tiny_aprilgan(), datamodule(data_root), ckpt_path=trained)
+        # Lightning's own call, outside the Engine: the checkpoint is loaded after the module is built.
+        module = AnomalyModule(untrained, results_dir=str(tmp_path / "direct"))
+        Trainer(inference_mode=False, **options).test(module, datamodule=datamodule(data_root), ckpt_path=trained)
+    engine, direct = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("engine", "direct"))
+    assert engine["config"]["model"]["heads"] == fingerprint and f"heads={fingerprint}" in engine["label"]
+    assert direct == engine  # label, title, the settings recorded and the metrics of the same trained heads
+    assert module.label == engine["label"]
+    # Tested after a fit in the same session, without a checkpoint: the label names the heads just trained.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(inference_mode=False, default_root_dir=tmp_path / "after_fit", **options).test(
+            fitted_module, datamodule=datamodule(data_root)
+        )
+    assert json.loads((tmp_path / "after_fit" / "results.json").read_text())["label"] == engine["label"]
+    # A label given by the user stays as given.
+    named = AnomalyModule(tiny_aprilgan(), label="mine", results_dir=str(tmp_path / "named"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(inference_mode=False, **options).test(named, datamodule=datamodule(data_root), ckpt_path=trained)
+    assert json.loads((tmp_path / "named" / "results.json").read_text())["label"] == "mine"
 
 
 def test_a_mosaic_is_four_images_of_its_category_resized_with_its_own_mask_regions(data_root):

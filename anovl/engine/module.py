@@ -116,7 +116,8 @@ class AnomalyModule(LightningModule):
     Args:
         model: the method (any :class:`~anovl.models.base.AnomalyModel`, e.g. ``anovl.models.AnoVL``).
         label: the run's label in results, ``anovl compare`` and logger names; default: the model's own
-            (the method plus what differs from its reference settings).
+            (the method plus what differs from its reference settings), taken again when a test starts, so
+            that it names the weights tested (after ``Trainer.test(module, ckpt_path=...)`` has loaded them).
         group: the run's group in loggers that group runs (W&B): the experiment its variants are compared in.
             ``anovl grid`` gives the grid's name; the CLI's default is the stem of the first config file.
         variant: the variant's short key in W&B run names and tags (``anovl grid`` gives the grid's variant
@@ -159,9 +160,12 @@ class AnomalyModule(LightningModule):
                 "test and predict loops do not support yet"
             )
         self.model = model
-        self.label = check_label(label) if label is not None else model.label
+        self._given_names = (
+            check_label(label) if label is not None else None,
+            check_label(variant) if variant is not None else None,
+        )
+        self._name_run()
         self.group = check_label(group) if group is not None else None
-        self.variant = check_label(variant) if variant is not None else (model.variant or model.method or self.label)
         self.cflow_pro = cflow_pro
         self.results_dir = results_dir
         self.tf32 = tf32
@@ -200,6 +204,12 @@ class AnomalyModule(LightningModule):
         self._held: dict[str, list[dict[str, Any]]] = {}
         self._released: list[dict[str, Any]] = []
         self._categories: list[str] = []
+
+    def _name_run(self) -> None:
+        """The label and variant: the given ones, else the model's own as its weights are now."""
+        label, variant = self._given_names
+        self.label = label or self.model.label
+        self.variant = variant or self.model.variant or self.model.method or self.label
 
     @property
     def random_weights(self) -> bool:
@@ -270,6 +280,10 @@ class AnomalyModule(LightningModule):
         self._resumed = earlier
 
     def on_test_start(self) -> None:
+        # Named again now that Lightning has restored a ckpt_path (or a fit in this session has trained the
+        # weights): the label then names the weights the results are of, as the settings recorded below do.
+        # The Engine loads a ckpt_path before it builds the module, so there the name does not change.
+        self._name_run()
         datamodule = getattr(self.trainer, "datamodule", None)  # set by Lightning, not declared on Trainer
         categories = getattr(datamodule, "categories", None)
         if categories is None:
