@@ -1,9 +1,11 @@
 """Pictures of anomaly maps (test panels, prediction overlays) and the 16-bit map encoding.
 
-Colour scale: every map is coloured on the fixed probability range [0, 1] (jet: 0 blue, 0.5 green, 1 red),
-never rescaled per image, so equal colours mean equal values across images, categories and runs, and a map
-spread over 0.500-0.502 looks flat, as it is. Panels carry a colour bar saying so; values outside [0, 1]
-are clipped to the ends of the scale (the panel's text gives the map's actual range).
+Colour scale: every map is coloured on its method's fixed range [0, ``map_range``] (jet: 0 blue, half the
+range green, ``map_range`` red), :attr:`~anovl.models.base.AnomalyModel.map_range`: 1 for the probabilities of
+AnoVL and WinCLIP, the number of summed blocks for APRIL-GAN and AnomalyCLIP. It is never rescaled per image,
+so equal colours mean equal values across images, categories and runs of a method, and a map spread over
+0.500-0.502 looks flat, as it is. Panels carry a colour bar and a caption saying which scale; values outside
+it are clipped to its ends (the panel's text gives the map's actual range).
 
 Output file names are made in :mod:`anovl.io.output_names`.
 """
@@ -76,11 +78,14 @@ def contour_thickness(height: int, width: int) -> int:
     return max(1, round(min(height, width) / 250))
 
 
-def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None = None) -> np.ndarray:
-    """The jet heatmap of a map (fixed [0, 1] scale) blended over an ``uint8 H×W×3`` image of the same size;
-    with a pixel threshold, the outline of ``map >= threshold`` is drawn on it in white (not where the whole map
-    is at or above it: that outline would only frame the image)."""
-    heat = jet(anomaly_map).astype(np.float64)
+def overlay(
+    rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None = None, map_range: float = 1.0
+) -> np.ndarray:
+    """The jet heatmap of a map on the method's fixed scale, ``jet(map / map_range)``, blended half and half
+    (:data:`OVERLAY_ALPHA`) over an ``uint8 H×W×3`` image of the same size; with a pixel threshold (in the
+    map's own units), the outline of ``map >= threshold`` is drawn on it in white (not where the whole map is
+    at or above it: that outline would only frame the image)."""
+    heat = jet(anomaly_map / map_range).astype(np.float64)
     blended = ((1 - OVERLAY_ALPHA) * rgb.astype(np.float64) + OVERLAY_ALPHA * heat).round().astype(np.uint8)
     if pixel_threshold is not None:
         above = anomaly_map >= pixel_threshold
@@ -138,20 +143,32 @@ def _text_width(text: str) -> int:
     return int(np.ceil(_font().getlength(text)))
 
 
-def colour_bar(height: int, pixel_threshold: float | None = None) -> Image.Image:
-    """The colour scale of the maps: jet from 1 (top) to 0 (bottom), ticks at 0, 0.5 and 1, and the pixel
-    threshold marked with a black line."""
+def scale_text(value: float) -> str:
+    """A value of the colour scale as the bar and the caption write it: one decimal where that is exact (1.0,
+    0.5, 3.0, 1.5), else three significant digits."""
+    return f"{value:.1f}" if round(value, 1) == value else f"{value:.3g}"
+
+
+def colour_bar_ticks(map_range: float = 1.0) -> list[tuple[float, str]]:
+    """The ticks of the colour bar, top to bottom: (fraction of the scale, label) at ``map_range``, half of it
+    and 0."""
+    return [(fraction, scale_text(fraction * map_range)) for fraction in (1.0, 0.5, 0.0)]
+
+
+def colour_bar(height: int, pixel_threshold: float | None = None, map_range: float = 1.0) -> Image.Image:
+    """The colour scale of the maps: jet from ``map_range`` (top) to 0 (bottom), ticks at 0, half the range and
+    the range, and the pixel threshold (in map units) marked with a black line."""
     values = np.linspace(1.0, 0.0, height)[:, None].repeat(BAR_WIDTH, axis=1)
     bar = Image.new("RGB", (BAR_WIDTH + BAR_LABEL_WIDTH, height), "white")
     bar.paste(Image.fromarray(jet(values)), (0, 0))
     draw = ImageDraw.Draw(bar)
-    for value in (1.0, 0.5, 0.0):
-        row = round((1.0 - value) * (height - 1))
+    for fraction, label in colour_bar_ticks(map_range):
+        row = round((1.0 - fraction) * (height - 1))
         draw.line([(BAR_WIDTH, row), (BAR_WIDTH + 3, row)], fill="black")
         top = min(max(row - FONT_SIZE // 2, 0), height - FONT_SIZE - 2)
-        draw.text((BAR_WIDTH + 5, top), f"{value:.1f}", fill="black", font=_font())
-    if pixel_threshold is not None and 0.0 <= pixel_threshold <= 1.0:
-        row = round((1.0 - pixel_threshold) * (height - 1))
+        draw.text((BAR_WIDTH + 5, top), label, fill="black", font=_font())
+    if pixel_threshold is not None and 0.0 <= pixel_threshold <= map_range:
+        row = round((1.0 - pixel_threshold / map_range) * (height - 1))
         draw.line([(0, row), (BAR_WIDTH - 1, row)], fill=THRESHOLD_COLOUR, width=2)
     return bar
 
@@ -163,10 +180,12 @@ def panel_lines(
     score: float,
     image_threshold: float | None,
     pixel_threshold: float | None,
-    map_range: tuple[float, float],
+    values: tuple[float, float],
     picked_as: str = "",
+    map_range: float = 1.0,
 ) -> list[str]:
-    """The text of a panel: what the image is, its score against the threshold, and why it was chosen."""
+    """The text of a panel: what the image is, its score against the threshold, the map's (min, max)
+    ``values`` on the colour scale [0, ``map_range``], and why it was chosen."""
     if image_threshold is None:
         decision = f"score {score:.4f}  (no threshold)"
     else:
@@ -175,16 +194,16 @@ def panel_lines(
         decision = f"score {score:.4f} {relation} threshold {image_threshold:.4f}: {verdict}"
     if pixel_threshold is None:
         pixel = ""
-    elif map_range[0] >= pixel_threshold:  # nothing to outline: say so rather than promise an outline
+    elif values[0] >= pixel_threshold:  # nothing to outline: say so rather than promise an outline
         pixel = f"  all of it >= {pixel_threshold:.4f}: no outline"
-    elif map_range[1] < pixel_threshold:
+    elif values[1] < pixel_threshold:
         pixel = f"  all of it < {pixel_threshold:.4f}: no outline"
     else:
         pixel = f"  outline: map >= {pixel_threshold:.4f}"
     lines = [
         f"{category} / {name}   label: {LABEL_NAMES.get(label, 'unlabelled')}",
         decision,
-        f"map {map_range[0]:.3f}-{map_range[1]:.3f} on a fixed 0-1 scale{pixel}",
+        f"map {values[0]:.3f}-{values[1]:.3f} on a fixed 0-{map_range:g} scale{pixel}",
     ]
     return lines + ([f"picked as: {picked_as}"] if picked_as else [])
 
@@ -195,17 +214,18 @@ def panel(
     mask: np.ndarray | None,
     lines: Sequence[str],
     pixel_threshold: float | None = None,
+    map_range: float = 1.0,
 ) -> Image.Image:
-    """Input | ground truth (grey when there is none) | heatmap overlay, under column titles, with the colour
-    bar on the right and ``lines`` of text above (see :func:`panel_lines`)."""
+    """Input | ground truth (grey when there is none) | heatmap overlay on the scale [0, ``map_range``], under
+    column titles, with the colour bar on the right and ``lines`` of text above (see :func:`panel_lines`)."""
     height, width = rgb.shape[:2]
     truth = (
         np.full_like(rgb, NO_TRUTH_GREY)
         if mask is None
         else np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=2)
     )
-    tiles = [rgb, truth, overlay(rgb, anomaly_map, pixel_threshold)]
-    bar = colour_bar(height, pixel_threshold)
+    tiles = [rgb, truth, overlay(rgb, anomaly_map, pixel_threshold, map_range)]
+    bar = colour_bar(height, pixel_threshold, map_range)
     # A column is as wide as its tile or the widest title (small images: 64 px is narrower than "ground truth"),
     # the tile and the title centred in it, so that titles never run into each other.
     column = max(width, *(_text_width(title) for title in COLUMN_TITLES))
@@ -225,7 +245,9 @@ def panel(
         if mask is None and title == "ground truth":
             draw.text((left + (column - width) // 2 + 4, text_height + 4), "none", fill="white", font=_font())
     canvas.paste(bar, (tiles_width + PANEL_GAP, text_height))
-    draw.text((tiles_width + PANEL_GAP, text_height - LINE_HEIGHT), "P(anom.)", fill="black", font=_font())
+    # A map of probabilities is one; a sum over blocks is not (its caption says over how much).
+    bar_title = "P(anom.)" if map_range == 1 else "map"
+    draw.text((tiles_width + PANEL_GAP, text_height - LINE_HEIGHT), bar_title, fill="black", font=_font())
     return canvas
 
 

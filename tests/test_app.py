@@ -1,5 +1,6 @@
 """The browser demo: its analysis against the model, and end to end in a real headless Chromium."""
 
+import json
 import os
 from pathlib import Path
 import socket
@@ -12,9 +13,10 @@ from PIL import Image
 
 from anovl import AnoVL, AnovlError
 from anovl.cli import main
-from anovl.deploy import export_model, load_exported, predict
+from anovl.deploy import export_model, load_exported, predict, sidecar_path
 from anovl.deploy.app import Analyzer, build_app
-from anovl.visualization import overlay
+from anovl.models import AprilGAN
+from anovl.visualization import OVERLAY_ALPHA, jet, overlay
 from tests.conftest import TINY
 
 pytest.importorskip("gradio")
@@ -102,6 +104,45 @@ def test_exported_model_offers_its_classes_and_thresholds(model, tmp_path):
     result = analyzer(str(tmp_path / "a.png"), "screw")
     expected = predict(model, tmp_path / "a.png", "screw")
     assert np.array_equal(result["mask"] > 0, expected.anomaly_map >= 0.5)  # no recorded threshold: 0.5
+
+
+def naive_overlay(rgb, anomaly_map, map_range):
+    """Reference: jet(map / map_range) blended as overlay's docs say (no threshold outline in the app)."""
+    heat = jet(anomaly_map / map_range).astype(float)
+    return np.round((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat).astype(np.uint8)
+
+
+def test_a_summed_map_is_shown_on_its_method_scale(tmp_path):
+    """APRIL-GAN's map sums a probability per block (three here): the heatmap spans 0-3, and the mask without a
+    given threshold marks half of that range."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        april = AprilGAN(TINY, pretrained=None, image_size=64, layers=[1, 2, 3])
+    photo = random_png(tmp_path / "photo.png")
+    result = Analyzer(april, output_dir=tmp_path)(str(photo), "bottle")
+    expected = predict(april, photo, "bottle")
+    assert expected.anomaly_map.max() > 1  # a 0-1 scale would paint these the same red
+    assert np.array_equal(result["overlay"], naive_overlay(expected.image, expected.anomaly_map, 3.0))
+    assert np.array_equal(result["mask"] > 0, expected.anomaly_map >= 1.5)
+    assert "heatmap on the fixed scale 0-3 (blue 0, red 3)" in result["status"]
+
+
+def test_an_export_carries_its_map_range(model, tmp_path):
+    """The heatmap of an exported model is on the scale its sidecar records; an old sidecar without it is 1."""
+    path = export_model(model, ["bottle"], tmp_path / "m.onnx")
+    photo = random_png(tmp_path / "photo.png")
+    expected = predict(model, photo, "bottle")
+    record = json.loads(sidecar_path(path).read_text())
+    del record["map_range"]
+    sidecar_path(path).write_text(json.dumps(record))
+    result = Analyzer(load_exported(path), output_dir=tmp_path)(str(photo), "bottle")
+    assert np.array_equal(result["overlay"], naive_overlay(expected.image, expected.anomaly_map, 1.0))
+    assert "fixed scale 0-1 " in result["status"]
+    sidecar_path(path).write_text(json.dumps({**record, "map_range": 2.0}))
+    result = Analyzer(load_exported(path), output_dir=tmp_path)(str(photo), "bottle")
+    assert np.array_equal(result["overlay"], naive_overlay(expected.image, expected.anomaly_map, 2.0))
+    assert np.array_equal(result["mask"] > 0, expected.anomaly_map >= 1.0)
 
 
 def test_app_command_refuses_mixed_model_sources(tmp_path, capsys):

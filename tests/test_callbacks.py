@@ -4,15 +4,20 @@ import hashlib
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
+import anovl.callbacks.panels
 from anovl.callbacks import PanelWriter
 from anovl.data import MVTecDataModule, generate_mvtec_like
 from anovl.engine import AnomalyModule
-from anovl.models import AnoVL
+from anovl.models import AnoVL, AprilGAN
 from anovl.io.output_names import output_stem
+from anovl.visualization import COLUMN_TITLES, LINE_HEIGHT, OVERLAY_ALPHA, PANEL_GAP, _text_width, denormalize, jet
 from tests.conftest import TINY
 
 SIZE = 64
@@ -36,17 +41,19 @@ def root(tmp_path_factory):
 class ScoreRecorder(Callback):
     def __init__(self):
         self.images = []
+        self.pictures = {}  # image path -> (uint8 image, anomaly map)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         for index, path in enumerate(outputs["image_path"]):
             self.images.append(
                 (outputs["category"][index], path, int(outputs["label"][index]), float(outputs["pred_score"][index]))
             )
+            self.pictures[path] = (denormalize(outputs["image"][index]), outputs["anomaly_map"][index].numpy())
 
 
-def run_test(root, tmp_path, batch_size, max_per_category, loggers=False):
-    module = AnomalyModule(AnoVL(TINY, pretrained=None, image_size=SIZE, num_views=1))
-    recorder = ScoreRecorder()
+def run_test(root, tmp_path, batch_size, max_per_category, loggers=False, model=None, recorder=None):
+    module = AnomalyModule(model or AnoVL(TINY, pretrained=None, image_size=SIZE, num_views=1))
+    recorder = recorder or ScoreRecorder()
     writer = PanelWriter(max_per_category=max_per_category, output_dir=str(tmp_path / "pictures"))
     trainer = Trainer(
         accelerator="cpu",
@@ -145,3 +152,41 @@ def test_one_wandb_gallery_per_category(root, tmp_path):
         prefix, step, _ = name.rsplit("_", 2)
         steps[prefix].add(step)
     assert steps.keys() == {"fabric", "widget"} and all(len(values) == 1 for values in steps.values())
+
+
+def test_panels_of_a_summed_map_use_the_method_scale(root, tmp_path, monkeypatch):
+    """APRIL-GAN's map sums a probability per block (three here): the panel colours it on 0-3 and says so."""
+    captions, panel_lines = [], anovl.callbacks.panels.panel_lines
+
+    def recording_panel_lines(*args, **kwargs):
+        captions.append(panel_lines(*args, **kwargs))
+        return captions[-1]
+
+    monkeypatch.setattr(anovl.callbacks.panels, "panel_lines", recording_panel_lines)
+    torch.manual_seed(0)
+    model = AprilGAN(TINY, pretrained=None, image_size=SIZE, layers=[1, 2, 3])
+    assert model.map_range == 3
+    recorder = ScoreRecorder()
+    module, _ = run_test(root, tmp_path, batch_size=4, max_per_category=2, model=model, recorder=recorder)
+    assert len(captions) == 4 and all("on a fixed 0-3 scale" in lines[2] for lines in captions)
+    column = max(SIZE, *(_text_width(title) for title in COLUMN_TITLES))
+    left = 2 * (column + PANEL_GAP) + (column - SIZE) // 2
+    written = outlined = 0
+    for category, path, _, _ in recorder.images:
+        picture_path = tmp_path / "pictures" / category / f"{output_stem(path, category)}.png"
+        if not picture_path.exists():
+            continue
+        rgb, anomaly_map = recorder.pictures[path]
+        picture = np.asarray(Image.open(picture_path).convert("RGB"))
+        top = LINE_HEIGHT * (4 + 1)  # three lines, "picked as", the column titles
+        tile = picture[top : top + SIZE, left : left + SIZE]
+        # Naive reference: jet(map / 3) blended half and half; white only on the outline of map >= threshold.
+        expected = np.round((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * jet(anomaly_map / 3).astype(float))
+        white = (tile == 255).all(axis=2)
+        assert np.array_equal(tile[~white], expected.astype(np.uint8)[~white])
+        pixel_threshold = module.results.thresholds[category]["pixel"]
+        assert pixel_threshold > 1 and (anomaly_map[white] >= pixel_threshold).all()  # outline: map >= threshold
+        assert (anomaly_map > 1).mean() > 0.5  # values a 0-1 scale would have painted all the same red
+        written += 1
+        outlined += int(white.any())
+    assert written == 4 and outlined > 0  # an outline in map units (map / 3 never reaches the threshold)

@@ -91,6 +91,23 @@ def test_sidecar_records_preprocessing_classes_and_views(exported):
     runner = load_exported(paths["onnx"])
     assert runner.preprocessing().image_size == 64 and runner.classes == ["bottle", "macaroni1", "part_a"]
     assert runner.settings() == record["settings"] and runner.label == record["label"]
+    assert record["map_range"] == 1.0 and runner.map_range == model.map_range == 1.0  # AnoVL's probabilities
+
+
+def test_sidecar_map_range_defaults_to_1_and_is_checked(tmp_path):
+    """The range of the maps (pictures are coloured on it): a sidecar written before it was recorded means 1."""
+    written = Sidecar("onnx", 64, [ExportClass("bottle", "bottle")], 1, "AnoVL", {}, map_range=3.0).to_json()
+    path = tmp_path / "m.onnx.json"
+    path.write_text(written)
+    assert Sidecar.read(path).map_range == 3.0
+    old = json.loads(written)
+    del old["map_range"]
+    path.write_text(json.dumps(old))
+    assert Sidecar.read(path).map_range == 1.0
+    for bad in (0.0, -1.0, "3", 1e9):
+        path.write_text(json.dumps({**old, "map_range": bad}))
+        with pytest.raises(AnovlError, match="not an anovl export record"):
+            Sidecar.read(path)
 
 
 def test_fewer_views_than_the_model_are_exported(tmp_path):

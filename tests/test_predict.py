@@ -24,7 +24,7 @@ from anovl.engine import AnomalyModule
 from anovl.models import AnoVL, AprilGAN
 from anovl.results import ResultsTable
 from anovl.thresholds import RunThresholds
-from anovl.visualization import png16_to_map
+from anovl.visualization import jet, png16_to_map
 from tests.conftest import TINY
 
 SIZE = 64
@@ -270,18 +270,32 @@ def test_cli_predict_with_a_runs_thresholds(mvtec_run, photos, tmp_path):
     )
 
 
-def test_a_map_summed_over_blocks_keeps_its_values_in_the_16_bit_png(photos, tmp_path):
+def test_a_map_summed_over_blocks_keeps_its_values_in_the_16_bit_png_and_overlay(photos, tmp_path):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
         model = AprilGAN(TINY, pretrained=None, image_size=SIZE, layers=[1, 2, 3])
     assert model.map_range == 3  # a probability per block, summed
-    predict(AnomalyModule(model), FolderDataModule(photos, image_size=SIZE, batch_size=2), tmp_path, overlays=False)
-    stems = sorted(path.with_suffix("") for path in (tmp_path / "out" / "photos").glob("*_map.npy"))
-    assert len(stems) == 5
-    for stem in stems:
+    data = FolderDataModule(photos, image_size=SIZE, batch_size=2)
+    predict(AnomalyModule(model), data, tmp_path, pixel_threshold=1.5)
+    folder = tmp_path / "out" / "photos"
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(rows) == 5
+    outlined = 0
+    for row in rows:
+        stem = folder / f"{row['output']}_map"
         raw = np.load(f"{stem}.npy")
         assert raw.max() > 1  # a [0, 1] scale would have clipped it
         written = Image.open(f"{stem}.png")
         assert written.text["anovl:map_range"] == "3.0"
         assert np.abs(png16_to_map(written) - raw).max() <= 0.5 * 3 / 65535 + 1e-6
+        # The overlay: jet(map / 3) blended half and half over the image (naive reference), and in white the
+        # 4-neighbour boundary of map >= 1.5 in the map's own units.
+        rgb = load_rgb(row["image_path"])
+        expected = np.round(0.5 * rgb + 0.5 * jet(raw / 3).astype(float)).astype(np.uint8)
+        region = raw >= 1.5
+        padded = np.pad(region, 1)
+        expected[region & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])] = 255
+        assert np.array_equal(np.asarray(Image.open(folder / f"{row['output']}_overlay.png")), expected)
+        outlined += int(region.any() and not region.all())
+    assert outlined > 0

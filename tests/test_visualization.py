@@ -1,6 +1,7 @@
 """Heatmaps on a fixed scale, outlines, panels, resizing maps back, the 16-bit map encoding, output names."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,14 @@ from anovl.data.transforms import normalize
 from anovl.io.output_names import OutputNames, output_component, output_stem
 from anovl.visualization import (
     BAR_WIDTH,
+    COLUMN_TITLES,
+    LINE_HEIGHT,
     OVERLAY_ALPHA,
+    PANEL_GAP,
+    _font,
+    _text_width,
     colour_bar,
+    colour_bar_ticks,
     denormalize,
     jet,
     map_to_png16,
@@ -24,6 +31,9 @@ from anovl.visualization import (
     write_map_png16,
     resize_map,
 )
+from tests.reference import visualization_range1 as range1
+
+RANGE1_REFERENCE = Path(__file__).parent / "reference" / "data" / "visualization_range1.npz"
 
 
 def test_jet_runs_from_blue_to_red():
@@ -119,24 +129,111 @@ def test_panel_shows_columns_text_and_bar():
     assert "label: unlabelled" in unlabelled[0] and unlabelled[1] == "score 0.4000  (no threshold)"
 
 
+def dark_pixels(image):
+    return int((np.asarray(image.convert("L")) < 128).sum())
+
+
+def alone(text):
+    """The dark pixels of ``text`` drawn alone in the panels' font."""
+    canvas = Image.new("RGB", (400, LINE_HEIGHT), "white")
+    ImageDraw.Draw(canvas).text((10, 0), text, fill="black", font=_font())
+    return dark_pixels(canvas)
+
+
 def test_panel_titles_never_overlap_on_small_images():
     """At 64 px "ground truth" is wider than its tile: drawn together, the titles must cover as many pixels as
     each title drawn alone (overlapping or clipped text covers fewer)."""
-    from anovl.visualization import COLUMN_TITLES, LINE_HEIGHT, _font
-
-    def dark_pixels(image):
-        return int((np.asarray(image.convert("L")) < 128).sum())
-
-    def alone(text):
-        canvas = Image.new("RGB", (400, LINE_HEIGHT), "white")
-        ImageDraw.Draw(canvas).text((10, 0), text, fill="black", font=_font())
-        return dark_pixels(canvas)
 
     for size in (32, 64, 224):
         rgb = np.full((size, size, 3), 200, dtype=np.uint8)
         picture = panel(rgb, np.full((size, size), 0.5), None, ["x"])
         titles = picture.crop((0, picture.height - size - LINE_HEIGHT, picture.width, picture.height - size))
         assert dark_pixels(titles) == sum(alone(title) for title in (*COLUMN_TITLES, "P(anom.)")), size
+
+
+def test_a_range_1_method_draws_what_it_drew_before_the_scale_followed_map_range():
+    """Stored pictures of anovl before map_range (tests/reference/visualization_range1.py): the default and an
+    explicit map_range of 1 draw them bit for bit."""
+    old = np.load(RANGE1_REFERENCE)
+    rgb, anomaly_map = range1.inputs()
+    for scale in ({}, {"map_range": 1.0}):
+        assert np.array_equal(overlay(rgb, anomaly_map, **scale), old["overlay"])
+        assert np.array_equal(overlay(rgb, anomaly_map, range1.OUTLINE_THRESHOLD, **scale), old["overlay_outlined"])
+        bar = np.asarray(colour_bar(range1.BAR_HEIGHT, range1.BAR_THRESHOLD, **scale))
+        assert np.array_equal(bar[:, : BAR_WIDTH + 4], old["bar_colours"])
+        assert panel_lines(*range1.CAPTION_ARGS, **scale) == old["caption"].tolist()
+    assert (old["overlay_outlined"] == 255).all(axis=2).any()  # the reference has an outline to compare
+    assert colour_bar_ticks() == [(1.0, "1.0"), (0.5, "0.5"), (0.0, "0.0")]  # the labels of before
+
+
+def summed_map() -> np.ndarray:
+    """An APRIL-GAN-like map: a sum over four blocks, a ramp over [0, 4] plus a patch above 1."""
+    anomaly_map = np.tile(np.linspace(0.0, 4.0, 41), (20, 1))
+    anomaly_map[5:15, 3:9] = 2.5
+    return anomaly_map
+
+
+def test_overlay_colours_a_summed_map_on_its_method_scale():
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 41, 3), dtype=np.uint8)
+    anomaly_map = summed_map()
+    coloured = overlay(rgb, anomaly_map, map_range=4.0)
+    # Naive reference, as overlay's docs say: jet(value / map_range) blended half and half over the image.
+    heat = jet(anomaly_map / 4.0).astype(float)
+    expected = np.round((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat).astype(np.uint8)
+    assert np.array_equal(coloured, expected)
+    # Not saturated: the ramp's values above 1 (columns 11-40) keep distinct colours, where a 0-1 scale paints
+    # them all the same red.
+    above_one = jet(anomaly_map[0, 11:] / 4.0)
+    assert len({tuple(colour) for colour in above_one}) > 20
+    assert len({tuple(colour) for colour in jet(anomaly_map[0, 11:])}) == 1
+    # The outline in the map's own units: map >= 2.5 (naive 4-neighbour boundary), not map / 4 >= 2.5.
+    outlined = overlay(rgb, anomaly_map, pixel_threshold=2.5, map_range=4.0)
+    region = anomaly_map >= 2.5
+    padded = np.pad(region, 1)
+    boundary = region & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    white = (outlined == 255).all(axis=2)
+    assert np.array_equal(white, boundary) and boundary.sum() > 20
+    assert np.array_equal(outlined[~white], expected[~white])
+
+
+def test_colour_bar_and_caption_state_the_scale_used():
+    height = 101
+    bar = np.asarray(colour_bar(height, pixel_threshold=1.0, map_range=4.0))
+    assert bar[0, 0].tolist() == jet(np.array(1.0)).tolist() and bar[100, 0].tolist() == [0, 0, 128]
+    assert (bar[75, :BAR_WIDTH] == 0).all()  # the threshold 1.0 is a quarter of the way up a 0-4 bar
+    assert not (bar[25, :BAR_WIDTH] == 0).all()
+    above_one = np.asarray(colour_bar(height, pixel_threshold=3.0, map_range=4.0))
+    assert (above_one[25, :BAR_WIDTH] == 0).all()  # a threshold above 1 is on the bar too
+    assert colour_bar_ticks(4.0) == [(1.0, "4.0"), (0.5, "2.0"), (0.0, "0.0")]
+    assert colour_bar_ticks(3.0) == [(1.0, "3.0"), (0.5, "1.5"), (0.0, "0.0")]
+    assert colour_bar_ticks(2.5) == [(1.0, "2.5"), (0.5, "1.25"), (0.0, "0.0")]
+    # The labels drawn are those ticks: as many dark pixels right of the tick marks as "4.0", "2.0" and "0.0"
+    # drawn alone ("1.0", "0.5", "0.0" on a 0-1 bar).
+    for scale, labels in ((4.0, ("4.0", "2.0", "0.0")), (1.0, ("1.0", "0.5", "0.0"))):
+        drawn = colour_bar(height, map_range=scale).crop((BAR_WIDTH + 5, 0, BAR_WIDTH + 40, height))
+        assert dark_pixels(drawn) == sum(alone(label) for label in labels), scale
+    lines = panel_lines("carpet", "cut_000", 1, 2.1, 1.8, 2.5, (0.3, 3.6), "", map_range=4.0)
+    assert lines[2] == "map 0.300-3.600 on a fixed 0-4 scale  outline: map >= 2.5000"
+    assert "on a fixed 0-2.5 scale" in panel_lines("c", "n", 0, 1.0, None, None, (0.1, 0.2), map_range=2.5)[2]
+
+
+def test_panel_draws_a_summed_map_on_its_method_scale():
+    rgb = np.full((64, 64, 3), 200, dtype=np.uint8)
+    lines = ["x"]
+    values = (0.4, 2.0, 3.6)
+    pictures = [panel(rgb, np.full((64, 64), value), None, lines, map_range=4.0) for value in values]
+    top = pictures[0].height - 64
+    column = max(64, *(_text_width(title) for title in COLUMN_TITLES))  # "ground truth" is wider than 64 px
+    third_tile = (2 * (column + PANEL_GAP) + (column - 64) // 2 + 32, top + 32)
+    for picture, value in zip(pictures, values):
+        assert picture.getpixel(third_tile) == tuple(blend(rgb[0, 0], value / 4.0))
+    assert len({picture.getpixel(third_tile) for picture in pictures[1:]}) == 2  # 2 and 3.6 not the same red
+    # The bar's title says "map", not a probability, and its colour strip is the one of a 0-1 bar.
+    titles = pictures[0].crop((0, top - LINE_HEIGHT, pictures[0].width, top))
+    assert dark_pixels(titles) == sum(alone(title) for title in (*COLUMN_TITLES, "map"))
+    bar_left = 3 * column + 3 * PANEL_GAP
+    strip = np.asarray(pictures[0])[top:, bar_left : bar_left + BAR_WIDTH]
+    assert np.array_equal(strip, np.asarray(colour_bar(64))[:, :BAR_WIDTH])
 
 
 def test_png16_round_trip(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -18,6 +18,9 @@ from anovl.io import make_folder, write_file
 from anovl.io.output_names import OutputNames
 from anovl.tracking import run_directory
 from anovl.visualization import denormalize, panel, panel_lines, stack_padded
+
+if TYPE_CHECKING:
+    from anovl.engine.module import AnomalyModule
 
 
 def log_gallery(trainer: Trainer, key: str, pictures: list[Image.Image], captions: list[str]) -> None:
@@ -57,7 +60,8 @@ class PanelWriter(Callback):
     """Saves panels of chosen ``test`` images under ``<output_dir>/<category>/<name>.png`` and sends each
     category's panels to the image loggers as one gallery (W&B) or image grid (TensorBoard).
 
-    A panel shows input | ground truth | anomaly map (on the fixed 0-1 colour scale, with a colour bar), the
+    A panel shows input | ground truth | anomaly map (on the method's fixed colour scale, 0 to its
+    :attr:`~anovl.models.base.AnomalyModel.map_range`, with a colour bar), the
     image's label and score, and the category's F1-max thresholds from this run (the image threshold against
     the score, the pixel threshold as an outline on the map).
 
@@ -172,6 +176,7 @@ class PanelWriter(Callback):
         thresholds = getattr(results, "thresholds", {}).get(category, {})
         image_threshold = _nan_to_none(thresholds.get("image"))
         pixel_threshold = _nan_to_none(thresholds.get("pixel"))
+        map_range = cast("AnomalyModule", pl_module).model.map_range  # anovl's test runs an AnomalyModule
         folder = make_folder(self.directory / self._names.folder(category), self._root)
         pictures, captions = [], []
         for role, candidate in chosen:
@@ -185,8 +190,9 @@ class PanelWriter(Callback):
                 pixel_threshold,
                 (float(candidate.anomaly_map.min()), float(candidate.anomaly_map.max())),
                 role,
+                map_range,
             )
-            picture = panel(candidate.rgb, candidate.anomaly_map, candidate.mask, lines, pixel_threshold)
+            picture = panel(candidate.rgb, candidate.anomaly_map, candidate.mask, lines, pixel_threshold, map_range)
             write_file(folder / f"{name}.png", picture.save, self._root)
             pictures.append(picture)
             captions.append(" | ".join(lines[:2]))

@@ -56,8 +56,8 @@ def upright_size(path: str | Path) -> tuple[int, int]:
 class AnomalyMapWriter(BasePredictionWriter):
     """Writes what ``predict`` finds, per image, under ``<output_dir>/<category>/``:
 
-    * ``<name>_overlay.png``: the heatmap (jet, fixed 0-1 scale) blended over the image, with the outline of
-      the predicted mask (white) when a pixel threshold is set;
+    * ``<name>_overlay.png``: the heatmap (jet on the method's fixed scale, 0 to its ``map_range``) blended over
+      the image, with the outline of the predicted mask (white) when a pixel threshold is set;
     * ``<name>_map.npy``: the anomaly map, float32 H×W, in [0, the method's ``map_range``] (abnormal
       probability in [0, 1] for AnoVL and WinCLIP; sums over blocks for APRIL-GAN and AnomalyCLIP);
     * ``<name>_map.png``: the same map as a 16-bit greyscale PNG: value / 65535 × ``map_range`` gives it back
@@ -190,7 +190,7 @@ class AnomalyMapWriter(BasePredictionWriter):
             mask = values >= thresholds.pixel if thresholds.pixel is not None else None
             files: dict[str, Writer] = {}
             if rgb is not None:  # loaded for overlays only
-                files[f"{stem}_overlay.png"] = Image.fromarray(overlay(rgb, values, thresholds.pixel)).save
+                files[f"{stem}_overlay.png"] = Image.fromarray(overlay(rgb, values, thresholds.pixel, map_range)).save
             if self.raw_maps:
                 files[f"{stem}_map.npy"] = partial(np.save, arr=values.astype(np.float32))
                 files[f"{stem}_map.png"] = partial(write_map_png16, anomaly_map=values, map_range=map_range)

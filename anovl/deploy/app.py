@@ -42,7 +42,9 @@ DEMO_MODEL = {
     "model": {"init_args": {"backbone": "anovl-small-vit", "pretrained": None, "image_size": 224, "num_views": 22}}
 }
 DEMO_CLASSES = ("fabric", "widget")
-DEFAULT_PIXEL_THRESHOLD = 0.5  # without a recorded threshold: the abnormal state is the more probable one
+# Without a recorded threshold, as a fraction of the model's map range: for probabilities (range 1), the
+# abnormal state is the more probable one; for a sum over blocks, so on average.
+DEFAULT_PIXEL_THRESHOLD = 0.5
 MAX_UPLOAD_MB = 20
 MAX_MEGAPIXELS = 40
 KEEP_FILES_S = 60  # the app's mask and overlay files are deleted once this old (Gradio serves its own copies)
@@ -141,15 +143,16 @@ class Analyzer:
         rgb = self.load(path)
         assert path is not None, "load() refuses a missing upload"
         image_threshold, pixel_threshold = self.thresholds(category)
-        notes = []
+        map_range = self.model.map_range
+        notes = [f"heatmap on the fixed scale 0-{map_range:g} (blue 0, red {map_range:g})"]
         if pixel_threshold is None:
-            pixel_threshold = DEFAULT_PIXEL_THRESHOLD
+            pixel_threshold = DEFAULT_PIXEL_THRESHOLD * map_range
             notes.append(f"no pixel threshold was given: the mask marks map values at or above {pixel_threshold:g}")
         result = predict(self.model, rgb, category, image_threshold, pixel_threshold)
         verdict = "" if result.pred_label is None else (" (anomalous)" if result.pred_label else " (normal)")
         assert result.pred_mask is not None, "a pixel threshold is always given"
         mask = result.pred_mask.astype(np.uint8) * 255
-        heatmap = overlay(result.image, result.anomaly_map)
+        heatmap = overlay(result.image, result.anomaly_map, map_range=map_range)
         # The class comes from the page: the file name must not let it choose a folder; the token keeps
         # concurrent requests (the same image and class, say) from sharing a file.
         stem, token = safe_component(f"{Path(path).stem}_{category}")[:110], secrets.token_hex(6)
@@ -344,7 +347,8 @@ def app_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pixel-threshold",
         type=float,
-        help=f"pixel threshold of the mask (else the export's, else {DEFAULT_PIXEL_THRESHOLD})",
+        help=f"pixel threshold of the mask (else the export's, else {DEFAULT_PIXEL_THRESHOLD:g} of the map range: "
+        f"{DEFAULT_PIXEL_THRESHOLD:g} for AnoVL)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)

@@ -149,6 +149,7 @@ def export_model(
         num_views=module.num_views,
         label=label,
         settings=settings,
+        map_range=float(model.map_range),
     )
     files = [path, path.with_suffix(".bin")] if format == "openvino" else [path]
     for file in [*files, sidecar_path(path)]:

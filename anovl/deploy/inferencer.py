@@ -231,6 +231,10 @@ class ExportedModel(AnomalyModel):
     def variant(self) -> str:
         return "tfa"
 
+    @property
+    def map_range(self) -> float:
+        return self.sidecar.map_range
+
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
             self.sidecar.image_size, tuple(self.sidecar.mean), tuple(self.sidecar.std), self.sidecar.interpolation

@@ -1,5 +1,6 @@
 """The sidecar of an exported model (``<file>.json``): the preprocessing, the classes (in index order) with
-their optional image / pixel thresholds, the number of views, and the model's label and settings."""
+their optional image / pixel thresholds, the number of views, the model's label and settings, and the range of
+its maps (``map_range``; 1 when a sidecar has none, as those written before it was recorded)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class Sidecar:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     interpolation: str = "bilinear"
+    map_range: float = 1.0  # the model's AnomalyModel.map_range: the largest value of its maps
 
     def to_json(self) -> str:
         return json.dumps(
@@ -82,13 +84,14 @@ class Sidecar:
                     "class_index": "int64 B: index into classes",
                 },
                 "outputs": {
-                    "anomaly_map": "float32 B×S×S: abnormal probability per pixel",
+                    "anomaly_map": "float32 B×S×S: per pixel, in [0, map_range] (1: abnormal probability)",
                     "pred_score": "float32 B: image score",
                 },
                 "classes": [asdict(entry) for entry in self.classes],
                 "num_views": self.num_views,
                 "label": self.label,
                 "settings": self.settings,
+                "map_range": self.map_range,
             },
             indent=2,
             ensure_ascii=False,
@@ -129,4 +132,5 @@ class Sidecar:
             mean=tuple(preprocessing.mean),
             std=tuple(preprocessing.std),
             interpolation=preprocessing.interpolation,
+            map_range=record.map_range,
         )

@@ -145,6 +145,8 @@ class SidecarRecord(_Record):
     num_views: Annotated[StrictInt, Field(ge=1, le=64)]
     label: StrictStr
     settings: dict[StrictStr, Any]
+    # The largest map value (AnomalyModel.map_range); sidecars written before it was recorded held AnoVL's 1.
+    map_range: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0, le=MAX_SCORE)] = 1.0
 
     def model_post_init(self, context: Any) -> None:
         _refuse_repeated([entry.category for entry in self.classes], "classes repeated")
